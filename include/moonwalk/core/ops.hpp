@@ -1,0 +1,83 @@
+// Moonwalk — uniform access to optional layer operations.
+//
+// Schedules call these instead of the members, so a layer without the
+// residual protocol saves its input, and runtime capability queries
+// (`is_submersive()`, …) refine the compile-time concepts (a Linear is
+// submersive only when out ≤ in; a type-erased layer only knows at run time).
+#pragma once
+
+#include "moonwalk/core/concepts.hpp"
+
+namespace moonwalk {
+
+/// What the reverse pass keeps for this layer's input-vjp.
+template <Layer L>
+residual_t<L> save_residual(const L& l, const CRef<typename L::scalar_type>& x) {
+  if constexpr (HasResidual<L>)
+    return l.save_residual(x);
+  else
+    return Matrix<typename L::scalar_type>(x);
+}
+
+/// Jᵀ h from a saved residual.
+template <Layer L>
+Matrix<typename L::scalar_type> vjp_residual(const L& l, const residual_t<L>& r,
+                                             const CRef<typename L::scalar_type>& h) {
+  if constexpr (HasResidual<L>)
+    return l.vjp_residual(r, h);
+  else
+    return l.vjp(r, h);
+}
+
+/// The layer can recover its output cotangent by vijp alone.
+template <Layer L>
+bool can_vijp(const L& l) {
+  if constexpr (!Submersive<L>)
+    return false;
+  else if constexpr (requires { l.is_submersive(); })
+    return l.is_submersive();
+  else
+    return true;
+}
+
+/// The layer can recover its output cotangent given a saved fragment.
+template <Layer L>
+bool can_fragment(const L& l) {
+  if constexpr (!Fragmental<L>)
+    return false;
+  else if constexpr (requires { l.is_fragmental(); })
+    return l.is_fragmental();
+  else
+    return true;
+}
+
+/// The layer offers a working inverse.
+template <Layer L>
+bool can_invert(const L& l) {
+  if constexpr (!Invertible<L>)
+    return false;
+  else if constexpr (requires { l.is_invertible(); })
+    return l.is_invertible();
+  else
+    return true;
+}
+
+/// How a Moonwalk sweep crosses a layer.
+enum class SweepMode {
+  vijp,      ///< submersive: h_y = vijp(x, h_x)
+  fragment,  ///< fragmental: h_y = vijp_with_fragment(x, h_x, φ), φ saved in the reverse pass
+  anchor,    ///< neither: h_y itself is saved in the reverse pass (a cotangent anchor)
+};
+
+template <Layer L>
+SweepMode sweep_mode(const L& l) {
+  if (can_vijp(l)) return SweepMode::vijp;
+  if (can_fragment(l)) return SweepMode::fragment;
+  return SweepMode::anchor;
+}
+
+/// Statically known to cross a sweep without an anchor (for compile-time checks).
+template <class L>
+concept SweepCapable = Submersive<L> || Fragmental<L>;
+
+}  // namespace moonwalk

@@ -1,0 +1,96 @@
+// Moonwalk — scalar, matrix aliases and the library's exceptions.
+#pragma once
+
+#include <Eigen/Core>
+#include <cstddef>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+namespace moonwalk {
+
+using Index = Eigen::Index;
+
+/// A batch: one column per sample (`features × batch`), DESIGN §2.
+template <class S>
+using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
+template <class S>
+using Vector = Eigen::Matrix<S, Eigen::Dynamic, 1>;
+/// Read-only view of a batch, used by non-template hot paths.
+template <class S>
+using CRef = Eigen::Ref<const Matrix<S>>;
+/// Read-only view of a flat parameter vector.
+template <class S>
+using CVecRef = Eigen::Ref<const Vector<S>>;
+/// Writable view of a flat gradient vector.
+template <class S>
+using VecRef = Eigen::Ref<Vector<S>>;
+
+/// Base of every error Moonwalk throws.
+class Error : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// A batch whose shape does not fit the layer; the message names both.
+class ShapeError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A layer asked for an operation its Jacobian cannot give (e.g. vijp of a
+/// rank-deficient or expanding Linear).
+class RankError : public Error {
+ public:
+  using Error::Error;
+};
+
+/// A schedule that cannot run on a given network.
+class ScheduleError : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace detail {
+
+inline std::string shape_str(Index r, Index c) {
+  std::ostringstream s;
+  s << r << "x" << c;
+  return s.str();
+}
+
+/// The name of a layer (or a plain string), computed only when an error is raised.
+template <class Named>
+std::string name_of(const Named& n) {
+  if constexpr (std::is_convertible_v<const Named&, std::string>)
+    return std::string(n);
+  else
+    return n.name();
+}
+
+/// Throws ShapeError unless `rows(m) == expected_rows` (and the column count,
+/// when `expected_cols >= 0`).
+template <class Named, class Derived>
+void check_rows(const Named& layer, const char* what, const Eigen::MatrixBase<Derived>& m,
+                Index expected_rows, Index expected_cols = -1) {
+  if (m.rows() != expected_rows || (expected_cols >= 0 && m.cols() != expected_cols)) {
+    std::ostringstream s;
+    s << name_of(layer) << ": " << what << " has shape " << shape_str(m.rows(), m.cols()) << ", expected "
+      << expected_rows << "x" << (expected_cols >= 0 ? std::to_string(expected_cols) : std::string("batch"));
+    throw ShapeError(s.str());
+  }
+}
+
+/// Throws ShapeError unless two batches have the same column count.
+template <class Named>
+void check_batch(const Named& layer, const char* a, Index ca, const char* b, Index cb) {
+  if (ca != cb) {
+    std::ostringstream s;
+    s << name_of(layer) << ": " << a << " has " << ca << " columns but " << b << " has " << cb;
+    throw ShapeError(s.str());
+  }
+}
+
+}  // namespace detail
+}  // namespace moonwalk

@@ -1,0 +1,322 @@
+// Moonwalk — elementwise activations y = σ(x), one generic layer over a rule.
+//
+// A rule gives value σ(x), derivative σ'(x) and, where it exists, inverse σ⁻¹(y).
+// A rule with `piecewise_linear = true` has σ'(x) ∈ {slope_on, slope_off}
+// decided by `on(x)`: its reverse pass keeps one bit per element. A smooth
+// rule keeps σ'(x) (one number per element; DESIGN §4 — the report shows it).
+// With σ' ≠ 0 everywhere the layer is submersive: vijp is h_y = h_x / σ'(x).
+#pragma once
+
+#include <cmath>
+#include <sstream>
+#include <string>
+
+#include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/residuals.hpp"
+#include "moonwalk/core/types.hpp"
+
+namespace moonwalk {
+
+namespace rules {
+
+/// σ(x) = x for x > 0, a·x otherwise (a ≠ 0).
+template <class S>
+struct LeakyReLU {
+  static constexpr bool piecewise_linear = true;
+  S slope = S(0.01);
+  static constexpr const char* label = "leaky_relu";
+  [[nodiscard]] std::string args() const {
+    std::ostringstream s;
+    s << ", slope " << slope;
+    return s.str();
+  }
+  static bool on(S x) { return x > S(0); }
+  [[nodiscard]] S slope_on() const { return S(1); }
+  [[nodiscard]] S slope_off() const { return slope; }
+  [[nodiscard]] S value(S x) const { return x > S(0) ? x : slope * x; }
+  [[nodiscard]] S derivative(S x) const { return x > S(0) ? S(1) : slope; }
+  /// σ⁻¹(y) = y for y > 0, y / a otherwise (a > 0 keeps the sign).
+  [[nodiscard]] S inverse(S y) const { return y > S(0) ? y : y / slope; }
+};
+
+/// σ(x) = tanh x, σ' = 1 − tanh² x.
+template <class S>
+struct Tanh {
+  static constexpr bool piecewise_linear = false;
+  static constexpr const char* label = "tanh";
+  [[nodiscard]] static std::string args() { return ""; }
+  S value(S x) const { return std::tanh(x); }
+  S derivative(S x) const {
+    const S t = std::tanh(x);
+    return S(1) - t * t;
+  }
+  S inverse(S y) const { return std::atanh(y); }
+};
+
+/// σ(x) = 1 / (1 + e^{−x}); σ' = e^{−|x|} / (1 + e^{−|x|})², stable for large |x|.
+template <class S>
+struct Sigmoid {
+  static constexpr bool piecewise_linear = false;
+  static constexpr const char* label = "sigmoid";
+  [[nodiscard]] static std::string args() { return ""; }
+  S value(S x) const {
+    const S e = std::exp(-std::abs(x));
+    return x >= S(0) ? S(1) / (S(1) + e) : e / (S(1) + e);
+  }
+  S derivative(S x) const {
+    const S e = std::exp(-std::abs(x));
+    return e / ((S(1) + e) * (S(1) + e));
+  }
+  S inverse(S y) const { return std::log(y) - std::log1p(-y); }
+};
+
+/// σ(x) = log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}); σ' = sigmoid(x).
+template <class S>
+struct Softplus {
+  static constexpr bool piecewise_linear = false;
+  static constexpr const char* label = "softplus";
+  [[nodiscard]] static std::string args() { return ""; }
+  S value(S x) const { return std::max(x, S(0)) + std::log1p(std::exp(-std::abs(x))); }
+  S derivative(S x) const { return Sigmoid<S>{}.value(x); }
+  /// σ⁻¹(y) = log(eʸ − 1) = y + log1p(−e^{−y}).
+  S inverse(S y) const { return y + std::log1p(-std::exp(-y)); }
+};
+
+/// σ(x) = x for x > 0, α(eˣ − 1) otherwise.
+template <class S>
+struct ELU {
+  static constexpr bool piecewise_linear = false;
+  S alpha = S(1);
+  static constexpr const char* label = "elu";
+  [[nodiscard]] std::string args() const {
+    std::ostringstream s;
+    s << ", alpha " << alpha;
+    return s.str();
+  }
+  S value(S x) const { return x > S(0) ? x : alpha * std::expm1(x); }
+  S derivative(S x) const { return x > S(0) ? S(1) : alpha * std::exp(x); }
+  S inverse(S y) const { return y > S(0) ? y : std::log1p(y / alpha); }
+};
+
+}  // namespace rules
+
+/// Elementwise layer over a rule (see header comment). Width is fixed at
+/// construction so shapes are checked.
+template <class S, class Rule>
+class Elementwise : public NoParameters<S> {
+ public:
+  using scalar_type = S;
+  using residual_type = std::conditional_t<Rule::piecewise_linear, BitMask, Derivative<S>>;
+
+  explicit Elementwise(Index features, Rule rule = {}) : n_(features), rule_(rule) {
+    if (features <= 0) throw ShapeError(std::string(Rule::label) + ": width must be positive");
+  }
+
+  [[nodiscard]] Index in_features() const { return n_; }
+  [[nodiscard]] Index out_features() const { return n_; }
+  [[nodiscard]] std::string name() const {
+    return Rule::label + ("(" + std::to_string(n_)) + rule_.args() + ")";
+  }
+  [[nodiscard]] const Rule& rule() const { return rule_; }
+
+  /// y = σ(x)
+  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, n_);
+    return x.unaryExpr([this](S v) { return rule_.value(v); });
+  }
+  /// σ'(x) elementwise
+  [[nodiscard]] Matrix<S> derivative(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, n_);
+    return x.unaryExpr([this](S v) { return rule_.derivative(v); });
+  }
+  /// J dx = σ'(x) ⊙ dx
+  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    detail::check_rows(*this, "tangent", dx, n_, x.cols());
+    return derivative(x).cwiseProduct(dx);
+  }
+  /// No parameters: J_θ dθ = 0.
+  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& /*dtheta*/) const {
+    return Matrix<S>::Zero(n_, x.cols());
+  }
+  /// Jᵀ h = σ'(x) ⊙ h
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    detail::check_rows(*this, "cotangent", h, n_, x.cols());
+    return derivative(x).cwiseProduct(h);
+  }
+  void vjp_params(const CRef<S>& /*x*/, const CRef<S>& /*h*/, VecRef<S> /*g*/) const {}
+
+  /// Piecewise-linear: the sign bits of x; smooth: σ'(x).
+  [[nodiscard]] residual_type save_residual(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, n_);
+    if constexpr (Rule::piecewise_linear)
+      return BitMask(x, [](S v) { return Rule::on(v); });
+    else
+      return {derivative(x)};
+  }
+  /// Jᵀ h from the residual alone.
+  [[nodiscard]] Matrix<S> vjp_residual(const residual_type& r, const CRef<S>& h) const {
+    detail::check_rows(*this, "cotangent", h, n_);
+    if constexpr (Rule::piecewise_linear) {
+      detail::check_batch(*this, "mask", r.cols(), "cotangent", h.cols());
+      Matrix<S> out(n_, h.cols());
+      const S a = rule_.slope_on(), c = rule_.slope_off();
+      for (Index j = 0; j < h.cols(); ++j)
+        for (Index i = 0; i < n_; ++i) out(i, j) = h(i, j) * (r(i, j) ? a : c);
+      return out;
+    } else {
+      detail::check_batch(*this, "saved derivative", r.value.cols(), "cotangent", h.cols());
+      return r.value.cwiseProduct(h);
+    }
+  }
+
+  /// h_y = h_x / σ'(x); throws RankError where σ'(x) = 0 (a numerical cokernel).
+  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
+    detail::check_rows(*this, "input cotangent", hx, n_, x.cols());
+    Matrix<S> d = derivative(x);
+    if ((d.array() == S(0)).any())
+      throw RankError(name() + ": sigma'(x) underflowed to 0; the Jacobian is singular there");
+    return hx.cwiseQuotient(d);
+  }
+
+  /// x = σ⁻¹(y)
+  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
+    detail::check_rows(*this, "output", y, n_);
+    return y.unaryExpr([this](S v) { return rule_.inverse(v); });
+  }
+
+ private:
+  Index n_;
+  Rule rule_;
+};
+
+template <class S>
+class LeakyReLU : public Elementwise<S, rules::LeakyReLU<S>> {
+ public:
+  LeakyReLU(Index features, S slope) : Elementwise<S, rules::LeakyReLU<S>>(features, {check(slope)}) {}
+  explicit LeakyReLU(Index features) : LeakyReLU(features, S(0.01)) {}
+
+ private:
+  static S check(S slope) {
+    if (!(slope > S(0)) || !std::isfinite(slope))
+      throw RankError("leaky_relu: slope must be finite and > 0 (got " + std::to_string(slope) +
+                      "); use ReLU for slope 0");
+    return slope;
+  }
+};
+template <class S>
+using Tanh = Elementwise<S, rules::Tanh<S>>;
+template <class S>
+using Sigmoid = Elementwise<S, rules::Sigmoid<S>>;
+template <class S>
+using Softplus = Elementwise<S, rules::Softplus<S>>;
+template <class S>
+using ELU = Elementwise<S, rules::ELU<S>>;
+
+/// y = x. Saves nothing; vijp and inverse are the identity.
+template <class S>
+class Identity : public NoParameters<S> {
+ public:
+  using scalar_type = S;
+  using residual_type = Empty;
+  explicit Identity(Index features) : n_(features) {}
+  [[nodiscard]] Index in_features() const { return n_; }
+  [[nodiscard]] Index out_features() const { return n_; }
+  [[nodiscard]] std::string name() const { return "identity(" + std::to_string(n_) + ")"; }
+  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const { return checked(x, "input"); }
+  [[nodiscard]] Matrix<S> jvp(const CRef<S>&, const CRef<S>& dx) const { return checked(dx, "tangent"); }
+  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
+    return Matrix<S>::Zero(n_, x.cols());
+  }
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>&, const CRef<S>& h) const { return checked(h, "cotangent"); }
+  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
+  [[nodiscard]] Empty save_residual(const CRef<S>&) const { return {}; }
+  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
+    return checked(h, "cotangent");
+  }
+  [[nodiscard]] Matrix<S> vijp(const CRef<S>&, const CRef<S>& hx) const { return checked(hx, "cotangent"); }
+  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return checked(y, "output"); }
+
+ private:
+  Matrix<S> checked(const CRef<S>& m, const char* what) const {
+    detail::check_rows(*this, what, m, n_);
+    return m;
+  }
+  Index n_;
+};
+
+/// y = max(x, 0). Not submersive (Jᵀ erases h_y where x ≤ 0): fragmental, the
+/// fragment being h_y at those positions (column-major order); the reverse
+/// pass keeps the mask bits.
+template <class S>
+class ReLU : public NoParameters<S> {
+ public:
+  using scalar_type = S;
+  using residual_type = BitMask;
+  using fragment_type = Fragment<S>;
+  explicit ReLU(Index features) : n_(features) {}
+  [[nodiscard]] Index in_features() const { return n_; }
+  [[nodiscard]] Index out_features() const { return n_; }
+  [[nodiscard]] std::string name() const { return "relu(" + std::to_string(n_) + ")"; }
+
+  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, n_);
+    return x.cwiseMax(S(0));
+  }
+  /// J dx = [x > 0] ⊙ dx
+  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    detail::check_rows(*this, "tangent", dx, n_, x.cols());
+    return (x.array() > S(0)).select(dx, S(0));
+  }
+  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
+    return Matrix<S>::Zero(n_, x.cols());
+  }
+  /// Jᵀ h = [x > 0] ⊙ h
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const { return jvp(x, h); }
+  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
+
+  [[nodiscard]] BitMask save_residual(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, n_);
+    return BitMask(x, [](S v) { return v > S(0); });
+  }
+  [[nodiscard]] Matrix<S> vjp_residual(const BitMask& m, const CRef<S>& h) const {
+    detail::check_rows(*this, "cotangent", h, n_, m.cols());
+    Matrix<S> out(n_, h.cols());
+    for (Index j = 0; j < h.cols(); ++j)
+      for (Index i = 0; i < n_; ++i) out(i, j) = m(i, j) ? h(i, j) : S(0);
+    return out;
+  }
+  /// φ = h_y where x ≤ 0.
+  [[nodiscard]] Fragment<S> save_fragment(const BitMask& m, const CRef<S>& hy) const {
+    detail::check_rows(*this, "output cotangent", hy, n_, m.cols());
+    Fragment<S> f{Matrix<S>(m.rows() * m.cols() - m.count(), 1)};
+    Index k = 0;
+    for (Index j = 0; j < hy.cols(); ++j)
+      for (Index i = 0; i < n_; ++i)
+        if (!m(i, j)) f.value(k++, 0) = hy(i, j);
+    return f;
+  }
+  /// h_y = h_x where x > 0, φ elsewhere.
+  [[nodiscard]] Matrix<S> vijp_with_fragment(const CRef<S>& x, const CRef<S>& hx,
+                                             const Fragment<S>& f) const {
+    detail::check_rows(*this, "input cotangent", hx, n_, x.cols());
+    Matrix<S> hy(n_, hx.cols());
+    Index k = 0;
+    for (Index j = 0; j < hx.cols(); ++j)
+      for (Index i = 0; i < n_; ++i) {
+        if (x(i, j) > S(0)) {
+          hy(i, j) = hx(i, j);
+        } else {
+          if (k >= f.value.size())
+            throw ShapeError(name() + ": fragment is shorter than the input's zero set");
+          hy(i, j) = f.value(k++, 0);
+        }
+      }
+    if (k != f.value.size()) throw ShapeError(name() + ": fragment is longer than the input's zero set");
+    return hy;
+  }
+
+ private:
+  Index n_;
+};
+
+}  // namespace moonwalk

@@ -1,0 +1,180 @@
+// Moonwalk — a type-erased layer, for networks chosen at run time.
+#pragma once
+
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+#include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/ops.hpp"
+#include "moonwalk/core/residuals.hpp"
+
+namespace moonwalk {
+
+/// Any `Layer` with scalar S behind one value type. It models every
+/// refinement syntactically and answers `is_submersive()`, `is_fragmental()`
+/// and `is_invertible()` from what the wrapped layer offers; residuals and
+/// fragments travel as `Erased` (keeping their bytes and kind).
+template <class S>
+class AnyLayer {
+ public:
+  using scalar_type = S;
+  using residual_type = Erased;
+  using fragment_type = Erased;
+
+  template <class L>
+  requires(!std::is_same_v<std::remove_cvref_t<L>, AnyLayer> && Layer<std::remove_cvref_t<L>>)
+      AnyLayer(L&& layer)  // NOLINT(google-explicit-constructor): a layer is an AnyLayer
+      : self_(std::make_unique<Model<std::remove_cvref_t<L>>>(std::forward<L>(layer))) {
+    static_assert(std::is_same_v<typename std::remove_cvref_t<L>::scalar_type, S>,
+                  "Moonwalk: a runtime Network<S> holds layers of scalar type S only");
+  }
+  AnyLayer(const AnyLayer& o) : self_(o.self_->clone()) {}
+  AnyLayer& operator=(const AnyLayer& o) {
+    if (this != &o) self_ = o.self_->clone();
+    return *this;
+  }
+  AnyLayer(AnyLayer&&) noexcept = default;
+  AnyLayer& operator=(AnyLayer&&) noexcept = default;
+  ~AnyLayer() = default;
+
+  [[nodiscard]] Index in_features() const { return self_->in_features(); }
+  [[nodiscard]] Index out_features() const { return self_->out_features(); }
+  [[nodiscard]] std::string name() const { return self_->name(); }
+  [[nodiscard]] Index num_params() const { return self_->num_params(); }
+  std::span<S> parameters() { return self_->parameters(); }
+  [[nodiscard]] std::span<const S> parameters() const { return std::as_const(*self_).parameters(); }
+  std::span<S> gradients() { return self_->gradients(); }
+  [[nodiscard]] std::span<const S> gradients() const { return std::as_const(*self_).gradients(); }
+
+  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const { return self_->forward(x); }
+  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const { return self_->jvp(x, dx); }
+  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dt) const {
+    return self_->jvp_params(x, dt);
+  }
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const { return self_->vjp(x, h); }
+  void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const { self_->vjp_params(x, h, g); }
+  [[nodiscard]] Erased save_residual(const CRef<S>& x) const { return self_->save_residual(x); }
+  [[nodiscard]] Matrix<S> vjp_residual(const Erased& r, const CRef<S>& h) const {
+    return self_->vjp_residual(r, h);
+  }
+
+  [[nodiscard]] bool is_submersive() const { return self_->is_submersive(); }
+  [[nodiscard]] bool is_fragmental() const { return self_->is_fragmental(); }
+  [[nodiscard]] bool is_invertible() const { return self_->is_invertible(); }
+  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const { return self_->vijp(x, hx); }
+  [[nodiscard]] Erased save_fragment(const Erased& r, const CRef<S>& hy) const {
+    return self_->save_fragment(r, hy);
+  }
+  [[nodiscard]] Matrix<S> vijp_with_fragment(const CRef<S>& x, const CRef<S>& hx, const Erased& f) const {
+    return self_->vijp_with_fragment(x, hx, f);
+  }
+  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return self_->inverse(y); }
+
+  /// The wrapped layer, or nullptr when it is not an L.
+  template <class L>
+  L* target() {
+    auto* m = dynamic_cast<Model<L>*>(self_.get());
+    return m ? &m->layer : nullptr;
+  }
+  template <class L>
+  const L* target() const {
+    auto* m = dynamic_cast<const Model<L>*>(self_.get());
+    return m ? &m->layer : nullptr;
+  }
+
+ private:
+  struct Interface {
+    virtual ~Interface() = default;
+    [[nodiscard]] virtual std::unique_ptr<Interface> clone() const = 0;
+    [[nodiscard]] virtual Index in_features() const = 0;
+    [[nodiscard]] virtual Index out_features() const = 0;
+    [[nodiscard]] virtual std::string name() const = 0;
+    [[nodiscard]] virtual Index num_params() const = 0;
+    virtual std::span<S> parameters() = 0;
+    [[nodiscard]] virtual std::span<const S> parameters() const = 0;
+    virtual std::span<S> gradients() = 0;
+    [[nodiscard]] virtual std::span<const S> gradients() const = 0;
+    [[nodiscard]] virtual Matrix<S> forward(const CRef<S>&) const = 0;
+    [[nodiscard]] virtual Matrix<S> jvp(const CRef<S>&, const CRef<S>&) const = 0;
+    [[nodiscard]] virtual Matrix<S> jvp_params(const CRef<S>&, const CVecRef<S>&) const = 0;
+    [[nodiscard]] virtual Matrix<S> vjp(const CRef<S>&, const CRef<S>&) const = 0;
+    virtual void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const = 0;
+    [[nodiscard]] virtual Erased save_residual(const CRef<S>&) const = 0;
+    [[nodiscard]] virtual Matrix<S> vjp_residual(const Erased&, const CRef<S>&) const = 0;
+    [[nodiscard]] virtual bool is_submersive() const = 0;
+    [[nodiscard]] virtual bool is_fragmental() const = 0;
+    [[nodiscard]] virtual bool is_invertible() const = 0;
+    [[nodiscard]] virtual Matrix<S> vijp(const CRef<S>&, const CRef<S>&) const = 0;
+    [[nodiscard]] virtual Erased save_fragment(const Erased&, const CRef<S>&) const = 0;
+    [[nodiscard]] virtual Matrix<S> vijp_with_fragment(const CRef<S>&, const CRef<S>&,
+                                                       const Erased&) const = 0;
+    [[nodiscard]] virtual Matrix<S> inverse(const CRef<S>&) const = 0;
+  };
+
+  template <class L>
+  struct Model final : Interface {
+    L layer;
+    explicit Model(L l) : layer(std::move(l)) {}
+    [[nodiscard]] std::unique_ptr<Interface> clone() const override { return std::make_unique<Model>(layer); }
+    [[nodiscard]] Index in_features() const override { return layer.in_features(); }
+    [[nodiscard]] Index out_features() const override { return layer.out_features(); }
+    [[nodiscard]] std::string name() const override { return layer.name(); }
+    [[nodiscard]] Index num_params() const override { return layer.num_params(); }
+    std::span<S> parameters() override { return layer.parameters(); }
+    [[nodiscard]] std::span<const S> parameters() const override { return layer.parameters(); }
+    std::span<S> gradients() override { return layer.gradients(); }
+    [[nodiscard]] std::span<const S> gradients() const override { return layer.gradients(); }
+    [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const override { return layer.forward(x); }
+    [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const override {
+      return layer.jvp(x, dx);
+    }
+    [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dt) const override {
+      return layer.jvp_params(x, dt);
+    }
+    [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const override { return layer.vjp(x, h); }
+    void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const override {
+      layer.vjp_params(x, h, g);
+    }
+    [[nodiscard]] Erased save_residual(const CRef<S>& x) const override {
+      return erase(moonwalk::save_residual(layer, x));
+    }
+    [[nodiscard]] Matrix<S> vjp_residual(const Erased& r, const CRef<S>& h) const override {
+      return moonwalk::vjp_residual(layer, std::any_cast<const residual_t<L>&>(r.value), h);
+    }
+    [[nodiscard]] bool is_submersive() const override { return can_vijp(layer); }
+    [[nodiscard]] bool is_fragmental() const override { return can_fragment(layer); }
+    [[nodiscard]] bool is_invertible() const override { return can_invert(layer); }
+    [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const override {
+      if constexpr (Submersive<L>)
+        return layer.vijp(x, hx);
+      else
+        throw RankError(layer.name() + ": not submersive (no vijp)");
+    }
+    [[nodiscard]] Erased save_fragment(const Erased& r, const CRef<S>& hy) const override {
+      if constexpr (Fragmental<L>)
+        return erase(layer.save_fragment(std::any_cast<const residual_t<L>&>(r.value), hy));
+      else
+        throw RankError(layer.name() + ": not fragmental (no save_fragment)");
+    }
+    [[nodiscard]] Matrix<S> vijp_with_fragment(const CRef<S>& x, const CRef<S>& hx,
+                                               const Erased& f) const override {
+      if constexpr (Fragmental<L>)
+        return layer.vijp_with_fragment(x, hx, std::any_cast<const typename L::fragment_type&>(f.value));
+      else
+        throw RankError(layer.name() + ": not fragmental (no vijp_with_fragment)");
+    }
+    [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const override {
+      if constexpr (Invertible<L>)
+        return layer.inverse(y);
+      else
+        throw RankError(layer.name() + ": not invertible (no inverse)");
+    }
+  };
+
+  std::unique_ptr<Interface> self_;
+};
+
+}  // namespace moonwalk

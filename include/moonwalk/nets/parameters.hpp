@@ -1,0 +1,85 @@
+// Moonwalk — flat views of a network's parameters and gradients, so
+// optimizers, finite differences and serialization need no per-layer code.
+#pragma once
+
+#include <algorithm>
+#include <sstream>
+
+#include "moonwalk/nets/network.hpp"
+
+namespace moonwalk {
+
+/// Total parameter count P.
+template <Net N>
+Index num_parameters(const N& net) {
+  Index p = 0;
+  for (std::size_t i = 0; i < net.size(); ++i) net.visit(i, [&](const auto& l) { p += l.num_params(); });
+  return p;
+}
+
+/// θ as one vector of length P, layer by layer.
+template <Net N>
+Vector<typename N::scalar_type> get_parameters(const N& net) {
+  Vector<typename N::scalar_type> v(num_parameters(net));
+  Index o = 0;
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      auto s = l.parameters();
+      std::copy(s.begin(), s.end(), v.data() + o);
+      o += static_cast<Index>(s.size());
+    });
+  return v;
+}
+
+/// Writes θ from one vector of length P (throws ShapeError otherwise).
+template <Net N>
+void set_parameters(N& net, const CVecRef<typename N::scalar_type>& v) {
+  if (v.size() != num_parameters(net)) {
+    std::ostringstream s;
+    s << "set_parameters: vector has " << v.size() << " entries, network has " << num_parameters(net)
+      << " parameters";
+    throw ShapeError(s.str());
+  }
+  Index o = 0;
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](auto& l) {
+      auto s = l.parameters();
+      std::copy(v.data() + o, v.data() + o + static_cast<Index>(s.size()), s.begin());
+      o += static_cast<Index>(s.size());
+    });
+}
+
+/// ∂ℓ/∂θ as one vector of length P.
+template <Net N>
+Vector<typename N::scalar_type> get_gradients(const N& net) {
+  Vector<typename N::scalar_type> v(num_parameters(net));
+  Index o = 0;
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      auto s = l.gradients();
+      std::copy(s.begin(), s.end(), v.data() + o);
+      o += static_cast<Index>(s.size());
+    });
+  return v;
+}
+
+/// Sets every layer's gradient storage to zero.
+template <Net N>
+void zero_gradients(N& net) {
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](auto& l) {
+      auto s = l.gradients();
+      std::fill(s.begin(), s.end(), typename N::scalar_type(0));
+    });
+}
+
+/// Offsets of each layer's block in the flat vector (size L + 1).
+template <Net N>
+std::vector<Index> parameter_offsets(const N& net) {
+  std::vector<Index> o{0};
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) { o.push_back(o.back() + l.num_params()); });
+  return o;
+}
+
+}  // namespace moonwalk

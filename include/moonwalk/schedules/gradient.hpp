@@ -1,0 +1,56 @@
+// Moonwalk — the one entry point: gradient(schedule, net, x, loss, target).
+#pragma once
+
+#include "moonwalk/nets/network.hpp"
+#include "moonwalk/nets/parameters.hpp"
+#include "moonwalk/schedules/result.hpp"
+
+namespace moonwalk {
+
+/// A schedule is a policy object with a name and a `run` over a network.
+template <class Sch, class N, class L>
+concept ScheduleFor = Net<N> && requires(const Sch& s, N& net, const Matrix<typename N::scalar_type>& x,
+                                         const L& loss, const typename L::target_type& t) {
+  { s.name() } -> std::convertible_to<std::string>;
+  { s.run(net, x, loss, t) } -> std::same_as<GradientResult<typename N::scalar_type>>;
+};
+
+/// Runs `schedule` on `net` for input batch x (in_features × batch) and
+/// `loss` against `target`; returns the loss, ∂ℓ/∂θ (flat, also left in the
+/// layers' gradient storage), h_0 = ∂ℓ/∂x_0 and the schedule's stats.
+template <Net N, class Sch, class L>
+requires ScheduleFor<Sch, N, L> GradientResult<typename N::scalar_type> gradient(
+    const Sch& schedule, N& net, const CRef<typename N::scalar_type>& x, const L& loss,
+    const typename L::target_type& target) {
+  if (net.size() == 0) throw ShapeError(std::string(schedule.name()) + ": empty network");
+  detail::check_rows(std::string(schedule.name()) + ": network input", "batch", x, net.in_features());
+  return schedule.run(net, x, loss, target);
+}
+
+namespace detail {
+
+/// Calls f(i, layer_i) for i = 0..L−1.
+template <Net N, class F>
+void for_each_layer(N& net, F&& f) {
+  for (std::size_t i = 0; i < net.size(); ++i) net.visit(i, [&](auto& l) { f(i, l); });
+}
+
+/// Calls f(i, layer_i) for i = L−1..0.
+template <Net N, class F>
+void for_each_layer_reverse(N& net, F&& f) {
+  for (std::size_t i = net.size(); i-- > 0;) net.visit(i, [&](auto& l) { f(i, l); });
+}
+
+/// g_l += J_θᵀ h into the layer's own gradient storage.
+template <class Lyr>
+void accumulate_vjp_params(const Lyr& l, std::span<typename Lyr::scalar_type> grad,
+                           const CRef<typename Lyr::scalar_type>& x,
+                           const CRef<typename Lyr::scalar_type>& h) {
+  using S = typename Lyr::scalar_type;
+  if (grad.empty()) return;
+  Eigen::Map<Vector<S>> g(grad.data(), static_cast<Index>(grad.size()));
+  l.vjp_params(x, h, g);
+}
+
+}  // namespace detail
+}  // namespace moonwalk

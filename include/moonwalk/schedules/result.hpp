@@ -1,0 +1,211 @@
+// Moonwalk — what every schedule returns, and the engine's accounted storage.
+#pragma once
+
+#include <any>
+#include <cmath>
+#include <cstddef>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moonwalk/core/residuals.hpp"
+#include "moonwalk/core/types.hpp"
+
+namespace moonwalk {
+
+/// One value a schedule kept between its passes.
+struct SavedEntry {
+  std::size_t layer = 0;   ///< index of the layer it belongs to
+  std::string layer_name;  ///< e.g. "linear(64->48)"
+  std::string kind;        ///< none | mask | derivative | fragment | anchor | activation
+  std::size_t bytes = 0;
+};
+
+/// Operator calls made by a schedule.
+struct Counts {
+  std::size_t forward = 0, jvp = 0, jvp_params = 0, vjp = 0, vjp_params = 0, vijp = 0, inverse = 0;
+};
+
+/// Figures every schedule reports.
+struct Stats {
+  std::string schedule;
+  /// Peak bytes held by the engine's store between passes (accounted, not estimated).
+  std::size_t residual_bytes = 0;
+  /// Bytes stored per kind, summed over the step.
+  std::map<std::string, std::size_t> bytes_by_kind;
+  /// Every saved value, in the order stored (the saved-residual report).
+  std::vector<SavedEntry> saved;
+  Counts counts;
+  /// A-posteriori relative error estimate of the returned gradient (0 for
+  /// schedules exact up to backprop's own rounding).
+  double error_estimate = 0;
+  /// True when the gradient is a stochastic estimate, not the gradient.
+  bool is_estimate = false;
+  /// Schedule-specific figures.
+  std::map<std::string, double> figures;
+
+  [[nodiscard]] std::size_t bytes_of(const std::string& kind) const {
+    auto it = bytes_by_kind.find(kind);
+    return it == bytes_by_kind.end() ? 0 : it->second;
+  }
+  [[nodiscard]] std::size_t fragment_bytes() const { return bytes_of("fragment"); }
+  [[nodiscard]] std::size_t anchor_bytes() const { return bytes_of("anchor"); }
+};
+
+/// Loss value, flat parameter gradient ∂ℓ/∂θ, input cotangent h_0 = ∂ℓ/∂x_0, stats.
+template <class S>
+struct GradientResult {
+  S loss = 0;
+  Vector<S> gradient;
+  Matrix<S> h0;
+  Stats stats;
+};
+
+/// Where a schedule keeps values between passes: slots per layer, every byte
+/// accounted (current and peak) and every entry listed for the report.
+class SavedStore {
+ public:
+  enum Slot { residual = 0, fragment = 1, anchor = 2, activation = 3 };
+
+  explicit SavedStore(std::size_t layers) : slots_(layers) {}
+
+  /// Keeps `value` for layer i; `kind` defaults to the value's own kind.
+  template <class T>
+  void put(std::size_t i, Slot slot, std::string layer_name, T value, const char* kind = nullptr) {
+    const std::size_t b = nbytes(value);
+    SavedEntry e{i, std::move(layer_name), kind ? kind : residual_kind(value), b};
+    bytes_by_kind_[e.kind] += b;
+    entries_.push_back(std::move(e));
+    auto& s = slots_[i][slot];
+    if (s.has_value()) current_ -= s.bytes;
+    s.value = std::move(value);
+    s.bytes = b;
+    current_ += b;
+    peak_ = std::max(peak_, current_);
+  }
+
+  [[nodiscard]] bool has(std::size_t i, Slot slot) const { return slots_[i][slot].has_value(); }
+
+  /// Reads the value for layer i without releasing it.
+  template <class T>
+  const T& get(std::size_t i, Slot slot) const {
+    return std::any_cast<const T&>(slots_[i][slot].value);
+  }
+
+  /// Moves the value out and releases its bytes.
+  template <class T>
+  T take(std::size_t i, Slot slot) {
+    auto& s = slots_[i][slot];
+    T v = std::any_cast<T&&>(std::move(s.value));
+    s.value.reset();
+    current_ -= s.bytes;
+    s.bytes = 0;
+    return v;
+  }
+
+  /// Releases the value's bytes.
+  void drop(std::size_t i, Slot slot) {
+    auto& s = slots_[i][slot];
+    s.value.reset();
+    current_ -= s.bytes;
+    s.bytes = 0;
+  }
+
+  [[nodiscard]] std::size_t current_bytes() const { return current_; }
+  [[nodiscard]] std::size_t peak_bytes() const { return peak_; }
+
+  /// Moves the accounting into a Stats.
+  void report_to(Stats& st) {
+    st.residual_bytes = peak_;
+    st.bytes_by_kind = bytes_by_kind_;
+    st.saved = std::move(entries_);
+    entries_.clear();
+  }
+
+ private:
+  struct Held {
+    std::any value;
+    std::size_t bytes = 0;
+    [[nodiscard]] bool has_value() const { return value.has_value(); }
+  };
+  std::vector<std::array<Held, 4>> slots_;
+  std::vector<SavedEntry> entries_;
+  std::map<std::string, std::size_t> bytes_by_kind_;
+  std::size_t current_ = 0, peak_ = 0;
+};
+
+namespace detail {
+
+/// max|a − ref| / max|ref| (absolute when ref is 0).
+template <class A, class B>
+double rel_max_err(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& ref) {
+  if (a.size() == 0) return 0;
+  const double den = static_cast<double>(ref.cwiseAbs().maxCoeff());
+  const double num = static_cast<double>((a - ref).cwiseAbs().maxCoeff());
+  return den > 0 ? num / den : num;
+}
+
+inline std::string json_escape(const std::string& s) {
+  std::string o;
+  for (char c : s) {
+    if (c == '"' || c == '\\') o += '\\';
+    if (static_cast<unsigned char>(c) < 0x20) {
+      o += ' ';
+      continue;
+    }
+    o += c;
+  }
+  return o;
+}
+
+}  // namespace detail
+
+/// The saved-residual report as a text table: what the schedule keeps between
+/// passes, per layer, with kind and bytes.
+inline std::string report_text(const Stats& st) {
+  std::ostringstream s;
+  s << "schedule " << st.schedule << ": peak " << st.residual_bytes << " bytes kept between passes\n";
+  s << "  layer  " << std::left;
+  s.width(30);
+  s << "name";
+  s.width(12);
+  s << "kind"
+    << "bytes\n";
+  for (const auto& e : st.saved) {
+    s << "  ";
+    s.width(7);
+    s << e.layer;
+    s.width(30);
+    s << e.layer_name;
+    s.width(12);
+    s << e.kind << e.bytes << "\n";
+  }
+  s << "  by kind:";
+  for (const auto& [k, b] : st.bytes_by_kind) s << " " << k << "=" << b;
+  s << "\n";
+  return s.str();
+}
+
+/// The saved-residual report as one JSON object.
+inline std::string report_json(const Stats& st) {
+  std::ostringstream s;
+  s << "{\"schedule\":\"" << detail::json_escape(st.schedule) << "\",\"residual_bytes\":" << st.residual_bytes
+    << ",\"by_kind\":{";
+  bool first = true;
+  for (const auto& [k, b] : st.bytes_by_kind) {
+    s << (first ? "" : ",") << "\"" << detail::json_escape(k) << "\":" << b;
+    first = false;
+  }
+  s << "},\"layers\":[";
+  first = true;
+  for (const auto& e : st.saved) {
+    s << (first ? "" : ",") << "{\"layer\":" << e.layer << ",\"name\":\"" << detail::json_escape(e.layer_name)
+      << "\",\"kind\":\"" << e.kind << "\",\"bytes\":" << e.bytes << "}";
+    first = false;
+  }
+  s << "]}";
+  return s.str();
+}
+
+}  // namespace moonwalk
