@@ -15,4 +15,6 @@
 #include "moonwalk/nets/sequential.hpp"
 #include "moonwalk/schedules/backprop.hpp"
 #include "moonwalk/schedules/gradient.hpp"
+#include "moonwalk/schedules/mixed.hpp"
+#include "moonwalk/schedules/pure.hpp"
 #include "moonwalk/schedules/result.hpp"
