@@ -60,6 +60,16 @@ inline std::string shape_str(Index r, Index c) {
   return s.str();
 }
 
+/// Streams the arguments into one string (used for names and messages instead
+/// of `std::string` operator+, which trips GCC 12's -Wrestrict false positive,
+/// PR 105329).
+template <class... A>
+std::string cat(const A&... a) {
+  std::ostringstream s;
+  (s << ... << a);
+  return s.str();
+}
+
 /// The name of a layer (or a plain string), computed only when an error is raised.
 template <class Named>
 std::string name_of(const Named& n) {

@@ -114,9 +114,7 @@ class Elementwise : public NoParameters<S> {
 
   [[nodiscard]] Index in_features() const { return n_; }
   [[nodiscard]] Index out_features() const { return n_; }
-  [[nodiscard]] std::string name() const {
-    return Rule::label + ("(" + std::to_string(n_)) + rule_.args() + ")";
-  }
+  [[nodiscard]] std::string name() const { return detail::cat(Rule::label, "(", n_, rule_.args(), ")"); }
   [[nodiscard]] const Rule& rule() const { return rule_; }
 
   /// y = σ(x)
@@ -198,8 +196,8 @@ class LeakyReLU : public Elementwise<S, rules::LeakyReLU<S>> {
  private:
   static S check(S slope) {
     if (!(slope > S(0)) || !std::isfinite(slope))
-      throw RankError("leaky_relu: slope must be finite and > 0 (got " + std::to_string(slope) +
-                      "); use ReLU for slope 0");
+      throw RankError(
+          detail::cat("leaky_relu: slope must be finite and > 0 (got ", slope, "); use ReLU for slope 0"));
     return slope;
   }
 };
@@ -221,13 +219,19 @@ class Identity : public NoParameters<S> {
   explicit Identity(Index features) : n_(features) {}
   [[nodiscard]] Index in_features() const { return n_; }
   [[nodiscard]] Index out_features() const { return n_; }
-  [[nodiscard]] std::string name() const { return "identity(" + std::to_string(n_) + ")"; }
+  [[nodiscard]] std::string name() const { return detail::cat("identity(", n_, ")"); }
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const { return checked(x, "input"); }
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>&, const CRef<S>& dx) const { return checked(dx, "tangent"); }
+  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    detail::check_rows(*this, "input", x, n_);
+    return checked(dx, "tangent");
+  }
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
     return Matrix<S>::Zero(n_, x.cols());
   }
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>&, const CRef<S>& h) const { return checked(h, "cotangent"); }
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    detail::check_rows(*this, "input", x, n_);
+    return checked(h, "cotangent");
+  }
   void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
   [[nodiscard]] Empty save_residual(const CRef<S>&) const { return {}; }
   [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
@@ -256,7 +260,7 @@ class ReLU : public NoParameters<S> {
   explicit ReLU(Index features) : n_(features) {}
   [[nodiscard]] Index in_features() const { return n_; }
   [[nodiscard]] Index out_features() const { return n_; }
-  [[nodiscard]] std::string name() const { return "relu(" + std::to_string(n_) + ")"; }
+  [[nodiscard]] std::string name() const { return detail::cat("relu(", n_, ")"); }
 
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
     detail::check_rows(*this, "input", x, n_);
@@ -264,6 +268,7 @@ class ReLU : public NoParameters<S> {
   }
   /// J dx = [x > 0] ⊙ dx
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    detail::check_rows(*this, "input", x, n_);
     detail::check_rows(*this, "tangent", dx, n_, x.cols());
     return (x.array() > S(0)).select(dx, S(0));
   }
@@ -271,7 +276,11 @@ class ReLU : public NoParameters<S> {
     return Matrix<S>::Zero(n_, x.cols());
   }
   /// Jᵀ h = [x > 0] ⊙ h
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const { return jvp(x, h); }
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    detail::check_rows(*this, "input", x, n_);
+    detail::check_rows(*this, "cotangent", h, n_, x.cols());
+    return (x.array() > S(0)).select(h, S(0));
+  }
   void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
 
   [[nodiscard]] BitMask save_residual(const CRef<S>& x) const {
@@ -298,6 +307,7 @@ class ReLU : public NoParameters<S> {
   /// h_y = h_x where x > 0, φ elsewhere.
   [[nodiscard]] Matrix<S> vijp_with_fragment(const CRef<S>& x, const CRef<S>& hx,
                                              const Fragment<S>& f) const {
+    detail::check_rows(*this, "input", x, n_);
     detail::check_rows(*this, "input cotangent", hx, n_, x.cols());
     Matrix<S> hy(n_, hx.cols());
     Index k = 0;

@@ -50,9 +50,7 @@ class Linear {
 
   [[nodiscard]] Index in_features() const { return in_; }
   [[nodiscard]] Index out_features() const { return out_; }
-  [[nodiscard]] std::string name() const {
-    return "linear(" + std::to_string(in_) + "->" + std::to_string(out_) + ")";
-  }
+  [[nodiscard]] std::string name() const { return detail::cat("linear(", in_, "->", out_, ")"); }
 
   // ---- parameters (mutable access starts a new weight version)
   [[nodiscard]] Index num_params() const { return theta_.size(); }
@@ -89,6 +87,7 @@ class Linear {
   }
   /// J dx = W dx
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    detail::check_rows(*this, "input", x, in_);
     detail::check_rows(*this, "tangent", dx, in_);
     detail::check_batch(*this, "input", x.cols(), "tangent", dx.cols());
     Matrix<S> t(out_, dx.cols());
@@ -107,6 +106,7 @@ class Linear {
   }
   /// Jᵀ h = Wᵀ h
   [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    detail::check_rows(*this, "input", x, in_);
     detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
     return vjp_residual(Empty{}, h);
   }
