@@ -8,7 +8,8 @@
 //   jvp_params(x, dθ)       -> J_θ dθ                    (dθ flat, num_params())
 //   vjp(x, h)               -> Jᵀ h                      (input cotangent)
 //   vjp_params(x, h, g)     :  g += J_θᵀ h               (g flat, num_params())
-//   parameters(), gradients(): contiguous storage of θ and of its gradient
+//   num_params(), parameters(), gradients(): contiguous storage of θ and of
+//   its gradient — or parameter_blocks(), gradient_blocks() for composites
 //
 // Refinements:
 //   Submersive  vijp(x, h_x) -> h_y with Jᵀ h_y = h_x (J full row rank)
@@ -24,6 +25,7 @@
 #include <concepts>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
@@ -69,13 +71,30 @@ concept HasVjp = HasScalarType<L> &&
   l.vjp_params(x, x, VecRef<detail::scalar_of<L>>(g));
 };
 
+/// Parameters in one contiguous block: parameters(), gradients().
 template <class L>
-concept HasParameters = HasScalarType<L> && requires(L& l, const L& cl) {
-  { cl.num_params() } -> std::convertible_to<Index>;
+concept HasFlatParameters = HasScalarType<L> && requires(L& l, const L& cl) {
   { l.parameters() } -> std::convertible_to<std::span<detail::scalar_of<L>>>;
   { cl.parameters() } -> std::convertible_to<std::span<const detail::scalar_of<L>>>;
   { l.gradients() } -> std::convertible_to<std::span<detail::scalar_of<L>>>;
+  { cl.gradients() } -> std::convertible_to<std::span<const detail::scalar_of<L>>>;
 };
+
+/// Parameters in several blocks (composite layers: coupling blocks, chains):
+/// parameter_blocks(), gradient_blocks(), in the order of the flat θ.
+template <class L>
+concept HasParameterBlocks = HasScalarType<L> && requires(L& l, const L& cl) {
+  { l.parameter_blocks() } -> std::convertible_to<std::vector<std::span<detail::scalar_of<L>>>>;
+  { cl.parameter_blocks() } -> std::convertible_to<std::vector<std::span<const detail::scalar_of<L>>>>;
+  { l.gradient_blocks() } -> std::convertible_to<std::vector<std::span<detail::scalar_of<L>>>>;
+  { cl.gradient_blocks() } -> std::convertible_to<std::vector<std::span<const detail::scalar_of<L>>>>;
+};
+
+/// Parameter and gradient storage, flat or in blocks, with num_params() entries.
+template <class L>
+concept HasParameters = HasScalarType<L> && requires(const L& cl) {
+  { cl.num_params() } -> std::convertible_to<Index>;
+} &&(HasFlatParameters<L> || HasParameterBlocks<L>);
 
 /// The base contract every layer satisfies.
 template <class L>
@@ -140,7 +159,8 @@ consteval bool check_layer() {
   static_assert(HasJvp<L>, "Moonwalk layer contract: missing jvp(x, dx) or jvp_params(x, dtheta)");
   static_assert(HasVjp<L>, "Moonwalk layer contract: missing vjp(x, h) or vjp_params(x, h, grad)");
   static_assert(HasParameters<L>,
-                "Moonwalk layer contract: missing num_params(), parameters() or gradients()");
+                "Moonwalk layer contract: missing num_params(), and parameters()/gradients() or "
+                "parameter_blocks()/gradient_blocks()");
   return Layer<L>;
 }
 

@@ -6,9 +6,65 @@
 // submersive only when out ≤ in; a type-erased layer only knows at run time).
 #pragma once
 
+#include <span>
+#include <vector>
+
 #include "moonwalk/core/concepts.hpp"
 
 namespace moonwalk {
+
+/// θ of a layer as blocks of contiguous storage, in flat order.
+template <Layer L>
+std::vector<std::span<typename L::scalar_type>> parameter_blocks(L& l) {
+  if constexpr (HasParameterBlocks<L>)
+    return l.parameter_blocks();
+  else
+    return {l.parameters()};
+}
+template <Layer L>
+std::vector<std::span<const typename L::scalar_type>> parameter_blocks(const L& l) {
+  if constexpr (HasParameterBlocks<L>)
+    return l.parameter_blocks();
+  else
+    return {l.parameters()};
+}
+/// ∂ℓ/∂θ storage of a layer as blocks, in flat order.
+template <Layer L>
+std::vector<std::span<typename L::scalar_type>> gradient_blocks(L& l) {
+  if constexpr (HasParameterBlocks<L>)
+    return l.gradient_blocks();
+  else
+    return {l.gradients()};
+}
+template <Layer L>
+std::vector<std::span<const typename L::scalar_type>> gradient_blocks(const L& l) {
+  if constexpr (HasParameterBlocks<L>)
+    return l.gradient_blocks();
+  else
+    return {l.gradients()};
+}
+
+/// g += J_θᵀ h into the layer's own gradient storage.
+template <Layer L>
+void accumulate_vjp_params(L& l, const CRef<typename L::scalar_type>& x,
+                           const CRef<typename L::scalar_type>& h) {
+  using S = typename L::scalar_type;
+  if (l.num_params() == 0) return;
+  if constexpr (HasFlatParameters<L>) {
+    auto grad = l.gradients();
+    Eigen::Map<Vector<S>> g(grad.data(), static_cast<Index>(grad.size()));
+    l.vjp_params(x, h, g);
+  } else {
+    Vector<S> g = Vector<S>::Zero(l.num_params());
+    l.vjp_params(x, h, g);
+    Index o = 0;
+    for (auto b : l.gradient_blocks()) {
+      Eigen::Map<Vector<S>>(b.data(), static_cast<Index>(b.size())) +=
+          g.segment(o, static_cast<Index>(b.size()));
+      o += static_cast<Index>(b.size());
+    }
+  }
+}
 
 /// What the reverse pass keeps for this layer's input-vjp.
 template <Layer L>

@@ -58,7 +58,8 @@ struct SoftmaxCrossEntropy {
       const S m = y.col(b).maxCoeff();
       g.col(b) = (y.col(b).array() - m).exp().matrix();
       const S z = g.col(b).sum();
-      total += std::log(z) + m - y(t[static_cast<std::size_t>(b)], b);
+      // (m − y_t) first: exact when the label holds the max, so a huge shift costs no accuracy
+      total += (m - y(t[static_cast<std::size_t>(b)], b)) + std::log(z);
       g.col(b) /= z;
       g(t[static_cast<std::size_t>(b)], b) -= S(1);
     }

@@ -6,6 +6,7 @@
 #include <string>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/ops.hpp"
@@ -44,10 +45,14 @@ class AnyLayer {
   [[nodiscard]] Index out_features() const { return self_->out_features(); }
   [[nodiscard]] std::string name() const { return self_->name(); }
   [[nodiscard]] Index num_params() const { return self_->num_params(); }
-  std::span<S> parameters() { return self_->parameters(); }
-  [[nodiscard]] std::span<const S> parameters() const { return std::as_const(*self_).parameters(); }
-  std::span<S> gradients() { return self_->gradients(); }
-  [[nodiscard]] std::span<const S> gradients() const { return std::as_const(*self_).gradients(); }
+  std::vector<std::span<S>> parameter_blocks() { return self_->parameter_blocks(); }
+  [[nodiscard]] std::vector<std::span<const S>> parameter_blocks() const {
+    return std::as_const(*self_).parameter_blocks();
+  }
+  std::vector<std::span<S>> gradient_blocks() { return self_->gradient_blocks(); }
+  [[nodiscard]] std::vector<std::span<const S>> gradient_blocks() const {
+    return std::as_const(*self_).gradient_blocks();
+  }
 
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const { return self_->forward(x); }
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const { return self_->jvp(x, dx); }
@@ -93,10 +98,10 @@ class AnyLayer {
     [[nodiscard]] virtual Index out_features() const = 0;
     [[nodiscard]] virtual std::string name() const = 0;
     [[nodiscard]] virtual Index num_params() const = 0;
-    virtual std::span<S> parameters() = 0;
-    [[nodiscard]] virtual std::span<const S> parameters() const = 0;
-    virtual std::span<S> gradients() = 0;
-    [[nodiscard]] virtual std::span<const S> gradients() const = 0;
+    virtual std::vector<std::span<S>> parameter_blocks() = 0;
+    [[nodiscard]] virtual std::vector<std::span<const S>> parameter_blocks() const = 0;
+    virtual std::vector<std::span<S>> gradient_blocks() = 0;
+    [[nodiscard]] virtual std::vector<std::span<const S>> gradient_blocks() const = 0;
     [[nodiscard]] virtual Matrix<S> forward(const CRef<S>&) const = 0;
     [[nodiscard]] virtual Matrix<S> jvp(const CRef<S>&, const CRef<S>&) const = 0;
     [[nodiscard]] virtual Matrix<S> jvp_params(const CRef<S>&, const CVecRef<S>&) const = 0;
@@ -123,10 +128,14 @@ class AnyLayer {
     [[nodiscard]] Index out_features() const override { return layer.out_features(); }
     [[nodiscard]] std::string name() const override { return layer.name(); }
     [[nodiscard]] Index num_params() const override { return layer.num_params(); }
-    std::span<S> parameters() override { return layer.parameters(); }
-    [[nodiscard]] std::span<const S> parameters() const override { return layer.parameters(); }
-    std::span<S> gradients() override { return layer.gradients(); }
-    [[nodiscard]] std::span<const S> gradients() const override { return layer.gradients(); }
+    std::vector<std::span<S>> parameter_blocks() override { return moonwalk::parameter_blocks(layer); }
+    [[nodiscard]] std::vector<std::span<const S>> parameter_blocks() const override {
+      return moonwalk::parameter_blocks(layer);
+    }
+    std::vector<std::span<S>> gradient_blocks() override { return moonwalk::gradient_blocks(layer); }
+    [[nodiscard]] std::vector<std::span<const S>> gradient_blocks() const override {
+      return moonwalk::gradient_blocks(layer);
+    }
     [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const override { return layer.forward(x); }
     [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const override {
       return layer.jvp(x, dx);

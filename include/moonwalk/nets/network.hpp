@@ -6,11 +6,12 @@
 #include <vector>
 
 #include "moonwalk/nets/any_layer.hpp"
+#include "moonwalk/nets/chain.hpp"
 
 namespace moonwalk {
 
 /// x_i = f_i(x_{i−1}) with layers chosen at run time (e.g. from a spec
-/// string). Same walking interface as `Sequential`.
+/// string). Same walking interface as `Sequential`, and likewise a Layer.
 template <class S>
 class Network {
  public:
@@ -34,8 +35,8 @@ class Network {
 
   [[nodiscard]] std::size_t size() const { return layers_.size(); }
   [[nodiscard]] bool empty() const { return layers_.empty(); }
-  [[nodiscard]] Index in_features() const { return layers_.front().in_features(); }
-  [[nodiscard]] Index out_features() const { return layers_.back().out_features(); }
+  [[nodiscard]] Index in_features() const { return nonempty().front().in_features(); }
+  [[nodiscard]] Index out_features() const { return nonempty().back().out_features(); }
   AnyLayer<S>& operator[](std::size_t i) { return layers_[i]; }
   const AnyLayer<S>& operator[](std::size_t i) const { return layers_[i]; }
 
@@ -54,7 +55,44 @@ class Network {
     return h;
   }
 
+  // ---- the chain is itself a layer (nets/chain.hpp): usable as a coupling branch
+  [[nodiscard]] std::string name() const { return detail::chain_name(*this, "network"); }
+  /// J dx
+  [[nodiscard]] Matrix<scalar_type> jvp(const CRef<scalar_type>& x, const CRef<scalar_type>& dx) const {
+    return detail::chain_jvp(*this, x, dx);
+  }
+  /// J_θ dθ
+  [[nodiscard]] Matrix<scalar_type> jvp_params(const CRef<scalar_type>& x,
+                                               const CVecRef<scalar_type>& dt) const {
+    return detail::chain_jvp_params(*this, x, dt);
+  }
+  /// Jᵀ h (local backprop through the chain)
+  [[nodiscard]] Matrix<scalar_type> vjp(const CRef<scalar_type>& x, const CRef<scalar_type>& h) const {
+    return detail::chain_vjp(*this, x, h);
+  }
+  /// g += J_θᵀ h
+  void vjp_params(const CRef<scalar_type>& x, const CRef<scalar_type>& h, VecRef<scalar_type> g) const {
+    detail::chain_vjp_params(*this, x, h, g);
+  }
+  [[nodiscard]] Index num_params() const { return detail::chain_num_params(*this); }
+  std::vector<std::span<scalar_type>> parameter_blocks() {
+    return detail::chain_blocks<Network, std::span<scalar_type>>(*this, false);
+  }
+  [[nodiscard]] std::vector<std::span<const scalar_type>> parameter_blocks() const {
+    return detail::chain_blocks<const Network, std::span<const scalar_type>>(*this, false);
+  }
+  std::vector<std::span<scalar_type>> gradient_blocks() {
+    return detail::chain_blocks<Network, std::span<scalar_type>>(*this, true);
+  }
+  [[nodiscard]] std::vector<std::span<const scalar_type>> gradient_blocks() const {
+    return detail::chain_blocks<const Network, std::span<const scalar_type>>(*this, true);
+  }
+
  private:
+  const std::vector<AnyLayer<S>>& nonempty() const {
+    if (layers_.empty()) throw ShapeError("Network: empty network has no input or output width");
+    return layers_;
+  }
   std::vector<AnyLayer<S>> layers_;
 };
 

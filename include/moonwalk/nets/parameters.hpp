@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <sstream>
 
+#include "moonwalk/core/ops.hpp"
 #include "moonwalk/nets/network.hpp"
 
 namespace moonwalk {
@@ -24,9 +25,10 @@ Vector<typename N::scalar_type> get_parameters(const N& net) {
   Index o = 0;
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) {
-      auto s = l.parameters();
-      std::copy(s.begin(), s.end(), v.data() + o);
-      o += static_cast<Index>(s.size());
+      for (auto s : parameter_blocks(l)) {
+        std::copy(s.begin(), s.end(), v.data() + o);
+        o += static_cast<Index>(s.size());
+      }
     });
   return v;
 }
@@ -43,9 +45,10 @@ void set_parameters(N& net, const CVecRef<typename N::scalar_type>& v) {
   Index o = 0;
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](auto& l) {
-      auto s = l.parameters();
-      std::copy(v.data() + o, v.data() + o + static_cast<Index>(s.size()), s.begin());
-      o += static_cast<Index>(s.size());
+      for (auto s : parameter_blocks(l)) {
+        std::copy(v.data() + o, v.data() + o + static_cast<Index>(s.size()), s.begin());
+        o += static_cast<Index>(s.size());
+      }
     });
 }
 
@@ -56,9 +59,10 @@ Vector<typename N::scalar_type> get_gradients(const N& net) {
   Index o = 0;
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) {
-      auto s = l.gradients();
-      std::copy(s.begin(), s.end(), v.data() + o);
-      o += static_cast<Index>(s.size());
+      for (auto s : gradient_blocks(l)) {
+        std::copy(s.begin(), s.end(), v.data() + o);
+        o += static_cast<Index>(s.size());
+      }
     });
   return v;
 }
@@ -68,8 +72,7 @@ template <Net N>
 void zero_gradients(N& net) {
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](auto& l) {
-      auto s = l.gradients();
-      std::fill(s.begin(), s.end(), typename N::scalar_type(0));
+      for (auto s : gradient_blocks(l)) std::fill(s.begin(), s.end(), typename N::scalar_type(0));
     });
 }
 

@@ -7,12 +7,14 @@
 #include <utility>
 
 #include "moonwalk/core/concepts.hpp"
+#include "moonwalk/nets/chain.hpp"
 
 namespace moonwalk {
 
 /// x_i = f_i(x_{i−1}), i = 1..L, with the layer types fixed at compile time.
 /// Schedules walk it through `visit(i, f)`, which calls `f` with the i-th
-/// layer's concrete type (no virtual calls, no type erasure).
+/// layer's concrete type (no virtual calls, no type erasure). A Sequential
+/// is itself a Layer (e.g. a coupling block's branch).
 template <Layer... Ls>
 class Sequential {
   static_assert(sizeof...(Ls) > 0, "Moonwalk: a Sequential needs at least one layer");
@@ -57,6 +59,39 @@ class Sequential {
     Matrix<scalar_type> h = x;
     for (std::size_t i = 0; i < size(); ++i) visit(i, [&](const auto& l) { h = l.forward(h); });
     return h;
+  }
+
+  // ---- the chain is itself a layer (nets/chain.hpp): usable as a coupling branch
+  [[nodiscard]] std::string name() const { return detail::chain_name(*this, "sequential"); }
+  /// J dx
+  [[nodiscard]] Matrix<scalar_type> jvp(const CRef<scalar_type>& x, const CRef<scalar_type>& dx) const {
+    return detail::chain_jvp(*this, x, dx);
+  }
+  /// J_θ dθ
+  [[nodiscard]] Matrix<scalar_type> jvp_params(const CRef<scalar_type>& x,
+                                               const CVecRef<scalar_type>& dt) const {
+    return detail::chain_jvp_params(*this, x, dt);
+  }
+  /// Jᵀ h (local backprop through the chain)
+  [[nodiscard]] Matrix<scalar_type> vjp(const CRef<scalar_type>& x, const CRef<scalar_type>& h) const {
+    return detail::chain_vjp(*this, x, h);
+  }
+  /// g += J_θᵀ h
+  void vjp_params(const CRef<scalar_type>& x, const CRef<scalar_type>& h, VecRef<scalar_type> g) const {
+    detail::chain_vjp_params(*this, x, h, g);
+  }
+  [[nodiscard]] Index num_params() const { return detail::chain_num_params(*this); }
+  std::vector<std::span<scalar_type>> parameter_blocks() {
+    return detail::chain_blocks<Sequential, std::span<scalar_type>>(*this, false);
+  }
+  [[nodiscard]] std::vector<std::span<const scalar_type>> parameter_blocks() const {
+    return detail::chain_blocks<const Sequential, std::span<const scalar_type>>(*this, false);
+  }
+  std::vector<std::span<scalar_type>> gradient_blocks() {
+    return detail::chain_blocks<Sequential, std::span<scalar_type>>(*this, true);
+  }
+  [[nodiscard]] std::vector<std::span<const scalar_type>> gradient_blocks() const {
+    return detail::chain_blocks<const Sequential, std::span<const scalar_type>>(*this, true);
   }
 
  private:

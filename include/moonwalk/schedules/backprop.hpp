@@ -29,7 +29,7 @@ struct Backprop {
     out.loss = value;
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
       Matrix<S> xi = store.take<Matrix<S>>(i, SavedStore::activation);
-      detail::accumulate_vjp_params(l, l.gradients(), xi, h);
+      moonwalk::accumulate_vjp_params(l, xi, h);
       h = l.vjp(xi, h);
       out.stats.counts.vjp_params += 1;
       out.stats.counts.vjp += 1;

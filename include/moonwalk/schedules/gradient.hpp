@@ -41,16 +41,5 @@ void for_each_layer_reverse(N& net, F&& f) {
   for (std::size_t i = net.size(); i-- > 0;) net.visit(i, [&](auto& l) { f(i, l); });
 }
 
-/// g_l += J_θᵀ h into the layer's own gradient storage.
-template <class Lyr>
-void accumulate_vjp_params(const Lyr& l, std::span<typename Lyr::scalar_type> grad,
-                           const CRef<typename Lyr::scalar_type>& x,
-                           const CRef<typename Lyr::scalar_type>& h) {
-  using S = typename Lyr::scalar_type;
-  if (grad.empty()) return;
-  Eigen::Map<Vector<S>> g(grad.data(), static_cast<Index>(grad.size()));
-  l.vjp_params(x, h, g);
-}
-
 }  // namespace detail
 }  // namespace moonwalk

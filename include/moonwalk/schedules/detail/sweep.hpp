@@ -83,7 +83,7 @@ double forward_sweep(N& net, const CRef<typename N::scalar_type>& x0, Matrix<typ
       }
       ++st.counts.vijp;
     }
-    accumulate_vjp_params(l, l.gradients(), x, h);
+    moonwalk::accumulate_vjp_params(l, x, h);
     ++st.counts.vjp_params;
     x = std::move(y);
   });
