@@ -7,6 +7,7 @@
 #pragma once
 
 #include <any>
+#include <bit>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -43,7 +44,7 @@ class BitMask {
   [[nodiscard]] Index cols() const { return cols_; }
   [[nodiscard]] Index count() const {
     Index c = 0;
-    for (auto w : words_) c += static_cast<Index>(__builtin_popcountll(w));
+    for (auto w : words_) c += static_cast<Index>(std::popcount(w));
     return c;
   }
   [[nodiscard]] std::size_t bytes() const { return words_.size() * sizeof(std::uint64_t); }

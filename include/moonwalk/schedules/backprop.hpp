@@ -25,8 +25,9 @@ struct Backprop {
       store.put(i, SavedStore::activation, l.name(), std::move(x));
       x = std::move(y);
     });
-    auto [value, h] = loss.value_and_gradient(x, target);
-    out.loss = value;
+    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture h)
+    out.loss = vg.first;
+    Matrix<S> h = std::move(vg.second);
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
       Matrix<S> xi = store.take<Matrix<S>>(i, SavedStore::activation);
       moonwalk::accumulate_vjp_params(l, xi, h);

@@ -78,8 +78,9 @@ struct PureMoonwalk {
       x = l.forward(x);
       ++st.counts.forward;
     });
-    auto [value, gL] = loss.value_and_gradient(x, target);
-    out.loss = value;
+    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture gL)
+    out.loss = vg.first;
+    Matrix<S> gL = std::move(vg.second);
 
     // Fragments: h_i at each fragmental layer by tail jvps; keep only φ_i.
     x = x0;

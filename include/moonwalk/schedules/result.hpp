@@ -1,7 +1,9 @@
 // Moonwalk — what every schedule returns, and the engine's accounted storage.
 #pragma once
 
+#include <algorithm>
 #include <any>
+#include <array>
 #include <cmath>
 #include <cstddef>
 #include <map>

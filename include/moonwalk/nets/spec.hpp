@@ -1,0 +1,368 @@
+// Moonwalk — spec strings: a runtime Network<S> from one line of text.
+//
+// Grammar (whitespace around tokens and arguments is ignored):
+//
+//   spec    := "in:" N ( "," layer )+
+//   layer   := NAME ( ":" ARG )*
+//
+// N and every width are positive integers. The layers, one entry each in
+// `spec_layers<S>()` (the only place that knows them):
+//
+//   linear:OUT          Linear<S>(width, OUT), (semi-)orthogonal W, b = 0
+//   leaky_relu[:SLOPE]  LeakyReLU<S>, SLOPE finite and > 0 (default 0.01)
+//   relu                ReLU<S>
+//   tanh                Tanh<S>
+//   sigmoid             Sigmoid<S>
+//   softplus            Softplus<S>
+//   elu[:ALPHA]         ELU<S>, ALPHA finite and > 0 (default 1)
+//   identity            Identity<S>
+//   pad:N               ZeroPad<S>(width, N): zero rows appended (N ≥ width)
+//   coupling:KIND:HIDDEN[:ACT[:SCALE]]
+//                       additive or affine coupling block (KIND = additive |
+//                       affine) over halves n1 = width/2, n2 = width − n1;
+//                       F: n2 → n1 and G: n1 → n2 are the MLPs
+//                       linear:HIDDEN, ACT, linear:half, ACT any activation
+//                       token without arguments (default tanh), SCALE the
+//                       gain of each branch's last Linear (default 1).
+//
+// Seeds (deterministic): the tokens are numbered from 0 in the order they
+// appear, `in:N` being token 0, so the first layer is token 1. The layer
+// built from token k gets the seed `seed * 1000003 + k` (unsigned 64-bit,
+// wrapping), so the same spec and seed always give the same parameters, and
+// two layers of one network never share a seed.
+//
+// Adding a layer: one `{name, {syntax, builder}}` entry in `spec_layers<S>()`;
+// the builder gets the current width, the token's arguments (with checked
+// accessors that throw SpecError quoting the token) and the token's seed.
+//
+// Every malformed spec throws SpecError; its message quotes the offending
+// token and says what is wrong (unknown layer, bad number, missing in:N,
+// wrong number of arguments, non-positive width, slope or alpha ≤ 0 or not
+// representable in S, empty token). A moonwalk::Error thrown by a layer's
+// constructor is re-thrown as a SpecError quoting the token.
+#pragma once
+
+#include <charconv>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <vector>
+
+#include "moonwalk/core/types.hpp"
+#include "moonwalk/layers/activations.hpp"
+#include "moonwalk/layers/coupling.hpp"
+#include "moonwalk/layers/linear.hpp"
+#include "moonwalk/layers/pad.hpp"
+#include "moonwalk/nets/any_layer.hpp"
+#include "moonwalk/nets/network.hpp"
+
+namespace moonwalk {
+
+/// A malformed network spec string; the message quotes the bad token.
+class SpecError : public Error {
+ public:
+  using Error::Error;
+};
+
+namespace spec {
+
+/// One comma-separated token, split at ':' (name first), with checked
+/// accessors for its arguments. Every error it raises quotes the token.
+class Token {
+ public:
+  Token(const std::string& text, std::size_t index) : text_(trim(text)), index_(index) {
+    std::size_t start = 0;
+    while (true) {
+      const std::size_t colon = text_.find(':', start);
+      std::string part = trim(text_.substr(start, colon == std::string::npos ? colon : colon - start));
+      if (start == 0)
+        name_ = std::move(part);
+      else
+        args_.push_back(std::move(part));
+      if (colon == std::string::npos) break;
+      start = colon + 1;
+    }
+  }
+
+  [[nodiscard]] const std::string& text() const { return text_; }
+  [[nodiscard]] const std::string& name() const { return name_; }
+  [[nodiscard]] std::size_t index() const { return index_; }
+  [[nodiscard]] const std::vector<std::string>& args() const { return args_; }
+  [[nodiscard]] std::size_t arity() const { return args_.size(); }
+
+  /// Throws SpecError `token k 'text': what`.
+  [[noreturn]] void fail(const std::string& what) const {
+    std::ostringstream s;
+    s << "bad network spec: token " << index_ << " '" << text_ << "': " << what;
+    throw SpecError(s.str());
+  }
+
+  /// Requires between `lo` and `hi` arguments; `syntax` is shown in the message.
+  void expect_arity(std::size_t lo, std::size_t hi, const std::string& syntax) const {
+    if (args_.size() >= lo && args_.size() <= hi) return;
+    std::ostringstream s;
+    s << "wrong number of arguments for '" << name_ << "' (got " << args_.size() << ", expected ";
+    if (lo == hi)
+      s << lo;
+    else
+      s << lo << " to " << hi;
+    s << "; syntax " << syntax << ")";
+    fail(s.str());
+  }
+
+  /// Argument k as a positive integer width.
+  [[nodiscard]] Index width(std::size_t k, const char* what) const {
+    const std::string& a = arg(k);
+    Index v = 0;
+    const char* first = a.data();
+    const char* last = a.data() + a.size();
+    const auto [p, ec] = std::from_chars(first, last, v);
+    if (a.empty() || ec != std::errc() || p != last) fail(bad_number(a, what, "an integer"));
+    if (v <= 0) {
+      std::ostringstream s;
+      s << "non-positive " << what << " " << v << " (must be a positive integer)";
+      fail(s.str());
+    }
+    return v;
+  }
+
+  /// Argument k as a finite real number, or `fallback` when the token has
+  /// fewer than k + 1 arguments.
+  [[nodiscard]] double number(std::size_t k, const char* what, double fallback) const {
+    if (k >= args_.size()) return fallback;
+    const std::string& a = arg(k);
+    double v = 0;
+    const char* first = a.data();
+    const char* last = a.data() + a.size();
+    const auto [p, ec] = std::from_chars(first, last, v);
+    if (a.empty() || ec != std::errc() || p != last || !std::isfinite(v))
+      fail(bad_number(a, what, "a finite real number"));
+    return v;
+  }
+
+  /// Argument k (or `fallback`) as a value of type S that must be finite and
+  /// > 0 once rounded to S (`what` names it in the message).
+  template <class S>
+  [[nodiscard]] S positive(std::size_t k, const char* what, double fallback) const {
+    const double v = number(k, what, fallback);
+    const S r = static_cast<S>(v);
+    if (!(v > 0) || !(r > S(0)) || !std::isfinite(r)) {
+      std::ostringstream s;
+      s << what << " must be > 0";
+      if (v > 0) s << " and finite in " << (sizeof(S) == sizeof(float) ? "float" : "double");
+      s << ", got " << (k < args_.size() ? args_[k] : std::to_string(fallback));
+      fail(s.str());
+    }
+    return r;
+  }
+
+ private:
+  static std::string trim(const std::string& s) {
+    const auto b = s.find_first_not_of(" \t\r\n");
+    if (b == std::string::npos) return {};
+    const auto e = s.find_last_not_of(" \t\r\n");
+    return s.substr(b, e - b + 1);
+  }
+  [[nodiscard]] const std::string& arg(std::size_t k) const {
+    if (k >= args_.size()) fail("missing argument " + std::to_string(k + 1));
+    return args_[k];
+  }
+  static std::string bad_number(const std::string& a, const char* what, const char* expected) {
+    return std::string("bad number '") + a + "' for " + what + " (expected " + expected + ")";
+  }
+
+  std::string text_, name_;
+  std::size_t index_;
+  std::vector<std::string> args_;
+};
+
+/// Builds the layer of one token: (current width, token, token seed) -> layer.
+template <class S>
+using Builder = std::function<AnyLayer<S>(Index width, const Token& token, std::uint64_t seed)>;
+
+/// One grammar entry: its syntax (for messages and docs) and its builder.
+template <class S>
+struct Rule {
+  std::string syntax;
+  Builder<S> build;
+};
+
+/// The grammar: every layer a spec can name. Add a layer here, nowhere else.
+template <class S>
+const std::map<std::string, Rule<S>>& layers() {
+  static const std::map<std::string, Rule<S>> table{
+      {"linear",
+       {"linear:OUT",
+        [](Index w, const Token& t, std::uint64_t seed) -> AnyLayer<S> {
+          t.expect_arity(1, 1, "linear:OUT");
+          typename Linear<S>::Options options;
+          options.seed = seed;
+          return Linear<S>(w, t.width(0, "width"), options);
+        }}},
+      {"leaky_relu",
+       {"leaky_relu[:SLOPE]",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 1, "leaky_relu[:SLOPE]");
+          return LeakyReLU<S>(w, t.positive<S>(0, "leaky_relu slope", 0.01));
+        }}},
+      {"relu",
+       {"relu",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "relu");
+          return ReLU<S>(w);
+        }}},
+      {"tanh",
+       {"tanh",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "tanh");
+          return Tanh<S>(w);
+        }}},
+      {"sigmoid",
+       {"sigmoid",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "sigmoid");
+          return Sigmoid<S>(w);
+        }}},
+      {"softplus",
+       {"softplus",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "softplus");
+          return Softplus<S>(w);
+        }}},
+      {"elu",
+       {"elu[:ALPHA]",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 1, "elu[:ALPHA]");
+          return ELU<S>(w, rules::ELU<S>{t.positive<S>(0, "elu alpha", 1.0)});
+        }}},
+      {"identity",
+       {"identity",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "identity");
+          return Identity<S>(w);
+        }}},
+      {"pad",
+       {"pad:N",
+        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+          t.expect_arity(1, 1, "pad:N");
+          const Index n = t.width(0, "padded width");
+          if (n < w) t.fail(detail::cat("pad:N must not shrink the width (", w, " -> ", n, ")"));
+          return ZeroPad<S>(w, n);
+        }}},
+      {"coupling",
+       {"coupling:KIND:HIDDEN[:ACT[:SCALE]]",
+        [](Index w, const Token& t, std::uint64_t seed) -> AnyLayer<S> {
+          t.expect_arity(2, 4, "coupling:KIND:HIDDEN[:ACT[:SCALE]]");
+          const std::string& kind = t.args()[0];
+          if (kind != "additive" && kind != "affine")
+            t.fail("unknown coupling kind '" + kind + "' (expected additive or affine)");
+          if (w < 2) t.fail("a coupling block needs at least 2 features");
+          const Index hidden = t.width(1, "hidden width");
+          const std::string act = t.args().size() > 2 ? t.args()[2] : std::string("tanh");
+          const S scale = t.positive<S>(3, "branch scale", 1.0);
+          const auto& table = layers<S>();
+          const auto it = table.find(act);
+          if (it == table.end() || act == "linear" || act == "pad" || act == "coupling")
+            t.fail("unknown branch activation '" + act + "'");
+          const Index n1 = w / 2, n2 = w - n1;
+          auto branch = [&](Index in, Index out, std::uint64_t s) {
+            Network<S> b;
+            b.add(Linear<S>(in, hidden, {.seed = s}));
+            b.add(it->second.build(hidden, Token(act, t.index()), s));
+            b.add(Linear<S>(hidden, out, {.seed = s + 1, .gain = scale}));
+            return b;
+          };
+          Network<S> f = branch(n2, n1, seed * 4 + 1), g = branch(n1, n2, seed * 4 + 3);
+          if (kind == "additive") return AdditiveCoupling<Network<S>, Network<S>>(std::move(f), std::move(g));
+          return AffineCoupling<Network<S>, Network<S>>(std::move(f), std::move(g));
+        }}},
+  };
+  return table;
+}
+
+/// "elu, identity, …" — the known layer names, for messages.
+template <class S>
+std::string known_layers() {
+  std::string s;
+  for (const auto& [name, rule] : layers<S>()) s += (s.empty() ? "" : ", ") + rule.syntax;
+  return s;
+}
+
+/// The seed of the layer built from token `token_index` (see header comment).
+inline std::uint64_t layer_seed(std::uint64_t seed, std::size_t token_index) {
+  return seed * std::uint64_t{1000003} + static_cast<std::uint64_t>(token_index);
+}
+
+/// Splits a spec at ',' into tokens (numbered from 0); an empty token is an error.
+inline std::vector<Token> tokenize(const std::string& spec) {
+  std::vector<Token> tokens;
+  std::size_t start = 0, index = 0;
+  while (true) {
+    const std::size_t comma = spec.find(',', start);
+    const std::string text = spec.substr(start, comma == std::string::npos ? comma : comma - start);
+    Token t(text, index);
+    if (t.text().empty()) {
+      if (spec.find_first_not_of(" \t\r\n") == std::string::npos)
+        throw SpecError("bad network spec: empty spec (expected in:N,LAYER,...)");
+      t.fail("empty token (two commas in a row, or a leading or trailing comma)");
+    }
+    if (t.name().empty()) t.fail("missing layer name before ':'");
+    tokens.push_back(std::move(t));
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+    ++index;
+  }
+  return tokens;
+}
+
+}  // namespace spec
+
+/// The grammar table (see spec.hpp's header comment).
+template <class S>
+const std::map<std::string, spec::Rule<S>>& spec_layers() {
+  return spec::layers<S>();
+}
+
+/// Builds a runtime network from a spec string such as
+/// `in:64,linear:48,leaky_relu:0.1,linear:10`; the layer from token k is
+/// seeded with `seed * 1000003 + k` (token 0 is `in:N`). Throws SpecError,
+/// quoting the bad token, for any malformed spec.
+template <class S>
+Network<S> parse_network(const std::string& spec_string, std::uint64_t seed) {
+  const std::vector<spec::Token> tokens = spec::tokenize(spec_string);
+  const spec::Token& head = tokens.front();
+  if (head.name() != "in")
+    head.fail("missing in:N (a spec starts with the input width, e.g. in:64,linear:10)");
+  head.expect_arity(1, 1, "in:N");
+  Index width = head.width(0, "input width");
+  if (tokens.size() == 1) head.fail("no layers after the input width");
+
+  Network<S> net;
+  const auto& table = spec_layers<S>();
+  for (std::size_t k = 1; k < tokens.size(); ++k) {
+    const spec::Token& t = tokens[k];
+    if (t.name() == "in") t.fail("in:N may only appear as the first token");
+    const auto it = table.find(t.name());
+    if (it == table.end())
+      t.fail("unknown layer '" + t.name() + "' (known: in:N first, then " + spec::known_layers<S>() + ")");
+    std::optional<AnyLayer<S>> layer;
+    try {
+      layer.emplace(it->second.build(width, t, spec::layer_seed(seed, t.index())));
+    } catch (const SpecError&) {
+      throw;
+    } catch (const Error& e) {  // a layer constructor refused its arguments
+      t.fail(e.what());
+    }
+    width = layer->out_features();
+    net.add(std::move(*layer));
+  }
+  return net;
+}
+
+}  // namespace moonwalk

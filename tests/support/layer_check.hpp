@@ -1,0 +1,562 @@
+// One generic numerical checker for any Moonwalk layer, in the style of
+// dlib's test_layer() and InvertibleNetworks.jl's gradient tests.
+//
+//   MOONWALK_LAYER_TEST("linear contracting 7->5", (Linear<S>(7, 5, {.seed = 1})))
+//
+// registers one Catch test case per scalar type (float, double). The second
+// argument is an expression in the scalar type `S`: the checker builds the
+// layer for S and for double (its "double twin", given the S layer's
+// parameters exactly), then checks, on random inputs x (in × batch) with
+// |x| ≥ kink_margin, random tangents and cotangents:
+//
+//   [jvp-fd]                jvp vs central finite differences of the double twin
+//   [taylor-*]              ‖f(x+εv) − f(x)‖ halves and ‖f(x+εv) − f(x) − εJv‖
+//                           quarters as ε halves (double twin); a layer that is
+//                           linear on the segment (Linear, (Leaky)ReLU away from
+//                           0) must instead have a remainder at rounding level
+//   [jvp-params-fd]         jvp_params vs FD over the flat θ (parameters() or
+//                           parameter_blocks(), through moonwalk::parameter_blocks)
+//   [adjoint-input]         <u, J v> = <Jᵀu, v>        (jvp vs vjp)
+//   [adjoint-params]        <u, J_θ dθ> = <J_θᵀu, dθ>  (jvp_params vs vjp_params from 0)
+//   [vjp-params-accumulates] vjp_params adds to g, it does not overwrite it
+//   [residual]              vjp_residual(save_residual(x), h) = vjp(x, h)
+//   [vijp]                  vijp(x, vjp(x, h)) = h          when can_vijp
+//   [vijp-refuses]          vijp throws RankError           when it has vijp but !can_vijp
+//   [fragment-*]            vijp_with_fragment(x, vjp(x, h), save_fragment(r, h)) = h,
+//                           and with the fragment zeroed the result differs from h
+//                           but still has the same vjp (the fragment is exactly the
+//                           part Jᵀ erases)             when can_fragment && !can_vijp
+//   [inverse]               inverse(forward(x)) = x         when can_invert
+//   [shape]                 forward/jvp/vjp with a wrong row count throw ShapeError
+//                           naming the layer, the bad shape and the expected rows
+//
+// Every layer operation is reached through std::function callbacks in double
+// (detail::LayerView), so the checks themselves compile once per translation
+// unit, not once per layer type.
+//
+// `test_layer_pair(layer, twin, options, /*to_catch=*/false)` records the
+// failures in a report instead of asserting, so the checker itself is tested
+// (tests/layers/test_layer_check.cpp feeds it deliberately broken layers).
+#pragma once
+
+#include <algorithm>
+#include <any>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <iomanip>
+#include <limits>
+#include <moonwalk/core/concepts.hpp>
+#include <moonwalk/core/ops.hpp>
+#include <moonwalk/core/residuals.hpp>
+#include <moonwalk/core/types.hpp>
+#include <sstream>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "support/check_util.hpp"
+
+namespace mwtest {
+
+/// Tolerances for a layer computing in a scalar type with machine epsilon `eps`.
+struct LayerTol {
+  /// An identity evaluated in S (adjointness, round trips, accumulation,
+  /// inversion) on O(1) data: sums of ≤ ~20 terms and condition numbers ≤ ~10
+  /// lose at most ~100 ε_S (double 2.2e-14, float 1.2e-5).
+  double identity;
+  /// An S operator against central differences of its double twin: the FD
+  /// error (step 1e-5: ~1e-10 truncation and rounding) plus S's own rounding.
+  double fd;
+  /// The same computation through another entry point.
+  double same;
+  explicit LayerTol(double eps) : identity(100 * eps), fd(std::max(100 * eps, 1e-8)), same(8 * eps) {}
+};
+
+struct LayerCheckOptions {
+  std::uint64_t seed = 20240601;
+  Index batch = 3;
+  /// Every input entry has |x| ≥ kink_margin, and no FD or Taylor step moves
+  /// an entry by more than that: piecewise-linear layers (kink at 0) are
+  /// differentiable along every segment the checker walks.
+  double kink_margin = 0.25;
+  /// |x| = kink_margin + input_scale · |N(0, 1)|.
+  double input_scale = 0.75;
+  double fd_step = 1e-5;
+  double taylor_step = 1e-2;
+  int taylor_halvings = 4;
+};
+
+/// What the checker found: one line per failed check, tagged as in the header comment.
+struct LayerCheckReport {
+  int checks = 0;
+  std::vector<std::string> failures;
+  [[nodiscard]] bool failed(const std::string& tag) const {
+    for (const auto& f : failures)
+      if (f.rfind(tag, 0) == 0) return true;
+    return false;
+  }
+  [[nodiscard]] std::string str() const {
+    std::ostringstream s;
+    s << checks << " checks, " << failures.size() << " failed";
+    for (const auto& f : failures) s << "\n  " << f;
+    return s.str();
+  }
+};
+
+namespace detail {
+
+struct Aborted {};
+
+/// Counts checks; asserts through Catch or records into a report.
+class Checker {
+ public:
+  explicit Checker(bool to_catch) : to_catch_(to_catch) {}
+
+  void check(const char* tag, bool ok, const std::string& what) {
+    ++report.checks;
+    const std::string line = std::string(tag) + " " + what;
+    if (!ok) report.failures.push_back(line);
+    if (to_catch_) {
+      INFO(line);
+      CHECK(ok);
+    }
+  }
+  /// value ≤ tol (false for NaN).
+  void le(const char* tag, double value, double tol, const std::string& what) {
+    std::ostringstream s;
+    s << what << ": " << std::setprecision(3) << value << " <= " << tol;
+    check(tag, value <= tol, s.str());
+  }
+  /// A precondition of the checks that follow: stops the run when false.
+  void require(const char* tag, bool ok, const std::string& what) {
+    ++report.checks;
+    const std::string line = std::string(tag) + " " + what;
+    if (ok) return;
+    report.failures.push_back(line);
+    if (to_catch_) FAIL(line);
+    throw Aborted{};
+  }
+
+  LayerCheckReport report;
+
+ private:
+  bool to_catch_;
+};
+
+using MatD = Mat<double>;
+using VecD = Vec<double>;
+
+/// Zeroes a fragment's numbers (a Fragment<S>, or one inside an Erased);
+/// false when the fragment type is not one the checker can edit.
+template <class S, class F>
+bool zero_fragment(F& f) {
+  if constexpr (std::is_same_v<F, moonwalk::Erased>) {
+    if (auto* p = std::any_cast<moonwalk::Fragment<S>>(&f.value)) {
+      p->value.setZero();
+      return true;
+    }
+    return false;
+  } else if constexpr (requires { f.value.setZero(); }) {
+    f.value.setZero();
+    return true;
+  } else {
+    return false;
+  }
+}
+
+/// Total entries of a list of blocks (parameter_blocks / gradient_blocks).
+template <class Blocks>
+Index block_total(const Blocks& blocks) {
+  Index t = 0;
+  for (const auto& b : blocks) t += static_cast<Index>(b.size());
+  return t;
+}
+
+/// θ in flat order, in double (flat parameters() or parameter_blocks()).
+template <class L>
+VecD params_of(const L& l) {
+  const auto blocks = moonwalk::parameter_blocks(l);
+  VecD v(block_total(blocks));
+  Index k = 0;
+  for (const auto& b : blocks)
+    for (const auto& p : b) v(k++) = static_cast<double>(p);
+  return v;
+}
+
+/// Writes θ (flat order) into the layer, rounding to its scalar type.
+template <class L>
+void set_params(L& l, const VecD& v) {
+  Index k = 0;
+  for (auto b : moonwalk::parameter_blocks(l))
+    for (auto& p : b) p = static_cast<typename L::scalar_type>(v(k++));
+}
+
+inline std::string fmt_shape(Index r, Index c) { return moonwalk::detail::shape_str(r, c); }
+
+/// What the fragment check needs from a fragmental layer, computed in S.
+struct FragmentRun {
+  MatD hx;         // vjp(x, h)
+  MatD roundtrip;  // vijp_with_fragment(x, hx, save_fragment(save_residual(x), h))
+  MatD zeroed;     // the same with the fragment's numbers zeroed (when zeroable)
+  std::size_t bytes = 0;
+  bool zeroable = false;
+};
+
+/// The five wrong-shape calls.
+enum class BadCall { forward_x, jvp_x, jvp_dx, vjp_x, vjp_h };
+
+/// A layer computing in S and its double twin, seen through double-valued
+/// callbacks, so the checks below compile once, not once per layer type.
+/// The checker only passes values representable in S: converting is exact.
+struct LayerView {
+  std::string name;
+  Index in = 0, out = 0, params = 0;
+  bool storage_ok = false;  // twin matches; parameter and gradient storage have `params` entries
+  double eps = 0;           // of S
+  std::size_t scalar_bytes = 0;
+  std::function<MatD(const MatD&)> round;  // to S and back
+
+  std::function<MatD(const MatD&)> forward;
+  std::function<MatD(const MatD&, const MatD&)> jvp, vjp, vjp_residual;
+  std::function<MatD(const MatD&, const VecD&)> jvp_params;
+  std::function<VecD(const MatD&, const MatD&, const VecD&)> vjp_params;  // g + J_θᵀ h, accumulated in S
+  std::function<std::size_t(const MatD&)> residual_bytes;
+  bool has_vijp = false, can_vijp = false;
+  std::function<MatD(const MatD&, const MatD&)> vijp;
+  bool has_fragment = false, can_fragment = false;
+  std::function<FragmentRun(const MatD& x, const MatD& hy)> fragment;
+  bool has_inverse = false, can_invert = false;
+  std::function<MatD(const MatD&)> inverse;
+  std::function<Thrown(BadCall, const MatD& x, const MatD& v, const MatD& u)> bad_call;
+
+  std::function<VecD()> layer_params;  // θ of the S layer, exactly
+
+  std::function<MatD(const MatD&)> twin_forward;
+  std::function<MatD(const MatD&, const MatD&)> twin_jvp;
+  std::function<VecD()> twin_params;
+  std::function<void(const VecD&)> twin_set_params;
+};
+
+/// The view of `l` (scalar S) and its twin `d` (double); both must outlive it.
+template <class L, class LD>
+LayerView make_view(L& l, LD& d) {
+  using S = typename L::scalar_type;
+  using MS = Mat<S>;
+  auto toS = [](const MatD& m) { return MS(m.template cast<S>()); };
+  auto toD = [](const MS& m) { return MatD(m.template cast<double>()); };
+  LayerView v;
+  v.name = l.name();
+  v.in = l.in_features();
+  v.out = l.out_features();
+  v.params = l.num_params();
+  v.storage_ok = d.name() == v.name && d.in_features() == v.in && d.out_features() == v.out &&
+                 d.num_params() == v.params &&
+                 block_total(moonwalk::parameter_blocks(std::as_const(l))) == v.params &&
+                 block_total(moonwalk::gradient_blocks(std::as_const(l))) == v.params &&
+                 block_total(moonwalk::parameter_blocks(std::as_const(d))) == v.params;
+  v.eps = static_cast<double>(std::numeric_limits<S>::epsilon());
+  v.scalar_bytes = sizeof(S);
+  v.round = [=](const MatD& m) { return toD(toS(m)); };
+
+  v.forward = [&l, toS, toD](const MatD& x) { return toD(l.forward(toS(x))); };
+  v.jvp = [&l, toS, toD](const MatD& x, const MatD& dx) { return toD(l.jvp(toS(x), toS(dx))); };
+  v.vjp = [&l, toS, toD](const MatD& x, const MatD& h) { return toD(l.vjp(toS(x), toS(h))); };
+  v.vjp_residual = [&l, toS, toD](const MatD& x, const MatD& h) {
+    const MS xs = toS(x);
+    return toD(moonwalk::vjp_residual(l, moonwalk::save_residual(l, xs), toS(h)));
+  };
+  v.residual_bytes = [&l, toS](const MatD& x) {
+    return moonwalk::nbytes(moonwalk::save_residual(l, toS(x)));
+  };
+  v.jvp_params = [&l, toS, toD](const MatD& x, const VecD& dt) {
+    return toD(l.jvp_params(toS(x), Vec<S>(dt.template cast<S>())));
+  };
+  v.vjp_params = [&l, toS](const MatD& x, const MatD& h, const VecD& g0) {
+    Vec<S> g = g0.template cast<S>();
+    l.vjp_params(toS(x), toS(h), g);
+    return VecD(g.template cast<double>());
+  };
+
+  if constexpr (moonwalk::Submersive<L>) {
+    v.has_vijp = true;
+    v.can_vijp = moonwalk::can_vijp(l);
+    v.vijp = [&l, toS, toD](const MatD& x, const MatD& hx) { return toD(l.vijp(toS(x), toS(hx))); };
+  }
+  if constexpr (moonwalk::Fragmental<L>) {
+    v.has_fragment = true;
+    v.can_fragment = moonwalk::can_fragment(l);
+    v.fragment = [&l, toS, toD](const MatD& x, const MatD& hy) {
+      const MS xs = toS(x), hys = toS(hy);
+      FragmentRun r;
+      const auto f = l.save_fragment(moonwalk::save_residual(l, xs), hys);
+      const MS hx = l.vjp(xs, hys);
+      r.hx = toD(hx);
+      r.roundtrip = toD(l.vijp_with_fragment(xs, hx, f));
+      r.bytes = moonwalk::nbytes(f);
+      auto fz = f;
+      r.zeroable = zero_fragment<S>(fz);
+      if (r.zeroable) r.zeroed = toD(l.vijp_with_fragment(xs, hx, fz));
+      return r;
+    };
+  }
+  if constexpr (moonwalk::Invertible<L>) {
+    v.has_inverse = true;
+    v.can_invert = moonwalk::can_invert(l);
+    v.inverse = [&l, toS, toD](const MatD& y) { return toD(l.inverse(toS(y))); };
+  }
+  v.bad_call = [&l, toS](BadCall c, const MatD& x, const MatD& dx, const MatD& u) {
+    const Index n = l.in_features(), m = l.out_features(), B = x.cols();
+    const MS xs = toS(x), vs = toS(dx), us = toS(u), xbad = MS::Ones(n + 2, B), ubad = MS::Ones(m + 2, B);
+    return catch_as<moonwalk::ShapeError>([&] {
+      switch (c) {
+        case BadCall::forward_x:
+          (void)l.forward(xbad);
+          break;
+        case BadCall::jvp_x:
+          (void)l.jvp(xbad, vs);
+          break;
+        case BadCall::jvp_dx:
+          (void)l.jvp(xs, xbad);
+          break;
+        case BadCall::vjp_x:
+          (void)l.vjp(xbad, us);
+          break;
+        case BadCall::vjp_h:
+          (void)l.vjp(xs, ubad);
+          break;
+      }
+    });
+  };
+
+  v.layer_params = [&l] { return params_of(std::as_const(l)); };
+  v.twin_forward = [&d](const MatD& x) { return MatD(d.forward(x)); };
+  v.twin_jvp = [&d](const MatD& x, const MatD& dx) { return MatD(d.jvp(x, dx)); };
+  v.twin_params = [&d] { return params_of(d); };
+  v.twin_set_params = [&d](const VecD& th) { set_params(d, th); };
+  return v;
+}
+
+/// Every check, on a view (see the header comment for the list).
+inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Checker& c) {
+  const LayerTol T(L.eps);
+  const std::string& name = L.name;
+  const Index n = L.in, m = L.out, B = o.batch, P = L.params;
+  auto seed = [&](std::uint64_t k) { return o.seed * 1000003ULL + k; };
+
+  // ---- the double twin: same shape, same name, exactly the layer's parameters
+  c.require("[twin]", L.storage_ok,
+            "the double twin has the layer's name, shape and parameter count, and the parameter and "
+            "gradient storage have num_params() entries");
+  L.twin_set_params(L.layer_params());
+
+  // ---- random data, representable in S; inputs away from 0 (kinks)
+  const MatD x = L.round(randn(n, B, seed(1)).unaryExpr([&](double g) {
+    return (g < 0 ? -1.0 : 1.0) * (o.kink_margin + o.input_scale * std::abs(g));
+  }));
+  const MatD v = L.round(randn(n, B, seed(2)));    // input tangent
+  const MatD u = L.round(randn(m, B, seed(3)));    // output cotangent (adjointness)
+  const VecD dth = L.round(randn(P, 1, seed(4)));  // parameter tangent
+  const MatD hy = L.round(randn(m, B, seed(6)));   // output cotangent (round trips)
+
+  // ---- forward
+  const MatD y = L.forward(x);
+  c.require("[forward]", y.rows() == m && y.cols() == B,
+            "forward returns out x batch = " + fmt_shape(m, B) + ", got " + fmt_shape(y.rows(), y.cols()));
+  c.check("[forward]", y.allFinite(), "forward is finite");
+  const MatD yd = L.twin_forward(x);
+  c.le("[forward]", rel_err(y, yd), T.identity, "forward agrees with the double twin");
+
+  // ---- jvp vs central FD in double
+  const MatD jv = L.jvp(x, v);
+  c.require("[jvp-fd]", jv.rows() == m && jv.cols() == B, "jvp returns out x batch");
+  {
+    const double h = o.fd_step;
+    const MatD fd = (L.twin_forward(x + h * v) - L.twin_forward(x - h * v)) / (2 * h);
+    c.le("[jvp-fd]", rel_err(jv, fd), T.fd, "jvp vs central FD of the double twin (relative)");
+  }
+
+  // ---- Taylor remainders, double twin
+  {
+    const MatD jvd = L.twin_jvp(x, v);
+    c.require("[taylor]", o.taylor_step * v.cwiseAbs().maxCoeff() < o.kink_margin,
+              "precondition: Taylor steps stay inside the kink margin");
+    c.require("[taylor]", jvd.norm() > 0, "precondition: J v != 0");
+    std::vector<double> r1, r2;
+    double e = o.taylor_step;
+    for (int k = 0; k <= o.taylor_halvings; ++k, e /= 2) {
+      const MatD fe = L.twin_forward(x + e * v);
+      r1.push_back((fe - yd).norm());
+      r2.push_back((fe - yd - e * jvd).norm());
+    }
+    // Linear along this segment (Linear, Identity, (Leaky)ReLU away from its kink):
+    // the first-order remainder is rounding only, at every step.
+    const bool linear = r2[0] <= 1e-9 * r1[0];
+    for (std::size_t k = 1; k < r1.size(); ++k) {
+      std::ostringstream s1, s2;
+      s1 << "zeroth-order remainder halves with the step: ratio " << r1[k - 1] / r1[k] << " in [1.9, 2.1]";
+      c.check("[taylor-first-order]", std::abs(r1[k - 1] / r1[k] - 2) <= 0.1, s1.str());
+      if (linear) {
+        s2 << "linear on the segment: first-order remainder " << r2[k] << " <= 1e-9 * " << r1[k];
+        c.check("[taylor-linear]", r2[k] <= 1e-9 * r1[k], s2.str());
+      } else {
+        s2 << "first-order remainder quarters with the step: ratio " << r2[k - 1] / r2[k] << " in [3.6, 4.4]";
+        c.check("[taylor-second-order]", std::abs(r2[k - 1] / r2[k] - 4) <= 0.4, s2.str());
+      }
+    }
+  }
+
+  // ---- jvp_params vs FD over the flat parameters
+  const MatD jp = L.jvp_params(x, dth);
+  c.require("[jvp-params-fd]", jp.rows() == m && jp.cols() == B, "jvp_params returns out x batch");
+  if (P > 0) {
+    const double h = o.fd_step;
+    const VecD th0 = L.twin_params();
+    L.twin_set_params(th0 + h * dth);
+    const MatD fp = L.twin_forward(x);
+    L.twin_set_params(th0 - h * dth);
+    const MatD fm = L.twin_forward(x);
+    L.twin_set_params(th0);
+    c.le("[jvp-params-fd]", rel_err(jp, MatD((fp - fm) / (2 * h))), T.fd,
+         "jvp_params vs central FD over the parameters of the double twin (relative)");
+  } else {
+    c.check("[jvp-params-fd]", jp.isZero(0), "a layer without parameters has J_theta = 0");
+  }
+
+  // ---- adjointness, input
+  const MatD vt = L.vjp(x, u);
+  c.require("[adjoint-input]", vt.rows() == n && vt.cols() == B, "vjp returns in x batch");
+  {
+    const double lhs = dot(u, jv), rhs = dot(vt, v);
+    const double scale = norm(u) * norm(jv) + norm(vt) * norm(v);
+    c.require("[adjoint-input]", scale > 0, "precondition: J != 0 at x");
+    c.le("[adjoint-input]", std::abs(lhs - rhs) / scale, T.identity,
+         "|<u, J v> - <J^T u, v>| / (|u||Jv| + |J^T u||v|)");
+  }
+
+  // ---- adjointness, parameters; vjp_params accumulates
+  if (P > 0) {
+    const VecD g = L.vjp_params(x, u, VecD::Zero(P));
+    const double lhs = dot(u, jp), rhs = dot(g, dth);
+    const double scale = norm(u) * norm(jp) + norm(g) * norm(dth);
+    c.require("[adjoint-params]", scale > 0, "precondition: J_theta != 0 at x");
+    c.le("[adjoint-params]", std::abs(lhs - rhs) / scale, T.identity,
+         "|<u, J_theta dtheta> - <J_theta^T u, dtheta>| / scale, gradient accumulated from zeros");
+    const VecD g0 = L.round(randn(P, 1, seed(5)));
+    const VecD g1 = L.vjp_params(x, u, g0);
+    c.le("[vjp-params-accumulates]", rel_err(VecD(g1 - g0), g), T.identity,
+         "vjp_params into a non-zero g adds J_theta^T u to it");
+  }
+
+  // ---- residual protocol (free functions: layers without it keep their input)
+  c.le("[residual]", rel_err(L.vjp_residual(x, u), vt), T.same,
+       "vjp_residual(save_residual(x), u) = vjp(x, u)");
+  c.check("[residual]", L.residual_bytes(x) <= static_cast<std::size_t>(n * B) * L.scalar_bytes,
+          "a residual is never larger than the input it replaces");
+
+  // ---- submersive: vijp recovers the output cotangent
+  if (L.has_vijp) {
+    if (L.can_vijp) {
+      c.le("[vijp]", rel_err(L.vijp(x, L.vjp(x, hy)), hy), T.identity, "vijp(x, vjp(x, h)) = h");
+    } else {
+      const Thrown t = catch_as<moonwalk::RankError>([&] { (void)L.vijp(x, L.vjp(x, hy)); });
+      c.check("[vijp-refuses]", t.ok() && t.contains(name),
+              "vijp of a layer that cannot vijp throws RankError naming it (got \"" + t.message + "\")");
+    }
+  }
+
+  // ---- fragmental: the fragment restores exactly what Jᵀ erases
+  if (L.has_fragment && L.can_fragment && !L.can_vijp) {
+    const FragmentRun f = L.fragment(x, hy);
+    c.le("[fragment-roundtrip]", rel_err(f.roundtrip, hy), T.identity,
+         "vijp_with_fragment(x, vjp(x, h), save_fragment(save_residual(x), h)) = h");
+    c.check("[fragment-bytes]", f.bytes < static_cast<std::size_t>(m * B) * L.scalar_bytes,
+            "the fragment is smaller than the cotangent it helps recover");
+    if (f.bytes > 0 && f.zeroable) {
+      c.check("[fragment-needed]", rel_err(f.zeroed, hy) > 1e-2,
+              "with the fragment zeroed the cotangent is not recovered (the fragment carries information "
+              "vjp erased)");
+      c.le("[fragment-cokernel]", rel_err(L.vjp(x, f.zeroed), f.hx), T.identity,
+           "with the fragment zeroed, vjp of the result is still vjp(x, h): the fragment lies in null(J^T)");
+    }
+  }
+
+  // ---- invertible
+  if (L.has_inverse) {
+    if (L.can_invert) {
+      c.le("[inverse]", rel_err(L.inverse(y), x), T.identity, "inverse(forward(x)) = x");
+    } else {
+      const Thrown t = catch_as<moonwalk::Error>([&] { (void)L.inverse(y); });
+      c.check("[inverse-refuses]", t.ok(),
+              "inverse of a non-invertible layer throws (got \"" + t.message + "\")");
+    }
+  }
+
+  // ---- shape errors: name, bad shape and expected row count in the message
+  auto expect = [&](const std::string& call, BadCall which, Index bad_rows, Index expected_rows) {
+    const Thrown t = L.bad_call(which, x, v, u);
+    const std::string bad = fmt_shape(bad_rows, B), want = std::to_string(expected_rows) + "x";
+    c.check("[shape]", t.ok() && t.contains(name) && t.contains(bad) && t.contains(want),
+            call + " throws ShapeError naming \"" + name + "\", " + bad + " and " + want + "...; got " +
+                (t.kind == Thrown::nothing ? std::string("no exception")
+                                           : (t.ok() ? "ShapeError" : "another exception")) +
+                " \"" + t.message + "\"");
+  };
+  expect("forward(x with in+2 rows)", BadCall::forward_x, n + 2, n);
+  expect("jvp(x with in+2 rows, dx)", BadCall::jvp_x, n + 2, n);
+  expect("jvp(x, dx with in+2 rows)", BadCall::jvp_dx, n + 2, n);
+  expect("vjp(x with in+2 rows, h)", BadCall::vjp_x, n + 2, n);
+  expect("vjp(x, h with out+2 rows)", BadCall::vjp_h, m + 2, m);
+}
+
+}  // namespace detail
+
+/// Runs every check on `layer` (scalar S) against `twin`, the same layer
+/// built for double (its parameters are overwritten with the layer's).
+/// With to_catch, each check is a Catch assertion; otherwise failures are
+/// only recorded in the returned report.
+template <class L, class LD>
+LayerCheckReport test_layer_pair(L layer, LD twin, const LayerCheckOptions& o = {}, bool to_catch = true) {
+  static_assert(moonwalk::check_layer<L>());
+  static_assert(moonwalk::check_layer<LD>());
+  static_assert(std::is_same_v<typename LD::scalar_type, double>,
+                "the twin is the double version of the layer");
+  detail::Checker c(to_catch);
+  INFO("layer " << layer.name() << " in " << scalar_name<typename L::scalar_type>() << ", seed " << o.seed);
+  try {
+    detail::run_layer_checks(detail::make_view(layer, twin), o, c);
+  } catch (const detail::Aborted&) {
+  }
+  return c.report;
+}
+
+/// `make(std::type_identity<T>{})` builds the layer for scalar T; the checker
+/// builds it for S and for double with the same arguments (and seeds).
+template <class S, class Make>
+LayerCheckReport test_layer(Make&& make, const LayerCheckOptions& o = {}) {
+  return test_layer_pair(make(std::type_identity<S>{}), make(std::type_identity<double>{}), o);
+}
+
+/// The layer with θ ← θ + scale·N(0, 1) (seeded, drawn in double): a general,
+/// still well-conditioned W next to an orthogonal init, and non-zero biases.
+template <class L>
+L perturbed(L layer, std::uint64_t seed, double scale = 0.3) {
+  const Index p = layer.num_params();
+  detail::set_params(layer, Vec<double>(detail::params_of(layer) + scale * randn(p, 1, seed)));
+  return layer;
+}
+
+}  // namespace mwtest
+
+/// One line per layer: a Catch test case for S = float and S = double running
+/// the whole check (every check is its own Catch assertion). The expression
+/// may use the scalar type `S`.
+#define MOONWALK_LAYER_TEST(NAME, ...)                                               \
+  TEMPLATE_TEST_CASE("layer check: " NAME, "[layers][layer_check]", float, double) { \
+    ::mwtest::test_layer<TestType>([](auto mwtest_scalar_tag) {                      \
+      using S = typename decltype(mwtest_scalar_tag)::type;                          \
+      return __VA_ARGS__;                                                            \
+    });                                                                              \
+  }

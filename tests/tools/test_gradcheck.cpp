@@ -1,0 +1,508 @@
+// moonwalk-gradcheck, run as a separate process (its path comes from
+// tools/CMakeLists.txt as MOONWALK_GRADCHECK_PATH): exit codes, stderr naming
+// the bad token or option, and its one JSON object on stdout. Also the
+// error-model rule it shares with the property tests (fidelity/tolerance.hpp).
+#include <catch2/catch.hpp>
+#include <cctype>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <limits>
+#include <map>
+#include <moonwalk/fidelity/tolerance.hpp>
+#include <moonwalk/moonwalk.hpp>
+#include <moonwalk/nets/spec.hpp>
+#include <random>
+#include <set>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+#ifndef _WIN32
+#include <sys/wait.h>
+#endif
+
+namespace {
+
+// ---- a minimal JSON reader (enough to check the tool's output strictly) ----
+
+struct Json {
+  enum class Type { null, boolean, number, string, array, object } type = Type::null;
+  bool boolean = false;
+  double number = 0;
+  std::string string;
+  std::vector<Json> array;
+  std::vector<std::pair<std::string, Json>> object;  // in document order
+
+  [[nodiscard]] bool has(const std::string& key) const {
+    for (const auto& [k, v] : object)
+      if (k == key) return true;
+    return false;
+  }
+  [[nodiscard]] const Json& operator[](const std::string& key) const {
+    for (const auto& [k, v] : object)
+      if (k == key) return v;
+    throw std::runtime_error("JSON: no key '" + key + "'");
+  }
+  [[nodiscard]] std::vector<std::string> keys() const {
+    std::vector<std::string> out;
+    for (const auto& [k, v] : object) out.push_back(k);
+    return out;
+  }
+};
+
+class JsonReader {
+ public:
+  explicit JsonReader(const std::string& text) : s_(text) {}
+
+  /// The whole text must be exactly one JSON value (surrounding whitespace allowed).
+  Json document() {
+    Json v = value();
+    skip();
+    if (p_ != s_.size()) fail("trailing characters");
+    return v;
+  }
+
+ private:
+  [[noreturn]] void fail(const std::string& what) const {
+    throw std::runtime_error("JSON: " + what + " at offset " + std::to_string(p_));
+  }
+  void skip() {
+    while (p_ < s_.size() && std::isspace(static_cast<unsigned char>(s_[p_]))) ++p_;
+  }
+  bool eat(char c) {
+    skip();
+    if (p_ < s_.size() && s_[p_] == c) {
+      ++p_;
+      return true;
+    }
+    return false;
+  }
+  void expect(char c) {
+    if (!eat(c)) fail(std::string("expected '") + c + "'");
+  }
+  bool literal(const char* word) {
+    const std::string w(word);
+    if (s_.compare(p_, w.size(), w) != 0) return false;
+    p_ += w.size();
+    return true;
+  }
+  std::string str() {
+    expect('"');
+    std::string out;
+    while (p_ < s_.size() && s_[p_] != '"') {
+      char c = s_[p_++];
+      if (static_cast<unsigned char>(c) < 0x20) fail("control character in string");
+      if (c == '\\') {
+        if (p_ >= s_.size()) fail("bad escape");
+        c = s_[p_++];
+        if (c == 'u') {
+          if (p_ + 4 > s_.size()) fail("bad \\u escape");
+          out += static_cast<char>(std::stoi(s_.substr(p_, 4), nullptr, 16));
+          p_ += 4;
+          continue;
+        }
+        if (c == 'n') c = '\n';
+        if (c == 't') c = '\t';
+      }
+      out += c;
+    }
+    expect('"');
+    return out;
+  }
+  Json value() {
+    skip();
+    if (p_ >= s_.size()) fail("unexpected end");
+    Json v;
+    const char c = s_[p_];
+    if (c == '{') {
+      v.type = Json::Type::object;
+      ++p_;
+      if (eat('}')) return v;
+      do {
+        skip();
+        std::string k = str();
+        expect(':');
+        v.object.emplace_back(std::move(k), value());
+      } while (eat(','));
+      expect('}');
+    } else if (c == '[') {
+      v.type = Json::Type::array;
+      ++p_;
+      if (eat(']')) return v;
+      do v.array.push_back(value());
+      while (eat(','));
+      expect(']');
+    } else if (c == '"') {
+      v.type = Json::Type::string;
+      v.string = str();
+    } else if (literal("true")) {
+      v.type = Json::Type::boolean;
+      v.boolean = true;
+    } else if (literal("false")) {
+      v.type = Json::Type::boolean;
+    } else if (literal("null")) {
+      v.type = Json::Type::null;
+    } else {
+      const std::size_t start = p_;
+      while (p_ < s_.size() && std::string("+-0123456789.eE").find(s_[p_]) != std::string::npos) ++p_;
+      if (p_ == start) fail("unexpected character");
+      std::size_t used = 0;
+      v.type = Json::Type::number;
+      v.number = std::stod(s_.substr(start, p_ - start), &used);
+      if (used != p_ - start) fail("bad number");
+    }
+    return v;
+  }
+
+  const std::string& s_;
+  std::size_t p_ = 0;
+};
+
+// ---- running the tool ----------------------------------------------------------
+
+struct Run {
+  int exit_code = -1;
+  std::string out, err;
+  [[nodiscard]] Json json() const { return JsonReader(out).document(); }
+};
+
+std::string quote(const std::string& arg) {
+#ifdef _WIN32
+  return "\"" + arg + "\"";
+#else
+  std::string q = "'";
+  for (const char c : arg) q += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return q + "'";
+#endif
+}
+
+std::string slurp(const std::filesystem::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+#ifdef MOONWALK_GRADCHECK_PATH
+/// Runs moonwalk-gradcheck with `args`, capturing stdout, stderr and the exit status.
+Run gradcheck(const std::vector<std::string>& args) {
+  static std::mt19937_64 gen(std::random_device{}());
+  const auto dir = std::filesystem::temp_directory_path();
+  const std::string stem = std::string("moonwalk-gradcheck-test-").append(std::to_string(gen()));
+  const auto out_path = dir / (stem + ".out"), err_path = dir / (stem + ".err");
+  // Appends only: `"literal" + std::string&&` trips GCC 12's -Wrestrict false
+  // positive (GCC PR 105651) under -Werror.
+  std::string cmd = quote(MOONWALK_GRADCHECK_PATH);
+  for (const auto& a : args) cmd.append(" ").append(quote(a));
+  cmd.append(" >").append(quote(out_path.string())).append(" 2>").append(quote(err_path.string()));
+#ifdef _WIN32
+  cmd = "\"" + cmd + "\"";  // cmd.exe strips one pair of outer quotes
+#endif
+  const int status = std::system(cmd.c_str());
+  Run r;
+#ifdef _WIN32
+  r.exit_code = status;
+#else
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+#endif
+  r.out = slurp(out_path);
+  r.err = slurp(err_path);
+  std::error_code ec;
+  std::filesystem::remove(out_path, ec);
+  std::filesystem::remove(err_path, ec);
+  return r;
+}
+#endif
+
+const std::string kIssueNet = "in:64,linear:48,leaky_relu:0.1,linear:32,relu,linear:10";
+
+/// Schedule name -> result object.
+std::map<std::string, Json> results_by_schedule(const Json& doc) {
+  std::map<std::string, Json> out;
+  for (const Json& r : doc["results"].array) out[r["schedule"].string] = r;
+  return out;
+}
+
+/// The structure every successful run prints (issue spec, field by field).
+void check_document(const Json& doc, const std::string& net, const std::string& dtype, double batch) {
+  REQUIRE(doc.type == Json::Type::object);
+  CHECK(doc.keys() == std::vector<std::string>{"net", "dtype", "batch", "params", "results"});
+  CHECK(doc["net"].string == net);
+  CHECK(doc["dtype"].string == dtype);
+  CHECK(doc["batch"].number == batch);
+  CHECK(doc["params"].number ==
+        static_cast<double>(moonwalk::num_parameters(moonwalk::parse_network<double>(net, 0))));
+  REQUIRE(doc["results"].type == Json::Type::array);
+  for (const Json& r : doc["results"].array) {
+    CHECK(r.keys() == std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+                                               "error_estimate", "residual_bytes", "seconds", "tolerance",
+                                               "cosine_vs_backprop", "pass"});
+    CHECK(r["pass"].type == Json::Type::boolean);
+    CHECK(r["residual_bytes"].type == Json::Type::number);
+    CHECK(r["seconds"].number >= 0);
+  }
+}
+
+}  // namespace
+
+// ---- the error-model rule (shared with the property tests) ---------------------
+
+TEST_CASE("tolerance: default targets and unit roundoff", "[tools][gradcheck][tolerance]") {
+  STATIC_REQUIRE(moonwalk::default_target<float>() == 1e-4);
+  STATIC_REQUIRE(moonwalk::default_target<double>() == 1e-10);
+  STATIC_REQUIRE(moonwalk::unit_roundoff<float>() == 0x1p-24);
+  STATIC_REQUIRE(moonwalk::unit_roundoff<double>() == 0x1p-53);
+}
+
+TEST_CASE("tolerance: within_error_model is max(8uL, 10 estimate) and estimate <= target",
+          "[tools][gradcheck][tolerance]") {
+  const double uf = 0x1p-24, ud = 0x1p-53;
+  // Rounding floor when the estimate is tiny: 8 u L.
+  CHECK(moonwalk::error_model_bound<float>(0.0, 5) == 8 * uf * 5);
+  CHECK(moonwalk::within_error_model<float>(8 * uf * 5, 0.0, 5));
+  CHECK_FALSE(moonwalk::within_error_model<float>(8 * uf * 5 * 1.01, 0.0, 5));
+  CHECK(moonwalk::within_error_model<double>(8 * ud * 100, 0.0, 100));
+  CHECK_FALSE(moonwalk::within_error_model<double>(8 * ud * 100 * 1.01, 0.0, 100));
+  // The true error may be up to 10x the estimate, no more.
+  CHECK(moonwalk::error_model_bound<double>(1e-12, 3) == Approx(1e-11).epsilon(1e-12));
+  CHECK(moonwalk::within_error_model<double>(0.99e-11, 1e-12, 3));
+  CHECK_FALSE(moonwalk::within_error_model<double>(1.01e-11, 1e-12, 3));
+  CHECK(moonwalk::within_error_model<float>(9e-6, 1e-6, 3));
+  CHECK_FALSE(moonwalk::within_error_model<float>(2e-5, 1e-6, 3));
+  // An estimate above the target fails even when the gradient happens to be exact.
+  CHECK(moonwalk::within_error_model<float>(0.0, 1e-4, 3));
+  CHECK_FALSE(moonwalk::within_error_model<float>(0.0, 1.01e-4, 3));
+  CHECK(moonwalk::within_error_model<double>(0.0, 1e-10, 3));
+  CHECK_FALSE(moonwalk::within_error_model<double>(0.0, 2e-10, 3));
+  // NaN or infinity never passes.
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  CHECK_FALSE(moonwalk::within_error_model<double>(nan, 0.0, 3));
+  CHECK_FALSE(moonwalk::within_error_model<double>(0.0, nan, 3));
+  CHECK_FALSE(moonwalk::within_error_model<double>(inf, 0.0, 3));
+  CHECK_FALSE(moonwalk::within_error_model<float>(1.0, inf, 3));
+}
+
+#ifdef MOONWALK_GRADCHECK_PATH
+
+// ---- the issue's example -----------------------------------------------------------
+
+TEST_CASE("gradcheck: the issue example passes every schedule, double and float", "[tools][gradcheck]") {
+  for (const std::string dtype : {"double", "float"}) {
+    INFO("dtype " << dtype);
+    const Run r =
+        gradcheck({"--net", kIssueNet, "--loss", "xent", "--batch", "16", "--seed", "3", "--dtype", dtype});
+    INFO("stderr: " << r.err);
+    INFO("stdout: " << r.out);
+    CHECK(r.exit_code == 0);
+    const Json doc = r.json();
+    check_document(doc, kIssueNet, dtype, 16);
+    CHECK(doc["params"].number == 64 * 48 + 48 + 48 * 32 + 32 + 32 * 10 + 10);
+    const auto res = results_by_schedule(doc);
+    REQUIRE(doc["results"].array.size() == 8);
+    for (const std::string s :
+         {"backprop", "mixed", "pure", "checkpoint", "binomial", "revbackprop", "forward", "projforward"}) {
+      INFO("schedule " << s);
+      REQUIRE(res.count(s) == 1);
+      CHECK(res.at(s)["pass"].boolean);
+      // ProjForward is an estimate, judged by cosine similarity instead.
+      if (s != "projforward")
+        CHECK(res.at(s)["max_rel_err_vs_fd"].number <= res.at("backprop")["tolerance"].number);
+    }
+    CHECK(res.at("projforward")["cosine_vs_backprop"].number >= res.at("projforward")["tolerance"].number);
+    // Backprop is the reference: exact against itself, judged against finite differences.
+    CHECK(res.at("backprop")["max_rel_err_vs_backprop"].number == 0);
+    CHECK(res.at("backprop")["error_estimate"].number == 0);
+    CHECK(res.at("backprop")["max_rel_err_vs_fd"].number <= res.at("backprop")["tolerance"].number);
+    // Moonwalk keeps far less than backprop's activations.
+    CHECK(res.at("mixed")["residual_bytes"].number < res.at("backprop")["residual_bytes"].number);
+    CHECK(res.at("mixed")["error_estimate"].number > 0);
+  }
+}
+
+TEST_CASE("gradcheck: the same command gives the same numbers", "[tools][gradcheck]") {
+  const std::vector<std::string> args = {"--net", "in:5,linear:4,relu,linear:3", "--seed", "9"};
+  const Json a = gradcheck(args).json(), b = gradcheck(args).json();
+  REQUIRE(a["results"].array.size() == b["results"].array.size());
+  for (std::size_t i = 0; i < a["results"].array.size(); ++i)
+    for (const std::string k : {"max_rel_err_vs_backprop", "max_rel_err_vs_fd", "error_estimate"})
+      CHECK(a["results"].array[i][k].number == b["results"].array[i][k].number);
+}
+
+// ---- every grammar token in a passing run ----------------------------------------------
+
+TEST_CASE("gradcheck: every grammar token appears in a passing run", "[tools][gradcheck]") {
+  const std::vector<std::vector<std::string>> runs = {
+      {"--net",
+       "in:6,linear:5,tanh,linear:5,sigmoid,linear:4,softplus,elu,elu:0.5,identity,relu,leaky_relu,"
+       "leaky_relu:0.2,linear:3",
+       "--loss", "mse", "--dtype", "double"},
+      {"--net",
+       "in:6,linear:5,tanh,linear:5,sigmoid,linear:4,softplus,elu,elu:0.5,identity,relu,leaky_relu,"
+       "leaky_relu:0.2,linear:3",
+       "--loss", "xent", "--dtype", "float", "--seed", "1"},
+      // An expanding (fragmental) Linear.
+      {"--net", "in:4,linear:8,relu,linear:8,tanh,linear:3", "--loss", "xent", "--dtype", "double"},
+      {"--net", "in:4,linear:8,relu,linear:8,tanh,linear:3", "--loss", "mse", "--dtype", "float", "--batch",
+       "5"},
+      // Reversible blocks: zero padding, additive and affine coupling (branch activation and scale).
+      {"--net",
+       "in:5,pad:8,coupling:additive:6,leaky_relu:0.3,coupling:affine:6:elu,coupling:additive:4:tanh:0.5,"
+       "linear:3",
+       "--loss", "xent", "--dtype", "double"},
+      {"--net", "in:5,pad:8,coupling:affine:6:softplus:0.3,tanh,coupling:additive:6,linear:3", "--loss",
+       "mse", "--dtype", "float"},
+  };
+  std::set<std::string> seen;  // "name" and "name:" (with an argument)
+  for (const auto& args : runs) {
+    const Run r = gradcheck(args);
+    INFO("args: " << args[1] << " " << args[3] << " " << args[5]);
+    INFO("stderr: " << r.err);
+    INFO("stdout: " << r.out);
+    REQUIRE(r.exit_code == 0);
+    const auto res = results_by_schedule(r.json());
+    CHECK(res.size() == 8);
+    for (const auto& [name, result] : res) {
+      INFO("schedule " << name);
+      CHECK(result["pass"].boolean);
+    }
+    std::stringstream spec(args[1]);
+    for (std::string tok; std::getline(spec, tok, ',');) {
+      const auto colon = tok.find(':');
+      seen.insert(tok.substr(0, colon));
+      if (colon != std::string::npos) seen.insert(tok.substr(0, colon + 1));
+    }
+  }
+  // The whole grammar table, so a layer added to it must be added here too.
+  CHECK(seen.count("in:"));
+  for (const auto& [name, rule] : moonwalk::spec_layers<double>()) {
+    INFO("grammar entry " << rule.syntax);
+    CHECK(seen.count(name));
+    if (rule.syntax.find(':') != std::string::npos) CHECK(seen.count(name + ":"));
+  }
+}
+
+// ---- finite differences at a kink ----------------------------------------------------------
+
+TEST_CASE("gradcheck: parameters sitting exactly on a kink are no finite-difference reference",
+          "[tools][gradcheck]") {
+  // With two ReLU units, a sample has both dead with probability 1/4, so with
+  // 32 samples almost surely (1 − 0.75³²) one feeds zeros to the zero-bias
+  // expanding Linear: ELU(α = 3) then sees exactly 0, where the loss is not
+  // differentiable in that Linear's bias (left slope 3, right slope 1). The
+  // central difference there is the average of both sides, matching no
+  // gradient: gradcheck must exclude it (and say so), not fail backprop.
+  const Run r = gradcheck({"--net", "in:4,linear:2,relu,linear:3,elu:3,linear:2", "--batch", "32"});
+  INFO("stderr: " << r.err);
+  INFO("stdout: " << r.out);
+  CHECK(r.exit_code == 0);
+  CHECK(r.err.find("sit on a kink") != std::string::npos);
+  const auto res = results_by_schedule(r.json());
+  REQUIRE(res.count("backprop") == 1);
+  CHECK(res.at("backprop")["pass"].boolean);
+  CHECK(res.at("backprop")["max_rel_err_vs_fd"].number < 1e-8);
+}
+
+// ---- options ---------------------------------------------------------------------------
+
+TEST_CASE("gradcheck: --anchors, --schedules, --help", "[tools][gradcheck]") {
+  SECTION("--anchors 2 runs mixed with anchors") {
+    const Run r = gradcheck({"--net", kIssueNet, "--anchors", "2", "--schedules", "mixed"});
+    INFO("stderr: " << r.err);
+    CHECK(r.exit_code == 0);
+    const Json doc = r.json();
+    check_document(doc, kIssueNet, "double", 8);
+    REQUIRE(doc["results"].array.size() == 1);
+    CHECK(doc["results"].array[0]["schedule"].string == "mixed");
+    CHECK(doc["results"].array[0]["pass"].boolean);
+  }
+  SECTION("--schedules keeps the order asked for and drops duplicates") {
+    const Run r = gradcheck({"--net=in:4,linear:3", "--schedules=pure,backprop,pure"});
+    CHECK(r.exit_code == 0);
+    const Json doc = r.json();
+    REQUIRE(doc["results"].array.size() == 2);
+    CHECK(doc["results"].array[0]["schedule"].string == "pure");
+    CHECK(doc["results"].array[1]["schedule"].string == "backprop");
+  }
+  SECTION("--help") {
+    const Run r = gradcheck({"--help"});
+    CHECK(r.exit_code == 0);
+    CHECK(r.out.find("--net SPEC") != std::string::npos);
+  }
+}
+
+// ---- exit 1: an honest failure ----------------------------------------------------------
+
+TEST_CASE("gradcheck: an ill-conditioned float network fails the error model (exit 1)",
+          "[tools][gradcheck]") {
+  // Six Linear + LeakyReLU(0.01) pairs: the reverse pass shrinks the negative
+  // side by 100 per layer and the sweep stretches the float rounding back by
+  // as much (DESIGN §5). Backprop is still fine; Moonwalk's own estimate is
+  // far above the float target, and gradcheck must say so.
+  std::string net = "in:8";
+  for (int i = 0; i < 6; ++i) net += ",linear:8,leaky_relu:0.01";
+  const Run r = gradcheck({"--net", net, "--dtype", "float"});
+  INFO("stdout: " << r.out);
+  CHECK(r.exit_code == 1);
+  const auto res = results_by_schedule(r.json());
+  REQUIRE(res.size() == 8);
+  CHECK(res.at("backprop")["pass"].boolean);
+  for (const std::string s : {"mixed", "pure"}) {
+    INFO("schedule " << s);
+    CHECK_FALSE(res.at(s)["pass"].boolean);
+    // Non-finite numbers print as null; finite ones show the estimate is over target.
+    if (res.at(s)["error_estimate"].type == Json::Type::number)
+      CHECK(res.at(s)["error_estimate"].number > moonwalk::default_target<float>());
+  }
+
+  // Anchors every 2 layers restart the sweep before the error grows: mixed passes.
+  const Run anchored =
+      gradcheck({"--net", net, "--dtype", "float", "--anchors", "2", "--schedules", "backprop,mixed"});
+  INFO("anchored stdout: " << anchored.out);
+  CHECK(anchored.exit_code == 0);
+  for (const auto& [name, result] : results_by_schedule(anchored.json())) CHECK(result["pass"].boolean);
+}
+
+// ---- exit 2: bad spec or option ------------------------------------------------------------
+
+TEST_CASE("gradcheck: a bad spec or option exits 2 naming it", "[tools][gradcheck]") {
+  const struct {
+    std::vector<std::string> args;
+    const char* named;  // must appear on stderr
+  } cases[] = {
+      {{"--net", "in:8,linaer:4"}, "linaer"},
+      {{"--net", "in:8,linear:0"}, "linear:0"},
+      {{"--net", "linear:4"}, "in:N"},
+      {{"--net", "in:8,linear:4", "--dtype", "half"}, "half"},
+      {{"--net", "in:8,linear:4", "--batch", "0"}, "--batch"},
+      {{"--net", "in:8,linear:4", "--batch", "-2"}, "--batch"},
+      {{"--net", "in:8,linear:4", "--batch", "eight"}, "eight"},
+      {{"--net", "in:8,linear:4", "--seed", "1.5"}, "--seed"},
+      {{"--net", "in:8,linear:4", "--anchors", "x"}, "--anchors"},
+      {{"--net", "in:8,linear:4", "--loss", "hinge"}, "hinge"},
+      {{"--net", "in:8,linear:4", "--schedules", "mixed,bogus"}, "bogus"},
+      {{"--net", "in:8,linear:4", "--frobnicate"}, "--frobnicate"},
+      {{"--net", "in:8,linear:4", "--batch"}, "--batch"},
+      {{"--net"}, "--net"},
+      {{}, "--net"},
+      {{"--net", "in:8,linear:4", "stray"}, "stray"},
+  };
+  for (const auto& c : cases) {
+    std::string joined;
+    for (const auto& a : c.args) joined += a + " ";
+    INFO("args: " << joined);
+    const Run r = gradcheck(c.args);
+    INFO("stderr: " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK(r.out.empty());
+    CHECK(r.err.find(c.named) != std::string::npos);
+  }
+}
+
+#else
+
+TEST_CASE("gradcheck: binary location", "[tools][gradcheck]") {
+  FAIL("MOONWALK_GRADCHECK_PATH is not defined: tools/CMakeLists.txt sets it on moonwalk_tests");
+}
+
+#endif

@@ -1,0 +1,546 @@
+// moonwalk-gradcheck — checks every applicable gradient schedule on a network
+// given as a spec string against reference backprop and against central
+// finite differences in double. Documentation: docs/gradcheck.md.
+//
+//   moonwalk-gradcheck --net SPEC [--loss mse|xent] [--batch B] [--seed S]
+//                      [--dtype float|double] [--schedules LIST|all] [--anchors K]
+//
+// Prints ONE JSON object on stdout. Exit status: 0 every schedule within its
+// tolerance, 1 at least one is not, 2 bad spec or option (message on stderr
+// naming it), 3 unexpected internal error (e.g. out of memory).
+//
+// ---- Data ------------------------------------------------------------------
+// The network is built in the requested dtype from (SPEC, seed) by
+// parse_network; a double twin gets exactly the same parameter values. The
+// input x ~ N(0, 1) (n_0 × B), the mse target ~ N(0, 1) (n_L × B) and the
+// xent labels (uniform in [0, C), C = n_L) come from the seed as well. Data is
+// drawn in double and rounded once to the dtype; the twin sees the rounded
+// values, so the two networks compute the same function and differ only in
+// their arithmetic.
+//
+// ---- Relative error ----------------------------------------------------------
+// Per parameter tensor (one layer's parameter block, from parameter_offsets):
+//   max|g − g_ref| / max|g_ref|,
+// maximised over tensors; layers without parameters are skipped. A tensor whose
+// reference is exactly zero everywhere (e.g. behind a dead ReLU) contributes its
+// absolute error max|g| instead, so a spurious non-zero gradient still shows.
+// NaN or infinity anywhere makes the error non-finite (printed as null, fails).
+// Against finite differences, entries where the loss is not differentiable
+// (see below) are left out of both maxima.
+//
+// ---- Finite differences --------------------------------------------------------
+// Central differences on the double twin, one parameter at a time, the loss
+// computed by the layers' forward (net.forward from the perturbed layer on; the
+// unperturbed prefix is cached) and loss.value. The step is
+//   h = ε^{1/3} · max(1, |θ|) ≈ 6.1e-6 · max(1, |θ|),   ε = 2⁻⁵² (double):
+// the central difference has truncation error ≈ h²|ℓ'''|/6 and rounding error
+// ≈ ε_ℓ/h (ε_ℓ ≈ ε·|ℓ|, the error of evaluating the loss); their sum is
+// smallest at h ~ ε^{1/3} (scaled by |θ| so θ ± h stays a relative
+// perturbation), leaving an error ~ ε^{2/3} ≈ 4e-11 of the loss scale.
+// Kinks (ReLU, LeakyReLU, ELU with α ≠ 1) break the Taylor argument: a
+// central difference straddling one is off by up to half the derivative jump.
+// So every perturbed forward pass compares the sign pattern of every layer
+// input with the unperturbed one (conservative: it knows no layer types, so a
+// flip at a smooth layer's input counts too); if any sign flipped, the step
+// is divided by 10 and the difference redone (at most 3 times, down to
+// ~6e-9·max(1,|θ|)).
+// An entry still straddling a kink after that sits on one: some layer input
+// is exactly at a kink (e.g. a sample whose ReLU units are all 0 feeds a
+// zero-bias Linear, so the next activation's input is exactly 0). The loss is
+// not differentiable in that parameter there; left and right derivatives
+// differ, the central difference is their average and matches no gradient
+// convention, so the entry is no reference: it is excluded from the error
+// against finite differences and counted on stderr.
+//
+// ---- Tolerances ----------------------------------------------------------------
+// backprop (and only backprop) is judged against finite differences:
+//   pass ⇔ max_rel_err_vs_fd ≤ τ_FD + c_FD · u · L
+//   τ_FD = 1e-6: the FD reference's own error. It is ~ε^{2/3} ≈ 4e-11 of the
+//          loss scale per entry; dividing by a tensor's largest gradient, which
+//          for batch-averaged losses can be 10⁻³–10⁻⁴ of that scale, and allowing
+//          the ≤10³ larger rounding term of a step shrunk at a kink, gives
+//          ≲ 1e-6 in the worst case (measured: ~1e-9 to 1e-8, docs/gradcheck.md).
+//   c_FD · u · L: the rounding error of the gradient itself in the dtype
+//          (u = 2⁻²⁴ float, 2⁻⁵³ double; L layers). Each layer's forward,
+//          input-vjp and weight-vjp are dot products of length n_in, n_out and
+//          B; the worst-case bound of a length-n dot product is n·u (Higham's
+//          γ_n), and errors of successive layers add to first order, so
+//          c_FD = 1024 covers inner dimensions summing to ~10³ per layer in the
+//          worst case (typical errors are √n·u, i.e. widths far beyond that).
+//          Float, L = 5: 1e-6 + 1024 · 5.96e-8 · 5 ≈ 3.1e-4; double: ≈ 1e-6.
+// Moonwalk schedules (mixed, pure) are judged against backprop in the same
+// dtype by the engine's error model (moonwalk/fidelity/tolerance.hpp):
+//   pass ⇔ max_rel_err_vs_backprop ≤ max(8 · u · L, 10 · error_estimate)
+//        ∧ error_estimate ≤ 1e-4 (float) | 1e-10 (double)
+// and "tolerance" reports max(8·u·L, 10·error_estimate). Their error against
+// finite differences is reported but not judged: it is at most their error
+// against backprop plus backprop's (judged) error against finite differences.
+#include <algorithm>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <iomanip>
+#include <iostream>
+#include <limits>
+#include <moonwalk/fidelity/tolerance.hpp>
+#include <moonwalk/moonwalk.hpp>
+#include <moonwalk/nets/spec.hpp>
+#include <optional>
+#include <random>
+#include <sstream>
+#include <string>
+#include <system_error>
+#include <vector>
+
+namespace {
+
+using moonwalk::Index;
+using moonwalk::Matrix;
+using moonwalk::Network;
+using moonwalk::Vector;
+
+constexpr const char* kUsage =
+    "usage: moonwalk-gradcheck --net SPEC [--loss mse|xent] [--batch B] [--seed S]\n"
+    "                          [--dtype float|double] [--schedules LIST|all] [--anchors K]\n"
+    "  --net SPEC        network, e.g. in:64,linear:48,leaky_relu:0.1,linear:10 (required)\n"
+    "  --loss NAME       mse (target ~ N(0,1)) or xent (labels in [0, last width)); default mse\n"
+    "  --batch B         batch size, B > 0; default 8\n"
+    "  --seed S          seed of parameters and data, unsigned integer; default 0\n"
+    "  --dtype NAME      float or double; default double\n"
+    "  --schedules LIST  comma-separated subset of backprop, mixed, pure, checkpoint, binomial,\n"
+    "                    revbackprop, forward, projforward, or all; default all\n"
+    "  --anchors K       mixed anchors every K layers (0 = none); default 0\n"
+    "Prints one JSON object. Exit: 0 all pass, 1 some schedule fails, 2 bad spec or option.\n";
+
+/// A bad command line or spec: exit status 2.
+class UsageError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+const std::vector<std::string> kAllSchedules = {"backprop", "mixed",       "pure",    "checkpoint",
+                                                "binomial", "revbackprop", "forward", "projforward"};
+
+struct Options {
+  std::string net;
+  std::string loss = "mse";
+  Index batch = 8;
+  std::uint64_t seed = 0;
+  std::string dtype = "double";
+  std::vector<std::string> schedules = kAllSchedules;
+  std::size_t anchors = 0;
+};
+
+template <class T>
+T parse_integer(const std::string& option, const std::string& value) {
+  T v{};
+  const char* last = value.data() + value.size();
+  const auto [p, ec] = std::from_chars(value.data(), last, v);
+  if (value.empty() || ec != std::errc() || p != last)
+    throw UsageError(option + ": bad number '" + value + "' (expected an integer)");
+  return v;
+}
+
+std::vector<std::string> parse_schedules(const std::string& value) {
+  if (value == "all") return kAllSchedules;
+  std::vector<std::string> out;
+  std::size_t start = 0;
+  while (true) {
+    const std::size_t comma = value.find(',', start);
+    const std::string name = value.substr(start, comma == std::string::npos ? comma : comma - start);
+    if (std::find(kAllSchedules.begin(), kAllSchedules.end(), name) == kAllSchedules.end())
+      throw UsageError(
+          "--schedules: unknown schedule '" + name +
+          "' (known: backprop, mixed, pure, checkpoint, binomial, revbackprop, forward, projforward, all)");
+    if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
+    if (comma == std::string::npos) break;
+    start = comma + 1;
+  }
+  return out;
+}
+
+/// Parses argv; returns nullopt for --help.
+std::optional<Options> parse_args(int argc, char** argv) {
+  Options o;
+  bool have_net = false;
+  for (int i = 1; i < argc; ++i) {
+    std::string arg = argv[i];
+    if (arg == "-h" || arg == "--help") return std::nullopt;
+    if (arg.rfind("--", 0) != 0) throw UsageError("unexpected argument '" + arg + "'");
+    std::string value;
+    bool have_value = false;
+    if (const auto eq = arg.find('='); eq != std::string::npos) {
+      value = arg.substr(eq + 1);
+      arg = arg.substr(0, eq);
+      have_value = true;
+    }
+    const bool known = arg == "--net" || arg == "--loss" || arg == "--batch" || arg == "--seed" ||
+                       arg == "--dtype" || arg == "--schedules" || arg == "--anchors";
+    if (!known) throw UsageError("unknown option '" + arg + "'");
+    if (!have_value) {
+      if (i + 1 >= argc) throw UsageError(arg + ": missing value");
+      value = argv[++i];
+    }
+    if (arg == "--net") {
+      o.net = value;
+      have_net = true;
+    } else if (arg == "--loss") {
+      if (value != "mse" && value != "xent")
+        throw UsageError("--loss: unknown loss '" + value + "' (known: mse, xent)");
+      o.loss = value;
+    } else if (arg == "--batch") {
+      o.batch = parse_integer<Index>(arg, value);
+      if (o.batch <= 0) throw UsageError("--batch: must be a positive integer, got '" + value + "'");
+    } else if (arg == "--seed") {
+      o.seed = parse_integer<std::uint64_t>(arg, value);
+    } else if (arg == "--dtype") {
+      if (value != "float" && value != "double")
+        throw UsageError("--dtype: unknown dtype '" + value + "' (known: float, double)");
+      o.dtype = value;
+    } else if (arg == "--schedules") {
+      o.schedules = parse_schedules(value);
+    } else {
+      o.anchors = parse_integer<std::size_t>(arg, value);
+    }
+  }
+  if (!have_net) throw UsageError("missing --net SPEC");
+  return o;
+}
+
+// ---- data ---------------------------------------------------------------------
+
+/// Independent streams from one seed (splitmix64 of seed and a stream tag).
+std::uint64_t stream_seed(std::uint64_t seed, std::uint64_t tag) {
+  std::uint64_t z = seed + 0x9E3779B97F4A7C15ull * (tag + 1);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+/// Rounds a double matrix once to S and back: the value both networks see.
+template <class S>
+Matrix<double> rounded(const Matrix<double>& m) {
+  return m.template cast<S>().template cast<double>();
+}
+
+template <class S>
+Matrix<S> to_scalar(const Matrix<double>& m) {
+  return m.template cast<S>();
+}
+template <class S>
+const std::vector<Index>& to_scalar(const std::vector<Index>& labels) {
+  return labels;
+}
+
+// ---- errors --------------------------------------------------------------------
+
+/// Per-tensor relative error, maximised over tensors (see the header comment);
+/// only entries k with use[k] count (all when `use` is empty).
+double max_rel_err(const Vector<double>& g, const Vector<double>& ref, const std::vector<Index>& offsets,
+                   const std::vector<bool>& use = {}) {
+  if (!g.allFinite() || !ref.allFinite()) return std::numeric_limits<double>::quiet_NaN();
+  double worst = 0;
+  for (std::size_t t = 0; t + 1 < offsets.size(); ++t) {
+    double den = 0, num = 0;
+    for (Index k = offsets[t]; k < offsets[t + 1]; ++k) {
+      if (!use.empty() && !use[static_cast<std::size_t>(k)]) continue;
+      den = std::max(den, std::abs(ref(k)));
+      num = std::max(num, std::abs(g(k) - ref(k)));
+    }
+    worst = std::max(worst, den > 0 ? num / den : num);
+  }
+  return worst;
+}
+
+// ---- finite differences --------------------------------------------------------
+
+bool same_signs(const Matrix<double>& a, const Matrix<double>& b) {
+  return ((a.array() > 0) == (b.array() > 0)).all();
+}
+
+struct FdResult {
+  Vector<double> gradient;
+  /// False where even the smallest step straddled a kink: no reference there.
+  std::vector<bool> defined;
+  std::size_t undefined = 0;
+};
+
+/// Central differences of loss(net.forward(x)) over every parameter of the
+/// double twin (step and kink handling: see the header comment).
+template <class Loss>
+FdResult finite_differences(Network<double>& net, const Matrix<double>& x, const Loss& loss,
+                            const typename Loss::target_type& target) {
+  constexpr int kMaxShrinks = 3;
+  const double base_step = std::cbrt(std::numeric_limits<double>::epsilon());
+  const std::size_t L = net.size();
+  std::vector<Matrix<double>> inputs(L + 1);  // inputs[i]: input of layer i at θ
+  inputs[0] = x;
+  for (std::size_t i = 0; i < L; ++i) inputs[i + 1] = net[i].forward(inputs[i]);
+
+  // ℓ with layer i perturbed; `smooth` is false when a layer input changed sign.
+  auto loss_from = [&](std::size_t i, bool& smooth) {
+    Matrix<double> h = net[i].forward(inputs[i]);
+    smooth = true;
+    for (std::size_t j = i + 1; j < L; ++j) {
+      smooth = smooth && same_signs(h, inputs[j]);
+      h = net[j].forward(h);
+    }
+    return static_cast<double>(loss.value(h, target));
+  };
+
+  FdResult out;
+  out.gradient.resize(moonwalk::num_parameters(net));
+  out.defined.assign(static_cast<std::size_t>(out.gradient.size()), true);
+  const auto start = std::chrono::steady_clock::now();
+  bool progress = false;
+  Index offset = 0;
+  for (std::size_t i = 0; i < L; ++i) {
+    for (std::span<double> theta : net[i].parameter_blocks()) {
+      for (std::size_t k = 0; k < theta.size(); ++k) {
+        const double t0 = theta[k];
+        double step = base_step * std::max(1.0, std::abs(t0));
+        double d = 0;
+        for (int attempt = 0;; ++attempt, step /= 10) {
+          const double tp = t0 + step, tm = t0 - step;
+          bool smooth_p = true, smooth_m = true;
+          theta[k] = tp;
+          const double fp = loss_from(i, smooth_p);
+          theta[k] = tm;
+          const double fm = loss_from(i, smooth_m);
+          theta[k] = t0;
+          d = (fp - fm) / (tp - tm);
+          if (smooth_p && smooth_m) break;
+          if (attempt == kMaxShrinks) {
+            out.defined[static_cast<std::size_t>(offset) + k] = false;
+            ++out.undefined;
+            break;
+          }
+        }
+        out.gradient(offset + static_cast<Index>(k)) = d;
+      }
+      offset += static_cast<Index>(theta.size());
+    }
+    const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    if (elapsed > 2.0 || progress) {
+      progress = true;
+      std::cerr << "moonwalk-gradcheck: finite differences: layer " << i + 1 << "/" << L << " done ("
+                << std::fixed << std::setprecision(1) << elapsed << " s)\n"
+                << std::defaultfloat;
+    }
+  }
+  return out;
+}
+
+// ---- tolerances (see the header comment) -----------------------------------------
+
+/// τ_FD: the finite-difference reference's own error budget.
+constexpr double kFdReferenceError = 1e-6;
+/// c_FD: worst-case dot-product rounding allowance per layer, in units of u.
+constexpr double kFdRoundingConstant = 1024;
+
+template <class S>
+double fd_tolerance(std::size_t layers) {
+  return kFdReferenceError + kFdRoundingConstant * moonwalk::unit_roundoff<S>() * static_cast<double>(layers);
+}
+
+// ---- output ----------------------------------------------------------------------
+
+struct Result {
+  std::string schedule;
+  double vs_backprop = 0, vs_fd = 0, estimate = 0, seconds = 0, tolerance = 0, cosine = 0;
+  std::size_t residual_bytes = 0;
+  bool pass = false;
+};
+
+std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  std::ostringstream s;
+  s << std::setprecision(6) << v;
+  return s.str();
+}
+
+std::string json_string(const std::string& v) {
+  std::ostringstream s;
+  s << '"';
+  for (const char c : v) {
+    const auto u = static_cast<unsigned char>(c);
+    if (c == '"' || c == '\\')
+      s << '\\' << c;
+    else if (u < 0x20)
+      s << "\\u" << std::hex << std::setw(4) << std::setfill('0') << static_cast<int>(u) << std::dec
+        << std::setfill(' ');
+    else
+      s << c;
+  }
+  s << '"';
+  return s.str();
+}
+
+// ---- the check -------------------------------------------------------------------
+
+template <class S, class Sch, class Loss>
+moonwalk::GradientResult<S> timed_gradient(const Sch& schedule, Network<S>& net, const Matrix<S>& x,
+                                           const Loss& loss, const typename Loss::target_type& target,
+                                           double& seconds) {
+  const auto t0 = std::chrono::steady_clock::now();
+  auto r = moonwalk::gradient(schedule, net, x, loss, target);
+  seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  return r;
+}
+
+template <class S, template <class> class LossT, class TargetD>
+int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) {
+  Network<S> net = moonwalk::parse_network<S>(o.net, o.seed);
+  Network<double> twin = moonwalk::parse_network<double>(o.net, o.seed);
+  moonwalk::set_parameters(twin, moonwalk::get_parameters(net).template cast<double>());
+  const std::vector<Index> offsets = moonwalk::parameter_offsets(net);
+  const std::size_t L = net.size();
+
+  const LossT<S> loss;
+  const LossT<double> loss_d;
+  const Matrix<S> x = to_scalar<S>(x_d);
+  const auto& target = to_scalar<S>(target_d);
+
+  const FdResult fd = finite_differences(twin, x_d, loss_d, target_d);
+  if (fd.undefined > 0)
+    std::cerr << "moonwalk-gradcheck: note: " << fd.undefined
+              << " parameter(s) sit on a kink (the loss is not differentiable there at any step down to "
+                 "1e-3 of the default): excluded from max_rel_err_vs_fd\n";
+
+  double bp_seconds = 0;
+  const auto bp = timed_gradient(moonwalk::Backprop{}, net, x, loss, target, bp_seconds);
+  const Vector<double> g_bp = bp.gradient.template cast<double>();
+
+  std::vector<Result> results;
+  for (const std::string& name : o.schedules) {
+    Result r;
+    r.schedule = name;
+    try {
+      moonwalk::GradientResult<S> g;
+      if (name == "backprop") {
+        g = bp;
+        r.seconds = bp_seconds;
+      } else if (name == "mixed") {
+        moonwalk::MixedMoonwalk mixed;
+        mixed.anchors.every = o.anchors;
+        g = timed_gradient(mixed, net, x, loss, target, r.seconds);
+      } else if (name == "pure") {
+        g = timed_gradient(moonwalk::PureMoonwalk{}, net, x, loss, target, r.seconds);
+      } else if (name == "checkpoint") {
+        g = timed_gradient(moonwalk::Checkpointing{}, net, x, loss, target, r.seconds);
+      } else if (name == "binomial") {
+        moonwalk::Checkpointing binomial;
+        binomial.slots =
+            std::max<std::size_t>(1, static_cast<std::size_t>(std::lround(std::sqrt(double(L)))));
+        g = timed_gradient(binomial, net, x, loss, target, r.seconds);
+      } else if (name == "revbackprop") {
+        g = timed_gradient(moonwalk::RevBackprop{}, net, x, loss, target, r.seconds);
+      } else if (name == "forward") {
+        g = timed_gradient(moonwalk::NaiveForward{}, net, x, loss, target, r.seconds);
+      } else {
+        moonwalk::ProjForward proj;
+        proj.seed = o.seed;
+        g = timed_gradient(proj, net, x, loss, target, r.seconds);
+      }
+      const Vector<double> gd = g.gradient.template cast<double>();
+      r.vs_backprop = name == "backprop" ? 0.0 : max_rel_err(gd, g_bp, offsets);
+      r.vs_fd = max_rel_err(gd, fd.gradient, offsets, fd.defined);
+      r.estimate = g.stats.error_estimate;
+      r.residual_bytes = g.stats.residual_bytes;
+      const double norms = gd.norm() * g_bp.norm();
+      r.cosine = norms > 0 ? gd.dot(g_bp) / norms : (gd.norm() == g_bp.norm() ? 1.0 : 0.0);
+      if (name == "backprop" || name == "checkpoint" || name == "binomial" || name == "forward") {
+        // Exact schedules: judged against finite differences like backprop.
+        r.tolerance = fd_tolerance<S>(L);
+        r.pass = std::isfinite(r.vs_fd) && r.vs_fd <= r.tolerance;
+      } else if (g.stats.is_estimate) {
+        // ProjForward: an unbiased estimate, judged by cosine similarity. For
+        // k Gaussian directions in D dimensions cos² ~ Beta(k/2, (D−1)/2),
+        // mean k/(k+D−1); half its square root fails with probability
+        // P(χ²_k < k/4) (≈ 1e-3 for k = 16).
+        const double k = g.stats.figures.count("directions") ? g.stats.figures.at("directions") : 1.0;
+        const double D = static_cast<double>(moonwalk::num_parameters(net) + x.size());
+        r.tolerance = 0.5 * std::sqrt(k / (k + D - 1));
+        r.pass = std::isfinite(r.cosine) && r.cosine >= r.tolerance;
+      } else {
+        // Moonwalk and RevBackprop: the error model on their own estimate.
+        r.tolerance = moonwalk::error_model_bound<S>(r.estimate, L);
+        r.pass = moonwalk::within_error_model<S>(r.vs_backprop, r.estimate, L);
+      }
+    } catch (const moonwalk::ScheduleError& e) {
+      if (name != "pure" && name != "revbackprop") throw;
+      // Not applicable: pure needs every layer submersive or fragmental,
+      // revbackprop every layer invertible.
+      std::cerr << "moonwalk-gradcheck: skipping " << name << " (not applicable): " << e.what() << "\n";
+      continue;
+    } catch (const moonwalk::Error& e) {
+      // The schedule could not produce a gradient on this network (e.g. a
+      // vijp met a numerically singular Jacobian): it fails.
+      std::cerr << "moonwalk-gradcheck: " << name << " failed: " << e.what() << "\n";
+      r.vs_backprop = r.vs_fd = r.estimate = r.tolerance = std::numeric_limits<double>::quiet_NaN();
+      r.pass = false;
+    }
+    results.push_back(r);
+  }
+
+  std::ostringstream s;
+  s << "{\"net\":" << json_string(o.net) << ",\"dtype\":" << json_string(o.dtype) << ",\"batch\":" << o.batch
+    << ",\"params\":" << moonwalk::num_parameters(net) << ",\"results\":[";
+  bool all_pass = true;
+  for (std::size_t i = 0; i < results.size(); ++i) {
+    const Result& r = results[i];
+    all_pass = all_pass && r.pass;
+    s << (i ? "," : "") << "{\"schedule\":" << json_string(r.schedule)
+      << ",\"max_rel_err_vs_backprop\":" << json_number(r.vs_backprop)
+      << ",\"max_rel_err_vs_fd\":" << json_number(r.vs_fd)
+      << ",\"error_estimate\":" << json_number(r.estimate) << ",\"residual_bytes\":" << r.residual_bytes
+      << ",\"seconds\":" << json_number(r.seconds) << ",\"tolerance\":" << json_number(r.tolerance)
+      << ",\"cosine_vs_backprop\":" << json_number(r.cosine) << ",\"pass\":" << (r.pass ? "true" : "false")
+      << "}";
+  }
+  s << "]}\n";
+  std::cout << s.str() << std::flush;
+  return all_pass ? 0 : 1;
+}
+
+/// Builds the data from the seed and dispatches on loss.
+template <class S>
+int run(const Options& o) {
+  // Parse once up front so a bad spec is reported before any work.
+  const Network<S> probe = moonwalk::parse_network<S>(o.net, o.seed);
+  const Index n0 = probe.in_features(), nL = probe.out_features();
+  const Matrix<double> x = rounded<S>(moonwalk::gaussian<double>(n0, o.batch, stream_seed(o.seed, 1)));
+  if (o.loss == "mse") {
+    const Matrix<double> t = rounded<S>(moonwalk::gaussian<double>(nL, o.batch, stream_seed(o.seed, 2)));
+    return check<S, moonwalk::MSE>(o, x, t);
+  }
+  std::mt19937_64 gen(stream_seed(o.seed, 3));
+  std::vector<Index> labels(static_cast<std::size_t>(o.batch));
+  for (auto& l : labels) l = static_cast<Index>(gen() % static_cast<std::uint64_t>(nL));
+  return check<S, moonwalk::SoftmaxCrossEntropy>(o, x, labels);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    const std::optional<Options> o = parse_args(argc, argv);
+    if (!o) {
+      std::cout << kUsage;
+      return 0;
+    }
+    return o->dtype == "float" ? run<float>(*o) : run<double>(*o);
+  } catch (const UsageError& e) {
+    std::cerr << "moonwalk-gradcheck: " << e.what() << "\n" << kUsage;
+    return 2;
+  } catch (const moonwalk::SpecError& e) {
+    std::cerr << "moonwalk-gradcheck: --net: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "moonwalk-gradcheck: internal error: " << e.what() << "\n";
+    return 3;
+  }
+}
