@@ -1,21 +1,46 @@
 // Every layer through the one generic checker (support/layer_check.hpp), for
 // float and double: one line per layer.
 #include <moonwalk/layers/activations.hpp>
+#include <moonwalk/layers/coupling.hpp>
 #include <moonwalk/layers/linear.hpp>
+#include <moonwalk/layers/pad.hpp>
 #include <moonwalk/nets/any_layer.hpp>
+#include <moonwalk/nets/network.hpp>
+#include <moonwalk/nets/sequential.hpp>
 
 #include "support/layer_check.hpp"
 
+using moonwalk::AdditiveCoupling;
+using moonwalk::AffineCoupling;
 using moonwalk::AnyLayer;
 using moonwalk::ELU;
 using moonwalk::Identity;
 using moonwalk::LeakyReLU;
 using moonwalk::Linear;
+using moonwalk::Network;
 using moonwalk::ReLU;
+using moonwalk::Sequential;
 using moonwalk::Sigmoid;
 using moonwalk::Softplus;
 using moonwalk::Tanh;
+using moonwalk::ZeroPad;
 using mwtest::perturbed;
+
+namespace {
+/// A coupling branch: linear:HIDDEN, tanh, linear:OUT (perturbed so biases are exercised).
+template <class S>
+Sequential<Linear<S>, Tanh<S>, Linear<S>> branch(moonwalk::Index in, moonwalk::Index hidden,
+                                                 moonwalk::Index out, std::uint64_t seed) {
+  return Sequential(perturbed(Linear<S>(in, hidden, {.seed = seed}), seed + 1), Tanh<S>(hidden),
+                    perturbed(Linear<S>(hidden, out, {.seed = seed + 2}), seed + 3));
+}
+template <class S>
+Network<S> runtime_chain() {
+  Network<S> n;
+  n.add(Linear<S>(5, 6, {.seed = 21})).add(ReLU<S>(6)).add(Linear<S>(6, 4, {.seed = 22})).add(Softplus<S>(4));
+  return n;
+}
+}  // namespace
 
 // ---- Linear: submersive (out <= in), invertible (square), fragmental (out > in)
 MOONWALK_LAYER_TEST("linear contracting 7->5", (Linear<S>(7, 5, {.seed = 1})))
@@ -62,3 +87,16 @@ TEST_CASE("layer check: the double twin comes from the same expression", "[layer
   CHECK(report.failures.empty());
   CHECK(report.checks >= 25);
 }
+
+// ---- reversible blocks and padding
+MOONWALK_LAYER_TEST("additive coupling 3+4",
+                    (AdditiveCoupling(branch<S>(4, 6, 3, 31), branch<S>(3, 5, 4, 35))))
+MOONWALK_LAYER_TEST("affine coupling 3+3", (AffineCoupling(branch<S>(3, 6, 3, 41), branch<S>(3, 5, 3, 45))))
+MOONWALK_LAYER_TEST("zero pad 4->7 (fragmental)", (ZeroPad<S>(4, 7)))
+MOONWALK_LAYER_TEST("zero pad 4->4", (ZeroPad<S>(4, 4)))
+
+// ---- chains are layers too (coupling branches)
+MOONWALK_LAYER_TEST("sequential chain", (branch<S>(4, 6, 3, 51)))
+MOONWALK_LAYER_TEST("runtime network chain", (runtime_chain<S>()))
+MOONWALK_LAYER_TEST("any_layer(additive coupling)",
+                    (AnyLayer<S>(AdditiveCoupling(branch<S>(3, 4, 3, 61), branch<S>(3, 4, 3, 65)))))

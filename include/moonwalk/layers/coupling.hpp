@@ -201,6 +201,7 @@ class Coupling {
   }
   /// x2, y1 and (affine) e = e^{s}, d = x1 ⊙ e ⊙ (1 − s²), s = tanh F(x2).
   Inner inner(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, in_features());
     Inner in;
     in.x2 = x.bottomRows(n2_);
     const Matrix<S> fx = f_.forward(in.x2);

@@ -35,6 +35,7 @@ class ZeroPad : public NoParameters<S> {
   }
   /// J dx = [dx; 0]
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    detail::check_rows(*this, "input", x, in_);
     detail::check_rows(*this, "tangent", dx, in_, x.cols());
     return forward(dx);
   }
@@ -43,6 +44,7 @@ class ZeroPad : public NoParameters<S> {
   }
   /// Jᵀ h = h_top
   [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    detail::check_rows(*this, "input", x, in_);
     detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
     return vjp_residual(Empty{}, h);
   }
@@ -60,6 +62,7 @@ class ZeroPad : public NoParameters<S> {
   /// Only when no padding: h_y = h_x.
   [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
     if (!is_submersive()) throw RankError(name() + ": padding is not submersive; use vijp_with_fragment");
+    detail::check_rows(*this, "input", x, in_);
     detail::check_rows(*this, "input cotangent", hx, in_, x.cols());
     return hx;
   }

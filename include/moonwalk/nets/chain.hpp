@@ -16,6 +16,8 @@ namespace moonwalk::detail {
 /// J dx = J_L ⋯ J_1 dx
 template <class N, class S = typename N::scalar_type>
 Matrix<S> chain_jvp(const N& net, const CRef<S>& x0, const CRef<S>& dx) {
+  check_rows(net, "input", x0, net.in_features());
+  check_rows(net, "tangent", dx, net.in_features(), x0.cols());
   Matrix<S> x = x0, t = dx;
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) {
@@ -28,6 +30,7 @@ Matrix<S> chain_jvp(const N& net, const CRef<S>& x0, const CRef<S>& dx) {
 /// J_θ dθ: t_i = J_i t_{i−1} + J_{θ,i} dθ_i, t_0 = 0.
 template <class N, class S = typename N::scalar_type>
 Matrix<S> chain_jvp_params(const N& net, const CRef<S>& x0, const CVecRef<S>& dtheta) {
+  check_rows(net, "input", x0, net.in_features());
   Matrix<S> x = x0, t = Matrix<S>::Zero(x0.rows(), x0.cols());
   Index o = 0;
   for (std::size_t i = 0; i < net.size(); ++i)
@@ -44,6 +47,7 @@ Matrix<S> chain_jvp_params(const N& net, const CRef<S>& x0, const CVecRef<S>& dt
 /// The inputs x_0..x_{L−1} of every layer (local to one vjp call).
 template <class N, class S = typename N::scalar_type>
 std::vector<Matrix<S>> chain_inputs(const N& net, const CRef<S>& x0) {
+  check_rows(net, "input", x0, net.in_features());
   std::vector<Matrix<S>> xs;
   xs.reserve(net.size());
   xs.emplace_back(x0);
@@ -55,6 +59,7 @@ std::vector<Matrix<S>> chain_inputs(const N& net, const CRef<S>& x0) {
 /// Jᵀ h = J_1ᵀ ⋯ J_Lᵀ h
 template <class N, class S = typename N::scalar_type>
 Matrix<S> chain_vjp(const N& net, const CRef<S>& x0, const CRef<S>& h) {
+  check_rows(net, "cotangent", h, net.out_features(), x0.cols());
   const auto xs = chain_inputs(net, x0);
   Matrix<S> g = h;
   for (std::size_t i = net.size(); i-- > 0;) net.visit(i, [&](const auto& l) { g = l.vjp(xs[i], g); });
@@ -64,6 +69,7 @@ Matrix<S> chain_vjp(const N& net, const CRef<S>& x0, const CRef<S>& h) {
 /// g += J_θᵀ h, by a local backprop through the chain.
 template <class N, class S = typename N::scalar_type>
 void chain_vjp_params(const N& net, const CRef<S>& x0, const CRef<S>& h, VecRef<S> grad) {
+  check_rows(net, "cotangent", h, net.out_features(), x0.cols());
   const auto xs = chain_inputs(net, x0);
   std::vector<Index> off{0};
   for (std::size_t i = 0; i < net.size(); ++i)

@@ -50,6 +50,7 @@ class Network {
   }
 
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
+    detail::check_rows(*this, "input", x, in_features());
     Matrix<S> h = x;
     for (const auto& l : layers_) h = l.forward(h);
     return h;

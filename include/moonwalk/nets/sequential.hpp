@@ -56,6 +56,7 @@ class Sequential {
 
   /// x_L
   [[nodiscard]] Matrix<scalar_type> forward(const CRef<scalar_type>& x) const {
+    detail::check_rows(*this, "input", x, in_features());
     Matrix<scalar_type> h = x;
     for (std::size_t i = 0; i < size(); ++i) visit(i, [&](const auto& l) { h = l.forward(h); });
     return h;
