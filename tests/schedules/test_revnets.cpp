@@ -1,0 +1,125 @@
+// Every schedule on reversible networks (zero padding, additive and affine
+// coupling blocks, LeakyReLU or tanh between blocks, a Linear head) against
+// reference backprop, static and runtime, double and float.
+#include <catch2/catch.hpp>
+#include <map>
+#include <moonwalk/moonwalk.hpp>
+
+#include "support/random_net.hpp"
+
+using namespace moonwalk;
+using moonwalk_test::max_rel_err_per_tensor;
+
+namespace {
+
+/// in:n0, pad:w, then `blocks` random coupling blocks (additive or affine,
+/// branch scale in [0.3, 1]) with tanh or nothing between them, then
+/// linear:out — from the spec grammar, seeded. Activations are smooth on
+/// purpose: zero padding and zero biases put branch pre-activations (and
+/// the padded rows after an additive block) at exactly 0, where a
+/// piecewise-linear activation has no derivative and a rebuilt ±1e-17
+/// picks the other side (RevBackprop then differs from backprop by O(1)
+/// without its reconstruction check seeing it).
+std::string random_revnet_spec(std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  const int n0 = pick(2, 8), w = 2 * pick(n0 / 2 + 1, 8), blocks = pick(1, 5);
+  std::ostringstream s;
+  s << "in:" << n0 << ",pad:" << w;
+  const char* acts[] = {"tanh", "sigmoid", "elu", "softplus"};
+  for (int b = 0; b < blocks; ++b) {
+    s << ",coupling:" << (pick(0, 1) ? "additive" : "affine") << ":" << pick(2, 12) << ":" << acts[pick(0, 3)]
+      << ":" << 0.1 * pick(3, 10);
+    if (pick(0, 1)) s << ",tanh";
+  }
+  s << ",linear:" << pick(2, 5);
+  return s.str();
+}
+
+/// schedule -> (runs, runs within the default target)
+using Tally = std::map<std::string, std::pair<int, int>>;
+
+template <class S>
+void every_schedule_on(const std::string& spec, std::uint64_t seed, Tally& tally) {
+  Network<S> net = parse_network<S>(spec, seed);
+  Network<double> truth_net = parse_network<double>(spec, seed);
+  set_parameters(truth_net, get_parameters(net).template cast<double>());
+  const Index B = 1 + static_cast<Index>(seed % 9);
+  const Matrix<double> x = gaussian<double>(net.in_features(), B, seed + 1000);
+  const auto t = moonwalk_test::random_labels(net.out_features(), B, seed + 2000);
+  const SoftmaxCrossEntropy<S> loss;
+  const auto truth = gradient(Backprop{}, truth_net, x, SoftmaxCrossEntropy<double>{}, t);
+  const Matrix<S> xs = x.cast<S>();
+  const auto offs = parameter_offsets(net);
+  const std::size_t L = net.size();
+  auto err = [&](const GradientResult<S>& r) {
+    return std::max(max_rel_err_per_tensor(r.gradient, truth.gradient, offs),
+                    detail::rel_max_err(r.h0.template cast<double>(), truth.h0));
+  };
+  INFO(spec << " [" << (sizeof(S) == 4 ? "float" : "double") << ", batch " << B << "]");
+  // Exact reorganisations of backprop: at backprop's rounding floor.
+  for (const auto& r :
+       {gradient(Backprop{}, net, xs, loss, t), gradient(Checkpointing{}, net, xs, loss, t),
+        gradient(Checkpointing{.slots = 2}, net, xs, loss, t), gradient(NaiveForward{}, net, xs, loss, t)}) {
+    INFO(r.stats.schedule << " err " << err(r));
+    CHECK(within_error_model<S>(err(r), 0.0, L));
+  }
+  // Schedules whose error grows (inversion drift, the forward sweep): never
+  // silently wrong — the true error is within the error model's bound on
+  // their own estimate. (Whether the estimate meets the default target depends
+  // on the network: tanh saturated after affine blocks makes the sweep divide
+  // by a tiny σ', and the estimate says so; see the tally.)
+  for (const auto& r :
+       {gradient(MixedMoonwalk{}, net, xs, loss, t),
+        gradient(MixedMoonwalk{.rebuild_inputs = true}, net, xs, loss, t),
+        gradient(PureMoonwalk{}, net, xs, loss, t), gradient(RevBackprop{}, net, xs, loss, t)}) {
+    INFO(r.stats.schedule << " err " << err(r) << " estimate " << r.stats.error_estimate);
+    CHECK(err(r) <= error_model_bound<S>(r.stats.error_estimate, L));
+    ++tally[r.stats.schedule].first;
+    tally[r.stats.schedule].second += within_error_model<S>(err(r), r.stats.error_estimate, L) ? 1 : 0;
+  }
+}
+
+}  // namespace
+
+TEST_CASE("Every schedule matches backprop on 25 random RevNets (double and float)", "[schedules][revnet]") {
+  Tally td, tf;
+  for (std::uint64_t seed = 1; seed <= 25; ++seed) {
+    const std::string spec = random_revnet_spec(seed);
+    every_schedule_on<double>(spec, seed, td);
+    every_schedule_on<float>(spec, seed, tf);
+  }
+  // Most of these small RevNets are within the default target outright.
+  for (const auto* t : {&td, &tf})
+    for (const auto& [name, c] : *t) {
+      INFO(name << ": " << c.second << " of " << c.first << " within the default target");
+      CHECK(c.second * 5 >= c.first * 4);
+    }
+}
+
+TEST_CASE("On a RevNet, RevBackprop and rebuilding mixed Moonwalk keep only the head's input",
+          "[schedules][revnet]") {
+  using S = double;
+  const std::string spec = "in:32,pad:64,coupling:additive:48,leaky_relu:0.2,coupling:additive:48,linear:10";
+  Network<S> net = parse_network<S>(spec, 3);
+  const Matrix<S> x = gaussian<S>(32, 16, 7);
+  const auto t = moonwalk_test::random_labels(10, 16, 8);
+  const SoftmaxCrossEntropy<S> loss;
+  const auto bp = gradient(Backprop{}, net, x, loss, t);
+  const auto rb = gradient(RevBackprop{}, net, x, loss, t);
+  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true}, net, x, loss, t);
+  const auto plain = gradient(MixedMoonwalk{}, net, x, loss, t);
+  const std::size_t head_input = 64 * 16 * sizeof(S);
+  CHECK(rb.stats.residual_bytes == head_input);  // the input of linear(64->10)
+  // Rebuilding Moonwalk: the head's input (a checkpoint for the layers below), plus the padding's fragment.
+  CHECK(mw.stats.bytes_of("checkpoint") == head_input);
+  CHECK(mw.stats.fragment_bytes() == (64 - 32) * 16 * sizeof(S));
+  CHECK(mw.stats.bytes_of("activation") == 0);
+  CHECK(plain.stats.bytes_of("activation") == 2 * head_input);  // the coupling blocks' inputs
+  CHECK(mw.stats.residual_bytes < plain.stats.residual_bytes);
+  CHECK(mw.stats.figures.at("reconstruction_error") < 1e-13);
+  for (const auto* r : {&rb, &mw, &plain}) {
+    INFO(r->stats.schedule);
+    CHECK(detail::rel_max_err(r->gradient, bp.gradient) < 1e-12);
+  }
+}
