@@ -6,6 +6,7 @@
 #include <array>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <map>
 #include <sstream>
 #include <string>
@@ -139,10 +140,12 @@ class SavedStore {
 
 namespace detail {
 
-/// max|a − ref| / max|ref| (absolute when ref is 0).
+/// max|a − ref| / max|ref| (absolute when ref is 0); +∞ when either holds a
+/// NaN or infinity, so a broken reconstruction can never look accurate.
 template <class A, class B>
 double rel_max_err(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& ref) {
   if (a.size() == 0) return 0;
+  if (!a.allFinite() || !ref.allFinite()) return std::numeric_limits<double>::infinity();
   const double den = static_cast<double>(ref.cwiseAbs().maxCoeff());
   const double num = static_cast<double>((a - ref).cwiseAbs().maxCoeff());
   return den > 0 ? num / den : num;
