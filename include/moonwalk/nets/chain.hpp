@@ -112,3 +112,56 @@ std::string chain_name(const N& net, const char* kind) {
 }
 
 }  // namespace moonwalk::detail
+
+namespace moonwalk {
+
+/// The layer contract for a chain, written once (CRTP): Sequential and
+/// Network derive from it and provide size(), visit(), in_features(),
+/// out_features() and `static constexpr const char* chain_kind`.
+template <class Derived, class S>
+class ChainLayer {
+ public:
+  /// x_L
+  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
+    detail::check_rows(self(), "input", x, self().in_features());
+    Matrix<S> h = x;
+    for (std::size_t i = 0; i < self().size(); ++i) self().visit(i, [&](const auto& l) { h = l.forward(h); });
+    return h;
+  }
+  [[nodiscard]] std::string name() const { return detail::chain_name(self(), Derived::chain_kind); }
+  /// J dx
+  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
+    return detail::chain_jvp(self(), x, dx);
+  }
+  /// J_θ dθ
+  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dt) const {
+    return detail::chain_jvp_params(self(), x, dt);
+  }
+  /// Jᵀ h (local backprop through the chain)
+  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    return detail::chain_vjp(self(), x, h);
+  }
+  /// g += J_θᵀ h
+  void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
+    detail::chain_vjp_params(self(), x, h, g);
+  }
+  [[nodiscard]] Index num_params() const { return detail::chain_num_params(self()); }
+  std::vector<std::span<S>> parameter_blocks() {
+    return detail::chain_blocks<Derived, std::span<S>>(self(), false);
+  }
+  [[nodiscard]] std::vector<std::span<const S>> parameter_blocks() const {
+    return detail::chain_blocks<const Derived, std::span<const S>>(self(), false);
+  }
+  std::vector<std::span<S>> gradient_blocks() {
+    return detail::chain_blocks<Derived, std::span<S>>(self(), true);
+  }
+  [[nodiscard]] std::vector<std::span<const S>> gradient_blocks() const {
+    return detail::chain_blocks<const Derived, std::span<const S>>(self(), true);
+  }
+
+ private:
+  Derived& self() { return static_cast<Derived&>(*this); }
+  const Derived& self() const { return static_cast<const Derived&>(*this); }
+};
+
+}  // namespace moonwalk

@@ -13,7 +13,7 @@ namespace moonwalk {
 /// x_i = f_i(x_{i−1}) with layers chosen at run time (e.g. from a spec
 /// string). Same walking interface as `Sequential`, and likewise a Layer.
 template <class S>
-class Network {
+class Network : public ChainLayer<Network<S>, S> {
  public:
   using scalar_type = S;
   static constexpr bool is_static = false;
@@ -49,45 +49,7 @@ class Network {
     return std::forward<F>(f)(layers_[i]);
   }
 
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    Matrix<S> h = x;
-    for (const auto& l : layers_) h = l.forward(h);
-    return h;
-  }
-
-  // ---- the chain is itself a layer (nets/chain.hpp): usable as a coupling branch
-  [[nodiscard]] std::string name() const { return detail::chain_name(*this, "network"); }
-  /// J dx
-  [[nodiscard]] Matrix<scalar_type> jvp(const CRef<scalar_type>& x, const CRef<scalar_type>& dx) const {
-    return detail::chain_jvp(*this, x, dx);
-  }
-  /// J_θ dθ
-  [[nodiscard]] Matrix<scalar_type> jvp_params(const CRef<scalar_type>& x,
-                                               const CVecRef<scalar_type>& dt) const {
-    return detail::chain_jvp_params(*this, x, dt);
-  }
-  /// Jᵀ h (local backprop through the chain)
-  [[nodiscard]] Matrix<scalar_type> vjp(const CRef<scalar_type>& x, const CRef<scalar_type>& h) const {
-    return detail::chain_vjp(*this, x, h);
-  }
-  /// g += J_θᵀ h
-  void vjp_params(const CRef<scalar_type>& x, const CRef<scalar_type>& h, VecRef<scalar_type> g) const {
-    detail::chain_vjp_params(*this, x, h, g);
-  }
-  [[nodiscard]] Index num_params() const { return detail::chain_num_params(*this); }
-  std::vector<std::span<scalar_type>> parameter_blocks() {
-    return detail::chain_blocks<Network, std::span<scalar_type>>(*this, false);
-  }
-  [[nodiscard]] std::vector<std::span<const scalar_type>> parameter_blocks() const {
-    return detail::chain_blocks<const Network, std::span<const scalar_type>>(*this, false);
-  }
-  std::vector<std::span<scalar_type>> gradient_blocks() {
-    return detail::chain_blocks<Network, std::span<scalar_type>>(*this, true);
-  }
-  [[nodiscard]] std::vector<std::span<const scalar_type>> gradient_blocks() const {
-    return detail::chain_blocks<const Network, std::span<const scalar_type>>(*this, true);
-  }
+  static constexpr const char* chain_kind = "network";
 
  private:
   const std::vector<AnyLayer<S>>& nonempty() const {

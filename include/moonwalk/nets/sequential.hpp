@@ -15,8 +15,13 @@ namespace moonwalk {
 /// Schedules walk it through `visit(i, f)`, which calls `f` with the i-th
 /// layer's concrete type (no virtual calls, no type erasure). A Sequential
 /// is itself a Layer (e.g. a coupling block's branch).
+namespace detail {
+template <class... Ls>
+using first_scalar = typename std::tuple_element_t<0, std::tuple<Ls...>>::scalar_type;
+}  // namespace detail
+
 template <Layer... Ls>
-class Sequential {
+class Sequential : public ChainLayer<Sequential<Ls...>, detail::first_scalar<Ls...>> {
   static_assert(sizeof...(Ls) > 0, "Moonwalk: a Sequential needs at least one layer");
 
  public:
@@ -54,46 +59,7 @@ class Sequential {
   template <template <class> class Pred>
   static constexpr bool all_layers = (Pred<Ls>::value && ...);
 
-  /// x_L
-  [[nodiscard]] Matrix<scalar_type> forward(const CRef<scalar_type>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    Matrix<scalar_type> h = x;
-    for (std::size_t i = 0; i < size(); ++i) visit(i, [&](const auto& l) { h = l.forward(h); });
-    return h;
-  }
-
-  // ---- the chain is itself a layer (nets/chain.hpp): usable as a coupling branch
-  [[nodiscard]] std::string name() const { return detail::chain_name(*this, "sequential"); }
-  /// J dx
-  [[nodiscard]] Matrix<scalar_type> jvp(const CRef<scalar_type>& x, const CRef<scalar_type>& dx) const {
-    return detail::chain_jvp(*this, x, dx);
-  }
-  /// J_θ dθ
-  [[nodiscard]] Matrix<scalar_type> jvp_params(const CRef<scalar_type>& x,
-                                               const CVecRef<scalar_type>& dt) const {
-    return detail::chain_jvp_params(*this, x, dt);
-  }
-  /// Jᵀ h (local backprop through the chain)
-  [[nodiscard]] Matrix<scalar_type> vjp(const CRef<scalar_type>& x, const CRef<scalar_type>& h) const {
-    return detail::chain_vjp(*this, x, h);
-  }
-  /// g += J_θᵀ h
-  void vjp_params(const CRef<scalar_type>& x, const CRef<scalar_type>& h, VecRef<scalar_type> g) const {
-    detail::chain_vjp_params(*this, x, h, g);
-  }
-  [[nodiscard]] Index num_params() const { return detail::chain_num_params(*this); }
-  std::vector<std::span<scalar_type>> parameter_blocks() {
-    return detail::chain_blocks<Sequential, std::span<scalar_type>>(*this, false);
-  }
-  [[nodiscard]] std::vector<std::span<const scalar_type>> parameter_blocks() const {
-    return detail::chain_blocks<const Sequential, std::span<const scalar_type>>(*this, false);
-  }
-  std::vector<std::span<scalar_type>> gradient_blocks() {
-    return detail::chain_blocks<Sequential, std::span<scalar_type>>(*this, true);
-  }
-  [[nodiscard]] std::vector<std::span<const scalar_type>> gradient_blocks() const {
-    return detail::chain_blocks<const Sequential, std::span<const scalar_type>>(*this, true);
-  }
+  static constexpr const char* chain_kind = "sequential";
 
  private:
   template <class Self, class F, std::size_t... I>
