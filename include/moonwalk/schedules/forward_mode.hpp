@@ -47,14 +47,7 @@ struct NaiveForward {
     zero_gradients(net);
     const std::size_t n = net.size();
 
-    Matrix<S> x = x0;
-    detail::for_each_layer(net, [&](std::size_t, auto& l) {
-      x = l.forward(x);
-      ++st.counts.forward;
-    });
-    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture gL)
-    out.loss = vg.first;
-    Matrix<S> gL = std::move(vg.second);
+    const Matrix<S> gL = detail::output_cotangent(net, x0, loss, target, out);
 
     for (std::size_t i = 0; i < n; ++i) {
       Index P = 0;

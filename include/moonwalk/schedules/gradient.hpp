@@ -41,5 +41,20 @@ void for_each_layer_reverse(N& net, F&& f) {
   for (std::size_t i = net.size(); i-- > 0;) net.visit(i, [&](auto& l) { f(i, l); });
 }
 
+/// x_L = f(x_0) keeping nothing; sets out.loss = ℓ(x_L) and returns g_L = ∂ℓ/∂x_L.
+template <Net N, class L>
+Matrix<typename N::scalar_type> output_cotangent(N& net, const CRef<typename N::scalar_type>& x0,
+                                                 const L& loss, const typename L::target_type& target,
+                                                 GradientResult<typename N::scalar_type>& out) {
+  Matrix<typename N::scalar_type> x = x0;
+  for_each_layer(net, [&](std::size_t, auto& l) {
+    x = l.forward(x);
+    ++out.stats.counts.forward;
+  });
+  auto vg = loss.value_and_gradient(x, target);
+  out.loss = vg.first;
+  return std::move(vg.second);
+}
+
 }  // namespace detail
 }  // namespace moonwalk

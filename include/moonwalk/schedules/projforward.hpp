@@ -45,14 +45,7 @@ struct ProjForward {
     const std::vector<Index> offsets = parameter_offsets(net);
     const Index P = offsets.back();
 
-    Matrix<S> x = x0;
-    detail::for_each_layer(net, [&](std::size_t, auto& l) {
-      x = l.forward(x);
-      ++st.counts.forward;
-    });
-    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture gL)
-    out.loss = vg.first;
-    Matrix<S> gL = std::move(vg.second);
+    const Matrix<S> gL = detail::output_cotangent(net, x0, loss, target, out);
 
     std::mt19937_64 gen(seed);
     std::normal_distribution<double> normal(0.0, 1.0);

@@ -73,14 +73,8 @@ struct PureMoonwalk {
     zero_gradients(net);
 
     // x_L and g_L = ∂ℓ/∂x_L (nothing kept).
-    Matrix<S> x = x0;
-    detail::for_each_layer(net, [&](std::size_t, auto& l) {
-      x = l.forward(x);
-      ++st.counts.forward;
-    });
-    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture gL)
-    out.loss = vg.first;
-    Matrix<S> gL = std::move(vg.second);
+    const Matrix<S> gL = detail::output_cotangent(net, x0, loss, target, out);
+    Matrix<S> x;
 
     // Fragments: h_i at each fragmental layer by tail jvps; keep only φ_i.
     x = x0;
