@@ -52,7 +52,10 @@ class Linear {
   [[nodiscard]] Index out_features() const { return out_; }
   [[nodiscard]] std::string name() const { return detail::cat("linear(", in_, "->", out_, ")"); }
 
-  // ---- parameters (mutable access starts a new weight version)
+  // ---- parameters (mutable access starts a new weight version: the cached
+  //      factorisation is rebuilt on the next vijp. Write through a view
+  //      obtained after the last vijp — a span kept across a vijp and written
+  //      later leaves the cache stale; optimizers re-fetch views each step.)
   [[nodiscard]] Index num_params() const { return theta_.size(); }
   std::span<S> parameters() {
     ++version_;
