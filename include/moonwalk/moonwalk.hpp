@@ -1,15 +1,18 @@
 // Moonwalk — umbrella header: the public API.
 #pragma once
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/init.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/layers/activations.hpp"
 #include "moonwalk/layers/coupling.hpp"
 #include "moonwalk/layers/linear.hpp"
+#include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"
 #include "moonwalk/losses/losses.hpp"
 #include "moonwalk/nets/any_layer.hpp"

@@ -3,6 +3,7 @@
 #include <moonwalk/layers/activations.hpp>
 #include <moonwalk/layers/coupling.hpp>
 #include <moonwalk/layers/linear.hpp>
+#include <moonwalk/layers/orthogonal.hpp>
 #include <moonwalk/layers/pad.hpp>
 #include <moonwalk/nets/any_layer.hpp>
 #include <moonwalk/nets/network.hpp>
@@ -18,6 +19,7 @@ using moonwalk::Identity;
 using moonwalk::LeakyReLU;
 using moonwalk::Linear;
 using moonwalk::Network;
+using moonwalk::OrthogonalLinear;
 using moonwalk::ReLU;
 using moonwalk::Sequential;
 using moonwalk::Sigmoid;
@@ -52,6 +54,11 @@ MOONWALK_LAYER_TEST("linear contracting 7->5, perturbed W and b",
 MOONWALK_LAYER_TEST("linear square 6->6, perturbed W and b", (perturbed(Linear<S>(6, 6, {.seed = 5}), 51)))
 MOONWALK_LAYER_TEST("linear expanding 4->7, perturbed W and b", (perturbed(Linear<S>(4, 7, {.seed = 6}), 61)))
 MOONWALK_LAYER_TEST("linear 5->3, gain 2", (Linear<S>(5, 3, {.seed = 7, .gain = S(2)})))
+
+// ---- OrthogonalLinear (Cayley): submersive and invertible; perturbed U and non-zero b
+MOONWALK_LAYER_TEST("orthogonal 6", (OrthogonalLinear<S>(6, {.seed = 10})))
+MOONWALK_LAYER_TEST("orthogonal 5, perturbed U and b", (perturbed(OrthogonalLinear<S>(5, {.seed = 11}), 111)))
+MOONWALK_LAYER_TEST("any_layer(orthogonal 4)", (AnyLayer<S>(OrthogonalLinear<S>(4, {.seed = 12}))))
 
 // ---- elementwise activations
 MOONWALK_LAYER_TEST("leaky_relu slope 0.1", (LeakyReLU<S>(5, S(0.1))))

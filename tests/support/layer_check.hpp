@@ -29,6 +29,17 @@
 //   [inverse]               inverse(forward(x)) = x         when can_invert
 //   [shape]                 forward/jvp/vjp with a wrong row count throw ShapeError
 //                           naming the layer, the bad shape and the expected rows
+//   [cast]                  when CastableTo<L, double>: cast<double>() has the same name,
+//                           shape and θ (exactly), zero gradients, and a forward equal to
+//                           the layer's up to its rounding
+//   [cast-roundtrip]        cast<double>().cast<S>() gives θ back exactly
+//   [amplification]         when HasAmplification (and known): 0 < typical ≤ bound, 1 ≤ bound on x
+//                           (+∞ allowed, bound first)
+//   [amplification-bounds]  double only, when the layer can sweep (vijp, or
+//                           vijp_with_fragment with the fragment of the unperturbed h_y):
+//                           per sample, the measured growth of a random error δ in h_x,
+//                           (‖Δh_y‖/‖h_y‖) / (‖δ‖/‖h_x‖) with h_x = vjp(x, u), over a few
+//                           random u and δ, stays ≤ 1.01 · bound
 //
 // Every layer operation is reached through std::function callbacks in double
 // (detail::LayerView), so the checks themselves compile once per translation
@@ -47,6 +58,7 @@
 #include <functional>
 #include <iomanip>
 #include <limits>
+#include <moonwalk/core/amplification.hpp>
 #include <moonwalk/core/concepts.hpp>
 #include <moonwalk/core/ops.hpp>
 #include <moonwalk/core/residuals.hpp>
@@ -205,6 +217,17 @@ struct FragmentRun {
   bool zeroable = false;
 };
 
+/// What the cast check needs: the layer cast to double, seen in double.
+struct CastRun {
+  std::string name;
+  Index in = 0, out = 0, params = 0;
+  MatD forward;  // cast<double>().forward(x)
+  VecD theta;    // θ of cast<double>()
+  bool gradients_zero = false;
+  bool has_roundtrip = false;
+  VecD theta_back;  // θ of cast<double>().cast<S>()
+};
+
 /// The five wrong-shape calls.
 enum class BadCall { forward_x, jvp_x, jvp_dx, vjp_x, vjp_h };
 
@@ -233,6 +256,15 @@ struct LayerView {
   std::function<Thrown(BadCall, const MatD& x, const MatD& v, const MatD& u)> bad_call;
 
   std::function<VecD()> layer_params;  // θ of the S layer, exactly
+
+  // optional protocols (core/amplification.hpp)
+  bool has_cast = false;
+  std::function<CastRun(const MatD& x)> cast;
+  bool has_amplification = false;
+  std::function<moonwalk::Amplification(const MatD& x)> amplification;
+  bool can_sweep = false;  // can_vijp or can_fragment
+  /// h_y from h_x: vijp, or vijp_with_fragment with the fragment saved from `hy`.
+  std::function<MatD(const MatD& x, const MatD& hx, const MatD& hy)> sweep;
 
   std::function<MatD(const MatD&)> twin_forward;
   std::function<MatD(const MatD&, const MatD&)> twin_jvp;
@@ -329,6 +361,45 @@ LayerView make_view(L& l, LD& d) {
           break;
       }
     });
+  };
+
+  if constexpr (moonwalk::CastableTo<L, double>) {
+    v.has_cast = true;
+    v.cast = [&l](const MatD& x) {
+      const auto ld = l.template cast<double>();
+      CastRun r;
+      r.name = ld.name();
+      r.in = ld.in_features();
+      r.out = ld.out_features();
+      r.params = ld.num_params();
+      r.forward = ld.forward(x);
+      r.theta = params_of(ld);
+      r.gradients_zero = true;
+      for (const auto& b : moonwalk::gradient_blocks(ld))
+        for (const double g : b) r.gradients_zero = r.gradients_zero && g == 0;
+      if constexpr (moonwalk::CastableTo<std::remove_cvref_t<decltype(ld)>, S>) {
+        r.has_roundtrip = true;
+        r.theta_back = params_of(ld.template cast<S>());
+      }
+      return r;
+    };
+  }
+  if constexpr (moonwalk::HasAmplification<L>) {
+    v.has_amplification = true;
+    v.amplification = [&l, toS](const MatD& x) {
+      const MS xs = toS(x);
+      return moonwalk::amplification(l, moonwalk::save_residual(l, xs));
+    };
+  }
+  v.can_sweep = v.can_vijp || (v.has_fragment && v.can_fragment);
+  v.sweep = [&l, toS, toD](const MatD& x, const MatD& hx, const MatD& hy) {
+    const MS xs = toS(x), hxs = toS(hx);
+    if constexpr (moonwalk::Submersive<L>)
+      if (moonwalk::can_vijp(l)) return toD(l.vijp(xs, hxs));
+    if constexpr (moonwalk::Fragmental<L>)
+      if (moonwalk::can_fragment(l))
+        return toD(l.vijp_with_fragment(xs, hxs, l.save_fragment(moonwalk::save_residual(l, xs), toS(hy))));
+    return MatD();
   };
 
   v.layer_params = [&l] { return params_of(std::as_const(l)); };
@@ -491,6 +562,58 @@ inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Che
       const Thrown t = catch_as<moonwalk::Error>([&] { (void)L.inverse(y); });
       c.check("[inverse-refuses]", t.ok(),
               "inverse of a non-invertible layer throws (got \"" + t.message + "\")");
+    }
+  }
+
+  // ---- optional: the same layer in double
+  if (L.has_cast) {
+    const CastRun r = L.cast(x);
+    const VecD theta = L.layer_params();
+    c.check("[cast]", r.name == name && r.in == n && r.out == m && r.params == P,
+            "cast<double>() keeps the name, shape and num_params (got \"" + r.name + "\", " +
+                fmt_shape(r.out, r.in) + ", " + std::to_string(r.params) + " parameters)");
+    c.check("[cast]", r.theta.size() == theta.size() && r.theta == theta,
+            "cast<double>() carries the parameters exactly");
+    c.check("[cast]", r.gradients_zero, "cast<double>() starts with zero gradients");
+    c.le("[cast]", rel_err(r.forward, y), T.identity, "cast<double>().forward(x) agrees with forward(x)");
+    if (r.has_roundtrip)
+      c.check("[cast-roundtrip]", r.theta_back.size() == theta.size() && r.theta_back == theta,
+              "cast<double>().cast<S>() gives the parameters back exactly");
+  }
+
+  // ---- optional: amplification bounds what it claims to
+  if (L.has_amplification) {
+    const moonwalk::Amplification a = L.amplification(x);
+    if (a.known) {
+      const double slack = std::max(1e-6, T.identity);
+      std::ostringstream s;
+      s << "0 < typical " << a.typical << " <= bound " << a.bound << ", 1 <= bound (relative slack " << slack
+        << ")";
+      c.check("[amplification]",
+              a.typical > 0 && a.bound >= 1 - slack &&
+                  (a.typical <= a.bound * (1 + slack) || std::isinf(a.bound)),
+              s.str());
+      if (L.eps < 1e-10 && L.can_sweep && std::isfinite(a.bound)) {
+        double worst = 0;
+        for (std::uint64_t t = 0; t < 8; ++t) {
+          const MatD u0 = randn(m, B, seed(20 + t));
+          const MatD hx = L.vjp(x, u0);
+          const MatD h0 = L.sweep(x, hx, u0);
+          const MatD d =
+              1e-3 * (hx.norm() / std::sqrt(static_cast<double>(hx.size()))) * randn(n, B, seed(40 + t));
+          const MatD h1 = L.sweep(x, hx + d, u0);
+          c.require("[amplification-bounds]", h0.rows() == m && h1.rows() == m && h0.cols() == B,
+                    "precondition: the sweep returns out x batch");
+          for (Index j = 0; j < B; ++j) {
+            const double out_rel = (h1.col(j) - h0.col(j)).norm() / h0.col(j).norm();
+            const double in_rel = d.col(j).norm() / hx.col(j).norm();
+            worst = std::max(worst, out_rel / in_rel);
+          }
+        }
+        c.le("[amplification-bounds]", worst, 1.01 * a.bound,
+             "largest measured growth of a random cotangent error across the sweep, per sample, vs 1.01 * "
+             "bound");
+      }
     }
   }
 

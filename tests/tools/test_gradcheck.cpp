@@ -235,9 +235,21 @@ void check_document(const Json& doc, const std::string& net, const std::string& 
         static_cast<double>(moonwalk::num_parameters(moonwalk::parse_network<double>(net, 0))));
   REQUIRE(doc["results"].type == Json::Type::array);
   for (const Json& r : doc["results"].array) {
-    CHECK(r.keys() == std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+    // Moonwalk rows add their fidelity figures (docs/gradcheck.md, Output).
+    const bool moonwalk = r["schedule"].string == "mixed" || r["schedule"].string == "pure";
+    CHECK(r.keys() ==
+          (moonwalk ? std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
                                                "error_estimate", "residual_bytes", "seconds", "tolerance",
-                                               "cosine_vs_backprop", "pass"});
+                                               "cosine_vs_backprop", "anchors", "precision", "fallbacks",
+                                               "predicted_error", "within_tolerance", "pass"}
+                    : std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+                                               "error_estimate", "residual_bytes", "seconds", "tolerance",
+                                               "cosine_vs_backprop", "pass"}));
+    if (moonwalk) {
+      CHECK(r["within_tolerance"].type == Json::Type::boolean);
+      CHECK((r["precision"].string == "float" || r["precision"].string == "double" ||
+             r["precision"].string == "backprop"));
+    }
     CHECK(r["pass"].type == Json::Type::boolean);
     CHECK(r["residual_bytes"].type == Json::Type::number);
     CHECK(r["seconds"].number >= 0);
@@ -352,6 +364,9 @@ TEST_CASE("gradcheck: every grammar token appears in a passing run", "[tools][gr
        "--loss", "xent", "--dtype", "double"},
       {"--net", "in:5,pad:8,coupling:affine:6:softplus:0.3,tanh,coupling:additive:6,linear:3", "--loss",
        "mse", "--dtype", "float"},
+      // The orthogonal (Cayley) parametrisation.
+      {"--net", "in:6,orthogonal,leaky_relu:0.2,orthogonal,tanh,linear:3", "--loss", "xent", "--dtype",
+       "float"},
   };
   std::set<std::string> seen;  // "name" and "name:" (with an argument)
   for (const auto& args : runs) {
@@ -433,15 +448,15 @@ TEST_CASE("gradcheck: --anchors, --schedules, --help", "[tools][gradcheck]") {
 
 // ---- exit 1: an honest failure ----------------------------------------------------------
 
-TEST_CASE("gradcheck: an ill-conditioned float network fails the error model (exit 1)",
+TEST_CASE("gradcheck: an ill-conditioned float network fails the error model unguarded (exit 1)",
           "[tools][gradcheck]") {
   // Six Linear + LeakyReLU(0.01) pairs: the reverse pass shrinks the negative
   // side by 100 per layer and the sweep stretches the float rounding back by
-  // as much (DESIGN §5). Backprop is still fine; Moonwalk's own estimate is
-  // far above the float target, and gradcheck must say so.
+  // as much (DESIGN §5). Backprop is still fine; with --policy none Moonwalk's
+  // own estimate is far above the float target, and gradcheck must say so.
   std::string net = "in:8";
   for (int i = 0; i < 6; ++i) net += ",linear:8,leaky_relu:0.01";
-  const Run r = gradcheck({"--net", net, "--dtype", "float"});
+  const Run r = gradcheck({"--net", net, "--dtype", "float", "--policy", "none"});
   INFO("stdout: " << r.out);
   CHECK(r.exit_code == 1);
   const auto res = results_by_schedule(r.json());
@@ -450,6 +465,8 @@ TEST_CASE("gradcheck: an ill-conditioned float network fails the error model (ex
   for (const std::string s : {"mixed", "pure"}) {
     INFO("schedule " << s);
     CHECK_FALSE(res.at(s)["pass"].boolean);
+    CHECK_FALSE(res.at(s)["within_tolerance"].boolean);
+    CHECK(res.at(s)["precision"].string == "float");
     // Non-finite numbers print as null; finite ones show the estimate is over target.
     if (res.at(s)["error_estimate"].type == Json::Type::number)
       CHECK(res.at(s)["error_estimate"].number > moonwalk::default_target<float>());
@@ -457,10 +474,65 @@ TEST_CASE("gradcheck: an ill-conditioned float network fails the error model (ex
 
   // Anchors every 2 layers restart the sweep before the error grows: mixed passes.
   const Run anchored =
-      gradcheck({"--net", net, "--dtype", "float", "--anchors", "2", "--schedules", "backprop,mixed"});
+      gradcheck({"--net", net, "--dtype", "float", "--policy", "every:2", "--schedules", "backprop,mixed"});
   INFO("anchored stdout: " << anchored.out);
   CHECK(anchored.exit_code == 0);
   for (const auto& [name, result] : results_by_schedule(anchored.json())) CHECK(result["pass"].boolean);
+  CHECK(results_by_schedule(anchored.json()).at("mixed")["anchors"].number == 5);
+
+  // The default policy holds the tolerance by itself, and says what it cost.
+  const Run held = gradcheck({"--net", net, "--dtype", "float", "--schedules", "backprop,mixed,pure"});
+  INFO("default-policy stdout: " << held.out);
+  const auto hr = results_by_schedule(held.json());
+  CHECK(hr.at("mixed")["pass"].boolean);
+  CHECK(hr.at("mixed")["within_tolerance"].boolean);
+  CHECK((hr.at("mixed")["anchors"].number > 0 || hr.at("mixed")["precision"].string != "float"));
+  // Pure has no reverse pass to anchor from: it escalates to double and its
+  // verdict matches its flag.
+  CHECK(hr.at("pure")["precision"].string == "double");
+  CHECK(hr.at("pure")["pass"].boolean == hr.at("pure")["within_tolerance"].boolean);
+  CHECK(held.exit_code == (hr.at("pure")["pass"].boolean ? 0 : 1));
+}
+
+TEST_CASE("gradcheck: --init, --policy, --tolerance and --fd", "[tools][gradcheck]") {
+  const std::string net = "in:6,linear:6,leaky_relu:0.2,linear:6,leaky_relu:0.2,linear:3";
+  SECTION("--fd off judges nothing against finite differences") {
+    const Run r = gradcheck({"--net", net, "--fd", "off", "--schedules", "backprop,mixed"});
+    INFO(r.out);
+    CHECK(r.exit_code == 0);
+    for (const auto& [name, result] : results_by_schedule(r.json()))
+      CHECK(result["max_rel_err_vs_fd"].type == Json::Type::null);
+  }
+  SECTION("--tolerance tightens rule (2): an unreachable target fails") {
+    const Run r = gradcheck({"--net", net, "--dtype", "float", "--tolerance", "1e-30", "--policy", "none",
+                             "--schedules", "mixed"});
+    INFO(r.out);
+    CHECK(r.exit_code == 1);
+  }
+  SECTION("--policy double carries cotangents in double") {
+    const Run r = gradcheck({"--net", net, "--dtype", "float", "--policy", "double", "--schedules", "mixed"});
+    INFO(r.out);
+    CHECK(r.exit_code == 0);
+    CHECK(results_by_schedule(r.json()).at("mixed")["precision"].string == "double");
+  }
+  SECTION("--init gaussian is accepted and checked like any network") {
+    const Run b = gradcheck({"--net", net, "--init", "gaussian", "--schedules", "backprop,mixed"});
+    INFO(b.out << b.err);
+    CHECK(b.exit_code == 0);
+  }
+  SECTION("bad values exit 2 naming the option") {
+    for (const std::vector<std::string>& args :
+         {std::vector<std::string>{"--net", net, "--policy", "sometimes"},
+          std::vector<std::string>{"--net", net, "--policy", "every:0"},
+          std::vector<std::string>{"--net", net, "--tolerance", "-1"},
+          std::vector<std::string>{"--net", net, "--init", "uniform"},
+          std::vector<std::string>{"--net", net, "--fd", "maybe"}}) {
+      const Run r = gradcheck(args);
+      INFO(args[2] << " " << args[3] << ": " << r.err);
+      CHECK(r.exit_code == 2);
+      CHECK(r.err.find(args[2]) != std::string::npos);
+    }
+  }
 }
 
 // ---- exit 2: bad spec or option ------------------------------------------------------------

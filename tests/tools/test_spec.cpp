@@ -1,6 +1,8 @@
 // Spec-string parser: every token parses, widths chain, seeds are
 // deterministic, and every kind of bad spec throws SpecError quoting the token.
 #include <catch2/catch.hpp>
+#include <cmath>
+#include <limits>
 #include <moonwalk/moonwalk.hpp>
 #include <moonwalk/nets/spec.hpp>
 #include <set>
@@ -84,8 +86,8 @@ TEST_CASE("spec: the grammar table holds exactly the documented layers", "[tools
     CHECK(rule.syntax.rfind(name, 0) == 0);  // the syntax starts with the name
     CHECK(static_cast<bool>(rule.build));
   }
-  CHECK(names == std::set<std::string>{"linear", "leaky_relu", "relu", "tanh", "sigmoid", "softplus", "elu",
-                                       "pad", "coupling", "identity"});
+  CHECK(names == std::set<std::string>{"linear", "orthogonal", "leaky_relu", "relu", "tanh", "sigmoid",
+                                       "softplus", "elu", "pad", "coupling", "identity"});
 }
 
 TEST_CASE("spec: whitespace around tokens and arguments is ignored", "[tools][spec]") {
@@ -149,6 +151,9 @@ TEMPLATE_TEST_CASE("spec: every kind of bad spec throws SpecError quoting the to
       {"in:8,identity:2", "'identity:2'", "wrong number of arguments"},
       {"in:8,leaky_relu:0.1:2", "'leaky_relu:0.1:2'", "wrong number of arguments"},
       {"in:8,elu:1:2", "'elu:1:2'", "wrong number of arguments"},
+      {"in:8,orthogonal:3", "'orthogonal:3'", "wrong number of arguments"},
+      {"in:8,coupling:additive:4:orthogonal", "'coupling:additive:4:orthogonal'",
+       "unknown branch activation 'orthogonal'"},
       {"in:x,linear:4", "'in:x'", "bad number 'x'"},
       {"in:8,linear:2.5", "'linear:2.5'", "bad number '2.5'"},
       {"in:8,linear:4x", "'linear:4x'", "bad number '4x'"},
@@ -185,4 +190,93 @@ TEST_CASE("spec: a slope that is positive in double but 0 in float is a spec err
   CHECK(msg.find("'leaky_relu:1e-50'") != std::string::npos);
   CHECK(msg.find("finite in float") != std::string::npos);
   CHECK(spec_error<float>("in:4,elu:1e300,linear:2").find("'elu:1e300'") != std::string::npos);
+}
+
+TEMPLATE_TEST_CASE("spec: orthogonal is a square OrthogonalLinear seeded like any token", "[tools][spec]",
+                   float, double) {
+  using S = TestType;
+  const std::uint64_t seed = 5;
+  const auto net = moonwalk::parse_network<S>("in:6,orthogonal,tanh,orthogonal,linear:2", seed);
+  REQUIRE(net.size() == 4);
+  const auto* q = net[0].template target<moonwalk::OrthogonalLinear<S>>();
+  REQUIRE(q != nullptr);
+  CHECK(q->in_features() == 6);
+  CHECK(q->out_features() == 6);
+  CHECK(net[3].in_features() == 6);
+  CHECK(moonwalk::num_parameters(net) == 2 * (15 + 6) + (6 * 2 + 2));
+  const moonwalk::OrthogonalLinear<S> expected(6, {.seed = moonwalk::spec::layer_seed(seed, 1)});
+  CHECK(q->Q() == expected.Q());
+  CHECK(q->b() == expected.b());
+  const auto* q2 = net[2].template target<moonwalk::OrthogonalLinear<S>>();
+  REQUIRE(q2 != nullptr);
+  CHECK(q2->Q() != q->Q());  // distinct token seeds
+  const moonwalk::Matrix<double> qd = q->Q().template cast<double>();
+  CHECK((qd.transpose() * qd - moonwalk::Matrix<double>::Identity(6, 6)).norm() <
+        100 * std::numeric_limits<S>::epsilon());
+  CHECK(moonwalk::can_vijp(net[0]));
+  CHECK(moonwalk::can_invert(net[0]));
+}
+
+namespace {
+/// ‖W Wᵀ − I‖_F (rows ≤ cols) or ‖Wᵀ W − I‖_F, in double.
+template <class S>
+double gram_error(const moonwalk::Matrix<S>& w) {
+  const moonwalk::Matrix<double> d = w.template cast<double>();
+  const moonwalk::Matrix<double> g = d.rows() <= d.cols() ? moonwalk::Matrix<double>(d * d.transpose())
+                                                          : moonwalk::Matrix<double>(d.transpose() * d);
+  return (g - moonwalk::Matrix<double>::Identity(g.rows(), g.cols())).norm();
+}
+}  // namespace
+
+TEMPLATE_TEST_CASE("spec: SpecOptions::init chooses orthogonal (default) or gaussian Linear weights",
+                   "[tools][spec]", float, double) {
+  using S = TestType;
+  using moonwalk::Init;
+  using moonwalk::Linear;
+  const std::string spec = "in:64,linear:48,tanh,linear:64";
+  const std::uint64_t seed = 9;
+  const auto dflt = moonwalk::parse_network<S>(spec, seed);
+  const auto orth = moonwalk::parse_network<S>(spec, seed, moonwalk::SpecOptions{});
+  const auto gauss = moonwalk::parse_network<S>(spec, seed, moonwalk::SpecOptions{.init = Init::gaussian});
+  CHECK(moonwalk::SpecOptions{}.init == Init::orthogonal);
+  // the two-argument form is the default options
+  CHECK(moonwalk::get_parameters(dflt) == moonwalk::get_parameters(orth));
+
+  for (const std::size_t k : {std::size_t{0}, std::size_t{2}}) {
+    INFO("layer " << k);
+    const auto* o = orth[k].template target<Linear<S>>();
+    const auto* g = gauss[k].template target<Linear<S>>();
+    REQUIRE(o != nullptr);
+    REQUIRE(g != nullptr);
+    const moonwalk::Matrix<S> wo = o->W(), wg = g->W();
+    // default: (semi-)orthogonal
+    CHECK(gram_error<S>(wo) < 1e-4);
+    // gaussian: clearly not orthogonal, entries N(0, 1/in)
+    CHECK(gram_error<S>(wg) > 1.0);
+    const double in = static_cast<double>(g->in_features());
+    const moonwalk::Matrix<double> wd = wg.template cast<double>();
+    const double mean = wd.mean();
+    const double sd = std::sqrt((wd.array() - mean).square().sum() / static_cast<double>(wd.size() - 1));
+    CHECK(std::abs(mean) * std::sqrt(in) < 0.08);      // sampling error ≈ 0.018
+    CHECK(std::abs(sd * std::sqrt(in) - 1.0) < 0.05);  // ≥ 3000 entries: sampling error ≈ 0.013
+    // exactly the Linear the option names, with the token's seed
+    typename Linear<S>::Options lo;
+    lo.seed = moonwalk::spec::layer_seed(seed, k + 1);
+    lo.init = Init::gaussian;
+    CHECK(wg == Linear<S>(g->in_features(), g->out_features(), lo).W());
+    CHECK(g->b().isZero(0));
+  }
+}
+
+TEST_CASE("spec: coupling branch Linears follow SpecOptions::init; orthogonal ignores it", "[tools][spec]") {
+  using moonwalk::Init;
+  const std::string spec = "in:6,coupling:additive:5,orthogonal";
+  const auto orth = moonwalk::parse_network<double>(spec, 3);
+  const auto gauss = moonwalk::parse_network<double>(spec, 3, {.init = Init::gaussian});
+  // the coupling's parameters differ, the orthogonal layer's do not
+  const moonwalk::Vector<double> to = moonwalk::get_parameters(orth), tg = moonwalk::get_parameters(gauss);
+  REQUIRE(to.size() == tg.size());
+  const Index split = orth[0].num_params();
+  CHECK(to.head(split) != tg.head(split));
+  CHECK(to.tail(to.size() - split) == tg.tail(tg.size() - split));
 }

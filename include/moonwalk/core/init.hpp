@@ -9,6 +9,12 @@
 
 namespace moonwalk {
 
+/// How a dense layer's weights start: (semi-)orthogonal (every singular value
+/// `gain`: condition number 1, the default) or i.i.d. N(0, gain² / in)
+/// (LeCun-scaled Gaussian, whose small singular values make deep sweeps
+/// amplify rounding error, DESIGN §5).
+enum class Init { orthogonal, gaussian };
+
 /// A `rows × cols` matrix of independent N(0, 1) draws from a seeded generator.
 template <class S>
 Matrix<S> gaussian(Index rows, Index cols, std::uint64_t seed) {

@@ -10,7 +10,7 @@
 // reconstructed h_L and ∂ℓ/∂x_L, and the mismatch at every anchor):
 //
 //   pass  ⇔  err_vs_backprop ≤ max(c · u · L, 10 · estimate)     (1)
-//         ∧  estimate ≤ default_target<S>()                      (2)
+//         ∧  estimate ≤ T   (T = tolerance, default_target<S>())  (2)
 //
 //   err_vs_backprop  relative error against backprop in the same scalar type
 //                    (per parameter tensor: max|g − g_bp| / max|g_bp|,
@@ -68,11 +68,13 @@ double error_model_bound(double estimate, std::size_t layers) {
 }
 
 /// True when a Moonwalk gradient passes the error model: rules (1) and (2) of
-/// the header comment. NaN or infinite inputs fail.
+/// the header comment, with T = `tolerance` (0: default_target<S>()). NaN or
+/// infinite inputs fail.
 template <class S>
-bool within_error_model(double err_vs_backprop, double estimate, std::size_t layers) {
+bool within_error_model(double err_vs_backprop, double estimate, std::size_t layers, double tolerance = 0) {
   if (!std::isfinite(err_vs_backprop) || !std::isfinite(estimate)) return false;
-  return err_vs_backprop <= error_model_bound<S>(estimate, layers) && estimate <= default_target<S>();
+  const double target = tolerance > 0 ? tolerance : default_target<S>();
+  return err_vs_backprop <= error_model_bound<S>(estimate, layers) && estimate <= target;
 }
 
 }  // namespace moonwalk

@@ -5,12 +5,20 @@
 // decided by `on(x)`: its reverse pass keeps one bit per element. A smooth
 // rule keeps σ'(x) (one number per element; DESIGN §4 — the report shows it).
 // With σ' ≠ 0 everywhere the layer is submersive: vijp is h_y = h_x / σ'(x).
+//
+// Amplification (core/amplification.hpp) of the diagonal J = diag σ'(x), per
+// sample: κ = max|σ'| / min|σ'|, γ = √(mean σ'²) · √(mean σ'⁻²), both
+// maximised over the batch, +∞ where some σ'(x) = 0. A rule carries its
+// parameters into another scalar type by `cast<T>()`.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <sstream>
 #include <string>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
@@ -37,6 +45,10 @@ struct LeakyReLU {
   [[nodiscard]] S derivative(S x) const { return x > S(0) ? S(1) : slope; }
   /// σ⁻¹(y) = y for y > 0, y / a otherwise (a > 0 keeps the sign).
   [[nodiscard]] S inverse(S y) const { return y > S(0) ? y : y / slope; }
+  template <class T>
+  [[nodiscard]] LeakyReLU<T> cast() const {
+    return {static_cast<T>(slope)};
+  }
 };
 
 /// σ(x) = tanh x, σ' = 1 − tanh² x.
@@ -51,6 +63,10 @@ struct Tanh {
     return S(1) - t * t;
   }
   S inverse(S y) const { return std::atanh(y); }
+  template <class T>
+  [[nodiscard]] Tanh<T> cast() const {
+    return {};
+  }
 };
 
 /// σ(x) = 1 / (1 + e^{−x}); σ' = e^{−|x|} / (1 + e^{−|x|})², stable for large |x|.
@@ -68,6 +84,10 @@ struct Sigmoid {
     return e / ((S(1) + e) * (S(1) + e));
   }
   S inverse(S y) const { return std::log(y) - std::log1p(-y); }
+  template <class T>
+  [[nodiscard]] Sigmoid<T> cast() const {
+    return {};
+  }
 };
 
 /// σ(x) = log(1 + eˣ) = max(x, 0) + log1p(e^{−|x|}); σ' = sigmoid(x).
@@ -80,6 +100,10 @@ struct Softplus {
   S derivative(S x) const { return Sigmoid<S>{}.value(x); }
   /// σ⁻¹(y) = log(eʸ − 1) = y + log1p(−e^{−y}).
   S inverse(S y) const { return y + std::log1p(-std::exp(-y)); }
+  template <class T>
+  [[nodiscard]] Softplus<T> cast() const {
+    return {};
+  }
 };
 
 /// σ(x) = x for x > 0, α(eˣ − 1) otherwise.
@@ -96,9 +120,34 @@ struct ELU {
   S value(S x) const { return x > S(0) ? x : alpha * std::expm1(x); }
   S derivative(S x) const { return x > S(0) ? S(1) : alpha * std::exp(x); }
   S inverse(S y) const { return y > S(0) ? y : std::log1p(y / alpha); }
+  template <class T>
+  [[nodiscard]] ELU<T> cast() const {
+    return {static_cast<T>(alpha)};
+  }
 };
 
 }  // namespace rules
+
+namespace detail {
+
+/// κ and γ of one sample's diagonal Jacobian from its slope statistics:
+/// Σσ'², Σσ'⁻², max|σ'|, min|σ'| over n features (+∞ when min|σ'| = 0).
+inline Amplification diagonal_amplification(double sum_sq, double sum_inv_sq, double max_abs, double min_abs,
+                                            Index n) {
+  if (!(min_abs > 0)) {
+    const double inf = std::numeric_limits<double>::infinity();
+    return {inf, inf};
+  }
+  const double dn = static_cast<double>(n);
+  return {max_abs / min_abs, std::sqrt(sum_sq / dn) * std::sqrt(sum_inv_sq / dn)};
+}
+
+/// The worse of two amplifications, entry by entry (maximum over a batch).
+inline Amplification worse(const Amplification& a, const Amplification& b) {
+  return {std::max(a.bound, b.bound), std::max(a.typical, b.typical), a.known && b.known};
+}
+
+}  // namespace detail
 
 /// Elementwise layer over a rule (see header comment). Width is fixed at
 /// construction so shapes are checked.
@@ -182,6 +231,52 @@ class Elementwise : public NoParameters<S> {
     return y.unaryExpr([this](S v) { return rule_.inverse(v); });
   }
 
+  /// Per sample κ = max|σ'| / min|σ'| and γ = √(mean σ'²) · √(mean σ'⁻²) over
+  /// its features, maximised over the batch; +∞ where some σ'(x) = 0 (the vijp
+  /// would divide by it). Piecewise-linear: σ' ∈ {slope_on, slope_off} by the
+  /// mask bit, so κ = |slope_on / slope_off| (or its inverse) once a sample has
+  /// both, else 1.
+  [[nodiscard]] Amplification amplification(const residual_type& r) const {
+    Amplification worst;
+    if constexpr (Rule::piecewise_linear) {
+      if (r.rows() != n_)
+        throw ShapeError(detail::cat(name(), ": mask has ", r.rows(), " rows, expected ", n_));
+      const double a = std::abs(static_cast<double>(rule_.slope_on()));
+      const double c = std::abs(static_cast<double>(rule_.slope_off()));
+      for (Index j = 0; j < r.cols(); ++j) {
+        Index on = 0;
+        for (Index i = 0; i < n_; ++i) on += r(i, j) ? 1 : 0;
+        const Index off = n_ - on;
+        const double hi = on == 0 ? c : (off == 0 ? a : std::max(a, c));
+        const double lo = on == 0 ? c : (off == 0 ? a : std::min(a, c));
+        const double n_on = static_cast<double>(on), n_off = static_cast<double>(off);
+        const double sq = n_on * a * a + n_off * c * c;
+        const double inv_sq = lo > 0 ? (on > 0 ? n_on / (a * a) : 0.0) + (off > 0 ? n_off / (c * c) : 0.0)
+                                     : std::numeric_limits<double>::infinity();
+        worst = detail::worse(worst, detail::diagonal_amplification(sq, inv_sq, hi, lo, n_));
+      }
+    } else {
+      detail::check_rows(*this, "saved derivative", r.value, n_);
+      for (Index j = 0; j < r.value.cols(); ++j) {
+        const auto d = r.value.col(j).template cast<double>().cwiseAbs();
+        const double lo = d.minCoeff();
+        const double inv_sq =
+            lo > 0 ? d.cwiseInverse().squaredNorm() : std::numeric_limits<double>::infinity();
+        worst = detail::worse(worst,
+                              detail::diagonal_amplification(d.squaredNorm(), inv_sq, d.maxCoeff(), lo, n_));
+      }
+    }
+    return worst;
+  }
+
+  /// The same layer in scalar type T (the rule's parameters converted).
+  template <class T>
+  requires requires(const Rule& rule) { rule.template cast<T>(); }
+  [[nodiscard]] auto cast() const {
+    using RuleT = decltype(rule_.template cast<T>());
+    return Elementwise<T, RuleT>(n_, rule_.template cast<T>());
+  }
+
  private:
   Index n_;
   Rule rule_;
@@ -239,6 +334,12 @@ class Identity : public NoParameters<S> {
   }
   [[nodiscard]] Matrix<S> vijp(const CRef<S>&, const CRef<S>& hx) const { return checked(hx, "cotangent"); }
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return checked(y, "output"); }
+  /// J = I: κ = γ = 1.
+  [[nodiscard]] static Amplification amplification(const Empty&) { return {1, 1}; }
+  template <class T>
+  [[nodiscard]] Identity<T> cast() const {
+    return Identity<T>(n_);
+  }
 
  private:
   Matrix<S> checked(const CRef<S>& m, const char* what) const {
@@ -323,6 +424,15 @@ class ReLU : public NoParameters<S> {
       }
     if (k != f.value.size()) throw ShapeError(name() + ": fragment is longer than the input's zero set");
     return hy;
+  }
+
+  /// κ = γ = 1: where x > 0 the sweep copies h_x (σ' = 1); elsewhere h_y is
+  /// restored exactly from the fragment, so those coordinates carry no
+  /// amplified error and are left out.
+  [[nodiscard]] static Amplification amplification(const BitMask&) { return {1, 1}; }
+  template <class T>
+  [[nodiscard]] ReLU<T> cast() const {
+    return ReLU<T>(n_);
   }
 
  private:

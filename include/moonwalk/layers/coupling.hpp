@@ -19,16 +19,32 @@
 //
 // F's and G's vjps run inside the block, so their internals live only within
 // the block's own call.
+//
+// Amplification (core/amplification.hpp), per sample: J = A_G A_F with
+//   A_F = [[diag e, diag d · F'], [0, I]]   (dx1, dx2) ↦ (dy1, dx2)
+//   A_G = [[I, 0], [G', I]]                 (dy1, dx2) ↦ (dy1, dy2)
+// F' = ∂F/∂x2 at x2, G' = ∂G/∂y1 at y1, f = ‖F'‖, g = ‖G'‖ (power iteration,
+// detail::power_norms: an estimate). With A_F⁻¹ = [[E⁻¹, −E⁻¹ D F'], [0, I]]
+// and A_G⁻¹ = [[I, 0], [−G', I]]:
+//   ‖A_F‖ ≤ max(e_max, 1) + d_max f,   ‖A_F⁻¹‖ ≤ max(1 / e_min, 1) + d_max f / e_min
+//   ‖A_G‖, ‖A_G⁻¹‖ ≤ 1 + g
+//   κ ≤ (1 + g)² · (max(e_max, 1) + d_max f) · (max(1 / e_min, 1) + d_max f / e_min)
+// with e_max, e_min, d_max = max|d| over the sample's first half; additive
+// (e = d = 1): κ ≤ (1 + f)² (1 + g)². γ is probed (detail::probe_typical) and
+// floored at 1 (J is square, so γ ≥ 1 by Cauchy–Schwarz).
 #pragma once
 
 #include <cmath>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/ops.hpp"
+#include "moonwalk/core/probe.hpp"
 
 namespace moonwalk {
 
@@ -186,6 +202,38 @@ class Coupling {
     } else {
       const Inner in = inner(x);
       return {in.e.maxCoeff(), in.e.minCoeff()};
+    }
+  }
+
+  /// κ bound and probed γ of the vijp at x, maximised over the batch (header comment).
+  [[nodiscard]] Amplification amplification(const Matrix<S>& x) const {
+    const Inner in = inner(x);
+    const Vector<double> f = detail::power_norms(f_, in.x2), g = detail::power_norms(g_, in.y1);
+    double bound = 1;
+    for (Index j = 0; j < x.cols(); ++j) {
+      double e_max = 1, e_min = 1, d_max = 1;
+      if constexpr (Kind == CouplingKind::affine) {
+        e_max = static_cast<double>(in.e.col(j).maxCoeff());
+        e_min = static_cast<double>(in.e.col(j).minCoeff());
+        d_max = static_cast<double>(in.d.col(j).cwiseAbs().maxCoeff());
+      }
+      const double a_f =
+          (std::max(e_max, 1.0) + d_max * f(j)) * (std::max(1 / e_min, 1.0) + d_max * f(j) / e_min);
+      const double a_g = (1 + g(j)) * (1 + g(j));
+      bound = std::max(bound, a_f * a_g);
+    }
+    return {bound, std::max(1.0, detail::probe_typical(*this, x))};
+  }
+
+  /// The same block in scalar type T (F and G cast, same kind).
+  template <class T>
+  requires(std::is_same_v<T, S> || (CastableTo<F, T> && CastableTo<G, T>)) [[nodiscard]] auto cast() const {
+    if constexpr (std::is_same_v<T, S>) {
+      return *this;
+    } else {
+      using FT = decltype(f_.template cast<T>());
+      using GT = decltype(g_.template cast<T>());
+      return Coupling<FT, GT, Kind>(f_.template cast<T>(), g_.template cast<T>());
     }
   }
 

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <Eigen/QR>
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -9,8 +10,10 @@
 #include <sstream>
 #include <string>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/init.hpp"
+#include "moonwalk/core/probe.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
 
@@ -19,15 +22,30 @@ namespace moonwalk {
 /// Dense layer `y = W x + b`.
 ///
 /// Parameters are stored flat as θ = [vec(W) (column-major), b]. Default
-/// initialisation is (semi-)orthogonal W with all singular values 1 and b = 0.
+/// initialisation is (semi-)orthogonal W with all singular values 1 and b = 0
+/// (`Options::init = Init::gaussian` for N(0, gain²/in) entries instead).
 ///
 /// Its reverse pass saves nothing (`Jᵀ h = Wᵀ h` needs only W). For out ≤ in
 /// it is submersive: `vijp` solves `Wᵀ h_y = h_x` through a column-pivoted
 /// thin QR of Wᵀ, cached per weight version (never the normal equations). For
 /// out > in it is fragmental: the fragment is the component of h_y in
 /// null(Wᵀ), `out − in` numbers per sample.
+///
+/// Amplification (core/amplification.hpp), from the same cached QR (R is
+/// k × k, k = min(in, out), with κ(R) = κ(W) and ‖R⁻¹‖_F = ‖W⁺‖_F):
+///   bound    κ ≈ √(κ₁(R) · κ_∞(R)), each ‖R⁻¹‖ by the Hager–Higham estimator
+///            (core/probe.hpp); since ‖A‖₂² ≤ ‖A‖₁‖A‖_∞ this is ≥ κ₂(W) when
+///            the estimator is exact, and never above k · κ₂(W)
+///   typical  γ = (‖W‖_F / √out) · (‖W⁺‖_F / √in)   (1 for a square orthogonal
+///            W, √(k / max(in, out)) < 1 for a semi-orthogonal one: a random
+///            error loses its part outside the range)
+/// computed once per weight version. An expanding W's fragment restores the
+/// null(Wᵀ) part exactly, so the same range-space figures apply.
 template <class S>
 class Linear {
+  template <class>
+  friend class Linear;
+
  public:
   using scalar_type = S;
   using residual_type = Empty;
@@ -36,6 +54,7 @@ class Linear {
   struct Options {
     std::uint64_t seed = 0;
     S gain = S(1);
+    Init init = Init::orthogonal;
   };
 
   Linear(Index in, Index out) : Linear(in, out, Options{}) {}
@@ -43,7 +62,10 @@ class Linear {
       : in_(in), out_(out), theta_(out * in + out), grad_(out * in + out) {
     if (in <= 0 || out <= 0)
       throw ShapeError("Linear: sizes must be positive, got " + detail::shape_str(out, in));
-    W() = orthogonal<S>(out, in, opt.seed, opt.gain);
+    if (opt.init == Init::orthogonal)
+      W() = orthogonal<S>(out, in, opt.seed, opt.gain);
+    else
+      W() = gaussian<S>(out, in, opt.seed) * (opt.gain / std::sqrt(static_cast<S>(in)));
     b().setZero();
     grad_.setZero();
   }
@@ -51,6 +73,15 @@ class Linear {
   [[nodiscard]] Index in_features() const { return in_; }
   [[nodiscard]] Index out_features() const { return out_; }
   [[nodiscard]] std::string name() const { return detail::cat("linear(", in_, "->", out_, ")"); }
+
+  /// The same layer in scalar type T: W and b converted, gradient zero.
+  template <class T>
+  [[nodiscard]] Linear<T> cast() const {
+    Linear<T> out(typename Linear<T>::Uninitialised{}, in_, out_);
+    out.theta_ = theta_.template cast<T>();
+    out.grad_.setZero();
+    return out;
+  }
 
   // ---- parameters (mutable access starts a new weight version: the cached
   //      factorisation is rebuilt on the next vijp. Write through a view
@@ -187,6 +218,22 @@ class Linear {
     return x;
   }
 
+  /// Amplification of the vijp (class comment): the weights' condition
+  /// estimate and γ = ‖W‖_F ‖W⁺‖_F / k; +∞ for a rank-deficient W.
+  [[nodiscard]] Amplification amplification(const Empty&) const {
+    try {
+      const Cache& c = cache();
+      return {c.cond_estimate, c.typical};
+    } catch (const RankError&) {
+      const double inf = std::numeric_limits<double>::infinity();
+      return {inf, inf};
+    }
+  }
+  /// √(κ₁(R) κ_∞(R)) of the cached factor (class comment): κ₂(W) ≤ it ≤ k · κ₂(W)
+  /// up to the 1-norm estimator's (rare) underestimate. Throws RankError when
+  /// W is rank deficient.
+  [[nodiscard]] double condition_estimate() const { return cache().cond_estimate; }
+
   /// The R factor of the cached column-pivoted QR (of Wᵀ when out ≤ in, of W
   /// otherwise): its diagonal is non-increasing in magnitude.
   [[nodiscard]] Matrix<S> r_factor() const {
@@ -199,9 +246,36 @@ class Linear {
     std::uint64_t version = std::numeric_limits<std::uint64_t>::max();
     Eigen::ColPivHouseholderQR<Matrix<S>> qr;
     Index k = 0;
-    Matrix<S> right_inverse;  // out × in: a right inverse of Wᵀ
-    Matrix<S> null_basis;     // out × (out − in): orthonormal basis of null(Wᵀ)
+    Matrix<S> right_inverse;   // out × in: a right inverse of Wᵀ
+    Matrix<S> null_basis;      // out × (out − in): orthonormal basis of null(Wᵀ)
+    double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
+    double typical = 1;        // ‖W‖_F ‖W⁺‖_F / √(in · out)
   };
+
+  struct Uninitialised {};
+  /// Shapes only (θ uninitialised, gradient zero): for cast().
+  Linear(Uninitialised, Index in, Index out)
+      : in_(in), out_(out), theta_(out * in + out), grad_(out * in + out) {
+    grad_.setZero();
+  }
+
+  /// √(κ₁(R) κ_∞(R)) with ‖R‖₁, ‖R‖_∞ exact and ‖R⁻¹‖₁ = ‖R⁻ᵀ‖_∞,
+  /// ‖R⁻¹‖_∞ = ‖R⁻ᵀ‖₁ by the Hager–Higham estimator (solves with R and Rᵀ,
+  /// as LAPACK's xTRCON). Each estimate is raised to max_i 1/|r_ii| (also a
+  /// lower bound of both norms of R⁻¹), so the result is ≥ |r_11| / |r_kk|.
+  static double condition_of(const Matrix<double>& R) {
+    const Index k = R.rows();
+    const auto U = R.triangularView<Eigen::Upper>();
+    auto solve = [&](const Vector<double>& v) { return Vector<double>(U.solve(v)); };
+    auto solve_t = [&](const Vector<double>& v) { return Vector<double>(U.transpose().solve(v)); };
+    const double diag_inv = R.diagonal().cwiseAbs().cwiseInverse().maxCoeff();
+    const double inv_1 = std::max(detail::norm1_estimate(k, solve, solve_t), diag_inv);
+    const double inv_inf = std::max(detail::norm1_estimate(k, solve_t, solve), diag_inv);
+    const Matrix<double> Ru = U;
+    const double norm_1 = Ru.cwiseAbs().colwise().sum().maxCoeff();
+    const double norm_inf = Ru.cwiseAbs().rowwise().sum().maxCoeff();
+    return std::sqrt(norm_1 * inv_1) * std::sqrt(norm_inf * inv_inf);
+  }
 
   /// Factorises once per weight version; throws RankError when R's diagonal
   /// shows W is (numerically) rank deficient.
@@ -241,6 +315,12 @@ class Linear {
       Matrix<S> q = c.qr.householderQ();
       c.null_basis = q.rightCols(m - k);
     }
+    // Amplification, once per weight version: right_inverse is P R⁻¹ Q₁ᵀ
+    // (wide) or Q₁ R⁻ᵀ Pᵀ (tall), so its Frobenius norm is ‖R⁻¹‖_F = ‖W⁺‖_F.
+    c.cond_estimate = condition_of(Rm.template cast<double>());
+    c.typical = static_cast<double>(W().template cast<double>().norm()) *
+                static_cast<double>(c.right_inverse.template cast<double>().norm()) /
+                std::sqrt(static_cast<double>(in_) * static_cast<double>(out_));
     c.version = version_;
     return c;
   }

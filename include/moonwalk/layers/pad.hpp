@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/residuals.hpp"
 
@@ -85,6 +86,14 @@ class ZeroPad : public NoParameters<S> {
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
     detail::check_rows(*this, "output", y, out_);
     return y.topRows(in_);
+  }
+
+  /// κ = γ = 1: the kept rows are copied, the padded ones restored exactly
+  /// from the fragment.
+  [[nodiscard]] static Amplification amplification(const Empty&) { return {1, 1}; }
+  template <class T>
+  [[nodiscard]] ZeroPad<T> cast() const {
+    return ZeroPad<T>(in_, out_);
   }
 
  private:

@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/core/residuals.hpp"
@@ -17,7 +18,10 @@ namespace moonwalk {
 /// Any `Layer` with scalar S behind one value type. It models every
 /// refinement syntactically and answers `is_submersive()`, `is_fragmental()`
 /// and `is_invertible()` from what the wrapped layer offers; residuals and
-/// fragments travel as `Erased` (keeping their bytes and kind).
+/// fragments travel as `Erased` (keeping their bytes and kind). It forwards
+/// the optional protocols too: `amplification(r)` (unknown when the wrapped
+/// layer offers none) and `cast<T>()` (throws ScheduleError when it offers no
+/// cast to T).
 template <class S>
 class AnyLayer {
  public:
@@ -78,6 +82,19 @@ class AnyLayer {
   }
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return self_->inverse(y); }
 
+  /// The wrapped layer's amplification from its residual (Amplification::unknown() without one).
+  [[nodiscard]] Amplification amplification(const Erased& r) const { return self_->amplification(r); }
+  /// The wrapped layer in scalar type T (a copy when T is S).
+  template <class T>
+  requires(std::is_same_v<T, float> || std::is_same_v<T, double>) [[nodiscard]] AnyLayer<T> cast() const {
+    if constexpr (std::is_same_v<T, S>)
+      return *this;
+    else if constexpr (std::is_same_v<T, double>)
+      return self_->cast_double();
+    else
+      return self_->cast_float();
+  }
+
   /// The wrapped layer, or nullptr when it is not an L.
   template <class L>
   L* target() {
@@ -117,6 +134,9 @@ class AnyLayer {
     [[nodiscard]] virtual Matrix<S> vijp_with_fragment(const CRef<S>&, const CRef<S>&,
                                                        const Erased&) const = 0;
     [[nodiscard]] virtual Matrix<S> inverse(const CRef<S>&) const = 0;
+    [[nodiscard]] virtual Amplification amplification(const Erased&) const = 0;
+    [[nodiscard]] virtual AnyLayer<double> cast_double() const = 0;
+    [[nodiscard]] virtual AnyLayer<float> cast_float() const = 0;
   };
 
   template <class L>
@@ -180,6 +200,22 @@ class AnyLayer {
         return layer.inverse(y);
       else
         throw RankError(layer.name() + ": not invertible (no inverse)");
+    }
+    [[nodiscard]] Amplification amplification(const Erased& r) const override {
+      return moonwalk::amplification(layer, std::any_cast<const residual_t<L>&>(r.value));
+    }
+    [[nodiscard]] AnyLayer<double> cast_double() const override { return cast_to<double>(); }
+    [[nodiscard]] AnyLayer<float> cast_float() const override { return cast_to<float>(); }
+    template <class T>
+    AnyLayer<T> cast_to() const {
+      if constexpr (std::is_same_v<T, S>)
+        return AnyLayer<T>(layer);
+      else if constexpr (CastableTo<L, T>)
+        return AnyLayer<T>(layer.template cast<T>());
+      else
+        throw ScheduleError(detail::cat(
+            layer.name(), ": offers no cast<", std::is_same_v<T, double> ? "double" : "float",
+            ">(), so it cannot carry ", std::is_same_v<T, double> ? "double" : "float", " cotangents"));
     }
   };
 

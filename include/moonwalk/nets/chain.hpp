@@ -3,12 +3,14 @@
 // These implement the layer contract for any walkable network (Sequential,
 // Network) by walking its layers; vjps keep the chain's intermediate inputs
 // only for the duration of the call (a local backprop inside the block).
+// A chain's amplification multiplies its layers' (κ(J_L⋯J_1) ≤ Π κ(J_i)).
 #pragma once
 
 #include <span>
 #include <sstream>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/ops.hpp"
 
 namespace moonwalk::detail {
@@ -146,6 +148,19 @@ class ChainLayer {
     detail::chain_vjp_params(self(), x, h, g);
   }
   [[nodiscard]] Index num_params() const { return detail::chain_num_params(self()); }
+  /// Π_i amplification of layer i at x_{i−1}, from its own residual (the
+  /// product bounds κ of the chain's Jacobian; unknown if any layer is).
+  [[nodiscard]] Amplification amplification(const Matrix<S>& x) const {
+    detail::check_rows(self(), "input", x, self().in_features());
+    Amplification a;
+    Matrix<S> h = x;
+    for (std::size_t i = 0; i < self().size(); ++i)
+      self().visit(i, [&](const auto& l) {
+        a *= moonwalk::amplification(l, moonwalk::save_residual(l, h));
+        if (i + 1 < self().size()) h = l.forward(h);
+      });
+    return a;
+  }
   std::vector<std::span<S>> parameter_blocks() {
     return detail::chain_blocks<Derived, std::span<S>>(self(), false);
   }

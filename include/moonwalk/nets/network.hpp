@@ -51,6 +51,15 @@ class Network : public ChainLayer<Network<S>, S> {
 
   static constexpr const char* chain_kind = "network";
 
+  /// The same network in scalar type T, layer by layer (AnyLayer::cast;
+  /// throws ScheduleError naming a layer that offers no cast).
+  template <class T>
+  [[nodiscard]] Network<T> cast() const {
+    Network<T> out;
+    for (const auto& l : layers_) out.add(l.template cast<T>());
+    return out;
+  }
+
  private:
   const std::vector<AnyLayer<S>>& nonempty() const {
     if (layers_.empty()) throw ShapeError("Network: empty network has no input or output width");

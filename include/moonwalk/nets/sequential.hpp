@@ -6,6 +6,7 @@
 #include <tuple>
 #include <utility>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/nets/chain.hpp"
 
@@ -60,6 +61,20 @@ class Sequential : public ChainLayer<Sequential<Ls...>, detail::first_scalar<Ls.
   static constexpr bool all_layers = (Pred<Ls>::value && ...);
 
   static constexpr const char* chain_kind = "sequential";
+
+  /// The same chain in scalar type T: every layer cast (a copy when T is the scalar type).
+  template <class T>
+  requires(std::is_same_v<T, scalar_type> || (CastableTo<Ls, T> && ...)) [[nodiscard]] auto cast() const {
+    if constexpr (std::is_same_v<T, scalar_type>) {
+      return *this;
+    } else {
+      return std::apply(
+          [](const auto&... l) {
+            return Sequential<decltype(l.template cast<T>())...>(l.template cast<T>()...);
+          },
+          layers_);
+    }
+  }
 
  private:
   template <class Self, class F, std::size_t... I>

@@ -8,7 +8,10 @@
 // N and every width are positive integers. The layers, one entry each in
 // `spec_layers<S>()` (the only place that knows them):
 //
-//   linear:OUT          Linear<S>(width, OUT), (semi-)orthogonal W, b = 0
+//   linear:OUT          Linear<S>(width, OUT), b = 0; W (semi-)orthogonal, or
+//                       N(0, 1/width) entries with SpecOptions::init = gaussian
+//   orthogonal          OrthogonalLinear<S>(width): square (width unchanged),
+//                       Q = Cayley(U) orthogonal for any parameters, b = 0
 //   leaky_relu[:SLOPE]  LeakyReLU<S>, SLOPE finite and > 0 (default 0.01)
 //   relu                ReLU<S>
 //   tanh                Tanh<S>
@@ -23,7 +26,17 @@
 //                       F: n2 → n1 and G: n1 → n2 are the MLPs
 //                       linear:HIDDEN, ACT, linear:half, ACT any activation
 //                       token without arguments (default tanh), SCALE the
-//                       gain of each branch's last Linear (default 1).
+//                       gain of each branch's last Linear (default 1). The
+//                       branch Linears follow SpecOptions::init too (SCALE is
+//                       the gain either way: every singular value SCALE, or
+//                       entries N(0, SCALE²/HIDDEN)).
+//
+// Options (`parse_network<S>(spec, seed, SpecOptions{...})`; the two-argument
+// form uses the defaults):
+//
+//   init = Init::orthogonal | Init::gaussian   how every Linear's W starts,
+//          including coupling branches (Linear<S>::Options::init). The
+//          `orthogonal` token ignores it: its Q is orthogonal by construction.
 //
 // Seeds (deterministic): the tokens are numbered from 0 in the order they
 // appear, `in:N` being token 0, so the first layer is token 1. The layer
@@ -33,7 +46,8 @@
 //
 // Adding a layer: one `{name, {syntax, builder}}` entry in `spec_layers<S>()`;
 // the builder gets the current width, the token's arguments (with checked
-// accessors that throw SpecError quoting the token) and the token's seed.
+// accessors that throw SpecError quoting the token), the token's seed and
+// the SpecOptions.
 //
 // Every malformed spec throws SpecError; its message quotes the offending
 // token and says what is wrong (unknown layer, bad number, missing in:N,
@@ -54,10 +68,12 @@
 #include <utility>
 #include <vector>
 
+#include "moonwalk/core/init.hpp"
 #include "moonwalk/core/types.hpp"
 #include "moonwalk/layers/activations.hpp"
 #include "moonwalk/layers/coupling.hpp"
 #include "moonwalk/layers/linear.hpp"
+#include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"
 #include "moonwalk/nets/any_layer.hpp"
 #include "moonwalk/nets/network.hpp"
@@ -68,6 +84,12 @@ namespace moonwalk {
 class SpecError : public Error {
  public:
   using Error::Error;
+};
+
+/// Network-wide choices of a spec (see spec.hpp's header comment).
+struct SpecOptions {
+  /// How every Linear's W starts (coupling branches included).
+  Init init = Init::orthogonal;
 };
 
 namespace spec {
@@ -182,9 +204,10 @@ class Token {
   std::vector<std::string> args_;
 };
 
-/// Builds the layer of one token: (current width, token, token seed) -> layer.
+/// Builds the layer of one token: (current width, token, token seed, options) -> layer.
 template <class S>
-using Builder = std::function<AnyLayer<S>(Index width, const Token& token, std::uint64_t seed)>;
+using Builder = std::function<AnyLayer<S>(Index width, const Token& token, std::uint64_t seed,
+                                          const SpecOptions& options)>;
 
 /// One grammar entry: its syntax (for messages and docs) and its builder.
 template <class S>
@@ -199,57 +222,66 @@ const std::map<std::string, Rule<S>>& layers() {
   static const std::map<std::string, Rule<S>> table{
       {"linear",
        {"linear:OUT",
-        [](Index w, const Token& t, std::uint64_t seed) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
           t.expect_arity(1, 1, "linear:OUT");
           typename Linear<S>::Options options;
           options.seed = seed;
+          options.init = o.init;
           return Linear<S>(w, t.width(0, "width"), options);
+        }}},
+      {"orthogonal",
+       {"orthogonal",
+        [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "orthogonal");
+          typename OrthogonalLinear<S>::Options options;
+          options.seed = seed;
+          return OrthogonalLinear<S>(w, options);
         }}},
       {"leaky_relu",
        {"leaky_relu[:SLOPE]",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 1, "leaky_relu[:SLOPE]");
           return LeakyReLU<S>(w, t.positive<S>(0, "leaky_relu slope", 0.01));
         }}},
       {"relu",
        {"relu",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "relu");
           return ReLU<S>(w);
         }}},
       {"tanh",
        {"tanh",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "tanh");
           return Tanh<S>(w);
         }}},
       {"sigmoid",
        {"sigmoid",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "sigmoid");
           return Sigmoid<S>(w);
         }}},
       {"softplus",
        {"softplus",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "softplus");
           return Softplus<S>(w);
         }}},
       {"elu",
        {"elu[:ALPHA]",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 1, "elu[:ALPHA]");
           return ELU<S>(w, rules::ELU<S>{t.positive<S>(0, "elu alpha", 1.0)});
         }}},
       {"identity",
        {"identity",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "identity");
           return Identity<S>(w);
         }}},
       {"pad",
        {"pad:N",
-        [](Index w, const Token& t, std::uint64_t) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(1, 1, "pad:N");
           const Index n = t.width(0, "padded width");
           if (n < w) t.fail(detail::cat("pad:N must not shrink the width (", w, " -> ", n, ")"));
@@ -257,7 +289,7 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"coupling",
        {"coupling:KIND:HIDDEN[:ACT[:SCALE]]",
-        [](Index w, const Token& t, std::uint64_t seed) -> AnyLayer<S> {
+        [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
           t.expect_arity(2, 4, "coupling:KIND:HIDDEN[:ACT[:SCALE]]");
           const std::string& kind = t.args()[0];
           if (kind != "additive" && kind != "affine")
@@ -268,14 +300,15 @@ const std::map<std::string, Rule<S>>& layers() {
           const S scale = t.positive<S>(3, "branch scale", 1.0);
           const auto& table = layers<S>();
           const auto it = table.find(act);
-          if (it == table.end() || act == "linear" || act == "pad" || act == "coupling")
+          if (it == table.end() || act == "linear" || act == "orthogonal" || act == "pad" ||
+              act == "coupling")
             t.fail("unknown branch activation '" + act + "'");
           const Index n1 = w / 2, n2 = w - n1;
           auto branch = [&](Index in, Index out, std::uint64_t s) {
             Network<S> b;
-            b.add(Linear<S>(in, hidden, {.seed = s}));
-            b.add(it->second.build(hidden, Token(act, t.index()), s));
-            b.add(Linear<S>(hidden, out, {.seed = s + 1, .gain = scale}));
+            b.add(Linear<S>(in, hidden, {.seed = s, .init = o.init}));
+            b.add(it->second.build(hidden, Token(act, t.index()), s, o));
+            b.add(Linear<S>(hidden, out, {.seed = s + 1, .gain = scale, .init = o.init}));
             return b;
           };
           Network<S> f = branch(n2, n1, seed * 4 + 1), g = branch(n1, n2, seed * 4 + 3);
@@ -331,10 +364,11 @@ const std::map<std::string, spec::Rule<S>>& spec_layers() {
 
 /// Builds a runtime network from a spec string such as
 /// `in:64,linear:48,leaky_relu:0.1,linear:10`; the layer from token k is
-/// seeded with `seed * 1000003 + k` (token 0 is `in:N`). Throws SpecError,
+/// seeded with `seed * 1000003 + k` (token 0 is `in:N`), and `options`
+/// applies network-wide (e.g. `{.init = Init::gaussian}`). Throws SpecError,
 /// quoting the bad token, for any malformed spec.
 template <class S>
-Network<S> parse_network(const std::string& spec_string, std::uint64_t seed) {
+Network<S> parse_network(const std::string& spec_string, std::uint64_t seed, const SpecOptions& options) {
   const std::vector<spec::Token> tokens = spec::tokenize(spec_string);
   const spec::Token& head = tokens.front();
   if (head.name() != "in")
@@ -353,7 +387,7 @@ Network<S> parse_network(const std::string& spec_string, std::uint64_t seed) {
       t.fail("unknown layer '" + t.name() + "' (known: in:N first, then " + spec::known_layers<S>() + ")");
     std::optional<AnyLayer<S>> layer;
     try {
-      layer.emplace(it->second.build(width, t, spec::layer_seed(seed, t.index())));
+      layer.emplace(it->second.build(width, t, spec::layer_seed(seed, t.index()), options));
     } catch (const SpecError&) {
       throw;
     } catch (const Error& e) {  // a layer constructor refused its arguments
@@ -363,6 +397,12 @@ Network<S> parse_network(const std::string& spec_string, std::uint64_t seed) {
     net.add(std::move(*layer));
   }
   return net;
+}
+
+/// parse_network with the default SpecOptions (orthogonal Linear init).
+template <class S>
+Network<S> parse_network(const std::string& spec_string, std::uint64_t seed) {
+  return parse_network<S>(spec_string, seed, SpecOptions{});
 }
 
 }  // namespace moonwalk

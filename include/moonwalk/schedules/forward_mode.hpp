@@ -86,7 +86,7 @@ struct NaiveForward {
       net.visit(i, [&](auto& l) { detail::add_to_gradients(l, g); });
     }
 
-    out.h0 = detail::cotangent_by_jvps(net, 0, Matrix<S>(x0), gL, st);
+    out.h0 = detail::cotangent_by_jvps<S>(net, 0, Matrix<S>(x0), gL, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

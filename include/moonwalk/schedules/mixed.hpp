@@ -1,6 +1,12 @@
 // Moonwalk — mixed Moonwalk: a lean reverse pass for h_0, then the forward sweep.
 #pragma once
 
+#include <cmath>
+#include <limits>
+#include <optional>
+
+#include "moonwalk/fidelity/policy.hpp"
+#include "moonwalk/schedules/backprop.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
 
 namespace moonwalk {
@@ -8,9 +14,18 @@ namespace moonwalk {
 /// Reverse pass: x_i = f_i(x_{i−1}) keeping only each layer's residual (bit
 /// masks for piecewise-linear activations, nothing for Linear, σ' for smooth
 /// activations); then h_{i−1} = Jᵢᵀ h_i from the residual alone, saving the
-/// cokernel fragment of h_i at fragmental layers and h_i itself at anchors
-/// (chosen by `anchors`, plus every layer that is neither submersive nor
-/// fragmental). Then the forward sweep recovers h_i and reads ∂ℓ/∂θ_i.
+/// cokernel fragment of h_i at fragmental layers and h_i itself at anchors.
+/// Then the forward sweep recovers h_i and reads ∂ℓ/∂θ_i.
+///
+/// Anchors are the union of `anchors` (every-k / explicit), the layers that
+/// are neither submersive nor fragmental, and — under the default fidelity
+/// policy — the layers the error model picks so the predicted error stays
+/// under the tolerance (fidelity/policy.hpp). The policy also escalates to
+/// double cotangents when double would anchor for clearly less, and verifies
+/// the a-posteriori estimate, recomputing (kept instead of rebuilt inputs when
+/// the inversion drifted, denser anchors, then double cotangents, then
+/// backprop) until it holds. `Fidelity::none()` is the
+/// unguarded sweep.
 ///
 /// With `rebuild_inputs`, an invertible layer keeps nothing at all in the
 /// reverse pass: its input is rebuilt by inversion, x_{i−1} = f_i⁻¹(x_i),
@@ -20,6 +35,7 @@ namespace moonwalk {
 /// mismatch of the rebuilt x_0, in the same form as RevBackprop's.
 struct MixedMoonwalk {
   Anchors anchors{};
+  Fidelity fidelity{};
   bool rebuild_inputs = false;
 
   [[nodiscard]] static std::string name() { return "mixed"; }
@@ -28,17 +44,103 @@ struct MixedMoonwalk {
   GradientResult<typename N::scalar_type> run(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
                                               const typename L::target_type& target) const {
     using S = typename N::scalar_type;
+    const double tol = fidelity.target<S>();
+    const bool can_double = detail::double_possible<N> && detail::castable_to_double(net);
+    bool use_double = fidelity.precision == Precision::double_cotangents;
+    if (use_double && !can_double && !std::is_same_v<S, double>)
+      throw ScheduleError("mixed: double cotangents asked for, but a layer offers no cast<double>()");
+    double scale = 1;  // multiplies the calibration constant: > 1 places anchors more densely
+    bool rebuild = rebuild_inputs;
+    std::size_t fallbacks = 0, peak = 0;
+    std::optional<GradientResult<S>> out;
+    for (;;) {
+      const bool escalate = fidelity.precision == Precision::automatic && can_double && !use_double &&
+                            fidelity.tolerance_anchors;
+      if constexpr (detail::double_possible<N>) {
+        if (use_double)
+          out = attempt<double>(net, x0, loss, target, scale, rebuild, false);
+        else
+          out = attempt<S>(net, x0, loss, target, scale, rebuild, escalate);
+      } else {
+        out = attempt<S>(net, x0, loss, target, scale, rebuild, escalate);
+      }
+      peak = std::max(peak, out->stats.residual_bytes);
+      if (out->stats.figures.count("escalated")) {  // double cotangents anchor for less
+        use_double = true;
+        ++fallbacks;
+        continue;
+      }
+      const double est = out->stats.error_estimate;
+      if (!fidelity.verify || est <= fidelity.accept * tol) break;
+      ++fallbacks;
+      if (fallbacks > 4) {
+        // Last resort: reference backprop cannot drift.
+        GradientResult<S> bp = Backprop{}.run(net, x0, loss, target);
+        bp.stats.schedule = name();
+        bp.stats.precision = "backprop";
+        bp.stats.figures["backprop_fallback"] = 1;
+        peak = std::max(peak, bp.stats.residual_bytes);
+        out = std::move(bp);
+        break;
+      }
+      // Inputs rebuilt by inversion drifted: keep them instead (the sweep
+      // cannot repair a wrong residual, whatever its anchors or precision).
+      const auto drift = out->stats.figures.find("reconstruction_error");
+      if (rebuild && drift != out->stats.figures.end() && !(drift->second <= fidelity.margin * tol)) {
+        rebuild = false;
+        continue;
+      }
+      // Denser anchors: place them as if the model under-predicted by est / tol.
+      const double ratio = std::isfinite(est) ? est / (fidelity.accept * tol) : 1e6;
+      if (!use_double && can_double && (fallbacks >= 2 || ratio > 1e3) &&
+          fidelity.precision != Precision::working) {
+        use_double = true;
+      } else {
+        scale *= std::max(4.0, 4 * ratio);
+      }
+    }
+    GradientResult<S>& r = *out;
+    r.stats.tolerance = tol;
+    r.stats.within_tolerance = r.stats.error_estimate <= (fidelity.verify ? fidelity.accept : 1.0) * tol;
+    r.stats.fallbacks = fallbacks;
+    r.stats.residual_bytes = peak;
+    return std::move(r);
+  }
+
+ private:
+  /// One gradient with cotangents in C; `scale` multiplies the calibration
+  /// constant; `rebuild` rebuilds invertible layers' inputs. With `escalate`,
+  /// gives up (figures["escalated"]) as soon as double cotangents would
+  /// clearly anchor for less (fidelity/policy.hpp).
+  template <class C, Net N, class L>
+  GradientResult<typename N::scalar_type> attempt(N& net, const CRef<typename N::scalar_type>& x0,
+                                                  const L& loss, const typename L::target_type& target,
+                                                  double scale, bool rebuild, bool escalate) const {
+    using S = typename N::scalar_type;
     GradientResult<S> out;
     Stats& st = out.stats;
     st.schedule = name();
+    st.precision = detail::scalar_name<C>();
     const std::vector<SweepMode> modes = detail::sweep_modes(net);
     std::vector<bool> anchored = anchors.mask(net.size());
     SavedStore store(net.size());
     zero_gradients(net);
 
+    const double uc = unit_roundoff<C>() * fidelity.calibration * scale;
+    const double budget = fidelity.margin * fidelity.target<S>();
+    detail::AnchorPlanner planner(fidelity.tolerance_anchors ? budget / uc : 0);
+    // What double cotangents would anchor (escalation, fidelity/policy.hpp).
+    detail::AnchorPlanner in_double(budget / (unit_roundoff<double>() * fidelity.calibration * scale));
+    std::size_t anchor_bytes = 0, double_anchor_bytes = 0;
+    std::size_t backprop_bytes = 0;  // what backprop keeps: every layer input
+    for (std::size_t i = 0; i < net.size(); ++i)
+      net.visit(i, [&](const auto& l) {
+        backprop_bytes += static_cast<std::size_t>(l.in_features() * x0.cols()) * sizeof(S);
+      });
+
     // Which layers rebuild their input by inversion instead of keeping a residual.
     std::vector<bool> rebuilt(net.size(), false);
-    if (rebuild_inputs)
+    if (rebuild)
       for (std::size_t i = 0; i < net.size(); ++i)
         net.visit(i, [&](const auto& l) { rebuilt[i] = can_invert(l); });
 
@@ -46,7 +148,10 @@ struct MixedMoonwalk {
     // layers, their output where nothing above can give it back).
     Matrix<S> x = x0;
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      if (!rebuilt[i]) store.put(i, SavedStore::residual, l.name(), moonwalk::save_residual(l, x));
+      if (!rebuilt[i]) {
+        decltype(auto) lc = moonwalk::cast<C>(l);
+        store.put(i, SavedStore::residual, l.name(), moonwalk::save_residual(lc, detail::in_scalar<C>(x)));
+      }
       x = l.forward(x);
       ++st.counts.forward;
       if (rebuilt[i] && (i + 1 == net.size() || !rebuilt[i + 1]))
@@ -54,15 +159,20 @@ struct MixedMoonwalk {
     });
     auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture h)
     out.loss = vg.first;
-    Matrix<S> h = std::move(vg.second);
+    Matrix<C> h = detail::in_scalar<C>(vg.second);
     x.resize(0, 0);
 
     // Reverse pass, backward half: h_{i−1} = Jᵢᵀ h_i; fragments and anchors.
-    std::size_t n_anchor = 0, n_fallback = 0;
+    std::size_t n_fallback = 0;
+    bool gave_up = false;
     Matrix<S> x_carried;  // x_i rebuilt by inversion, when the layer above was rebuilt
+    st.amplification.resize(net.size());
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
+      if (gave_up) return;
       using Lyr = std::remove_cvref_t<decltype(l)>;
-      residual_t<Lyr> r;
+      decltype(auto) lc = moonwalk::cast<C>(l);
+      using Lc = std::remove_cvref_t<decltype(lc)>;
+      residual_t<Lc> r;
       if (rebuilt[i]) {
         if constexpr (Invertible<Lyr>) {
           Matrix<S> y = store.has(i, SavedStore::activation)
@@ -70,26 +180,65 @@ struct MixedMoonwalk {
                             : std::move(x_carried);
           x_carried = l.inverse(y);
           ++st.counts.inverse;
-          r = moonwalk::save_residual(l, x_carried);
+          r = moonwalk::save_residual(lc, detail::in_scalar<C>(x_carried));
         }
       } else {
-        r = store.take<residual_t<Lyr>>(i, SavedStore::residual);
+        r = store.take<residual_t<Lc>>(i, SavedStore::residual);
       }
-      if (anchored[i] || modes[i] == SweepMode::anchor) {
-        store.put(i, SavedStore::anchor, l.name(), Matrix<S>(h), "anchor");
-        ++n_anchor;
+      // The fidelity policy: amplification of this layer's vijp, and whether h_i is anchored.
+      LayerFidelity& lf = st.amplification[i];
+      lf.layer = i;
+      lf.layer_name = l.name();
+      if (fidelity.tolerance_anchors) {
+        const Amplification a = moonwalk::amplification(lc, r);
+        lf.bound = a.bound;
+        lf.typical = a.typical;
+        lf.known = a.known;
+      } else {
+        lf.known = false;
+      }
+      const bool forced = anchored[i] || modes[i] == SweepMode::anchor;
+      bool anchor = forced;
+      const std::size_t h_size = static_cast<std::size_t>(h.size());
+      if (forced) {
+        planner.restart();
+        in_double.restart();
+        double_anchor_bytes += h_size * sizeof(double);
+      } else if (fidelity.tolerance_anchors) {
+        anchor = planner.place(lf.typical);
+        if (escalate && in_double.place(lf.typical)) double_anchor_bytes += h_size * sizeof(double);
+      }
+      if (anchor) {
+        anchor_bytes += h_size * sizeof(C);
+        if (escalate && anchor_bytes > backprop_bytes / 8 && anchor_bytes > 2 * double_anchor_bytes) {
+          gave_up = true;
+          return;
+        }
+        store.put(i, SavedStore::anchor, l.name(), Matrix<C>(h), "anchor");
+        st.anchor_layers.insert(st.anchor_layers.begin(), i);
+        lf.anchored = true;
         n_fallback += modes[i] == SweepMode::anchor;
       } else if (modes[i] == SweepMode::fragment) {
-        if constexpr (Fragmental<Lyr>) store.put(i, SavedStore::fragment, l.name(), l.save_fragment(r, h));
+        if constexpr (Fragmental<Lc>) store.put(i, SavedStore::fragment, l.name(), lc.save_fragment(r, h));
       }
-      h = moonwalk::vjp_residual(l, r, h);
+      h = moonwalk::vjp_residual(lc, r, h);
       ++st.counts.vjp;
     });
+    if (gave_up) {
+      st.figures["escalated"] = 1;
+      store.report_to(st);
+      return out;
+    }
     if (rebuilt[0]) st.figures["reconstruction_error"] = detail::rel_max_err(x_carried, x0);
-    out.h0 = h;
+    if constexpr (std::is_same_v<C, S>)
+      out.h0 = h;
+    else
+      out.h0 = h.template cast<S>();
+    if (!fidelity.tolerance_anchors) st.amplification.clear();
+    st.predicted_error = planner.worst() * uc;
 
-    st.error_estimate = detail::forward_sweep(net, x0, std::move(h), store, modes, loss, target, st);
-    st.figures["anchors"] = static_cast<double>(n_anchor);
+    st.error_estimate = detail::forward_sweep<C>(net, x0, std::move(h), store, modes, loss, target, st);
+    st.figures["anchors"] = static_cast<double>(st.anchor_layers.size());
     st.figures["fallback_anchors"] = static_cast<double>(n_fallback);
     out.gradient = get_gradients(net);
     store.report_to(st);

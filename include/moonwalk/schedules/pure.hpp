@@ -3,6 +3,7 @@
 
 #include <sstream>
 
+#include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
 
 namespace moonwalk {
@@ -13,28 +14,29 @@ struct sweep_capable : std::bool_constant<SweepCapable<L>> {};
 
 /// Directional derivatives of ℓ along unit tangents at x_start (the input of
 /// layer `start`): for each feature k, carry t = e_k (every column) through
-/// layers start..L−1 with jvps, then ∂ℓ/∂x_start[k, b] = ⟨g_L[:, b], t_L[:, b]⟩.
-template <Net N>
-Matrix<typename N::scalar_type> cotangent_by_jvps(N& net, std::size_t start,
-                                                  const Matrix<typename N::scalar_type>& x_start,
-                                                  const Matrix<typename N::scalar_type>& gL, Stats& st) {
+/// layers start..L−1 with jvps (in scalar type C; layers cast when C differs),
+/// then ∂ℓ/∂x_start[k, b] = ⟨g_L[:, b], t_L[:, b]⟩.
+template <class C, Net N>
+Matrix<C> cotangent_by_jvps(N& net, std::size_t start, const Matrix<typename N::scalar_type>& x_start,
+                            const Matrix<typename N::scalar_type>& gL, Stats& st) {
   using S = typename N::scalar_type;
   const Index n = x_start.rows(), B = x_start.cols();
-  Matrix<S> h(n, B);
+  const Matrix<C> gLc = in_scalar<C>(gL);
+  Matrix<C> h(n, B);
   for (Index k = 0; k < n; ++k) {
     Matrix<S> x = x_start;
-    Matrix<S> t = Matrix<S>::Zero(n, B);
+    Matrix<C> t = Matrix<C>::Zero(n, B);
     t.row(k).setOnes();
     for (std::size_t i = start; i < net.size(); ++i)
       net.visit(i, [&](const auto& l) {
-        t = l.jvp(x, t);
+        t = moonwalk::cast<C>(l).jvp(in_scalar<C>(x), t);
         ++st.counts.jvp;
         if (i + 1 < net.size()) {
           x = l.forward(x);
           ++st.counts.forward;
         }
       });
-    h.row(k) = gL.cwiseProduct(t).colwise().sum();
+    h.row(k) = gLc.cwiseProduct(t).colwise().sum();
   }
   return h;
 }
@@ -46,6 +48,10 @@ Matrix<typename N::scalar_type> cotangent_by_jvps(N& net, std::size_t start,
 /// Every layer must be submersive or fragmental (there is nothing to anchor
 /// from): a compile-time error for Sequential, ScheduleError for Network.
 struct PureMoonwalk {
+  /// Default: verify, escalating a float network's cotangents to double when
+  /// the estimate is above the tolerance (no anchors: there is no reverse pass).
+  Fidelity fidelity{};
+
   [[nodiscard]] static std::string name() { return "pure"; }
 
   template <Net N, class L>
@@ -66,9 +72,47 @@ struct PureMoonwalk {
         throw ScheduleError(s.str());
       }
 
+    // Working precision, then (float networks) double cotangents; the
+    // estimate is always reported, and `within_tolerance` says whether the
+    // returned gradient holds the tolerance (pure-forward has no reverse pass
+    // to anchor from, so nothing else can be done).
+    const double tol = fidelity.target<S>();
+    bool use_double = fidelity.precision == Precision::double_cotangents;
+    const bool can_double = detail::double_possible<N> && detail::castable_to_double(net);
+    if (use_double && !can_double && !std::is_same_v<S, double>)
+      throw ScheduleError("pure: double cotangents asked for, but a layer offers no cast<double>()");
+    std::size_t fallbacks = 0, peak = 0;
+    GradientResult<S> out;
+    for (;;) {
+      if constexpr (detail::double_possible<N>)
+        out = use_double ? attempt<double>(net, x0, modes, loss, target)
+                         : attempt<S>(net, x0, modes, loss, target);
+      else
+        out = attempt<S>(net, x0, modes, loss, target);
+      peak = std::max(peak, out.stats.residual_bytes);
+      if (!fidelity.verify || out.stats.error_estimate <= tol || use_double || !can_double ||
+          fidelity.precision == Precision::working)
+        break;
+      use_double = true;
+      ++fallbacks;
+    }
+    out.stats.tolerance = tol;
+    out.stats.within_tolerance = out.stats.error_estimate <= tol;
+    out.stats.fallbacks = fallbacks;
+    out.stats.residual_bytes = peak;
+    return out;
+  }
+
+ private:
+  template <class C, Net N, class L>
+  GradientResult<typename N::scalar_type> attempt(N& net, const CRef<typename N::scalar_type>& x0,
+                                                  const std::vector<SweepMode>& modes, const L& loss,
+                                                  const typename L::target_type& target) const {
+    using S = typename N::scalar_type;
     GradientResult<S> out;
     Stats& st = out.stats;
     st.schedule = name();
+    st.precision = detail::scalar_name<C>();
     SavedStore store(net.size());
     zero_gradients(net);
 
@@ -79,21 +123,28 @@ struct PureMoonwalk {
     // Fragments: h_i at each fragmental layer by tail jvps; keep only φ_i.
     x = x0;
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      using Lyr = std::remove_cvref_t<decltype(l)>;
       Matrix<S> y = l.forward(x);
       ++st.counts.forward;
       if (modes[i] == SweepMode::fragment) {
-        if constexpr (Fragmental<Lyr>) {
-          const Matrix<S> hi = i + 1 < net.size() ? detail::cotangent_by_jvps(net, i + 1, y, gL, st) : gL;
-          store.put(i, SavedStore::fragment, l.name(), l.save_fragment(moonwalk::save_residual(l, x), hi));
+        decltype(auto) lc = moonwalk::cast<C>(l);
+        using Lc = std::remove_cvref_t<decltype(lc)>;
+        if constexpr (Fragmental<Lc>) {
+          const Matrix<C> hi = i + 1 < net.size() ? detail::cotangent_by_jvps<C>(net, i + 1, y, gL, st)
+                                                  : detail::in_scalar<C>(gL);
+          store.put(i, SavedStore::fragment, l.name(),
+                    lc.save_fragment(moonwalk::save_residual(lc, detail::in_scalar<C>(x)), hi));
         }
       }
       x = std::move(y);
     });
     x.resize(0, 0);
 
-    out.h0 = detail::cotangent_by_jvps(net, 0, Matrix<S>(x0), gL, st);
-    st.error_estimate = detail::forward_sweep(net, x0, out.h0, store, modes, loss, target, st);
+    Matrix<C> h0 = detail::cotangent_by_jvps<C>(net, 0, Matrix<S>(x0), gL, st);
+    if constexpr (std::is_same_v<C, S>)
+      out.h0 = h0;
+    else
+      out.h0 = h0.template cast<S>();
+    st.error_estimate = detail::forward_sweep<C>(net, x0, std::move(h0), store, modes, loss, target, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

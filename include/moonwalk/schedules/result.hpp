@@ -30,6 +30,16 @@ struct Counts {
   std::size_t forward = 0, jvp = 0, jvp_params = 0, vjp = 0, vjp_params = 0, vijp = 0, inverse = 0;
 };
 
+/// A layer's amplification as the fidelity policy saw it (core/amplification.hpp).
+struct LayerFidelity {
+  std::size_t layer = 0;
+  std::string layer_name;
+  double bound = 1;    ///< κ, worst direction
+  double typical = 1;  ///< γ, what the anchor policy predicts from
+  bool known = true;   ///< false: the layer offers no estimate
+  bool anchored = false;
+};
+
 /// Figures every schedule reports.
 struct Stats {
   std::string schedule;
@@ -47,6 +57,26 @@ struct Stats {
   bool is_estimate = false;
   /// Schedule-specific figures.
   std::map<std::string, double> figures;
+
+  // ---- fidelity (Moonwalk schedules; fidelity/policy.hpp)
+  /// The relative error the schedule was asked to hold (0: none asked).
+  double tolerance = 0;
+  /// error_estimate ≤ tolerance (true when no tolerance was asked). A Moonwalk
+  /// gradient with this false was returned only because its policy said not
+  /// to verify, or nothing could do better; the caller must not trust it.
+  bool within_tolerance = true;
+  /// Recomputations forced by the a-posteriori check (denser anchors, double
+  /// cotangents, backprop), and the precision escalations.
+  std::size_t fallbacks = 0;
+  /// What the final attempt was: "float" or "double" cotangents, or
+  /// "backprop" when the last fallback computed the gradient.
+  std::string precision;
+  /// The policy's calibrated prediction of the error (0 when it made none).
+  double predicted_error = 0;
+  /// Layers whose output cotangent was kept as an anchor.
+  std::vector<std::size_t> anchor_layers;
+  /// Per-layer amplification seen in the reverse pass.
+  std::vector<LayerFidelity> amplification;
 
   [[nodiscard]] std::size_t bytes_of(const std::string& kind) const {
     auto it = bytes_by_kind.find(kind);
@@ -151,6 +181,15 @@ double rel_max_err(const Eigen::MatrixBase<A>& a, const Eigen::MatrixBase<B>& re
   return den > 0 ? num / den : num;
 }
 
+/// A JSON number, or null for NaN and infinities (which JSON cannot spell).
+inline std::string json_number(double v) {
+  if (!std::isfinite(v)) return "null";
+  std::ostringstream s;
+  s.precision(6);
+  s << v;
+  return s.str();
+}
+
 inline std::string json_escape(const std::string& s) {
   std::string o;
   for (char c : s) {
@@ -189,6 +228,34 @@ inline std::string report_text(const Stats& st) {
   s << "  by kind:";
   for (const auto& [k, b] : st.bytes_by_kind) s << " " << k << "=" << b;
   s << "\n";
+  if (!st.precision.empty()) {
+    s << "  fidelity: estimate " << st.error_estimate;
+    if (st.tolerance > 0) s << (st.within_tolerance ? " <= " : " > ") << "tolerance " << st.tolerance;
+    s << ", predicted " << st.predicted_error << ", cotangents " << st.precision << ", anchors "
+      << st.anchor_layers.size() << ", fallbacks " << st.fallbacks << "\n";
+  }
+  if (!st.amplification.empty()) {
+    s << "  layer  ";
+    s.width(30);
+    s << "name";
+    s.width(14);
+    s << "bound";
+    s.width(14);
+    s << "typical"
+      << "anchor\n";
+    for (const auto& a : st.amplification) {
+      s << "  ";
+      s.width(7);
+      s << a.layer;
+      s.width(30);
+      s << a.layer_name;
+      s.width(14);
+      s << (a.known ? a.bound : std::numeric_limits<double>::quiet_NaN());
+      s.width(14);
+      s << (a.known ? a.typical : std::numeric_limits<double>::quiet_NaN()) << (a.anchored ? "yes" : "")
+        << "\n";
+    }
+  }
   return s.str();
 }
 
@@ -209,7 +276,24 @@ inline std::string report_json(const Stats& st) {
       << "\",\"kind\":\"" << e.kind << "\",\"bytes\":" << e.bytes << "}";
     first = false;
   }
-  s << "]}";
+  s << "]";
+  if (!st.precision.empty()) {
+    s << ",\"fidelity\":{\"error_estimate\":" << detail::json_number(st.error_estimate)
+      << ",\"tolerance\":" << detail::json_number(st.tolerance)
+      << ",\"within_tolerance\":" << (st.within_tolerance ? "true" : "false")
+      << ",\"predicted_error\":" << detail::json_number(st.predicted_error) << ",\"precision\":\""
+      << st.precision << "\",\"fallbacks\":" << st.fallbacks << ",\"anchors\":[";
+    for (std::size_t k = 0; k < st.anchor_layers.size(); ++k) s << (k ? "," : "") << st.anchor_layers[k];
+    s << "],\"amplification\":[";
+    for (std::size_t k = 0; k < st.amplification.size(); ++k) {
+      const auto& a = st.amplification[k];
+      s << (k ? "," : "") << "{\"layer\":" << a.layer
+        << ",\"bound\":" << (a.known ? detail::json_number(a.bound) : "null")
+        << ",\"typical\":" << (a.known ? detail::json_number(a.typical) : "null") << "}";
+    }
+    s << "]}";
+  }
+  s << "}";
   return s.str();
 }
 

@@ -3,8 +3,10 @@
 
 #include <algorithm>
 #include <sstream>
+#include <type_traits>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
@@ -44,51 +46,104 @@ std::vector<SweepMode> sweep_modes(const N& net) {
   return m;
 }
 
-/// The forward sweep (DESIGN §1): from x_0 and h_0, for i = 1..L
+template <class L>
+struct castable_double : std::bool_constant<CastableTo<L, double>> {};
+
+/// A float network whose layers can all be cast to double (statically; type-
+/// erased layers answer at run time, castable_to_double).
+template <Net N>
+inline constexpr bool double_possible = [] {
+  if constexpr (!std::is_same_v<typename N::scalar_type, float>)
+    return false;
+  else if constexpr (N::is_static)
+    return N::template all_layers<castable_double>;
+  else
+    return true;
+}();
+
+/// Whether every layer of `net` can be carried in double right now.
+template <Net N>
+bool castable_to_double(N& net) {
+  if constexpr (!double_possible<N>) {
+    return false;
+  } else {
+    bool ok = true;
+    for (std::size_t i = 0; i < net.size(); ++i)
+      net.visit(i, [&](const auto& l) {
+        using Lyr = std::remove_cvref_t<decltype(l)>;
+        if constexpr (!CastableTo<Lyr, double>)
+          ok = false;
+        else if constexpr (requires { l.castable_to_double(); })
+          ok = ok && l.castable_to_double();
+      });
+    return ok;
+  }
+}
+
+/// `x` in scalar type C: x itself when C is its scalar type, else a converted copy.
+template <class C, class S>
+decltype(auto) in_scalar(const Matrix<S>& x) {
+  if constexpr (std::is_same_v<C, S>)
+    return (x);
+  else
+    return Matrix<C>(x.template cast<C>());
+}
+
+/// Name of a scalar type, for the stats.
+template <class C>
+const char* scalar_name() {
+  return std::is_same_v<C, float> ? "float" : "double";
+}
+
+/// The forward sweep (DESIGN §1), with cotangents carried in scalar type C
+/// (the network's S, or double for a float network: each layer is then cast,
+/// core/amplification.hpp, while x stays in S). From x_0 and h_0, for i = 1..L
 ///   x_i = f_i(x_{i−1});
 ///   h_i = vijp(x_{i−1}, h_{i−1})            (submersive)
 ///       = vijp_with_fragment(…, φ_i)         (fragmental, φ_i from the store)
-///       = anchor h_i                          (anchored; where a reconstruction
-///                                              exists, its mismatch is recorded)
+///       = anchor a_i                          (anchored: the swept h_{i−1} is
+///                                              checked against J_iᵀ a_i, the
+///                                              value it should have)
 ///   g_i += J_{θ,i}ᵀ h_i;  drop x_{i−1}.
 /// Ends with the a-posteriori check: h_L against ∂ℓ/∂x_L computed from x_L.
 /// Returns the largest relative mismatch seen (the error estimate).
-template <Net N, class L>
-double forward_sweep(N& net, const CRef<typename N::scalar_type>& x0, Matrix<typename N::scalar_type> h,
-                     SavedStore& store, const std::vector<SweepMode>& modes, const L& loss,
+template <class C, Net N, class L>
+double forward_sweep(N& net, const CRef<typename N::scalar_type>& x0, Matrix<C> h, SavedStore& store,
+                     const std::vector<SweepMode>& modes, const L& loss,
                      const typename L::target_type& target, Stats& st) {
   using S = typename N::scalar_type;
   double estimate = 0;
   Matrix<S> x = x0;
   for_each_layer(net, [&](std::size_t i, auto& l) {
-    using Lyr = std::remove_cvref_t<decltype(l)>;
     Matrix<S> y = l.forward(x);
     ++st.counts.forward;
+    decltype(auto) lc = moonwalk::cast<C>(l);
+    using Lc = std::remove_cvref_t<decltype(lc)>;
+    decltype(auto) xc = in_scalar<C>(x);
     if (store.has(i, SavedStore::anchor)) {
-      Matrix<S> a = store.take<Matrix<S>>(i, SavedStore::anchor);
-      if (modes[i] == SweepMode::vijp) {
-        if constexpr (Submersive<Lyr>) {
-          estimate = std::max(estimate, rel_max_err(l.vijp(x, h), a));
-          ++st.counts.vijp;
-        }
-      }
+      Matrix<C> a = store.take<Matrix<C>>(i, SavedStore::anchor);
+      estimate = std::max(estimate, rel_max_err(h, lc.vjp(xc, a)));
+      ++st.counts.vjp;
       h = std::move(a);
     } else if (modes[i] == SweepMode::vijp) {
-      if constexpr (Submersive<Lyr>) h = l.vijp(x, h);
+      if constexpr (Submersive<Lc>) h = lc.vijp(xc, h);
       ++st.counts.vijp;
     } else {
-      if constexpr (Fragmental<Lyr>) {
-        auto f = store.take<typename Lyr::fragment_type>(i, SavedStore::fragment);
-        h = l.vijp_with_fragment(x, h, f);
+      if constexpr (Fragmental<Lc>) {
+        auto f = store.take<typename Lc::fragment_type>(i, SavedStore::fragment);
+        h = lc.vijp_with_fragment(xc, h, f);
       }
       ++st.counts.vijp;
     }
-    moonwalk::accumulate_vjp_params(l, x, h);
+    if constexpr (std::is_same_v<C, S>)
+      moonwalk::accumulate_vjp_params(l, x, h);
+    else
+      moonwalk::accumulate_vjp_params(l, x, Matrix<S>(h.template cast<S>()));
     ++st.counts.vjp_params;
     x = std::move(y);
   });
   const Matrix<S> gL = loss.gradient(x, target);
-  estimate = std::max(estimate, rel_max_err(h, gL));
+  estimate = std::max(estimate, rel_max_err(h, in_scalar<C>(gL)));
   return estimate;
 }
 
