@@ -2,7 +2,7 @@
 // holding its error cost in memory? (DESIGN §5–6; BENCHMARKS.md "Fidelity")
 //
 //   moonwalk-fidelity [--families mlp,revnet] [--depths 4,16,64,256] [--dtypes float,double]
-//                     [--policies none,every:4,every:16,tolerance,double,revbackprop,backprop]
+//                     [--policies none,every:4,every:16,tolerance,double,rebuild,revbackprop,backprop]
 //                     [--seeds 0,1,2] [--width 64] [--batch 32] [--inits gaussian,orthogonal]
 //                     [--acts leaky_relu:0.1,...] [--scales 0.3,1,2] [--betweens none,tanh]
 //                     [--hidden H] [--tolerance T]
@@ -65,6 +65,9 @@
 //   every:K      same, plus .anchors.every = K
 //   tolerance    MixedMoonwalk{} (the default Fidelity{}, --tolerance T if given)
 //   double       MixedMoonwalk{.fidelity = Fidelity::double_cotangents()}
+//   rebuild      MixedMoonwalk{.rebuild_inputs = true} under the default policy (revnet
+//                only: invertible layers' inputs rebuilt by inversion, kept instead
+//                when the inversion drifts)
 //   revbackprop  RevBackprop{} (revnet only; its estimate is the reconstruction drift)
 //   backprop     Backprop{}: the dtype's own rounding, the floor
 // A moonwalk::Error from a schedule gives a row of nan with precision "error"
@@ -104,8 +107,8 @@ constexpr const char* kUsage =
     "  --families    mlp,revnet                                   (default both)\n"
     "  --depths      blocks per network                           (default 4,16,64,256)\n"
     "  --dtypes      float,double                                 (default both)\n"
-    "  --policies    none,every:K,tolerance,double,revbackprop,backprop\n"
-    "                (default none,every:4,every:16,tolerance,double,revbackprop,backprop)\n"
+    "  --policies    none,every:K,tolerance,double,rebuild,revbackprop,backprop\n"
+    "                (default none,every:4,every:16,tolerance,double,rebuild,revbackprop,backprop)\n"
     "  --seeds       seeds of parameters and data; rows are the worst (default 0,1,2)\n"
     "  --width W     features (default 64); --batch B columns (default 32)\n"
     "  --inits       mlp: gaussian,orthogonal (default both); revnet: orthogonal unless given\n"
@@ -125,8 +128,8 @@ struct Options {
   std::vector<std::string> families = {"mlp", "revnet"};
   std::vector<std::size_t> depths = {4, 16, 64, 256};
   std::vector<std::string> dtypes = {"float", "double"};
-  std::vector<std::string> policies = {"none",   "every:4",     "every:16", "tolerance",
-                                       "double", "revbackprop", "backprop"};
+  std::vector<std::string> policies = {"none",   "every:4", "every:16",    "tolerance",
+                                       "double", "rebuild", "revbackprop", "backprop"};
   std::vector<std::uint64_t> seeds = {0, 1, 2};
   Index width = 64, batch = 32, hidden = 0;
   std::vector<std::string> inits = {"gaussian", "orthogonal"};
@@ -213,7 +216,8 @@ std::optional<Options> parse_args(int argc, char** argv) {
             throw UsageError(cat("--policies: every:K needs K > 0, got '", p, "'"));
           continue;
         }
-        check_known(arg, {p}, {"none", "every:K", "tolerance", "double", "revbackprop", "backprop"});
+        check_known(arg, {p},
+                    {"none", "every:K", "tolerance", "double", "rebuild", "revbackprop", "backprop"});
       }
     } else if (arg == "--seeds") {
       o.seeds.clear();
@@ -369,6 +373,9 @@ Outcome run_policy(const std::string& policy, const Config& c, std::uint64_t see
       mixed.anchors.every = parse_integer<std::size_t>("--policies", policy.substr(6));
     } else if (policy == "double") {
       mixed.fidelity = moonwalk::Fidelity::double_cotangents();
+    } else if (policy == "rebuild") {
+      mixed.rebuild_inputs = true;
+      mixed.fidelity.tolerance = tolerance;
     } else {  // tolerance
       mixed.fidelity.tolerance = tolerance;
     }
@@ -416,7 +423,7 @@ template <class S>
 void run_config(const Config& c, const Options& o, std::size_t& misses) {
   std::vector<std::string> policies;
   for (const auto& p : o.policies)
-    if (p != "revbackprop" || c.family == "revnet") policies.push_back(p);
+    if ((p != "revbackprop" && p != "rebuild") || c.family == "revnet") policies.push_back(p);
   std::vector<std::optional<Outcome>> worst(policies.size());
   const std::string spec = c.spec();
 

@@ -16,9 +16,11 @@
 // accumulating (P) for the segment above; when adding layer i would lift the
 // prediction over `margin · tolerance`, layer i is anchored. Precision
 // escalation: a second planner runs alongside with double's u_C = 2⁻⁵³; when
-// the float anchors placed so far cost more than 1/8 of what backprop keeps
-// (its layer inputs) and more than twice what double anchors would, the
-// reverse pass stops and the step restarts with cotangents in double.
+// the residuals plus the float anchors placed so far cost more than 1/8 of
+// what backprop keeps (its layer inputs) and more than twice what double
+// residuals and anchors would (smooth activations' σ' and kept inputs double
+// in size; bit masks do not), the reverse pass stops and the step restarts
+// with cotangents in double.
 // Verification: the a-posteriori estimate (end-of-sweep mismatch and the
 // mismatch below every anchor) must be ≤ accept · tolerance; above it the step
 // is recomputed (inputs kept instead of rebuilt when their inversion drifted,

@@ -54,8 +54,10 @@ struct MixedMoonwalk {
     std::size_t fallbacks = 0, peak = 0;
     std::optional<GradientResult<S>> out;
     for (;;) {
+      // (Not while inputs are rebuilt: their drift is settled first, and a
+      // kept input costs twice as much in double.)
       const bool escalate = fidelity.precision == Precision::automatic && can_double && !use_double &&
-                            fidelity.tolerance_anchors;
+                            fidelity.tolerance_anchors && !rebuild;
       if constexpr (detail::double_possible<N>) {
         if (use_double)
           out = attempt<double>(net, x0, loss, target, scale, rebuild, false);
@@ -162,6 +164,14 @@ struct MixedMoonwalk {
     Matrix<C> h = detail::in_scalar<C>(vg.second);
     x.resize(0, 0);
 
+    // Residual bytes now, and what they would be in double (masks and
+    // nothing stay; derivatives and kept inputs double), for escalation.
+    const std::size_t residual_bytes = store.current_bytes();
+    const std::size_t double_residual_bytes =
+        residual_bytes +
+        (sizeof(double) / sizeof(C) - 1) *
+            (store.bytes_put("derivative") + store.bytes_put("activation") + store.bytes_put("checkpoint"));
+
     // Reverse pass, backward half: h_{i−1} = Jᵢᵀ h_i; fragments and anchors.
     std::size_t n_fallback = 0;
     bool gave_up = false;
@@ -210,7 +220,8 @@ struct MixedMoonwalk {
       }
       if (anchor) {
         anchor_bytes += h_size * sizeof(C);
-        if (escalate && anchor_bytes > backprop_bytes / 8 && anchor_bytes > 2 * double_anchor_bytes) {
+        if (escalate && residual_bytes + anchor_bytes > backprop_bytes / 8 &&
+            residual_bytes + anchor_bytes > 2 * (double_residual_bytes + double_anchor_bytes)) {
           gave_up = true;
           return;
         }

@@ -146,6 +146,11 @@ class SavedStore {
   }
 
   [[nodiscard]] std::size_t current_bytes() const { return current_; }
+  /// Bytes stored so far under `kind` (every put counted, released or not).
+  [[nodiscard]] std::size_t bytes_put(const std::string& kind) const {
+    const auto it = bytes_by_kind_.find(kind);
+    return it == bytes_by_kind_.end() ? 0 : it->second;
+  }
   [[nodiscard]] std::size_t peak_bytes() const { return peak_; }
 
   /// Moves the accounting into a Stats.
