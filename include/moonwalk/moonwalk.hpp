@@ -3,6 +3,7 @@
 
 #include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/image.hpp"
 #include "moonwalk/core/init.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/core/residuals.hpp"
@@ -10,7 +11,10 @@
 #include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/layers/activations.hpp"
+#include "moonwalk/layers/conv.hpp"
+#include "moonwalk/layers/conv_valid.hpp"
 #include "moonwalk/layers/coupling.hpp"
+#include "moonwalk/layers/image.hpp"
 #include "moonwalk/layers/linear.hpp"
 #include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"

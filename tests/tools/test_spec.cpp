@@ -84,10 +84,11 @@ TEST_CASE("spec: the grammar table holds exactly the documented layers", "[tools
   for (const auto& [name, rule] : moonwalk::spec_layers<double>()) {
     names.insert(name);
     CHECK(rule.syntax.rfind(name, 0) == 0);  // the syntax starts with the name
-    CHECK(static_cast<bool>(rule.build));
+    CHECK((static_cast<bool>(rule.build) || static_cast<bool>(rule.build_image)));
   }
   CHECK(names == std::set<std::string>{"linear", "orthogonal", "leaky_relu", "relu", "tanh", "sigmoid",
-                                       "softplus", "elu", "pad", "coupling", "identity"});
+                                       "softplus", "elu", "pad", "coupling", "identity", "conv", "conv_valid",
+                                       "squeeze", "avgpool", "gap", "flatten", "pad_channels"});
 }
 
 TEST_CASE("spec: whitespace around tokens and arguments is ignored", "[tools][spec]") {
@@ -279,4 +280,50 @@ TEST_CASE("spec: coupling branch Linears follow SpecOptions::init; orthogonal ig
   const Index split = orth[0].num_params();
   CHECK(to.head(split) != tg.head(split));
   CHECK(to.tail(to.size() - split) == tg.tail(tg.size() - split));
+}
+
+TEST_CASE("spec: images — in:CxHxW carries a shape through image tokens", "[tools][spec][conv]") {
+  const auto net = moonwalk::parse_network<double>(
+      "in:3x8x8,pad_channels:8,coupling:additive_conv:16,squeeze,coupling:additive_conv:32,gap,linear:10", 1);
+  REQUIRE(net.size() == 6);
+  CHECK(net.in_features() == 3 * 8 * 8);
+  CHECK(net[0].out_features() == 8 * 8 * 8);
+  CHECK(net[2].out_features() == 32 * 4 * 4);  // squeeze: 4C × H/2 × W/2
+  CHECK(net[4].out_features() == 32);          // gap
+  CHECK(net.out_features() == 10);
+  CHECK(net[2].target<moonwalk::SpaceToDepth<double>>() != nullptr);
+  CHECK(net[4].target<moonwalk::GlobalAvgPool<double>>() != nullptr);
+  const auto conv = moonwalk::parse_network<float>("in:2x7x7,conv:5:3:2:1,relu,conv_valid:3:1,avgpool", 2);
+  const auto* c = conv[0].target<moonwalk::Conv2d<float>>();
+  REQUIRE(c != nullptr);
+  CHECK(c->out_shape() == moonwalk::ImageShape{5, 4, 4});  // (7 + 2·1 − 3)/2 + 1 = 4
+  CHECK(conv[2].out_features() == 3 * 4 * 4);              // a 1×1 valid conv: 5 → 3 channels
+  CHECK(conv.out_features() == 3 * 2 * 2);                 // avgpool
+}
+
+TEST_CASE("spec: image errors quote the token", "[tools][spec][conv]") {
+  const struct {
+    const char* spec;
+    const char* quoted;
+    const char* says;
+  } cases[] = {
+      {"in:48,squeeze,linear:2", "'squeeze'", "needs an image input"},
+      {"in:3x8x8,linear:10,gap", "'gap'", "needs an image input"},
+      {"in:3x8,linear:2", "'in:3x8'", "bad image shape"},
+      {"in:3x0x8,linear:2", "'in:3x0x8'", "bad image shape"},
+      {"in:3x5x5,squeeze,linear:2", "'squeeze'", "space_to_depth"},
+      {"in:3x4x4,conv:4:7,linear:2", "'conv:4:7'", "does not fit"},
+      {"in:3x4x4,conv_valid:4:2,linear:2", "'conv_valid:4:2'", "conv_valid"},
+      {"in:3x4x4,pad_channels:2,linear:2", "'pad_channels:2'", "pad_channels"},
+      {"in:1x4x4,coupling:additive_conv:4,linear:2", "'coupling:additive_conv:4'", "at least 2 channels"},
+      {"in:16,coupling:additive_conv:4,linear:2", "'coupling:additive_conv:4'", "needs an image input"},
+      {"in:3x4x4,conv:4:3:1:-1,linear:2", "'conv:4:3:1:-1'", "padding"},
+  };
+  for (const auto& k : cases) {
+    INFO(k.spec);
+    const std::string msg = spec_error<double>(k.spec);
+    INFO(msg);
+    CHECK(msg.find(k.quoted) != std::string::npos);
+    CHECK(msg.find(k.says) != std::string::npos);
+  }
 }

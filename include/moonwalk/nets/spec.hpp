@@ -21,7 +21,8 @@
 //   identity            Identity<S>
 //   pad:N               ZeroPad<S>(width, N): zero rows appended (N ≥ width)
 //   coupling:KIND:HIDDEN[:ACT[:SCALE]]
-//                       additive or affine coupling block (KIND = additive |
+//                       additive or affine coupling block (on an image too;
+//                       additive_conv below is the convolutional one) (KIND = additive |
 //                       affine) over halves n1 = width/2, n2 = width − n1;
 //                       F: n2 → n1 and G: n1 → n2 are the MLPs
 //                       linear:HIDDEN, ACT, linear:half, ACT any activation
@@ -30,6 +31,27 @@
 //                       branch Linears follow SpecOptions::init too (SCALE is
 //                       the gain either way: every singular value SCALE, or
 //                       entries N(0, SCALE²/HIDDEN)).
+//
+// Images (core/image.hpp: one column per sample, channel-major C×H×W). A spec
+// that starts with `in:CxHxW` carries an image shape from token to token;
+// activations keep it, and the image layers below need it (a SpecError
+// otherwise) and set the next one:
+//
+//   conv:COUT:K[:STRIDE[:PAD]]  Conv2d<S>: K×K kernels, stride (default 1),
+//                       zero padding on every side (default 0), bias
+//   conv_valid:COUT:K   ConvValid2d<S>: stride 1, no padding, COUT ≤ C and
+//                       fewer numbers out than in: submersive (vijp by
+//                       substitution over output positions)
+//   squeeze             SpaceToDepth<S>(2): C×H×W → 4C×H/2×W/2, a permutation
+//   avgpool             AvgPool2d<S>: 2×2 disjoint windows (submersive)
+//   gap                 GlobalAvgPool<S>: C×H×W → C (submersive)
+//   flatten             Flatten<S>: the identity on the layout (C·H·W × 1 × 1)
+//   pad_channels:C      PadChannels<S>: zero channels appended up to C (fragmental)
+//   coupling:additive_conv:HIDDEN[:ACT[:SCALE]]
+//                       additive coupling over channel halves c1 = C/2,
+//                       c2 = C − c1 (the first c1 channels are x1): F and G
+//                       are conv:HIDDEN:3:1:1, ACT (default tanh),
+//                       conv:c1|c2:3:1:1 with gain SCALE (default 1)
 //
 // Options (`parse_network<S>(spec, seed, SpecOptions{...})`; the two-argument
 // form uses the defaults):
@@ -68,10 +90,14 @@
 #include <utility>
 #include <vector>
 
+#include "moonwalk/core/image.hpp"
 #include "moonwalk/core/init.hpp"
 #include "moonwalk/core/types.hpp"
 #include "moonwalk/layers/activations.hpp"
+#include "moonwalk/layers/conv.hpp"
+#include "moonwalk/layers/conv_valid.hpp"
 #include "moonwalk/layers/coupling.hpp"
+#include "moonwalk/layers/image.hpp"
 #include "moonwalk/layers/linear.hpp"
 #include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"
@@ -209,12 +235,53 @@ template <class S>
 using Builder = std::function<AnyLayer<S>(Index width, const Token& token, std::uint64_t seed,
                                           const SpecOptions& options)>;
 
-/// One grammar entry: its syntax (for messages and docs) and its builder.
+/// An image layer and the image shape it gives.
+template <class S>
+struct BuiltImage {
+  AnyLayer<S> layer;
+  ImageShape out;
+};
+
+/// Builds the layer of an image token: (current image shape, token, token
+/// seed, options) -> layer and its output shape.
+template <class S>
+using ImageBuilder = std::function<BuiltImage<S>(ImageShape in, const Token& token, std::uint64_t seed,
+                                                 const SpecOptions& options)>;
+
+/// One grammar entry: its syntax (for messages and docs) and its builder —
+/// `build` for a layer on features, `build_image` for one that needs an image.
 template <class S>
 struct Rule {
   std::string syntax;
   Builder<S> build;
+  ImageBuilder<S> build_image = {};
 };
+
+/// An image layer's entry: the builder gets the current image shape.
+template <class S, class F>
+Rule<S> image_rule(std::string syntax, F&& f) {
+  return Rule<S>{std::move(syntax), nullptr, ImageBuilder<S>(std::forward<F>(f))};
+}
+
+/// "CxHxW" as an image shape (every part a positive integer), or nullopt
+/// when `text` does not look like one (no 'x' after a leading digit).
+inline std::optional<ImageShape> parse_image_shape(const Token& t, const std::string& text) {
+  if (text.empty() || text[0] < '0' || text[0] > '9' || text.find('x') == std::string::npos)
+    return std::nullopt;
+  Index part[3] = {0, 0, 0};
+  std::size_t start = 0;
+  for (int k = 0; k < 3; ++k) {
+    const std::size_t x = text.find('x', start);
+    if ((k < 2) != (x != std::string::npos)) t.fail("bad image shape '" + text + "' (expected CxHxW)");
+    const std::string piece = text.substr(start, k < 2 ? x - start : std::string::npos);
+    const char* last = piece.data() + piece.size();
+    const auto r = std::from_chars(piece.data(), last, part[k]);
+    if (piece.empty() || r.ec != std::errc() || r.ptr != last || part[k] <= 0)
+      t.fail("bad image shape '" + text + "' (expected CxHxW, each a positive integer)");
+    start = x + 1;
+  }
+  return ImageShape{part[0], part[1], part[2]};
+}
 
 /// The grammar: every layer a spec can name. Add a layer here, nowhere else.
 template <class S>
@@ -292,16 +359,18 @@ const std::map<std::string, Rule<S>>& layers() {
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
           t.expect_arity(2, 4, "coupling:KIND:HIDDEN[:ACT[:SCALE]]");
           const std::string& kind = t.args()[0];
+          if (kind == "additive_conv")
+            t.fail("coupling:additive_conv needs an image input (start the spec with in:CxHxW)");
           if (kind != "additive" && kind != "affine")
-            t.fail("unknown coupling kind '" + kind + "' (expected additive or affine)");
+            t.fail("unknown coupling kind '" + kind + "' (expected additive, affine or additive_conv)");
           if (w < 2) t.fail("a coupling block needs at least 2 features");
           const Index hidden = t.width(1, "hidden width");
           const std::string act = t.args().size() > 2 ? t.args()[2] : std::string("tanh");
           const S scale = t.positive<S>(3, "branch scale", 1.0);
           const auto& table = layers<S>();
           const auto it = table.find(act);
-          if (it == table.end() || act == "linear" || act == "orthogonal" || act == "pad" ||
-              act == "coupling")
+          if (it == table.end() || !it->second.build || act == "linear" || act == "orthogonal" ||
+              act == "pad" || act == "coupling")
             t.fail("unknown branch activation '" + act + "'");
           const Index n1 = w / 2, n2 = w - n1;
           auto branch = [&](Index in, Index out, std::uint64_t s) {
@@ -314,7 +383,118 @@ const std::map<std::string, Rule<S>>& layers() {
           Network<S> f = branch(n2, n1, seed * 4 + 1), g = branch(n1, n2, seed * 4 + 3);
           if (kind == "additive") return AdditiveCoupling<Network<S>, Network<S>>(std::move(f), std::move(g));
           return AffineCoupling<Network<S>, Network<S>>(std::move(f), std::move(g));
+        },
+        // On an image: additive_conv splits channels; the other kinds act on
+        // the C·H·W features and keep the image shape.
+        [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
+          t.expect_arity(2, 4, "coupling:KIND:HIDDEN[:ACT[:SCALE]]");
+          if (t.args()[0] != "additive_conv")
+            return {layers<S>().at("coupling").build(in.size(), t, seed, o), in};
+          if (in.c < 2)
+            t.fail(detail::cat("coupling:additive_conv needs at least 2 channels, got ", in.str()));
+          const Index hidden = t.width(1, "hidden channels");
+          const std::string act = t.args().size() > 2 ? t.args()[2] : std::string("tanh");
+          const S scale = t.positive<S>(3, "branch scale", 1.0);
+          const auto& table = layers<S>();
+          const auto it = table.find(act);
+          if (it == table.end() || !it->second.build || act == "linear" || act == "orthogonal" ||
+              act == "pad" || act == "coupling")
+            t.fail("unknown branch activation '" + act + "'");
+          const Index c1 = in.c / 2, c2 = in.c - c1;
+          // conv(c_from → HIDDEN, 3×3, pad 1), ACT, conv(HIDDEN → c_to, 3×3, pad 1, gain SCALE)
+          auto branch = [&](Index c_from, Index c_to, std::uint64_t s) {
+            Network<S> b;
+            Conv2d<S> first(ImageShape{c_from, in.h, in.w}, hidden, 3,
+                            {.stride = 1,
+                             .pad = 1,
+                             .dilation = 1,
+                             .bias = true,
+                             .seed = s,
+                             .gain = S(1),
+                             .init = o.init});
+            const Index mid = first.out_features();
+            b.add(std::move(first));
+            b.add(it->second.build(mid, Token(act, t.index()), s, o));
+            b.add(Conv2d<S>(ImageShape{hidden, in.h, in.w}, c_to, 3,
+                            {.stride = 1,
+                             .pad = 1,
+                             .dilation = 1,
+                             .bias = true,
+                             .seed = s + 1,
+                             .gain = scale,
+                             .init = o.init}));
+            return b;
+          };
+          Network<S> f = branch(c2, c1, seed * 4 + 1), g = branch(c1, c2, seed * 4 + 3);
+          return {AdditiveCoupling<Network<S>, Network<S>>(std::move(f), std::move(g)), in};
         }}},
+      // ---- image layers (need an image shape: in:CxHxW)
+      {"conv", image_rule<S>("conv:COUT:K[:STRIDE[:PAD]]",
+                             [](ImageShape in, const Token& t, std::uint64_t seed,
+                                const SpecOptions& o) -> BuiltImage<S> {
+                               t.expect_arity(2, 4, "conv:COUT:K[:STRIDE[:PAD]]");
+                               typename Conv2d<S>::Options opt;
+                               opt.seed = seed;
+                               opt.init = o.init;
+                               if (t.arity() > 2) opt.stride = t.width(2, "stride");
+                               if (t.arity() > 3) opt.pad = static_cast<Index>(t.number(3, "padding", 0));
+                               if (opt.pad < 0 || static_cast<double>(opt.pad) != t.number(3, "padding", 0))
+                                 t.fail("padding must be an integer >= 0");
+                               Conv2d<S> c(in, t.width(0, "output channels"), t.width(1, "kernel size"), opt);
+                               const ImageShape out = c.out_shape();
+                               return {AnyLayer<S>(std::move(c)), out};
+                             })},
+      {"conv_valid", image_rule<S>("conv_valid:COUT:K",
+                                   [](ImageShape in, const Token& t, std::uint64_t seed,
+                                      const SpecOptions&) -> BuiltImage<S> {
+                                     t.expect_arity(2, 2, "conv_valid:COUT:K");
+                                     typename ConvValid2d<S>::Options opt;
+                                     opt.seed = seed;
+                                     ConvValid2d<S> c(in, t.width(0, "output channels"),
+                                                      t.width(1, "kernel size"), opt);
+                                     const ImageShape out = c.out_shape();
+                                     return {AnyLayer<S>(std::move(c)), out};
+                                   })},
+      {"squeeze",
+       image_rule<S>("squeeze",
+                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
+                       t.expect_arity(0, 0, "squeeze");
+                       SpaceToDepth<S> l(in, 2);
+                       const ImageShape out = l.out_shape();
+                       return {AnyLayer<S>(std::move(l)), out};
+                     })},
+      {"avgpool",
+       image_rule<S>("avgpool",
+                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
+                       t.expect_arity(0, 0, "avgpool");
+                       AvgPool2d<S> l(in);
+                       const ImageShape out = l.out_shape();
+                       return {AnyLayer<S>(std::move(l)), out};
+                     })},
+      {"gap",
+       image_rule<S>("gap",
+                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
+                       t.expect_arity(0, 0, "gap");
+                       GlobalAvgPool<S> l(in);
+                       const ImageShape out = l.out_shape();
+                       return {AnyLayer<S>(std::move(l)), out};
+                     })},
+      {"flatten",
+       image_rule<S>("flatten",
+                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
+                       t.expect_arity(0, 0, "flatten");
+                       Flatten<S> l(in);
+                       const ImageShape out = l.out_shape();
+                       return {AnyLayer<S>(std::move(l)), out};
+                     })},
+      {"pad_channels",
+       image_rule<S>("pad_channels:C",
+                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
+                       t.expect_arity(1, 1, "pad_channels:C");
+                       PadChannels<S> l(in, t.width(0, "channels"));
+                       const ImageShape out = l.out_shape();
+                       return {AnyLayer<S>(std::move(l)), out};
+                     })},
   };
   return table;
 }
@@ -374,7 +554,14 @@ Network<S> parse_network(const std::string& spec_string, std::uint64_t seed, con
   if (head.name() != "in")
     head.fail("missing in:N (a spec starts with the input width, e.g. in:64,linear:10)");
   head.expect_arity(1, 1, "in:N");
-  Index width = head.width(0, "input width");
+  ImageShape image{};  // valid while the features are an image
+  Index width = 0;
+  if (const auto shape = spec::parse_image_shape(head, head.args()[0])) {
+    image = *shape;
+    width = image.size();
+  } else {
+    width = head.width(0, "input width");
+  }
   if (tokens.size() == 1) head.fail("no layers after the input width");
 
   Network<S> net;
@@ -386,8 +573,20 @@ Network<S> parse_network(const std::string& spec_string, std::uint64_t seed, con
     if (it == table.end())
       t.fail("unknown layer '" + t.name() + "' (known: in:N first, then " + spec::known_layers<S>() + ")");
     std::optional<AnyLayer<S>> layer;
+    const std::uint64_t layer_seed = spec::layer_seed(seed, t.index());
     try {
-      layer.emplace(it->second.build(width, t, spec::layer_seed(seed, t.index()), options));
+      if (it->second.build_image && (image.valid() || !it->second.build)) {
+        if (!image.valid())
+          t.fail(detail::cat("'", t.name(), "' needs an image input (start the spec with in:CxHxW), but the ",
+                             width, " features here are not an image"));
+        spec::BuiltImage<S> b = it->second.build_image(image, t, layer_seed, options);
+        image = b.out;
+        layer.emplace(std::move(b.layer));
+      } else {
+        layer.emplace(it->second.build(width, t, layer_seed, options));
+        // Elementwise layers keep the image; anything that changes the width ends it.
+        if (layer->out_features() != width) image = ImageShape{};
+      }
     } catch (const SpecError&) {
       throw;
     } catch (const Error& e) {  // a layer constructor refused its arguments
