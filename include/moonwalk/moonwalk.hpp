@@ -24,6 +24,7 @@
 #include "moonwalk/nets/parameters.hpp"
 #include "moonwalk/nets/sequential.hpp"
 #include "moonwalk/nets/spec.hpp"
+#include "moonwalk/optim/optimizers.hpp"
 #include "moonwalk/schedules/backprop.hpp"
 #include "moonwalk/schedules/checkpoint.hpp"
 #include "moonwalk/schedules/forward_mode.hpp"
