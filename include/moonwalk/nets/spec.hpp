@@ -263,6 +263,17 @@ Rule<S> image_rule(std::string syntax, F&& f) {
   return Rule<S>{std::move(syntax), nullptr, ImageBuilder<S>(std::forward<F>(f))};
 }
 
+/// The entry of an argument-free image layer built as `L(in)`.
+template <class S, class L>
+Rule<S> shaped_rule(const std::string& name) {
+  return image_rule<S>(name, [name](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) {
+    t.expect_arity(0, 0, name);
+    L l(in);
+    const ImageShape out = l.out_shape();
+    return BuiltImage<S>{AnyLayer<S>(std::move(l)), out};
+  });
+}
+
 /// "CxHxW" as an image shape (every part a positive integer), or nullopt
 /// when `text` does not look like one (no 'x' after a leading digit).
 inline std::optional<ImageShape> parse_image_shape(const Token& t, const std::string& text) {
@@ -455,38 +466,10 @@ const std::map<std::string, Rule<S>>& layers() {
                                      const ImageShape out = c.out_shape();
                                      return {AnyLayer<S>(std::move(c)), out};
                                    })},
-      {"squeeze",
-       image_rule<S>("squeeze",
-                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
-                       t.expect_arity(0, 0, "squeeze");
-                       SpaceToDepth<S> l(in, 2);
-                       const ImageShape out = l.out_shape();
-                       return {AnyLayer<S>(std::move(l)), out};
-                     })},
-      {"avgpool",
-       image_rule<S>("avgpool",
-                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
-                       t.expect_arity(0, 0, "avgpool");
-                       AvgPool2d<S> l(in);
-                       const ImageShape out = l.out_shape();
-                       return {AnyLayer<S>(std::move(l)), out};
-                     })},
-      {"gap",
-       image_rule<S>("gap",
-                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
-                       t.expect_arity(0, 0, "gap");
-                       GlobalAvgPool<S> l(in);
-                       const ImageShape out = l.out_shape();
-                       return {AnyLayer<S>(std::move(l)), out};
-                     })},
-      {"flatten",
-       image_rule<S>("flatten",
-                     [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
-                       t.expect_arity(0, 0, "flatten");
-                       Flatten<S> l(in);
-                       const ImageShape out = l.out_shape();
-                       return {AnyLayer<S>(std::move(l)), out};
-                     })},
+      {"squeeze", shaped_rule<S, SpaceToDepth<S>>("squeeze")},
+      {"avgpool", shaped_rule<S, AvgPool2d<S>>("avgpool")},
+      {"gap", shaped_rule<S, GlobalAvgPool<S>>("gap")},
+      {"flatten", shaped_rule<S, Flatten<S>>("flatten")},
       {"pad_channels",
        image_rule<S>("pad_channels:C",
                      [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
