@@ -26,6 +26,7 @@
 #include "moonwalk/nets/spec.hpp"
 #include "moonwalk/optim/optimizers.hpp"
 #include "moonwalk/schedules/backprop.hpp"
+#include "moonwalk/schedules/by_name.hpp"
 #include "moonwalk/schedules/checkpoint.hpp"
 #include "moonwalk/schedules/forward_mode.hpp"
 #include "moonwalk/schedules/gradient.hpp"

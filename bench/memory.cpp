@@ -1,0 +1,297 @@
+// moonwalk-memory — what one schedule costs on one network, in memory and
+// time: N gradient steps on a fixed seeded batch, each followed by a plain
+// SGD update (so weight versions change as in training and every factorisation
+// cache is rebuilt as it would be), then one JSON line.
+//
+//   moonwalk-memory [--net SPEC | --depth D --width W] [--batch B] [--schedule NAME] [--steps N]
+//                   [--dtype float|double] [--threads T] [--seed S] [--loss xent|mse]
+//                   [--rebuild-inputs]
+//
+//   --net SPEC        any network in moonwalk-gradcheck's grammar (nets/spec.hpp)
+//   --depth/--width   an equal-width LeakyReLU(0.1) MLP instead (the default, 8 × 256):
+//                     in:W, then D × (linear:W, leaky_relu:0.1), then linear:10
+//   --batch B         samples per step (default 128); inputs N(0, 1), seeded
+//   --schedule NAME   any of schedule_names() (default mixed)
+//   --steps N         gradient steps (default 10)
+//   --loss            xent (default: labels uniform over the outputs) or mse
+//                     (targets N(0, 1))
+//
+// Output (stdout, one line):
+//   {"schedule", "net", "batch", "params", "steps", "seconds_per_step" (median over steps),
+//    "seconds_min", "peak_rss_bytes" (getrusage ru_maxrss), "baseline_rss_bytes" (current RSS
+//    once parameters, optimizer state, inputs and targets exist, before the first step),
+//    "residual_bytes" (max over steps of the schedule's accounted bytes kept between passes),
+//    "error_estimate" (max over steps), "within_tolerance" (every step), "fallbacks" (sum),
+//    "dtype", "threads", "loss", "seed", "rebuild_inputs"}
+// A step's time is the gradient and the SGD update together (the update is
+// the same for every schedule, and its new weight version is what makes the
+// next step refactorise).
+//
+// One configuration per process: peak RSS is a high-water mark, so running a
+// second configuration in the same process would report the larger of both.
+//
+// Exit status: 0 ran; 1 the schedule cannot run the network (or another
+// run-time error); 2 bad command line (including a malformed --net).
+#include <malloc.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <moonwalk/moonwalk.hpp>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+namespace {
+
+using moonwalk::Index;
+using moonwalk::Matrix;
+using moonwalk::Network;
+using moonwalk::detail::cat;
+using moonwalk::detail::json_escape;
+using moonwalk::detail::json_number;
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  std::string spec;  // from --depth/--width unless --net
+  Index depth = 8, width = 256;
+  Index batch = 128;
+  std::string schedule = "mixed";
+  int steps = 10;
+  std::string dtype = "float";
+  int threads = 0;  // 0: Eigen's default
+  std::uint64_t seed = 1;
+  std::string loss = "xent";
+  bool rebuild_inputs = false;
+};
+
+const char* kUsage =
+    "usage: moonwalk-memory [--net SPEC | --depth D --width W] [--batch B] [--schedule NAME] [--steps N]\n"
+    "                       [--dtype float|double] [--threads T] [--seed S] [--loss xent|mse]\n"
+    "                       [--rebuild-inputs]\n"
+    "\n"
+    "  --net SPEC        a network in moonwalk-gradcheck's grammar\n"
+    "  --depth D         equal-width LeakyReLU(0.1) MLP: in:W, D x (linear:W, leaky_relu:0.1),\n"
+    "  --width W         linear:10 (defaults 8 and 256)\n"
+    "  --batch B         samples per step (default 128)\n"
+    "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, forward,\n"
+    "                    projforward\n"
+    "  --steps N         gradient steps, each followed by an SGD update (default 10)\n"
+    "  --dtype           float (default) or double; --threads T Eigen threads; --seed S (default 1)\n"
+    "  --loss            xent (default) or mse; --rebuild-inputs: mixed rebuilds invertible inputs\n"
+    "\n"
+    "Prints one JSON line on stdout. Exit: 0 ran, 1 run-time error (the schedule cannot run the\n"
+    "network), 2 bad command line.\n";
+
+template <class T>
+T parse_number(const std::string& opt, const std::string& v) {
+  std::istringstream s(v);
+  T x{};
+  if (!(s >> x) || !s.eof()) throw UsageError(cat(opt, ": not a number: '", v, "'"));
+  return x;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options o;
+  bool net_given = false, shape_given = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    if (a == "--rebuild-inputs") {
+      o.rebuild_inputs = true;
+      continue;
+    }
+    if (a.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", a, "'"));
+    static const std::vector<std::string> valued{"--net",   "--depth", "--width",   "--batch", "--schedule",
+                                                 "--steps", "--dtype", "--threads", "--seed",  "--loss"};
+    if (std::find(valued.begin(), valued.end(), a) == valued.end())
+      throw UsageError(cat("unknown option '", a, "'"));
+    if (i + 1 >= argc) throw UsageError(cat(a, ": missing value"));
+    const std::string v = argv[++i];
+    if (a == "--net") {
+      if (v.empty()) throw UsageError("--net: empty spec");
+      o.spec = v;
+      net_given = true;
+    } else if (a == "--depth") {
+      o.depth = parse_number<Index>(a, v);
+      if (o.depth < 0) throw UsageError("--depth: must be >= 0");
+      shape_given = true;
+    } else if (a == "--width") {
+      o.width = parse_number<Index>(a, v);
+      if (o.width < 1) throw UsageError("--width: must be >= 1");
+      shape_given = true;
+    } else if (a == "--batch") {
+      o.batch = parse_number<Index>(a, v);
+      if (o.batch < 1) throw UsageError("--batch: must be >= 1");
+    } else if (a == "--schedule") {
+      if (!moonwalk::is_schedule_name(v)) {
+        std::string known;
+        for (const auto& n : moonwalk::schedule_names()) known = known.empty() ? n : cat(known, ", ", n);
+        throw UsageError(cat("--schedule: unknown schedule '", v, "' (known: ", known, ")"));
+      }
+      o.schedule = v;
+    } else if (a == "--steps") {
+      o.steps = parse_number<int>(a, v);
+      if (o.steps < 1) throw UsageError("--steps: must be >= 1");
+    } else if (a == "--dtype") {
+      if (v != "float" && v != "double")
+        throw UsageError(cat("--dtype: expected float or double, got '", v, "'"));
+      o.dtype = v;
+    } else if (a == "--threads") {
+      o.threads = parse_number<int>(a, v);
+      if (o.threads < 0) throw UsageError("--threads: must be >= 0");
+    } else if (a == "--seed") {
+      o.seed = parse_number<std::uint64_t>(a, v);
+    } else if (a == "--loss") {
+      if (v != "xent" && v != "mse") throw UsageError(cat("--loss: expected xent or mse, got '", v, "'"));
+      o.loss = v;
+    }
+  }
+  if (net_given && shape_given) throw UsageError("--net: give either --net or --depth/--width, not both");
+  if (!net_given) {
+    o.spec = cat("in:", o.width);
+    for (Index d = 0; d < o.depth; ++d) o.spec = cat(o.spec, ",linear:", o.width, ",leaky_relu:0.1");
+    o.spec = cat(o.spec, ",linear:10");
+  }
+  return o;
+}
+
+// ---- memory -----------------------------------------------------------------------
+
+/// Resident set now: /proc/self/statm's second field (pages) × the page size.
+/// (ru_maxrss is a high-water mark, so it cannot give the baseline.)
+std::size_t current_rss_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::size_t size = 0, resident = 0;
+  if (!(statm >> size >> resident)) return 0;
+  return resident * static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+}
+
+std::size_t peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<std::size_t>(u.ru_maxrss) * 1024;  // Linux: KiB
+}
+
+// ---- the run ---------------------------------------------------------------------------
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const std::size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+template <class S, class Loss>
+int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
+        const typename Loss::target_type& target) {
+  const Index params = moonwalk::num_parameters(net);
+  moonwalk::Sgd<S> sgd{.lr = 1e-4};
+  // A zero-rate step allocates the optimizer's velocity (θ unchanged), so the
+  // baseline holds every long-lived buffer and peak − baseline is the step's
+  // working memory.
+  sgd.step(net, 0.0);
+  const std::size_t baseline = current_rss_bytes();
+
+  const moonwalk::ScheduleChoice choice{
+      .name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};
+  std::vector<double> seconds;
+  std::size_t residual_bytes = 0, fallbacks = 0;
+  double error_estimate = 0;
+  bool within_tolerance = true;
+  for (int step = 0; step < o.steps; ++step) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+      return moonwalk::gradient(schedule, net, x, loss, target);
+    });
+    sgd.step(net);
+    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    residual_bytes = std::max(residual_bytes, r.stats.residual_bytes);
+    // NaN (a broken estimate) must not be lost by std::max: keep it as +∞.
+    const double e =
+        std::isnan(r.stats.error_estimate) ? std::numeric_limits<double>::infinity() : r.stats.error_estimate;
+    error_estimate = std::max(error_estimate, e);
+    within_tolerance = within_tolerance && r.stats.within_tolerance;
+    fallbacks += r.stats.fallbacks;
+  }
+
+  std::cout << "{\"schedule\":\"" << json_escape(o.schedule) << "\",\"net\":\"" << json_escape(o.spec)
+            << "\",\"batch\":" << o.batch << ",\"params\":" << params << ",\"steps\":" << o.steps
+            << ",\"seconds_per_step\":" << json_number(median(seconds))
+            << ",\"seconds_min\":" << json_number(*std::min_element(seconds.begin(), seconds.end()))
+            << ",\"peak_rss_bytes\":" << peak_rss_bytes() << ",\"baseline_rss_bytes\":" << baseline
+            << ",\"residual_bytes\":" << residual_bytes
+            << ",\"error_estimate\":" << json_number(error_estimate)
+            << ",\"within_tolerance\":" << (within_tolerance ? "true" : "false")
+            << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype
+            << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
+            << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false") << "}" << std::endl;
+  return 0;
+}
+
+template <class S>
+int run(const Options& o) {
+  if (o.threads > 0) Eigen::setNbThreads(o.threads);
+  Network<S> net = moonwalk::parse_network<S>(o.spec, o.seed);
+  const Matrix<S> x = moonwalk::gaussian<S>(net.in_features(), o.batch, o.seed * 1000003u + 1);
+  if (o.schedule == "forward" || o.schedule == "pure")
+    std::fprintf(
+        stderr, "moonwalk-memory: note: %s costs %lld jvp passes per step: expect it to be slow\n",
+        o.schedule.c_str(),
+        static_cast<long long>(o.schedule == "forward" ? moonwalk::num_parameters(net) : net.in_features()));
+  if (o.loss == "mse") {
+    const Matrix<S> t = moonwalk::gaussian<S>(net.out_features(), o.batch, o.seed * 1000003u + 2);
+    return run(o, net, x, moonwalk::MSE<S>{}, t);
+  }
+  std::vector<Index> labels(static_cast<std::size_t>(o.batch));
+  std::mt19937_64 rng(o.seed * 1000003u + 2);
+  for (auto& l : labels) l = static_cast<Index>(rng() % static_cast<std::uint64_t>(net.out_features()));
+  return run(o, net, x, moonwalk::SoftmaxCrossEntropy<S>{}, labels);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // The same allocator setting as moonwalk-train, for every schedule: freed
+  // blocks are kept for reuse instead of being returned to the kernel (glibc's
+  // default mmaps and trims above 128 KiB, so each step's large matrices
+  // would be fresh page faults, which costs the schedules unequally). Peak
+  // RSS is then the high-water mark of the heap, not of the mmap churn.
+  mallopt(M_MMAP_THRESHOLD, 512 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1024 << 20);
+  Options o;
+  try {
+    o = parse_options(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "moonwalk-memory: " << e.what() << "\n\n" << kUsage;
+    return 2;
+  }
+  try {
+    return o.dtype == "float" ? run<float>(o) : run<double>(o);
+  } catch (const moonwalk::SpecError& e) {
+    std::cerr << "moonwalk-memory: bad --net: " << e.what() << "\n";
+    return 2;
+  } catch (const moonwalk::ScheduleError& e) {
+    std::cerr << "moonwalk-memory: schedule '" << o.schedule << "' cannot run this network: " << e.what()
+              << "\n";
+    return 1;
+  } catch (const std::exception& e) {
+    std::cerr << "moonwalk-memory: error: " << e.what() << "\n";
+    return 1;
+  }
+}

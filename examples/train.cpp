@@ -1,0 +1,579 @@
+// moonwalk-train — trains a Fashion-MNIST classifier with any gradient
+// schedule: the MLP 784-256-128-100-10 (LeakyReLU, every layer contracting,
+// so the whole network is submersive) or a convolutional RevNet (additive
+// conv coupling blocks, invertible downsampling, global average pooling,
+// linear head).
+//
+//   moonwalk-train [--model mlp|revnet] [--net SPEC] [--schedule NAME] [--epochs N] [--batch B]
+//                  [--optimizer adam|sgd] [--lr LR] [--momentum M] [--weight-decay WD]
+//                  [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype float|double]
+//                  [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]
+//                  [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]
+//
+// While it runs, a progress bar on stderr (epoch, batch, loss, samples/s,
+// bytes kept between passes by the schedule, the step's gradient error
+// estimate); at the end one JSON line on stdout:
+//   {"model", "schedule", "epochs", "test_accuracy", "train_loss", "seconds", "peak_rss_bytes",
+//    "residual_bytes", "max_error_estimate", "fallbacks", …}
+// Moonwalk schedules run with the default fidelity policy, so every step's
+// gradient is held under its tolerance (or recomputed): `untrusted_steps`
+// counts the steps whose estimate stayed above it anyway.
+//
+// Exit status: 0 trained; 1 a run-time error (data, checkpoint, schedule);
+// 2 bad command line.
+#include <malloc.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <iostream>
+#include <limits>
+#include <moonwalk/data/idx.hpp>
+#include <moonwalk/io/checkpoint.hpp>
+#include <moonwalk/moonwalk.hpp>
+#include <optional>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+using moonwalk::Index;
+using moonwalk::Matrix;
+using moonwalk::Network;
+using moonwalk::detail::cat;
+using moonwalk::detail::json_number;
+
+// ---- models ------------------------------------------------------------------------
+
+/// 784-256-128-100-10, LeakyReLU(0.1) between: every Linear contracts.
+constexpr const char* kMlpSpec =
+    "in:784,linear:256,leaky_relu:0.1,linear:128,leaky_relu:0.1,linear:100,leaky_relu:0.1,linear:10";
+/// 1×28×28 → squeeze 4×14×14 → 16 channels (zero padded) → 2 additive conv
+/// couplings → squeeze 64×7×7 → 2 couplings → global average pool → 64 → 10.
+constexpr const char* kRevnetSpec =
+    "in:1x28x28,squeeze,pad_channels:16,coupling:additive_conv:32,coupling:additive_conv:32,squeeze,"
+    "coupling:additive_conv:64,coupling:additive_conv:64,gap,linear:10";
+
+// ---- command line ----------------------------------------------------------------------
+
+struct UsageError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+struct Options {
+  std::string model = "mlp";
+  std::string spec;  // from --model unless --net
+  std::string schedule = "mixed";
+  int epochs = 5;
+  Index batch = 128;
+  std::string optimizer = "adam";
+  double lr = -1;  // -1: the optimizer's default
+  double momentum = 0.9;
+  double weight_decay = 0;
+  std::string lr_schedule = "cosine";
+  std::uint64_t seed = 1;
+  int threads = 0;  // 0: every core
+  std::string dtype = "float";
+  std::string data = moonwalk::data::default_fashion_mnist_dir;
+  Index train_limit = 0, test_limit = 0;
+  bool rebuild_inputs = false;
+  std::string save, resume, log, step_log;
+  bool quiet = false;
+};
+
+const char* kUsage =
+    "usage: moonwalk-train [--model mlp|revnet] [--net SPEC] [--schedule NAME] [--epochs N] [--batch B]\n"
+    "                      [--optimizer adam|sgd] [--lr LR] [--momentum M] [--weight-decay WD]\n"
+    "                      [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype "
+    "float|double]\n"
+    "                      [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]\n"
+    "                      [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]\n"
+    "\n"
+    "  --model           mlp (784-256-128-100-10, LeakyReLU) or revnet (conv RevNet); default mlp\n"
+    "  --net SPEC        any network in moonwalk-gradcheck's grammar instead (784 inputs, 10 outputs)\n"
+    "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, forward,\n"
+    "                    projforward; Moonwalk schedules hold the default fidelity policy\n"
+    "  --rebuild-inputs  mixed: rebuild invertible layers' inputs instead of keeping residuals\n"
+    "  --epochs N        passes over the training set (default 5); --batch B (default 128)\n"
+    "  --optimizer       adam (default, lr 1e-3) or sgd (lr 0.05, --momentum 0.9); --weight-decay\n"
+    "  --lr-schedule     cosine (default, over all steps), step (x0.1 at 1/2 and 3/4), constant\n"
+    "  --threads T       Eigen threads (default: every core); --seed S (init and shuffling)\n"
+    "  --data DIR        IDX files (default /usr/share/datasets/fashion-mnist, Debian's\n"
+    "                    dataset-fashion-mnist); --train-limit/--test-limit N: the first N samples\n"
+    "  --save PATH       checkpoint after every epoch (atomic); --resume PATH continues one\n"
+    "  --log FILE.csv    one row per epoch; --step-log FILE.csv one row per step\n"
+    "  --quiet           no progress bar\n"
+    "\n"
+    "Prints one JSON line on stdout. Exit: 0 trained, 1 run-time error, 2 bad command line.\n";
+
+template <class T>
+T parse_number(const std::string& opt, const std::string& v) {
+  std::istringstream s(v);
+  T x{};
+  if (!(s >> x) || !s.eof()) throw UsageError(cat(opt, ": not a number: '", v, "'"));
+  return x;
+}
+
+Options parse_options(int argc, char** argv) {
+  Options o;
+  bool net_given = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      std::cout << kUsage;
+      std::exit(0);
+    }
+    if (a == "--rebuild-inputs") {
+      o.rebuild_inputs = true;
+      continue;
+    }
+    if (a == "--quiet") {
+      o.quiet = true;
+      continue;
+    }
+    if (i + 1 >= argc) throw UsageError(cat(a, ": missing value (or unknown option)"));
+    const std::string v = argv[++i];
+    if (a == "--model") {
+      if (v != "mlp" && v != "revnet")
+        throw UsageError(cat("--model: expected mlp or revnet, got '", v, "'"));
+      o.model = v;
+    } else if (a == "--net") {
+      o.spec = v;
+      net_given = true;
+    } else if (a == "--schedule") {
+      if (!moonwalk::is_schedule_name(v)) {
+        std::string known;
+        for (const auto& n : moonwalk::schedule_names()) known = known.empty() ? n : cat(known, ", ", n);
+        throw UsageError(cat("--schedule: unknown schedule '", v, "' (known: ", known, ")"));
+      }
+      o.schedule = v;
+    } else if (a == "--epochs") {
+      o.epochs = parse_number<int>(a, v);
+      if (o.epochs < 0) throw UsageError("--epochs: must be >= 0");
+    } else if (a == "--batch") {
+      o.batch = parse_number<Index>(a, v);
+      if (o.batch < 1) throw UsageError("--batch: must be >= 1");
+    } else if (a == "--optimizer") {
+      if (v != "adam" && v != "sgd")
+        throw UsageError(cat("--optimizer: expected adam or sgd, got '", v, "'"));
+      o.optimizer = v;
+    } else if (a == "--lr") {
+      o.lr = parse_number<double>(a, v);
+      if (!(o.lr > 0)) throw UsageError("--lr: must be > 0");
+    } else if (a == "--momentum") {
+      o.momentum = parse_number<double>(a, v);
+    } else if (a == "--weight-decay") {
+      o.weight_decay = parse_number<double>(a, v);
+    } else if (a == "--lr-schedule") {
+      if (v != "cosine" && v != "step" && v != "constant")
+        throw UsageError(cat("--lr-schedule: expected cosine, step or constant, got '", v, "'"));
+      o.lr_schedule = v;
+    } else if (a == "--seed") {
+      o.seed = parse_number<std::uint64_t>(a, v);
+    } else if (a == "--threads") {
+      o.threads = parse_number<int>(a, v);
+      if (o.threads < 0) throw UsageError("--threads: must be >= 0");
+    } else if (a == "--dtype") {
+      if (v != "float" && v != "double")
+        throw UsageError(cat("--dtype: expected float or double, got '", v, "'"));
+      o.dtype = v;
+    } else if (a == "--data") {
+      o.data = v;
+    } else if (a == "--train-limit") {
+      o.train_limit = parse_number<Index>(a, v);
+    } else if (a == "--test-limit") {
+      o.test_limit = parse_number<Index>(a, v);
+    } else if (a == "--save") {
+      o.save = v;
+    } else if (a == "--resume") {
+      o.resume = v;
+    } else if (a == "--log") {
+      o.log = v;
+    } else if (a == "--step-log") {
+      o.step_log = v;
+    } else {
+      throw UsageError(cat("unknown option '", a, "'"));
+    }
+  }
+  if (!net_given) o.spec = o.model == "mlp" ? kMlpSpec : kRevnetSpec;
+  if (net_given) o.model = "custom";
+  if (o.lr < 0) o.lr = o.optimizer == "adam" ? 1e-3 : 0.05;
+  return o;
+}
+
+// ---- small utilities -----------------------------------------------------------------
+
+std::size_t peak_rss_bytes() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return static_cast<std::size_t>(u.ru_maxrss) * 1024;  // Linux: KiB
+}
+
+std::string human_bytes(double b) {
+  const char* units[] = {"B", "KiB", "MiB", "GiB"};
+  int u = 0;
+  while (b >= 1024 && u < 3) b /= 1024, ++u;
+  char s[32];
+  std::snprintf(s, sizeof s, u == 0 ? "%.0f %s" : "%.1f %s", b, units[u]);
+  return s;
+}
+
+/// Enough digits to round-trip a double (so step logs compare losses exactly).
+std::string full_precision(double v) {
+  char s[32];
+  std::snprintf(s, sizeof s, "%.17g", v);
+  return s;
+}
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+/// A progress bar on stderr, redrawn at most 5 times a second (only on a terminal).
+class Progress {
+ public:
+  explicit Progress(bool enabled) : enabled_(enabled && isatty(fileno(stderr))) {}
+  void draw(const std::string& line, bool force = false) {
+    if (!enabled_) return;
+    const auto now = std::chrono::steady_clock::now();
+    if (!force && std::chrono::duration<double>(now - last_).count() < 0.2) return;
+    last_ = now;
+    std::fprintf(stderr, "\r%s\033[K", line.c_str());
+    std::fflush(stderr);
+  }
+  void finish() {
+    if (enabled_) std::fprintf(stderr, "\r\033[K");
+  }
+
+ private:
+  bool enabled_;
+  std::chrono::steady_clock::time_point last_{};
+};
+
+std::string bar(Index done, Index total, int width = 24) {
+  const int full = total > 0 ? static_cast<int>(width * done / total) : width;
+  return cat("[", std::string(static_cast<std::size_t>(full), '#'),
+             std::string(static_cast<std::size_t>(width - full), '.'), "]");
+}
+
+/// The CSV log: rows kept in memory and the whole file rewritten atomically
+/// after each epoch, so an interrupted run leaves a complete file.
+class CsvLog {
+ public:
+  CsvLog(std::string path, std::string header) : path_(std::move(path)), header_(std::move(header)) {}
+  /// Keeps the rows of an existing log whose first field (epoch) is ≤ `upto` (for --resume).
+  void keep_existing(int upto) {
+    std::ifstream in(path_);
+    std::string line;
+    if (!in || !std::getline(in, line) || line != header_) return;
+    while (std::getline(in, line)) {
+      const int e = std::atoi(line.c_str());
+      if (e >= 1 && e <= upto) rows_.push_back(line);
+    }
+  }
+  void add(const std::string& row) { rows_.push_back(row); }
+  void flush() const {
+    if (path_.empty()) return;
+    std::string s = header_ + "\n";
+    for (const auto& r : rows_) s += r + "\n";
+    moonwalk::io::write_file_atomically(path_, s);
+  }
+
+ private:
+  std::string path_, header_;
+  std::vector<std::string> rows_;
+};
+
+// ---- training -------------------------------------------------------------------------
+
+struct EpochTotals {
+  double loss_sum = 0;
+  Index batches = 0;
+  std::size_t residual_bytes = 0;
+  double max_error = 0;
+  std::size_t fallbacks = 0, untrusted = 0;
+};
+
+template <class S>
+struct Evaluation {
+  double loss = 0, accuracy = 0;
+};
+
+template <class S>
+Evaluation<S> evaluate(const Network<S>& net, const moonwalk::data::LabelledImages& set,
+                       const moonwalk::data::Normalization& norm) {
+  const Index chunk = 1000;
+  Matrix<S> x;
+  std::vector<Index> y;
+  std::vector<Index> idx;
+  double loss = 0;
+  Index correct = 0;
+  const moonwalk::SoftmaxCrossEntropy<S> xent;
+  for (Index start = 0; start < set.count; start += chunk) {
+    const Index n = std::min(chunk, set.count - start);
+    idx.resize(static_cast<std::size_t>(n));
+    for (Index j = 0; j < n; ++j) idx[static_cast<std::size_t>(j)] = start + j;
+    moonwalk::data::gather<S>(set, idx, norm, x, y);
+    const Matrix<S> out = net.forward(x);
+    loss += static_cast<double>(xent.value(out, y)) * static_cast<double>(n);
+    for (Index j = 0; j < n; ++j) {
+      Index arg = 0;
+      out.col(j).maxCoeff(&arg);
+      correct += arg == y[static_cast<std::size_t>(j)];
+    }
+  }
+  const double count = static_cast<double>(std::max<Index>(1, set.count));
+  return {loss / count, static_cast<double>(correct) / count};
+}
+
+/// Adam or SGD behind one interface (state() / load_state() for checkpoints).
+template <class S>
+struct AnyOptimizer {
+  std::string name;
+  moonwalk::Adam<S> adam;
+  moonwalk::Sgd<S> sgd;
+  double base_lr() const { return name == "adam" ? adam.lr : sgd.lr; }
+  std::size_t steps() const { return name == "adam" ? adam.steps() : sgd.steps(); }
+  void step(Network<S>& net, double lr) { name == "adam" ? adam.step(net, lr) : sgd.step(net, lr); }
+  moonwalk::Vector<double> state() const { return name == "adam" ? adam.state() : sgd.state(); }
+  void load_state(Network<S>& net, const moonwalk::Vector<double>& s) {
+    name == "adam" ? adam.load_state(net, s) : sgd.load_state(net, s);
+  }
+};
+
+template <class S>
+int train(const Options& o) {
+  const auto t_start = std::chrono::steady_clock::now();
+  if (o.threads > 0) Eigen::setNbThreads(o.threads);
+  const int threads = Eigen::nbThreads();
+
+  // Data.
+  auto data = moonwalk::data::load_fashion_mnist(o.data);
+  const moonwalk::data::LabelledImages train_set = moonwalk::data::head(data.train, o.train_limit);
+  const moonwalk::data::LabelledImages test_set = moonwalk::data::head(data.test, o.test_limit);
+  data = {};
+  const moonwalk::data::Normalization norm = moonwalk::data::normalization_of(train_set);
+
+  // Model.
+  Network<S> net = moonwalk::parse_network<S>(o.spec, o.seed);
+  const Index features = train_set.shape.c * train_set.shape.h * train_set.shape.w;
+  if (net.in_features() != features || net.out_features() != train_set.classes)
+    throw moonwalk::ShapeError(cat("network '", o.spec, "' maps ", net.in_features(), " inputs to ",
+                                   net.out_features(), " outputs; the data needs ", features, " -> ",
+                                   train_set.classes));
+  const Index params = moonwalk::num_parameters(net);
+
+  // Optimizer and learning-rate schedule.
+  AnyOptimizer<S> opt;
+  opt.name = o.optimizer;
+  opt.adam.lr = o.lr;
+  opt.adam.weight_decay = o.weight_decay;
+  opt.sgd.lr = o.lr;
+  opt.sgd.momentum = o.momentum;
+  opt.sgd.weight_decay = o.weight_decay;
+  const Index steps_per_epoch = (train_set.count + o.batch - 1) / o.batch;
+  const std::size_t total_steps = static_cast<std::size_t>(std::max<Index>(1, steps_per_epoch * o.epochs));
+  auto lr_factor = [&](std::size_t step) {
+    if (o.lr_schedule == "cosine") return moonwalk::CosineLR{.total_steps = total_steps}.factor(step);
+    if (o.lr_schedule == "step") {
+      const double s = static_cast<double>(step) / static_cast<double>(total_steps);
+      return s < 0.5 ? 1.0 : s < 0.75 ? 0.1 : 0.01;
+    }
+    return 1.0;
+  };
+
+  // Resume.
+  int start_epoch = 0;
+  if (!o.resume.empty()) {
+    const auto ck = moonwalk::io::load_checkpoint(o.resume);
+    auto expect = [&](const char* key, const std::string& want) {
+      const std::string& have = ck.at(key, o.resume);
+      if (have != want)
+        throw moonwalk::io::CheckpointError(
+            cat(o.resume, ": checkpoint ", key, " is '", have, "' but this run has '", want, "'"));
+    };
+    expect("spec", o.spec);
+    expect("dtype", o.dtype);
+    expect("optimizer", o.optimizer);
+    if (ck.parameters.size() != params)
+      throw moonwalk::io::CheckpointError(
+          cat(o.resume, ": checkpoint has ", ck.parameters.size(), " parameters, the network has ", params));
+    moonwalk::set_parameters(net, ck.parameters.template cast<S>());
+    opt.load_state(net, ck.optimizer_state);
+    start_epoch = std::atoi(ck.at("epoch", o.resume).c_str());
+  }
+
+  moonwalk::ScheduleChoice choice{.name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};
+  const moonwalk::SoftmaxCrossEntropy<S> loss;
+
+  if (o.schedule == "forward" || o.schedule == "pure")
+    std::fprintf(
+        stderr,
+        "moonwalk-train: note: %s costs %lld jvp passes per step (one per %s): expect it to be slow\n",
+        o.schedule.c_str(), static_cast<long long>(o.schedule == "forward" ? params : features),
+        o.schedule == "forward" ? "parameter" : "input feature");
+
+  // What backprop would keep between its passes on one batch (the yardstick
+  // for the schedule's residual_bytes).
+  std::size_t backprop_bytes = 0;
+  {
+    std::vector<Index> idx(static_cast<std::size_t>(std::min(o.batch, train_set.count)));
+    for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<Index>(j);
+    Matrix<S> x;
+    std::vector<Index> y;
+    moonwalk::data::gather<S>(train_set, idx, norm, x, y);
+    backprop_bytes = moonwalk::gradient(moonwalk::Backprop{}, net, x, loss, y).stats.residual_bytes;
+  }
+
+  CsvLog log(o.log,
+             "epoch,schedule,train_loss,test_loss,test_accuracy,seconds,samples_per_second,residual_bytes,"
+             "backprop_residual_bytes,peak_rss_bytes,max_error_estimate,fallbacks,untrusted_steps");
+  if (!o.resume.empty()) log.keep_existing(start_epoch);
+  std::ofstream step_log;
+  if (!o.step_log.empty()) {
+    step_log.open(o.step_log, start_epoch > 0 ? std::ios::app : std::ios::trunc);
+    if (!step_log) throw moonwalk::Error(cat(o.step_log, ": cannot open for writing"));
+    if (start_epoch == 0) step_log << "step,epoch,schedule,loss,error_estimate,residual_bytes,fallbacks\n";
+  }
+
+  Progress progress(!o.quiet);
+  Matrix<S> x;
+  std::vector<Index> y;
+  EpochTotals run;  // over the whole run
+  double last_train_loss = std::numeric_limits<double>::quiet_NaN();
+  Evaluation<S> eval{};
+  bool evaluated = false;
+  for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
+    const auto t_epoch = std::chrono::steady_clock::now();
+    const std::vector<Index> order = moonwalk::data::shuffled_indices(
+        train_set.count, o.seed * 1000003u + static_cast<std::uint64_t>(epoch));
+    EpochTotals ep;
+    for (Index b = 0; b < steps_per_epoch; ++b) {
+      const Index start = b * o.batch, n = std::min(o.batch, train_set.count - start);
+      moonwalk::data::gather<S>(
+          train_set, std::span<const Index>(order.data() + start, static_cast<std::size_t>(n)), norm, x, y);
+      const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+        return moonwalk::gradient(schedule, net, x, loss, y);
+      });
+      const double lr = opt.base_lr() * lr_factor(opt.steps());
+      opt.step(net, lr);
+
+      const auto& st = r.stats;
+      ep.loss_sum += static_cast<double>(r.loss);
+      ++ep.batches;
+      ep.residual_bytes = std::max(ep.residual_bytes, st.residual_bytes);
+      ep.max_error = std::max(ep.max_error, st.error_estimate);
+      ep.fallbacks += st.fallbacks;
+      ep.untrusted += st.within_tolerance ? 0 : 1;
+      if (!std::isfinite(static_cast<double>(r.loss)))
+        throw moonwalk::Error(cat("training diverged: loss is ", r.loss, " at epoch ", epoch + 1, ", batch ",
+                                  b + 1, " (try a smaller --lr)"));
+      if (step_log)
+        step_log << opt.steps() << ',' << epoch + 1 << ',' << o.schedule << ',' << full_precision(r.loss)
+                 << ',' << json_number(st.error_estimate) << ',' << st.residual_bytes << ',' << st.fallbacks
+                 << '\n';
+      const double secs = seconds_since(t_epoch);
+      progress.draw(cat(
+          "epoch ", epoch + 1, "/", o.epochs, " ", bar(b + 1, steps_per_epoch), " ", b + 1, "/",
+          steps_per_epoch, "  loss ", json_number(ep.loss_sum / static_cast<double>(ep.batches)), "  ",
+          static_cast<long long>(static_cast<double>(start + n) / std::max(secs, 1e-9)), " samples/s  kept ",
+          human_bytes(static_cast<double>(st.residual_bytes)), "  err ", json_number(st.error_estimate)));
+    }
+    const double epoch_seconds = seconds_since(t_epoch);
+    progress.finish();
+    eval = evaluate(net, test_set, norm);
+    evaluated = true;
+    last_train_loss = ep.loss_sum / static_cast<double>(std::max<Index>(1, ep.batches));
+    run.residual_bytes = std::max(run.residual_bytes, ep.residual_bytes);
+    run.max_error = std::max(run.max_error, ep.max_error);
+    run.fallbacks += ep.fallbacks;
+    run.untrusted += ep.untrusted;
+    if (!o.quiet)
+      std::fprintf(stderr,
+                   "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.1f s, kept %s "
+                   "(backprop %s), max error estimate %s, fallbacks %zu\n",
+                   epoch + 1, o.epochs, last_train_loss, eval.loss, eval.accuracy, epoch_seconds,
+                   human_bytes(static_cast<double>(ep.residual_bytes)).c_str(),
+                   human_bytes(static_cast<double>(backprop_bytes)).c_str(),
+                   json_number(ep.max_error).c_str(), ep.fallbacks);
+    log.add(cat(epoch + 1, ",", o.schedule, ",", json_number(last_train_loss), ",", json_number(eval.loss),
+                ",", json_number(eval.accuracy), ",", json_number(epoch_seconds), ",",
+                json_number(static_cast<double>(train_set.count) / epoch_seconds), ",", ep.residual_bytes,
+                ",", backprop_bytes, ",", peak_rss_bytes(), ",", json_number(ep.max_error), ",", ep.fallbacks,
+                ",", ep.untrusted));
+    log.flush();
+    if (step_log) step_log.flush();
+    if (!o.save.empty()) {
+      moonwalk::io::Checkpoint ck;
+      ck.meta = {{"model", o.model},
+                 {"spec", o.spec},
+                 {"dtype", o.dtype},
+                 {"optimizer", o.optimizer},
+                 {"schedule", o.schedule},
+                 {"epoch", std::to_string(epoch + 1)},
+                 {"seed", std::to_string(o.seed)}};
+      ck.parameters = moonwalk::get_parameters(net).template cast<double>();
+      ck.optimizer_state = opt.state();
+      moonwalk::io::save_checkpoint(o.save, ck);
+    }
+  }
+  if (!evaluated) eval = evaluate(net, test_set, norm);  // nothing left to train (e.g. resumed at the end)
+
+  const double seconds = seconds_since(t_start);
+  if (!o.quiet) {
+    std::fprintf(stderr, "test accuracy %.4f after %d epoch(s) with %s (%.1f s, %d thread(s)).\n",
+                 eval.accuracy, o.epochs, o.schedule.c_str(), seconds, threads);
+    if (o.schedule != "backprop" && run.residual_bytes > 0)
+      std::fprintf(stderr, "bytes kept between passes per step: %s (%s) vs %s (backprop) = 1/%.0f\n",
+                   human_bytes(static_cast<double>(run.residual_bytes)).c_str(), o.schedule.c_str(),
+                   human_bytes(static_cast<double>(backprop_bytes)).c_str(),
+                   static_cast<double>(backprop_bytes) / static_cast<double>(run.residual_bytes));
+  }
+  std::cout << "{\"model\":\"" << o.model << "\",\"schedule\":\"" << o.schedule
+            << "\",\"epochs\":" << o.epochs << ",\"test_accuracy\":" << json_number(eval.accuracy)
+            << ",\"test_loss\":" << json_number(eval.loss)
+            << ",\"train_loss\":" << json_number(last_train_loss) << ",\"seconds\":" << json_number(seconds)
+            << ",\"peak_rss_bytes\":" << peak_rss_bytes() << ",\"residual_bytes\":" << run.residual_bytes
+            << ",\"backprop_residual_bytes\":" << backprop_bytes
+            << ",\"max_error_estimate\":" << json_number(run.max_error) << ",\"fallbacks\":" << run.fallbacks
+            << ",\"untrusted_steps\":" << run.untrusted << ",\"parameters\":" << params
+            << ",\"batch\":" << o.batch << ",\"train_samples\":" << train_set.count
+            << ",\"test_samples\":" << test_set.count << ",\"threads\":" << threads << ",\"dtype\":\""
+            << o.dtype << "\"}" << std::endl;
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Keep freed blocks for reuse instead of returning them to the kernel: the
+  // engine allocates the same large matrices every step, and glibc's default
+  // (mmap above 128 KiB, trim above 128 KiB) turns each of them into fresh
+  // page faults (measured: ~25% of a mixed step on the MLP). Bench programs
+  // set the same, so every schedule runs under one allocator setting.
+  mallopt(M_MMAP_THRESHOLD, 512 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1024 << 20);
+  Options o;
+  try {
+    o = parse_options(argc, argv);
+  } catch (const UsageError& e) {
+    std::cerr << "moonwalk-train: " << e.what() << "\n\n" << kUsage;
+    return 2;
+  }
+  try {
+    return o.dtype == "float" ? train<float>(o) : train<double>(o);
+  } catch (const moonwalk::SpecError& e) {
+    std::cerr << "moonwalk-train: bad --net: " << e.what() << "\n";
+    return 2;
+  } catch (const std::exception& e) {
+    std::cerr << "\nmoonwalk-train: error: " << e.what() << "\n";
+    return 1;
+  }
+}
