@@ -18,6 +18,7 @@
 #include "moonwalk/layers/linear.hpp"
 #include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"
+#include "moonwalk/layers/triangular.hpp"
 #include "moonwalk/losses/losses.hpp"
 #include "moonwalk/nets/any_layer.hpp"
 #include "moonwalk/nets/network.hpp"

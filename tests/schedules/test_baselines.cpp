@@ -398,31 +398,43 @@ TEST_CASE("RevBackprop's reconstruction estimate: tiny in double, larger in floa
           "[schedules][baselines][revbackprop]") {
   // 16 layers: 8 × (orthogonal Linear(32, 32), LeakyReLU(0.1)). Inverting the
   // small slope stretches rounding by 10 per layer (DESIGN §5).
-  auto build = [](auto scalar) {
+  auto build = [](auto scalar, std::uint64_t base) {
     using T = decltype(scalar);
     Network<T> net;
     for (int i = 0; i < 8; ++i) {
-      net.add(Linear<T>(32, 32, {.seed = static_cast<std::uint64_t>(10 + i)}));
+      net.add(Linear<T>(32, 32, {.seed = base + static_cast<std::uint64_t>(i)}));
       net.add(LeakyReLU<T>(32, T(0.1)));
     }
     return net;
   };
-  auto nd = build(0.0);
-  auto nf = build(0.0f);
-  auto twin_d = build(0.0), twin_f = build(0.0);
   const Matrix<double> x = gaussian<double>(32, 16, 3);
-  const auto d = against_truth<double>(RevBackprop{}, nd, twin_d, x, false, 4);
-  const auto f = against_truth<float>(RevBackprop{}, nf, twin_f, x, false, 4);
-  const double ed = d.r.stats.error_estimate, ef = f.r.stats.error_estimate;
-  INFO("double: err " << d.err << " est " << ed << "; float: err " << f.err << " est " << ef);
-  CHECK(ed < 1e-9);
-  CHECK(ef > 1e-4);
-  CHECK(ef > 1e6 * ed);
-  // The end-of-pass check is an honest estimate: the true error is within 10× of it.
-  CHECK(d.err <= 10 * ed);
-  CHECK(f.err <= 10 * ef);
-  CHECK(f.err > 1e-4);  // and float really lost accuracy (backprop in float: ~5e-7)
-  CHECK(max_rel_err_per_tensor(f.bp.gradient, f.truth.gradient, parameter_offsets(nf)) < 1e-5);
+  // Over several weight seeds: in double the estimate is the error's size
+  // (within the error model's 10×); in float it flags the loss of accuracy
+  // (≥ 1e-4, ≥ 1e6× double's). There the errors are O(0.01–1), past the
+  // first-order regime the estimate models: err / estimate was measured
+  // between 0.8 and 52 over these seeds (the pivoted-QR Linear of earlier
+  // versions also exceeded 10× on two of them). It tracks the error within
+  // 100×, and never calls a lost gradient accurate.
+  double worst_ratio = 0;
+  for (std::uint64_t base : {10, 20, 30, 40, 50, 60, 70, 80}) {
+    auto nd = build(0.0, base);
+    auto nf = build(0.0f, base);
+    auto twin_d = build(0.0, base), twin_f = build(0.0, base);
+    const auto d = against_truth<double>(RevBackprop{}, nd, twin_d, x, false, 4);
+    const auto f = against_truth<float>(RevBackprop{}, nf, twin_f, x, false, 4);
+    const double ed = d.r.stats.error_estimate, ef = f.r.stats.error_estimate;
+    INFO("seed " << base << ": double: err " << d.err << " est " << ed << "; float: err " << f.err << " est "
+                 << ef);
+    CHECK(ed < 1e-9);
+    CHECK(ef > 1e-4);
+    CHECK(ef > 1e6 * ed);
+    CHECK(d.err <= 10 * ed);
+    CHECK(f.err <= 100 * ef);
+    worst_ratio = std::max(worst_ratio, f.err / ef);
+    CHECK(max_rel_err_per_tensor(f.bp.gradient, f.truth.gradient, parameter_offsets(nf)) < 1e-5);
+    if (base == 10) CHECK(f.err > 1e-4);  // float really lost accuracy (backprop in float: ~5e-7)
+  }
+  CHECK(worst_ratio > 1);  // the float estimate is not a bound: a test that assumed it would be wrong
 }
 
 TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks the rebuilt stretch there",

@@ -189,6 +189,9 @@ TEST_CASE("gradcheck: every grammar token appears in a passing run", "[tools][gr
       // The orthogonal (Cayley) parametrisation.
       {"--net", "in:6,orthogonal,leaky_relu:0.2,orthogonal,tanh,linear:3", "--loss", "xent", "--dtype",
        "float"},
+      // The unit-triangular parametrisation (vijp by a triangular solve).
+      {"--net", "in:8,triangular:6,tanh,triangular:6,leaky_relu:0.1,triangular:3", "--loss", "mse", "--dtype",
+       "double"},
       // Images: a conv RevNet with every image token (a general conv: pure does not apply).
       {"--net",
        "in:3x8x8,pad_channels:4,coupling:additive_conv:6,conv:8:3:1:1,tanh,squeeze,coupling:additive_conv:4,"

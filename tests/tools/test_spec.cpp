@@ -88,7 +88,7 @@ TEST_CASE("spec: the grammar table holds exactly the documented layers", "[tools
   }
   CHECK(names == std::set<std::string>{"linear", "orthogonal", "leaky_relu", "relu", "tanh", "sigmoid",
                                        "softplus", "elu", "pad", "coupling", "identity", "conv", "conv_valid",
-                                       "squeeze", "avgpool", "gap", "flatten", "pad_channels"});
+                                       "squeeze", "avgpool", "gap", "flatten", "pad_channels", "triangular"});
 }
 
 TEST_CASE("spec: whitespace around tokens and arguments is ignored", "[tools][spec]") {

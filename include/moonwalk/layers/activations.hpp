@@ -10,6 +10,11 @@
 // sample: κ = max|σ'| / min|σ'|, γ = √(mean σ'²) · √(mean σ'⁻²), both
 // maximised over the batch, +∞ where some σ'(x) = 0. A rule carries its
 // parameters into another scalar type by `cast<T>()`.
+//
+// A rule may also give `values(a)` and `derivatives(a)` over a whole Eigen
+// array expression (the same formulas, written so Eigen vectorises them);
+// the layer uses them when present and falls back to the scalar functions
+// element by element otherwise.
 #pragma once
 
 #include <algorithm>
@@ -43,6 +48,15 @@ struct LeakyReLU {
   [[nodiscard]] S slope_off() const { return slope; }
   [[nodiscard]] S value(S x) const { return x > S(0) ? x : slope * x; }
   [[nodiscard]] S derivative(S x) const { return x > S(0) ? S(1) : slope; }
+  template <class A>
+  [[nodiscard]] auto values(const Eigen::ArrayBase<A>& x) const {
+    return x.max(S(0)) + slope * x.min(S(0));
+  }
+  template <class A>
+  [[nodiscard]] auto derivatives(const Eigen::ArrayBase<A>& x) const {
+    using P = typename A::PlainObject;
+    return (x > S(0)).select(P::Ones(x.rows(), x.cols()), P::Constant(x.rows(), x.cols(), slope));
+  }
   /// σ⁻¹(y) = y for y > 0, y / a otherwise (a > 0 keeps the sign).
   [[nodiscard]] S inverse(S y) const { return y > S(0) ? y : y / slope; }
   template <class T>
@@ -61,6 +75,14 @@ struct Tanh {
   S derivative(S x) const {
     const S t = std::tanh(x);
     return S(1) - t * t;
+  }
+  template <class A>
+  [[nodiscard]] auto values(const Eigen::ArrayBase<A>& x) const {
+    return x.tanh();
+  }
+  template <class A>
+  [[nodiscard]] auto derivatives(const Eigen::ArrayBase<A>& x) const {
+    return S(1) - x.tanh().square();
   }
   S inverse(S y) const { return std::atanh(y); }
   template <class T>
@@ -169,12 +191,18 @@ class Elementwise : public NoParameters<S> {
   /// y = σ(x)
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
     detail::check_rows(*this, "input", x, n_);
-    return x.unaryExpr([this](S v) { return rule_.value(v); });
+    if constexpr (requires { rule_.values(x.array()); })
+      return rule_.values(x.array()).matrix();
+    else
+      return x.unaryExpr([this](S v) { return rule_.value(v); });
   }
   /// σ'(x) elementwise
   [[nodiscard]] Matrix<S> derivative(const CRef<S>& x) const {
     detail::check_rows(*this, "input", x, n_);
-    return x.unaryExpr([this](S v) { return rule_.derivative(v); });
+    if constexpr (requires { rule_.derivatives(x.array()); })
+      return rule_.derivatives(x.array()).matrix();
+    else
+      return x.unaryExpr([this](S v) { return rule_.derivative(v); });
   }
   /// J dx = σ'(x) ⊙ dx
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {

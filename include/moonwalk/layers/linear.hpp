@@ -26,10 +26,15 @@ namespace moonwalk {
 /// (`Options::init = Init::gaussian` for N(0, gain²/in) entries instead).
 ///
 /// Its reverse pass saves nothing (`Jᵀ h = Wᵀ h` needs only W). For out ≤ in
-/// it is submersive: `vijp` solves `Wᵀ h_y = h_x` through a column-pivoted
-/// thin QR of Wᵀ, cached per weight version (never the normal equations). For
-/// out > in it is fragmental: the fragment is the component of h_y in
-/// null(Wᵀ), `out − in` numbers per sample.
+/// it is submersive: `vijp` solves `Wᵀ h_y = h_x` in the least-squares sense
+/// through a Householder QR of Wᵀ (blocked, Eigen's HouseholderQR; backward
+/// stable for full rank, never the normal equations), factorised once per
+/// weight version and applied directly: h_y = R⁻¹ Q₁ᵀ h_x (one application of
+/// the reflectors and a k × k triangular solve per call). In training every
+/// weight version meets one or two vijps, so forming an explicit right
+/// inverse (Q₁ and a solve with `in` right-hand sides) would cost more than
+/// it saves. For out > in it is fragmental: the fragment is the component of
+/// h_y in null(Wᵀ), `out − in` numbers per sample.
 ///
 /// Amplification (core/amplification.hpp), from the same cached QR (R is
 /// k × k, k = min(in, out), with κ(R) = κ(W) and ‖R⁻¹‖_F = ‖W⁺‖_F):
@@ -179,9 +184,12 @@ class Linear {
                       "vijp_with_fragment)");
     detail::check_rows(*this, "input cotangent", hx, in_);
     detail::check_batch(*this, "input", x.cols(), "input cotangent", hx.cols());
+    // Wᵀ = Q R (in × out, tall): h_y = R⁻¹ (Qᵀ h_x)[0:k]
     const Cache& c = cache();
-    Matrix<S> hy(out_, hx.cols());
-    hy.noalias() = c.right_inverse * hx;
+    Matrix<S> t = hx;
+    t.applyOnTheLeft(c.qr.householderQ().transpose());
+    Matrix<S> hy = t.topRows(out_);
+    c.r().solveInPlace(hy);
     return hy;
   }
 
@@ -189,11 +197,12 @@ class Linear {
   [[nodiscard]] Fragment<S> save_fragment(const Empty&, const CRef<S>& hy) const {
     detail::check_rows(*this, "output cotangent", hy, out_);
     if (is_submersive()) return {Matrix<S>(0, hy.cols())};
-    Fragment<S> f{Matrix<S>(out_ - in_, hy.cols())};
-    f.value.noalias() = cache().null_basis.transpose() * hy;
-    return f;
+    // W = Q R (out × in, tall): φ = Q₂ᵀ h_y = (Qᵀ h_y)[k:out]
+    Matrix<S> t = hy;
+    t.applyOnTheLeft(cache().qr.householderQ().transpose());
+    return {Matrix<S>(t.bottomRows(out_ - in_))};
   }
-  /// h_y = Q₁ R⁻ᵀ Pᵀ h_x + Q₂ φ, from W P = Q R (out > in).
+  /// h_y = Q₁ R⁻ᵀ h_x + Q₂ φ = Q [R⁻ᵀ h_x; φ], from W = Q R (out > in).
   [[nodiscard]] Matrix<S> vijp_with_fragment(const CRef<S>& x, const CRef<S>& hx,
                                              const Fragment<S>& f) const {
     if (is_submersive()) return vijp(x, hx);
@@ -201,8 +210,10 @@ class Linear {
     detail::check_rows(*this, "fragment", f.value, out_ - in_, hx.cols());
     const Cache& c = cache();
     Matrix<S> hy(out_, hx.cols());
-    hy.noalias() = c.right_inverse * hx;
-    hy.noalias() += c.null_basis * f.value;
+    hy.topRows(in_) = hx;
+    c.rt().solveInPlace(hy.topRows(in_));
+    hy.bottomRows(out_ - in_) = f.value;
+    hy.applyOnTheLeft(c.qr.householderQ());
     return hy;
   }
 
@@ -211,10 +222,10 @@ class Linear {
     if (!is_invertible()) throw RankError(name() + ": inverse needs a square W");
     detail::check_rows(*this, "output", y, out_);
     const Cache& c = cache();
-    Matrix<S> centered = y.colwise() - b();
-    // W = (Wᵀ)ᵀ = (Q R Pᵀ)ᵀ = P Rᵀ Qᵀ, so W⁻¹ = Q R⁻ᵀ Pᵀ = right_inverseᵀ.
-    Matrix<S> x(in_, y.cols());
-    x.noalias() = c.right_inverse.transpose() * centered;
+    // Wᵀ = Q R, so W = Rᵀ Qᵀ and W⁻¹ = Q R⁻ᵀ: x = Q (R⁻ᵀ (y − b)).
+    Matrix<S> x = y.colwise() - b();
+    c.rt().solveInPlace(x);
+    x.applyOnTheLeft(c.qr.householderQ());
     return x;
   }
 
@@ -234,22 +245,24 @@ class Linear {
   /// W is rank deficient.
   [[nodiscard]] double condition_estimate() const { return cache().cond_estimate; }
 
-  /// The R factor of the cached column-pivoted QR (of Wᵀ when out ≤ in, of W
-  /// otherwise): its diagonal is non-increasing in magnitude.
-  [[nodiscard]] Matrix<S> r_factor() const {
-    const Cache& c = cache();
-    return c.qr.matrixR().topLeftCorner(c.k, c.k).template triangularView<Eigen::Upper>();
-  }
+  /// The k × k R factor of the cached QR (of Wᵀ when out ≤ in, of W otherwise).
+  [[nodiscard]] Matrix<S> r_factor() const { return cache().r(); }
 
  private:
   struct Cache {
     std::uint64_t version = std::numeric_limits<std::uint64_t>::max();
-    Eigen::ColPivHouseholderQR<Matrix<S>> qr;
+    Eigen::HouseholderQR<Matrix<S>> qr;  // of the tall one of Wᵀ and W (m × k)
     Index k = 0;
-    Matrix<S> right_inverse;   // out × in: a right inverse of Wᵀ
-    Matrix<S> null_basis;      // out × (out − in): orthonormal basis of null(Wᵀ)
     double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
     double typical = 1;        // ‖W‖_F ‖W⁺‖_F / √(in · out)
+    /// R (k × k, upper triangular), a view into the factorisation.
+    [[nodiscard]] auto r() const {
+      return qr.matrixQR().topLeftCorner(k, k).template triangularView<Eigen::Upper>();
+    }
+    /// Rᵀ (lower triangular).
+    [[nodiscard]] auto rt() const {
+      return qr.matrixQR().topLeftCorner(k, k).transpose().template triangularView<Eigen::Lower>();
+    }
   };
 
   struct Uninitialised {};
@@ -277,49 +290,40 @@ class Linear {
     return std::sqrt(norm_1 * inv_1) * std::sqrt(norm_inf * inv_inf);
   }
 
-  /// Factorises once per weight version; throws RankError when R's diagonal
-  /// shows W is (numerically) rank deficient.
+  /// Factorises once per weight version; throws RankError when W is
+  /// (numerically) rank deficient: a diagonal entry of R below
+  /// max(in, out) · ε · max|r_ii| (exact dependence), or a condition estimate
+  /// of at least 1 / (max(in, out) · ε) (no digit of a vijp would survive).
   const Cache& cache() const {
     if (!cache_.ptr) cache_.ptr = std::make_unique<Cache>();
     Cache& c = *cache_.ptr;
     if (c.version == version_) return c;
     const bool wide = out_ <= in_;  // factor the tall one of Wᵀ (in × out) and W (out × in)
-    Matrix<S> a = wide ? Matrix<S>(W().transpose()) : Matrix<S>(W());
-    c.qr.compute(a);
+    c.version = std::numeric_limits<std::uint64_t>::max();  // invalid until the checks pass
+    if (wide)
+      c.qr.compute(W().transpose());
+    else
+      c.qr.compute(W());
     c.k = std::min(in_, out_);
-    const auto& r = c.qr.matrixR();
-    const S r0 = std::abs(r(0, 0));
-    const S tol = static_cast<S>(std::max(in_, out_)) * std::numeric_limits<S>::epsilon() * r0;
-    const S rmin = std::abs(r(c.k - 1, c.k - 1));
-    if (!(r0 > S(0)) || !(rmin > tol)) {
+    const auto d = c.qr.matrixQR().diagonal().head(c.k).cwiseAbs();
+    const double n_eps = static_cast<double>(std::max(in_, out_)) * std::numeric_limits<S>::epsilon();
+    const double rmax = static_cast<double>(d.maxCoeff()), rmin = static_cast<double>(d.minCoeff());
+    auto rank_error = [&](const std::string& why) {
       std::ostringstream s;
-      s << name() << ": W is rank deficient (|R_kk| from " << r0 << " down to " << rmin << ", threshold "
-        << tol << "); vijp would return garbage";
+      s << name() << ": W is rank deficient (" << why << "); vijp would return garbage";
       throw RankError(s.str());
-    }
-    // a P = Q R, a tall (m × k). Q₁ = first k columns of Q.
-    const Index m = a.rows(), k = c.k;
-    Matrix<S> q1 = c.qr.householderQ() * Matrix<S>::Identity(m, k);
-    const Matrix<S> Rm = c.qr.matrixR().topLeftCorner(k, k).template triangularView<Eigen::Upper>();
-    const auto R = Rm.template triangularView<Eigen::Upper>();
-    if (wide) {
-      // Wᵀ P = Q₁ R  ⇒  right inverse of Wᵀ (least squares) = P R⁻¹ Q₁ᵀ   (out × in)
-      Matrix<S> rinv_qt = R.solve(Matrix<S>(q1.transpose()));
-      c.right_inverse = c.qr.colsPermutation() * rinv_qt;
-      c.null_basis.resize(out_, 0);
-    } else {
-      // W P = Q₁ R  ⇒  Wᵀ = P Rᵀ Q₁ᵀ; h_y = Q₁ R⁻ᵀ Pᵀ h_x solves Wᵀ h_y = h_x (out × in)
-      Matrix<S> pt = Matrix<S>(c.qr.colsPermutation().transpose() * Matrix<S>::Identity(k, k));
-      Matrix<S> rt_inv_pt = R.transpose().solve(pt);
-      c.right_inverse = q1 * rt_inv_pt;
-      Matrix<S> q = c.qr.householderQ();
-      c.null_basis = q.rightCols(m - k);
-    }
-    // Amplification, once per weight version: right_inverse is P R⁻¹ Q₁ᵀ
-    // (wide) or Q₁ R⁻ᵀ Pᵀ (tall), so its Frobenius norm is ‖R⁻¹‖_F = ‖W⁺‖_F.
-    c.cond_estimate = condition_of(Rm.template cast<double>());
-    c.typical = static_cast<double>(W().template cast<double>().norm()) *
-                static_cast<double>(c.right_inverse.template cast<double>().norm()) /
+    };
+    if (!(rmax > 0) || !(rmin > n_eps * rmax))
+      rank_error(detail::cat("|R_ii| from ", rmax, " down to ", rmin, ", threshold ", n_eps * rmax));
+    const Matrix<double> Rd = Matrix<S>(c.r()).template cast<double>();
+    c.cond_estimate = condition_of(Rd);
+    if (!(c.cond_estimate * n_eps < 1))
+      rank_error(
+          detail::cat("condition estimate ", c.cond_estimate, " >= 1 / (max(in, out) eps) = ", 1 / n_eps));
+    // ‖W⁺‖_F = ‖R⁻¹‖_F (Q has orthonormal columns): one k × k triangular inverse.
+    const Matrix<double> Rinv =
+        Rd.template triangularView<Eigen::Upper>().solve(Matrix<double>::Identity(c.k, c.k));
+    c.typical = static_cast<double>(W().template cast<double>().norm()) * Rinv.norm() /
                 std::sqrt(static_cast<double>(in_) * static_cast<double>(out_));
     c.version = version_;
     return c;

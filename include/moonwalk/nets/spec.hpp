@@ -12,6 +12,7 @@
 //                       N(0, 1/width) entries with SpecOptions::init = gaussian
 //   orthogonal          OrthogonalLinear<S>(width): square (width unchanged),
 //                       Q = Cayley(U) orthogonal for any parameters, b = 0
+//   triangular:OUT      TriangularLinear<S>(width, OUT ≤ width): W = [U | V], U unit upper triangular
 //   leaky_relu[:SLOPE]  LeakyReLU<S>, SLOPE finite and > 0 (default 0.01)
 //   relu                ReLU<S>
 //   tanh                Tanh<S>
@@ -101,6 +102,7 @@
 #include "moonwalk/layers/linear.hpp"
 #include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"
+#include "moonwalk/layers/triangular.hpp"
 #include "moonwalk/nets/any_layer.hpp"
 #include "moonwalk/nets/network.hpp"
 
@@ -314,6 +316,17 @@ const std::map<std::string, Rule<S>>& layers() {
           typename OrthogonalLinear<S>::Options options;
           options.seed = seed;
           return OrthogonalLinear<S>(w, options);
+        }}},
+      {"triangular",
+       {"triangular:OUT",
+        [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
+          t.expect_arity(1, 1, "triangular:OUT");
+          const Index out = t.width(0, "width");
+          if (out > w)
+            t.fail(detail::cat("triangular:OUT needs OUT <= the current width ", w, ", got ", out));
+          typename TriangularLinear<S>::Options options;
+          options.seed = seed;
+          return TriangularLinear<S>(w, out, options);
         }}},
       {"leaky_relu",
        {"leaky_relu[:SLOPE]",
