@@ -5,7 +5,7 @@
 //
 //   moonwalk-memory [--net SPEC | --depth D --width W] [--batch B] [--schedule NAME] [--steps N]
 //                   [--dtype float|double] [--threads T] [--seed S] [--loss xent|mse]
-//                   [--rebuild-inputs]
+//                   [--rebuild-inputs] [--budget BYTES]
 //
 //   --net SPEC        any network in moonwalk-gradcheck's grammar (nets/spec.hpp)
 //   --depth/--width   an equal-width LeakyReLU(0.1) MLP instead (the default, 8 × 256):
@@ -15,6 +15,15 @@
 //   --steps N         gradient steps (default 10)
 //   --loss            xent (default: labels uniform over the outputs) or mse
 //                     (targets N(0, 1))
+//   --budget BYTES    enforce a memory budget for the steps (suffix K, M or G: binary units).
+//                     Once parameters, optimizer state, inputs and targets exist (where
+//                     baseline_rss_bytes is read), RLIMIT_AS is set to the current virtual
+//                     size + BYTES, so every byte the steps map (heap, stack growth, threads)
+//                     counts. glibc is held to one arena (M_ARENA_MAX 1: a per-thread arena
+//                     reserves 64 MiB of address space); OpenMP's thread pool is started and
+//                     the stack grown by 1 MiB before the limit is set.
+//                     An allocation that fails under the limit ends the run: the JSON line is
+//                     still printed (over the steps completed) and the exit status is 3.
 //
 // Output (stdout, one line):
 //   {"schedule", "net", "batch", "params", "steps", "seconds_per_step" (median over steps),
@@ -22,7 +31,11 @@
 //    once parameters, optimizer state, inputs and targets exist, before the first step),
 //    "residual_bytes" (max over steps of the schedule's accounted bytes kept between passes),
 //    "error_estimate" (max over steps), "within_tolerance" (every step), "fallbacks" (sum),
-//    "dtype", "threads", "loss", "seed", "rebuild_inputs"}
+//    "dtype", "threads", "loss", "seed", "rebuild_inputs", "allocations_per_step" (heap
+//    allocations, gradient and update, mean over the steps after the first: bench/alloc_count.hpp)},
+//    and with --budget also
+//    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
+//    "steps_completed" (steps that finished; the figures above are over those)
 // A step's time is the gradient and the SGD update together (the update is
 // the same for every schedule, and its new weight version is what makes the
 // next step refactorise).
@@ -31,12 +44,15 @@
 // second configuration in the same process would report the larger of both.
 //
 // Exit status: 0 ran; 1 the schedule cannot run the network (or another
-// run-time error); 2 bad command line (including a malformed --net).
+// run-time error); 2 bad command line (including a malformed --net); 3 out of
+// memory under --budget (std::bad_alloc, or an error whose cause is ENOMEM),
+// after printing the JSON line with "out_of_memory":true.
 #include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -46,11 +62,19 @@
 #include <iostream>
 #include <limits>
 #include <moonwalk/moonwalk.hpp>
+#include <numeric>
 #include <random>
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#include "alloc_count.hpp"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 namespace {
 
@@ -76,12 +100,13 @@ struct Options {
   std::uint64_t seed = 1;
   std::string loss = "xent";
   bool rebuild_inputs = false;
+  std::size_t budget = 0;  // bytes; 0: no budget
 };
 
 const char* kUsage =
     "usage: moonwalk-memory [--net SPEC | --depth D --width W] [--batch B] [--schedule NAME] [--steps N]\n"
     "                       [--dtype float|double] [--threads T] [--seed S] [--loss xent|mse]\n"
-    "                       [--rebuild-inputs]\n"
+    "                       [--rebuild-inputs] [--budget BYTES]\n"
     "\n"
     "  --net SPEC        a network in moonwalk-gradcheck's grammar\n"
     "  --depth D         equal-width LeakyReLU(0.1) MLP: in:W, D x (linear:W, leaky_relu:0.1),\n"
@@ -92,9 +117,11 @@ const char* kUsage =
     "  --steps N         gradient steps, each followed by an SGD update (default 10)\n"
     "  --dtype           float (default) or double; --threads T Eigen threads; --seed S (default 1)\n"
     "  --loss            xent (default) or mse; --rebuild-inputs: mixed rebuilds invertible inputs\n"
+    "  --budget BYTES    address space the steps may add (suffix K, M, G: binary), enforced with\n"
+    "                    RLIMIT_AS once the parameters, optimizer state and batch exist\n"
     "\n"
     "Prints one JSON line on stdout. Exit: 0 ran, 1 run-time error (the schedule cannot run the\n"
-    "network), 2 bad command line.\n";
+    "network), 2 bad command line, 3 out of memory under --budget.\n";
 
 template <class T>
 T parse_number(const std::string& opt, const std::string& v) {
@@ -102,6 +129,46 @@ T parse_number(const std::string& opt, const std::string& v) {
   T x{};
   if (!(s >> x) || !s.eof()) throw UsageError(cat(opt, ": not a number: '", v, "'"));
   return x;
+}
+
+/// "--budget" value: a positive integer of bytes, optionally with a binary
+/// suffix K, M or G (case-insensitive).
+std::size_t parse_bytes(const std::string& opt, const std::string& v) {
+  const auto bad = [&](const char* why) { return UsageError(cat(opt, ": ", why, ": '", v, "'")); };
+  std::size_t i = 0, n = 0;
+  const std::size_t max = std::numeric_limits<std::size_t>::max();
+  if (v.empty()) throw bad("expected a number of bytes (suffix K, M or G)");
+  for (; i < v.size() && v[i] >= '0' && v[i] <= '9'; ++i) {
+    const auto d = static_cast<std::size_t>(v[i] - '0');
+    if (n > (max - d) / 10) throw bad("too large");
+    n = n * 10 + d;
+  }
+  if (i == 0) throw bad("expected a number of bytes (suffix K, M or G)");
+  int shift = 0;
+  if (i + 1 == v.size()) {
+    switch (v[i]) {
+      case 'K':
+      case 'k':
+        shift = 10;
+        break;
+      case 'M':
+      case 'm':
+        shift = 20;
+        break;
+      case 'G':
+      case 'g':
+        shift = 30;
+        break;
+      default:
+        throw bad("unknown suffix (expected K, M or G)");
+    }
+  } else if (i != v.size()) {
+    throw bad("expected a number of bytes (suffix K, M or G)");
+  }
+  if (n > (max >> shift)) throw bad("too large");
+  n <<= shift;
+  if (n == 0) throw bad("must be > 0");
+  return n;
 }
 
 Options parse_options(int argc, char** argv) {
@@ -118,8 +185,9 @@ Options parse_options(int argc, char** argv) {
       continue;
     }
     if (a.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", a, "'"));
-    static const std::vector<std::string> valued{"--net",   "--depth", "--width",   "--batch", "--schedule",
-                                                 "--steps", "--dtype", "--threads", "--seed",  "--loss"};
+    static const std::vector<std::string> valued{"--net",      "--depth", "--width", "--batch",
+                                                 "--schedule", "--steps", "--dtype", "--threads",
+                                                 "--seed",     "--loss",  "--budget"};
     if (std::find(valued.begin(), valued.end(), a) == valued.end())
       throw UsageError(cat("unknown option '", a, "'"));
     if (i + 1 >= argc) throw UsageError(cat(a, ": missing value"));
@@ -161,6 +229,8 @@ Options parse_options(int argc, char** argv) {
     } else if (a == "--loss") {
       if (v != "xent" && v != "mse") throw UsageError(cat("--loss: expected xent or mse, got '", v, "'"));
       o.loss = v;
+    } else if (a == "--budget") {
+      o.budget = parse_bytes(a, v);
     }
   }
   if (net_given && shape_given) throw UsageError("--net: give either --net or --depth/--width, not both");
@@ -181,6 +251,52 @@ std::size_t current_rss_bytes() {
   std::size_t size = 0, resident = 0;
   if (!(statm >> size >> resident)) return 0;
   return resident * static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+}
+
+/// Address space now: /proc/self/statm's first field (pages) × the page size.
+std::size_t current_vm_bytes() {
+  std::ifstream statm("/proc/self/statm");
+  std::size_t size = 0;
+  if (!(statm >> size)) return 0;
+  return size * static_cast<std::size_t>(sysconf(_SC_PAGESIZE));
+}
+
+/// Grows the main thread's stack mapping by ~1 MiB now, so that stack growth
+/// during the steps (Eigen puts small temporaries on the stack) is not refused
+/// under the address-space limit, which would be a SIGSEGV, not a bad_alloc.
+[[gnu::noinline]] void touch_stack() {
+  volatile char block[1 << 20];
+  for (std::size_t i = 0; i < sizeof block; i += 4096) block[i] = 0;
+  block[sizeof block - 1] = 0;
+}
+
+/// Makes the budget enforceable before it is set: starts OpenMP's thread
+/// pool (each worker's stack is address space) and grows the stack.
+void prepare_for_budget() {
+#ifdef _OPENMP
+  const int n = Eigen::nbThreads();
+  if (n > 1) {
+#pragma omp parallel num_threads(n)
+    { (void)omp_get_thread_num(); }
+  }
+#endif
+  touch_stack();
+}
+
+/// Caps the address space at what is mapped now + `budget`. Returns the limit
+/// it replaced (to lift the cap again for the report).
+rlimit set_budget(std::size_t budget) {
+  rlimit old{};
+  if (getrlimit(RLIMIT_AS, &old) != 0) throw std::runtime_error("--budget: getrlimit(RLIMIT_AS) failed");
+  rlimit cap = old;
+  const std::size_t vm = current_vm_bytes();
+  if (vm == 0) throw std::runtime_error("--budget: cannot read /proc/self/statm");
+  cap.rlim_cur = static_cast<rlim_t>(vm + budget);
+  if (old.rlim_max != RLIM_INFINITY && cap.rlim_cur > old.rlim_max)
+    throw std::runtime_error(cat("--budget: ", budget, " bytes above the current ", vm,
+                                 " exceeds the hard RLIMIT_AS ", old.rlim_max));
+  if (setrlimit(RLIMIT_AS, &cap) != 0) throw std::runtime_error("--budget: setrlimit(RLIMIT_AS) failed");
+  return old;
 }
 
 std::size_t peak_rss_bytes() {
@@ -206,42 +322,76 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   // baseline holds every long-lived buffer and peak − baseline is the step's
   // working memory.
   sgd.step(net, 0.0);
+  if (o.budget > 0) prepare_for_budget();
   const std::size_t baseline = current_rss_bytes();
+  rlimit unlimited{};
+  if (o.budget > 0) unlimited = set_budget(o.budget);
 
   const moonwalk::ScheduleChoice choice{
       .name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};
   std::vector<double> seconds;
+  std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
   std::size_t residual_bytes = 0, fallbacks = 0;
   double error_estimate = 0;
   bool within_tolerance = true;
-  for (int step = 0; step < o.steps; ++step) {
-    const auto t0 = std::chrono::steady_clock::now();
-    const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
-      return moonwalk::gradient(schedule, net, x, loss, target);
-    });
-    sgd.step(net);
-    seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    residual_bytes = std::max(residual_bytes, r.stats.residual_bytes);
-    // NaN (a broken estimate) must not be lost by std::max: keep it as +∞.
-    const double e =
-        std::isnan(r.stats.error_estimate) ? std::numeric_limits<double>::infinity() : r.stats.error_estimate;
-    error_estimate = std::max(error_estimate, e);
-    within_tolerance = within_tolerance && r.stats.within_tolerance;
-    fallbacks += r.stats.fallbacks;
+  bool out_of_memory = false;
+  seconds.reserve(static_cast<std::size_t>(o.steps));
+  try {
+    for (int step = 0; step < o.steps; ++step) {
+      const std::uint64_t a0 = moonwalk::bench::allocation_count();
+      const auto t0 = std::chrono::steady_clock::now();
+      const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+        return moonwalk::gradient(schedule, net, x, loss, target);
+      });
+      sgd.step(net);
+      seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+      allocations.push_back(moonwalk::bench::allocation_count() - a0);
+      residual_bytes = std::max(residual_bytes, r.stats.residual_bytes);
+      // NaN (a broken estimate) must not be lost by std::max: keep it as +∞.
+      const double e = std::isnan(r.stats.error_estimate) ? std::numeric_limits<double>::infinity()
+                                                          : r.stats.error_estimate;
+      error_estimate = std::max(error_estimate, e);
+      within_tolerance = within_tolerance && r.stats.within_tolerance;
+      fallbacks += r.stats.fallbacks;
+    }
+  } catch (const std::bad_alloc&) {
+    if (o.budget == 0) throw;
+    out_of_memory = true;
+  } catch (const std::system_error& e) {
+    if (o.budget == 0 || e.code() != std::errc::not_enough_memory) throw;
+    out_of_memory = true;
   }
+  // The report allocates a little: lift the cap first (back to the soft limit
+  // it replaced, which never exceeds the hard one).
+  if (o.budget > 0) setrlimit(RLIMIT_AS, &unlimited);
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  const double per_step = seconds.empty() ? nan : median(seconds);
+  const double min_step = seconds.empty() ? nan : *std::min_element(seconds.begin(), seconds.end());
+  if (seconds.empty()) error_estimate = nan;
+  // Steady state: the steps after the first (which may size buffers once).
+  const double allocs_per_step = allocations.size() < 2
+                                     ? nan
+                                     : static_cast<double>(std::accumulate(
+                                           allocations.begin() + 1, allocations.end(), std::uint64_t{0})) /
+                                           static_cast<double>(allocations.size() - 1);
 
   std::cout << "{\"schedule\":\"" << json_escape(o.schedule) << "\",\"net\":\"" << json_escape(o.spec)
             << "\",\"batch\":" << o.batch << ",\"params\":" << params << ",\"steps\":" << o.steps
-            << ",\"seconds_per_step\":" << json_number(median(seconds))
-            << ",\"seconds_min\":" << json_number(*std::min_element(seconds.begin(), seconds.end()))
-            << ",\"peak_rss_bytes\":" << peak_rss_bytes() << ",\"baseline_rss_bytes\":" << baseline
-            << ",\"residual_bytes\":" << residual_bytes
+            << ",\"seconds_per_step\":" << json_number(per_step)
+            << ",\"seconds_min\":" << json_number(min_step) << ",\"peak_rss_bytes\":" << peak_rss_bytes()
+            << ",\"baseline_rss_bytes\":" << baseline << ",\"residual_bytes\":" << residual_bytes
             << ",\"error_estimate\":" << json_number(error_estimate)
             << ",\"within_tolerance\":" << (within_tolerance ? "true" : "false")
             << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
-            << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false") << "}" << std::endl;
-  return 0;
+            << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false")
+            << ",\"allocations_per_step\":" << json_number(allocs_per_step);
+  if (o.budget > 0)
+    std::cout << ",\"budget_bytes\":" << o.budget
+              << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")
+              << ",\"steps_completed\":" << seconds.size();
+  std::cout << "}" << std::endl;
+  return out_of_memory ? 3 : 0;
 }
 
 template <class S>
@@ -281,6 +431,9 @@ int main(int argc, char** argv) {
     std::cerr << "moonwalk-memory: " << e.what() << "\n\n" << kUsage;
     return 2;
   }
+  // Under a budget, one arena: glibc would otherwise reserve 64 MiB of address
+  // space for each thread that allocates, which the budget would count.
+  if (o.budget > 0) mallopt(M_ARENA_MAX, 1);
   try {
     return o.dtype == "float" ? run<float>(o) : run<double>(o);
   } catch (const moonwalk::SpecError& e) {

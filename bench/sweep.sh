@@ -3,14 +3,18 @@
 # schedule against depth, in two regimes, with moonwalk-memory (one process
 # per configuration, so peaks never mix).
 #
-#   bench/sweep.sh BUILD_DIR OUT_DIR [mlp] [revnet]      (default: both)
+#   bench/sweep.sh BUILD_DIR OUT_DIR [mlp] [revnet] [tiny]   (default: all three)
 #
 #   mlp     equal-width LeakyReLU(0.1) MLP, width $WIDTH (256), batch $BATCH
 #           (4096: activations dominate): backprop, checkpoint, mixed, and
 #           pure-forward Moonwalk where it is affordable (depth ≤ $PURE_MAX_DEPTH,
-#           default 16: it needs one jvp pass per input feature)
+#           default 8: it needs one jvp pass per input feature, 256 here)
 #   revnet  additive-coupling RevNet (tanh branches, width $WIDTH): backprop,
 #           checkpoint, revbackprop, mixed, mixed with --rebuild-inputs
+#   tiny    the same MLP at width $TINY_WIDTH (16), batch $TINY_BATCH (64): every
+#           schedule that runs it, including pure-forward Moonwalk at every depth
+#           (16 jvp passes) and naive forward mode (one jvp pass per parameter)
+#           up to depth $FORWARD_MAX_DEPTH (default 32)
 #
 # Depths: $DEPTHS (default "4 8 16 32 64 128 256"); $STEPS steps per run
 # (default 3), $THREADS threads (default 2). Schedules are interleaved: for
@@ -25,12 +29,15 @@ build=${1:?usage: $0 BUILD_DIR OUT_DIR [mlp] [revnet]}
 out=${2:?usage: $0 BUILD_DIR OUT_DIR [mlp] [revnet]}
 shift 2
 regimes=("$@")
-[ ${#regimes[@]} -gt 0 ] || regimes=(mlp revnet)
+[ ${#regimes[@]} -gt 0 ] || regimes=(mlp revnet tiny)
 mem=$build/bin/moonwalk-memory
 [ -x "$mem" ] || { echo "$0: $mem not built (configure with -DMOONWALK_BUILD_BENCH=ON)" >&2; exit 1; }
 width=${WIDTH:-256} batch=${BATCH:-4096} steps=${STEPS:-3} threads=${THREADS:-2}
 depths=${DEPTHS:-"4 8 16 32 64 128 256"}
-pure_max=${PURE_MAX_DEPTH:-16}
+pure_max=${PURE_MAX_DEPTH:-8}
+tiny_width=${TINY_WIDTH:-16} tiny_batch=${TINY_BATCH:-64} forward_max=${FORWARD_MAX_DEPTH:-32}
+regime_width() { if [ "$1" = tiny ]; then echo "$tiny_width"; else echo "$width"; fi; }
+regime_batch() { if [ "$1" = tiny ]; then echo "$tiny_batch"; else echo "$batch"; fi; }
 mkdir -p "$out"
 csv=$out/sweep.csv
 echo "regime,depth,schedule,seconds_per_step,peak_rss_bytes,baseline_rss_bytes,residual_bytes,error_estimate,within_tolerance,fallbacks" >"$csv"
@@ -50,15 +57,21 @@ for regime in "${regimes[@]}"; do
   case $regime in
     mlp) schedules=(backprop checkpoint mixed pure) ;;
     revnet) schedules=(backprop checkpoint revbackprop mixed mixed-rebuild) ;;
-    *) echo "$0: unknown regime '$regime' (mlp, revnet)" >&2; exit 2 ;;
+    tiny) schedules=(backprop checkpoint mixed pure forward) ;;
+    *) echo "$0: unknown regime '$regime' (mlp, revnet, tiny)" >&2; exit 2 ;;
   esac
   for d in $depths; do
     n=${#schedules[@]}
     for ((k = 0; k < n; ++k)); do
       s=${schedules[$(((k + rotate) % n))]}
-      [ "$s" = pure ] && [ "$d" -gt "$pure_max" ] && continue
-      args=(--batch "$batch" --steps "$steps" --threads "$threads")
-      if [ "$regime" = mlp ]; then args+=(--depth "$d" --width "$width"); else args+=(--net "$(revnet_spec "$d")"); fi
+      [ "$s" = pure ] && [ "$regime" = mlp ] && [ "$d" -gt "$pure_max" ] && continue
+      [ "$s" = forward ] && [ "$d" -gt "$forward_max" ] && continue
+      args=(--batch "$(regime_batch "$regime")" --steps "$steps" --threads "$threads")
+      case $regime in
+        mlp) args+=(--depth "$d" --width "$width") ;;
+        tiny) args+=(--depth "$d" --width "$tiny_width") ;;
+        revnet) args+=(--net "$(revnet_spec "$d")") ;;
+      esac
       if [ "$s" = mixed-rebuild ]; then args+=(--schedule mixed --rebuild-inputs); else args+=(--schedule "$s"); fi
       echo "== $regime depth $d $s" >&2
       if line=$("$mem" "${args[@]}"); then
@@ -72,8 +85,9 @@ for regime in "${regimes[@]}"; do
 done
 
 command -v gnuplot >/dev/null || { echo "$0: gnuplot not found: CSV only ($csv)" >&2; exit 0; }
-png_term="png size 1400,500"
-if gnuplot -e "set terminal pngcairo" >/dev/null 2>&1; then png_term="pngcairo size 1400,500 font ',10'"; fi
+png_w=$((600 * ${#regimes[@]}))
+png_term="png size $png_w,500"
+if gnuplot -e "set terminal pngcairo" >/dev/null 2>&1; then png_term="pngcairo size $png_w,500 font ',10'"; fi
 for kind in memory time ratio; do
   {
     echo "set terminal $png_term"
@@ -87,7 +101,7 @@ for kind in memory time ratio; do
     esac
     echo "set multiplot layout 1,${#regimes[@]}"
     for regime in "${regimes[@]}"; do
-      echo "set title '$regime (width $width, batch $batch)'"
+      echo "set title '$regime (width $(regime_width "$regime"), batch $(regime_batch "$regime"))'"
       printf "plot "
       sep=""
       for s in $(awk -F, -v r="$regime" 'NR > 1 && $1 == r {print $3}' "$csv" | awk '!seen[$0]++'); do

@@ -84,6 +84,7 @@ struct Options {
   std::string data = moonwalk::data::default_fashion_mnist_dir;
   Index train_limit = 0, test_limit = 0;
   bool rebuild_inputs = false;
+  std::string augment;  // none | flip; empty: the model's default (revnet: flip, others: none)
   std::string save, resume, log, step_log;
   bool quiet = false;
 };
@@ -94,6 +95,7 @@ const char* kUsage =
     "                      [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype "
     "float|double]\n"
     "                      [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]\n"
+    "                      [--augment none|flip]\n"
     "                      [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]\n"
     "\n"
     "  --model           mlp (784-256-128-100-10, LeakyReLU) or revnet (conv RevNet); default mlp\n"
@@ -107,6 +109,8 @@ const char* kUsage =
     "  --threads T       Eigen threads (default: every core); --seed S (init and shuffling)\n"
     "  --data DIR        IDX files (default /usr/share/datasets/fashion-mnist, Debian's\n"
     "                    dataset-fashion-mnist); --train-limit/--test-limit N: the first N samples\n"
+    "  --augment         flip: mirror each training image left-right with probability 1/2\n"
+    "                    (default for revnet); none (default for mlp and --net)\n"
     "  --save PATH       checkpoint after every epoch (atomic); --resume PATH continues one\n"
     "  --log FILE.csv    one row per epoch; --step-log FILE.csv one row per step\n"
     "  --quiet           no progress bar\n"
@@ -190,6 +194,10 @@ Options parse_options(int argc, char** argv) {
       o.train_limit = parse_number<Index>(a, v);
     } else if (a == "--test-limit") {
       o.test_limit = parse_number<Index>(a, v);
+    } else if (a == "--augment") {
+      if (v != "none" && v != "flip")
+        throw UsageError(cat("--augment: expected none or flip, got '", v, "'"));
+      o.augment = v;
     } else if (a == "--save") {
       o.save = v;
     } else if (a == "--resume") {
@@ -204,6 +212,7 @@ Options parse_options(int argc, char** argv) {
   }
   if (!net_given) o.spec = o.model == "mlp" ? kMlpSpec : kRevnetSpec;
   if (net_given) o.model = "custom";
+  if (o.augment.empty()) o.augment = o.model == "revnet" ? "flip" : "none";
   if (o.lr < 0) o.lr = o.optimizer == "adam" ? 1e-3 : 0.05;
   return o;
 }
@@ -402,6 +411,7 @@ int train(const Options& o) {
     expect("spec", o.spec);
     expect("dtype", o.dtype);
     expect("optimizer", o.optimizer);
+    expect("augment", o.augment);
     if (ck.parameters.size() != params)
       throw moonwalk::io::CheckpointError(
           cat(o.resume, ": checkpoint has ", ck.parameters.size(), " parameters, the network has ", params));
@@ -459,6 +469,11 @@ int train(const Options& o) {
       const Index start = b * o.batch, n = std::min(o.batch, train_set.count - start);
       moonwalk::data::gather<S>(
           train_set, std::span<const Index>(order.data() + start, static_cast<std::size_t>(n)), norm, x, y);
+      if (o.augment == "flip")
+        moonwalk::data::random_flips(
+            x, train_set.shape,
+            (o.seed * 1000003u + static_cast<std::uint64_t>(epoch)) * 0x9e3779b97f4a7c15ULL +
+                static_cast<std::uint64_t>(b));
       const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
         return moonwalk::gradient(schedule, net, x, loss, y);
       });
@@ -516,6 +531,7 @@ int train(const Options& o) {
                  {"spec", o.spec},
                  {"dtype", o.dtype},
                  {"optimizer", o.optimizer},
+                 {"augment", o.augment},
                  {"schedule", o.schedule},
                  {"epoch", std::to_string(epoch + 1)},
                  {"seed", std::to_string(o.seed)}};
@@ -546,7 +562,7 @@ int train(const Options& o) {
             << ",\"untrusted_steps\":" << run.untrusted << ",\"parameters\":" << params
             << ",\"batch\":" << o.batch << ",\"train_samples\":" << train_set.count
             << ",\"test_samples\":" << test_set.count << ",\"threads\":" << threads << ",\"dtype\":\""
-            << o.dtype << "\"}" << std::endl;
+            << o.dtype << "\",\"augment\":\"" << o.augment << "\"}" << std::endl;
   return 0;
 }
 

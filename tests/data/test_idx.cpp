@@ -416,6 +416,41 @@ TEST_CASE("shuffled_indices: a permutation, deterministic per seed", "[data]") {
   CHECK(moonwalk::data::shuffled_indices(10, 2024) == std::vector<Index>{9, 0, 6, 3, 4, 2, 5, 7, 8, 1});
 }
 
+TEST_CASE("random_flips: each image mirrored left-right or kept, about half of them, per seed", "[data]") {
+  const moonwalk::ImageShape shape{2, 3, 4};
+  const Index n = 400;
+  moonwalk::Matrix<double> x0(shape.size(), n);
+  for (Index j = 0; j < n; ++j)
+    for (Index r = 0; r < shape.size(); ++r) x0(r, j) = static_cast<double>(1000 * j + r);
+  moonwalk::Matrix<double> x = x0;
+  moonwalk::data::random_flips(x, shape, 7);
+  Index flipped = 0;
+  for (Index j = 0; j < n; ++j) {
+    const bool kept = x.col(j) == x0.col(j);
+    bool mirrored = true;
+    for (Index c = 0; c < shape.c; ++c)
+      for (Index i = 0; i < shape.h; ++i)
+        for (Index k = 0; k < shape.w; ++k)
+          mirrored = mirrored && x(shape.index(c, i, k), j) == x0(shape.index(c, i, shape.w - 1 - k), j);
+    REQUIRE(kept != mirrored);  // exactly one of the two (no image is symmetric here)
+    flipped += mirrored ? 1 : 0;
+  }
+  CHECK(flipped > n / 2 - 60);  // binomial(400, 1/2): sd 10
+  CHECK(flipped < n / 2 + 60);
+
+  // Same seed, same flips; another seed, other flips; flipping twice restores.
+  moonwalk::Matrix<double> again = x0;
+  moonwalk::data::random_flips(again, shape, 7);
+  CHECK(again == x);
+  moonwalk::data::random_flips(again, shape, 7);
+  CHECK(again == x0);
+  moonwalk::data::random_flips(again, shape, 8);
+  CHECK(again != x);
+
+  moonwalk::Matrix<double> wrong(5, 2);
+  REQUIRE_THROWS_WITH(moonwalk::data::random_flips(wrong, shape, 1), Contains("2x3x4") && Contains("5 rows"));
+}
+
 TEST_CASE("head: the first samples of a set", "[data]") {
   LabelledImages s;
   s.shape = {1, 1, 2};

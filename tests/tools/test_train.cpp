@@ -85,6 +85,7 @@ TEST_CASE("train: one epoch of the conv RevNet on a slice", "[tools][train]") {
   const Json j = check_success(train({"--model", "revnet", "--schedule", "mixed", "--epochs", "1",
                                       "--train-limit", "128", "--test-limit", "200", "--batch", "32"}));
   CHECK(j["model"].string == "revnet");
+  CHECK(j["augment"].string == "flip");  // the RevNet recipe's default
   CHECK(j["untrusted_steps"].number == 0);
   CHECK(j["test_accuracy"].number > 0.1);
 }
@@ -121,14 +122,16 @@ TEST_CASE("train: backprop and mixed Moonwalk follow the same loss curve from th
 TEST_CASE("train: a resumed run continues exactly where the checkpoint left off", "[tools][train]") {
   require_data();
   TempDir t;
-  const auto straight = check_success(
-      train(with(kSlice, {"--epochs", "2", "--schedule", "backprop", "--lr-schedule", "constant"})));
+  // With random flips, whose draws must also continue where they left off.
+  const auto straight =
+      check_success(train(with(kSlice, {"--epochs", "2", "--schedule", "backprop", "--lr-schedule",
+                                        "constant", "--augment", "flip"})));
   check_success(train(with(kSlice, {"--epochs", "1", "--schedule", "backprop", "--lr-schedule", "constant",
-                                    "--save", t / "a.ckpt", "--log", t / "log.csv"})));
+                                    "--augment", "flip", "--save", t / "a.ckpt", "--log", t / "log.csv"})));
   CHECK(read_all(t / "a.ckpt").rfind("moonwalk-checkpoint\nversion 1\n", 0) == 0);
-  const auto resumed = check_success(
-      train(with(kSlice, {"--epochs", "2", "--schedule", "backprop", "--lr-schedule", "constant", "--resume",
-                          t / "a.ckpt", "--save", t / "a.ckpt", "--log", t / "log.csv"})));
+  const auto resumed = check_success(train(
+      with(kSlice, {"--epochs", "2", "--schedule", "backprop", "--lr-schedule", "constant", "--resume",
+                    t / "a.ckpt", "--save", t / "a.ckpt", "--log", t / "log.csv", "--augment", "flip"})));
   CHECK(resumed["test_loss"].number == straight["test_loss"].number);
   CHECK(resumed["test_accuracy"].number == straight["test_accuracy"].number);
   // The log kept epoch 1 and added epoch 2.
@@ -142,6 +145,9 @@ TEST_CASE("train: a resumed run continues exactly where the checkpoint left off"
   const Run other = train(with(kSlice, {"--model", "revnet", "--resume", t / "a.ckpt"}));
   CHECK(other.exit_code == 1);
   CHECK_THAT(other.err, Contains(t / "a.ckpt") && Contains("spec"));
+  const Run unflipped = train(with(kSlice, {"--epochs", "2", "--resume", t / "a.ckpt"}));
+  CHECK(unflipped.exit_code == 1);
+  CHECK_THAT(unflipped.err, Contains(t / "a.ckpt") && Contains("augment"));
   std::string bytes = read_all(t / "a.ckpt");
   bytes[bytes.size() - 3] = static_cast<char>(bytes[bytes.size() - 3] ^ 1);
   std::ofstream(t / "b.ckpt", std::ios::binary) << bytes;
@@ -155,6 +161,7 @@ TEST_CASE("train: bad command lines exit 2 naming the option; missing data exits
   for (const auto& args : std::vector<std::vector<std::string>>{{"--schedule", "nope"},
                                                                 {"--epochs", "x"},
                                                                 {"--model", "cnn"},
+                                                                {"--augment", "rotate"},
                                                                 {"--frobnicate", "1"},
                                                                 {"--net", "in:784,linear:"}}) {
     const Run r = train(args);

@@ -425,6 +425,29 @@ inline std::vector<Index> shuffled_indices(Index n, std::uint64_t seed) {
   return v;
 }
 
+/// Random horizontal flips (data augmentation): column j of x, one image of
+/// `shape` (C×H×W, row-major), is mirrored, x(c, i, k) ← x(c, i, W−1−k), when
+/// bit 0 of splitmix64 draw j from `seed` is set (probability 1/2). The draws
+/// depend only on the seed and the column, so a run resumed from a checkpoint
+/// flips exactly as a straight run. ShapeError if x.rows() != shape.size().
+template <class S>
+void random_flips(Matrix<S>& x, const ImageShape& shape, std::uint64_t seed) {
+  using detail::cat;
+  if (x.rows() != shape.size())
+    throw ShapeError(cat("random_flips: images of ", shape.str(), " have ", shape.size(), " numbers, x has ",
+                         x.rows(), " rows"));
+  std::uint64_t state = seed;
+  for (Index j = 0; j < x.cols(); ++j) {
+    if ((detail::splitmix64(state) & 1U) == 0) continue;
+    S* col = x.data() + j * x.rows();
+    for (Index c = 0; c < shape.c; ++c)
+      for (Index i = 0; i < shape.h; ++i) {
+        S* row = col + shape.index(c, i, 0);
+        std::reverse(row, row + shape.w);
+      }
+  }
+}
+
 /// The first `limit` samples of a set (limit <= 0 or >= count: all of it),
 /// for smoke runs on a slice.
 inline LabelledImages head(const LabelledImages& set, Index limit) {

@@ -1,0 +1,79 @@
+// Moonwalk benchmarks — counts the process's heap allocations.
+//
+// Interposes glibc's allocation entry points (malloc, calloc, realloc,
+// memalign, posix_memalign, aligned_alloc, valloc, pvalloc): each call adds
+// one to `allocation_count()` and forwards to glibc's own implementation
+// (__libc_*), so mallopt settings and peak RSS are unchanged. Eigen, the
+// standard library and the OpenMP runtime all allocate through these, so the
+// difference of two readings is every heap allocation made in between.
+//
+// Include in exactly one translation unit of an executable (it defines the
+// symbols), never in a library.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+
+extern "C" {
+void* __libc_malloc(std::size_t);
+void* __libc_calloc(std::size_t, std::size_t);
+void* __libc_realloc(void*, std::size_t);
+void* __libc_memalign(std::size_t, std::size_t);
+void* __libc_valloc(std::size_t);
+void* __libc_pvalloc(std::size_t);
+}
+
+namespace moonwalk::bench {
+
+inline std::atomic<std::uint64_t> allocations{0};
+
+/// Heap allocations made by the process so far.
+inline std::uint64_t allocation_count() { return allocations.load(std::memory_order_relaxed); }
+
+namespace detail {
+inline void count_one() { allocations.fetch_add(1, std::memory_order_relaxed); }
+}  // namespace detail
+
+}  // namespace moonwalk::bench
+
+extern "C" {
+void* malloc(std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_malloc(n);
+}
+void* calloc(std::size_t n, std::size_t size) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_calloc(n, size);
+}
+void* realloc(void* p, std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_realloc(p, n);
+}
+void* memalign(std::size_t alignment, std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_memalign(alignment, n);
+}
+void* aligned_alloc(std::size_t alignment, std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_memalign(alignment, n);
+}
+int posix_memalign(void** out, std::size_t alignment, std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  // posix_memalign: alignment a power of two multiple of sizeof(void*), else EINVAL.
+  if (alignment % sizeof(void*) != 0 || (alignment & (alignment - 1)) != 0) return 22;  // EINVAL
+  void* p = __libc_memalign(alignment, n);
+  if (p == nullptr && n != 0) return 12;  // ENOMEM
+  *out = p;
+  return 0;
+}
+void* valloc(std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_valloc(n);
+}
+void* pvalloc(std::size_t n) noexcept {
+  moonwalk::bench::detail::count_one();
+  return __libc_pvalloc(n);
+}
+}
