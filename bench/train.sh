@@ -7,7 +7,7 @@
 #   mlp     the MLP with backprop and with mixed Moonwalk, same seed, full
 #           data, $MLP_EPOCHS epochs (default 10): epoch and step logs, plots
 #   revnet  the conv RevNet with each of $REVNET_SCHEDULES (default
-#           "mixed backprop"), $REVNET_EPOCHS epochs (default 6), same seed
+#           "mixed backprop"), $REVNET_EPOCHS epochs (default 10), same seed
 #   speed   samples/s of every schedule on a slice ($SPEED_SAMPLES training
 #           samples, default 4096; pure and forward on far fewer) for both
 #           models, one schedule after another in one run, so the ratios
@@ -46,7 +46,7 @@ for part in "${parts[@]}"; do
       ;;
     revnet)
       for s in ${REVNET_SCHEDULES:-mixed backprop}; do
-        run "revnet-$s" --model revnet --schedule "$s" --epochs "${REVNET_EPOCHS:-6}" --seed 1 \
+        run "revnet-$s" --model revnet --schedule "$s" --epochs "${REVNET_EPOCHS:-10}" --seed 1 \
           --log "$out/revnet-$s.csv" --step-log "$out/revnet-$s-steps.csv" --save "$out/revnet-$s.ckpt"
       done
       logs=()
