@@ -8,7 +8,8 @@
 #
 # Configurations: the Fashion MLP (784-256-128-100-10, LeakyReLU 0.1) at batch
 # 128, and the width-256 equal-width MLP at depths 16 and 64 at batch 1024
-# (and at batch 4096 too when LARGE=1). $REPEATS repeats (default 3), $STEPS
+# (and at batch 4096 too when LARGE=1; or the list in $CONFIGS, e.g.
+# "fashion-b128 d64-b4096": fashion-bB or dD-bB). $REPEATS repeats (default 3), $STEPS
 # steps per run (default 5), $THREADS threads (default 1). Every process runs
 # under the same allocator setting (GLIBC_TUNABLES below; moonwalk-memory also
 # calls mallopt with the same values); LibTorch is also run once without it on
@@ -29,6 +30,7 @@ tunables=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=5368
 fashion=in:784,linear:256,leaky_relu:0.1,linear:128,leaky_relu:0.1,linear:100,leaky_relu:0.1,linear:10
 configs=(fashion-b128 d16-b1024 d64-b1024)
 [ "${LARGE:-0}" = 1 ] && configs+=(d16-b4096 d64-b4096)
+if [ -n "${CONFIGS:-}" ]; then read -ra configs <<<"$CONFIGS"; fi
 programs=(libtorch backprop mixed)
 mkdir -p "$out"
 csv=$out/torch.csv jsonl=$out/torch-runs.jsonl
@@ -54,8 +56,7 @@ run() {  # run CONFIG PROGRAM: one process, its JSON line on stdout
   fi
 }
 
-echo "# $(date -u +%FT%TZ) $(nproc) cores; --threads $threads: the other core is busy with a long" \
-  "training run (/work/revrun), so timings are single-threaded and may carry its interference"
+echo "# $(date -u +%FT%TZ) $(nproc) cores, --threads $threads, load before the runs:$(cut -d' ' -f1-3 /proc/loadavg)"
 export GLIBC_TUNABLES=$tunables
 rotate=0
 for config in "${configs[@]}"; do
@@ -73,11 +74,12 @@ for config in "${configs[@]}"; do
   done
 done
 
-# The allocator's effect: LibTorch at depth 64 without GLIBC_TUNABLES (glibc's
+# The allocator's effect: LibTorch on $NOTUNE_CONFIG (default d64-b1024) without GLIBC_TUNABLES (glibc's
 # defaults: blocks above 128 KiB are mmapped and returned at free).
-notune=$(env -u GLIBC_TUNABLES bash -c "$(declare -f run); torch=$torch steps=$steps threads=$threads; run d64-b1024 libtorch")
+notune_config=${NOTUNE_CONFIG:-d64-b1024}
+notune=$(env -u GLIBC_TUNABLES bash -c "$(declare -f run); torch=$torch steps=$steps threads=$threads; run $notune_config libtorch")
 echo "$notune" >"$out/torch-no-tunables.jsonl"
-echo "d64-b1024,1,libtorch-no-tunables,$(field "$notune" seconds_per_step),$(field "$notune" peak_rss_bytes),$(field "$notune" baseline_rss_bytes),0" |
+echo "$notune_config,1,libtorch-no-tunables,$(field "$notune" seconds_per_step),$(field "$notune" peak_rss_bytes),$(field "$notune" baseline_rss_bytes),0" |
   tee -a "$csv"
 
 # torch.md: per configuration, medians over repeats.
@@ -98,10 +100,10 @@ awk -F, -v blas="$(cat "$out/.torch-blas")" -v threads="$threads" -v steps="$ste
   END {
     print "# LibTorch side by side\n"
     printf "Median over %d interleaved repeats of the median seconds per step (%d steps: forward, backward,\n", repeats, steps
-    printf "SGD update), --threads %d (the second core runs a long training job). All processes under\n", threads
+    printf "SGD update), --threads %d (machine load: torch.log). All processes under\n", threads
     print "GLIBC_TUNABLES=glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=536870912.\n"
     print "BLAS: LibTorch `" blas "`; Moonwalk: Eigen'"'"'s own GEMM kernels, no BLAS.\n"
-    print "libtorch-no-tunables: one LibTorch run without GLIBC_TUNABLES (glibc'"'"'s defaults), after the\ninterleaved runs; a single run, so within the noise of the busy second core.\n"
+    print "libtorch-no-tunables: one LibTorch run without GLIBC_TUNABLES (glibc'"'"'s defaults), after the\ninterleaved runs; a single run.\n"
     np = split("libtorch backprop mixed libtorch-no-tunables", progs, " ")
     for (i = 1; i <= nc; ++i) {
       c = cfg[i]; ref = median(t[c SUBSEP "libtorch"])

@@ -8,6 +8,7 @@
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/core/version_cache.hpp"
 #include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/layers/activations.hpp"

@@ -23,19 +23,59 @@ struct Empty {
 };
 
 /// One bit per element: the sign pattern of a piecewise-linear activation's input.
+/// Element k = j·rows + i (column-major) is bit k mod 64 of word ⌊k / 64⌋.
 class BitMask {
  public:
   BitMask() = default;
-  /// mask(i, j) = pred(x(i, j)), packed 64 per word.
+  /// mask(i, j) = pred(x(i, j)), packed 64 per word: one word at a time (a
+  /// fixed-length loop the compiler vectorises) when x is contiguous.
   template <class Derived, class Pred>
   BitMask(const Eigen::MatrixBase<Derived>& x, Pred pred) : rows_(x.rows()), cols_(x.cols()) {
     const Index n = rows_ * cols_;
     words_.assign(static_cast<std::size_t>((n + 63) / 64), 0);
+    if constexpr (contiguous_access<Derived>) {
+      if (x.derived().outerStride() == rows_ || cols_ <= 1) {
+        const auto* p = x.derived().data();
+        const Index full = n / 64;
+        for (Index w = 0; w < full; ++w, p += 64) {
+          std::uint64_t bits = 0;
+          for (int b = 0; b < 64; ++b) bits |= static_cast<std::uint64_t>(pred(p[b]) ? 1 : 0) << b;
+          words_[static_cast<std::size_t>(w)] = bits;
+        }
+        for (Index k = full * 64; k < n; ++k, ++p)
+          if (pred(*p)) words_[static_cast<std::size_t>(k >> 6)] |= std::uint64_t{1} << (k & 63);
+        return;
+      }
+    }
     Index k = 0;
     for (Index j = 0; j < cols_; ++j)
       for (Index i = 0; i < rows_; ++i, ++k)
         if (pred(x(i, j))) words_[static_cast<std::size_t>(k >> 6)] |= (std::uint64_t{1} << (k & 63));
   }
+
+  /// out(i, j) = f(mask(i, j), h(i, j)) for h of the mask's shape (out is
+  /// resized to it): 32 bits at a time over contiguous storage.
+  template <class S, class F>
+  void apply(const CRef<S>& h, Matrix<S>& out, F f) const {
+    out.resize(rows_, cols_);
+    const Index n = rows_ * cols_;
+    if (h.outerStride() != rows_ && cols_ > 1) {
+      for (Index j = 0; j < cols_; ++j)
+        for (Index i = 0; i < rows_; ++i) out(i, j) = f((*this)(i, j), h(i, j));
+      return;
+    }
+    const S* src = h.data();
+    S* dst = out.data();
+    const Index full = n / 32;
+    for (Index w = 0; w < full; ++w, src += 32, dst += 32) {
+      const auto bits =
+          static_cast<std::uint32_t>(words_[static_cast<std::size_t>(w >> 1)] >> ((w & 1) * 32));
+      for (int b = 0; b < 32; ++b) dst[b] = f(((bits >> b) & 1U) != 0, src[b]);
+    }
+    for (Index k = full * 32; k < n; ++k, ++src, ++dst)
+      *dst = f(((words_[static_cast<std::size_t>(k >> 6)] >> (k & 63)) & 1U) != 0, *src);
+  }
+
   [[nodiscard]] bool operator()(Index i, Index j) const {
     const Index k = j * rows_ + i;
     return (words_[static_cast<std::size_t>(k >> 6)] >> (k & 63)) & 1u;
@@ -51,6 +91,12 @@ class BitMask {
   static constexpr const char* kind() { return "mask"; }
 
  private:
+  /// Eigen expressions with data() and outerStride() (plain matrices, maps, Refs, blocks).
+  template <class Derived>
+  static constexpr bool contiguous_access = (static_cast<int>(Derived::Flags) & Eigen::DirectAccessBit) !=
+                                                0 &&
+                                            !Derived::IsRowMajor;
+
   Index rows_ = 0, cols_ = 0;
   std::vector<std::uint64_t> words_;
 };

@@ -233,10 +233,9 @@ class Elementwise : public NoParameters<S> {
     detail::check_rows(*this, "cotangent", h, n_);
     if constexpr (Rule::piecewise_linear) {
       detail::check_batch(*this, "mask", r.cols(), "cotangent", h.cols());
-      Matrix<S> out(n_, h.cols());
+      Matrix<S> out;
       const S a = rule_.slope_on(), c = rule_.slope_off();
-      for (Index j = 0; j < h.cols(); ++j)
-        for (Index i = 0; i < n_; ++i) out(i, j) = h(i, j) * (r(i, j) ? a : c);
+      r.apply(h, out, [a, c](bool on, S v) { return v * (on ? a : c); });
       return out;
     } else {
       detail::check_batch(*this, "saved derivative", r.value.cols(), "cotangent", h.cols());
@@ -418,9 +417,8 @@ class ReLU : public NoParameters<S> {
   }
   [[nodiscard]] Matrix<S> vjp_residual(const BitMask& m, const CRef<S>& h) const {
     detail::check_rows(*this, "cotangent", h, n_, m.cols());
-    Matrix<S> out(n_, h.cols());
-    for (Index j = 0; j < h.cols(); ++j)
-      for (Index i = 0; i < n_; ++i) out(i, j) = m(i, j) ? h(i, j) : S(0);
+    Matrix<S> out;
+    m.apply(h, out, [](bool on, S v) { return on ? v : S(0); });
     return out;
   }
   /// φ = h_y where x ≤ 0.

@@ -51,6 +51,7 @@
 #include "moonwalk/core/probe.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/core/version_cache.hpp"
 
 namespace moonwalk {
 
@@ -346,7 +347,6 @@ class ConvValid {
   };
 
   struct Cache {
-    std::uint64_t version = std::numeric_limits<std::uint64_t>::max();
     Eigen::ColPivHouseholderQR<Matrix<S>> qr;  // of W_0ᵀ (C_in × C_out)
     Matrix<S> A;                               // C_out × C_in: (W_0ᵀ)⁺ = P R⁻¹ Q₁ᵀ
     std::vector<Matrix<S>> G;                  // G[t] = A W_tᵀ (C_out × C_out), t ≥ 1
@@ -436,9 +436,10 @@ class ConvValid {
   /// Factorises W_0ᵀ once per weight version; throws RankError when R's
   /// diagonal shows W_0 is (numerically) rank deficient (Linear's test).
   Cache& cache() const {
-    if (!cache_.ptr) cache_.ptr = std::make_unique<Cache>();
-    Cache& c = *cache_.ptr;
-    if (c.version == version_) return c;
+    return cache_.get(version_, [this](Cache& c) { factorise(c); });
+  }
+
+  void factorise(Cache& c) const {
     const Index m = g_.cin, k = g_.cout;  // W_0ᵀ is m × k, m ≥ k
     const Matrix<S> w0t = tap(0).transpose();
     c.qr.compute(w0t);
@@ -461,8 +462,6 @@ class ConvValid {
     c.G.assign(static_cast<std::size_t>(g_.taps()), Matrix<S>());
     for (Index t = 1; t < g_.taps(); ++t) c.G[static_cast<std::size_t>(t)] = c.A * tap(t).transpose();
     c.amp_ready = false;
-    c.version = version_;
-    return c;
   }
 
   /// Class comment: bound ‖J‖‖M‖ by power iteration, typical (‖J‖_F/√m)(‖M‖_F/√n),
@@ -501,19 +500,7 @@ class ConvValid {
   bool bias_ = true;
   Vector<S> theta_, grad_;
   std::uint64_t version_ = 0;
-  /// Per-object factorisation cache; a copy starts empty (it may diverge).
-  struct CacheSlot {
-    std::unique_ptr<Cache> ptr;
-    CacheSlot() = default;
-    CacheSlot(const CacheSlot&) {}
-    CacheSlot& operator=(const CacheSlot&) {
-      ptr.reset();
-      return *this;
-    }
-    CacheSlot(CacheSlot&&) noexcept = default;
-    CacheSlot& operator=(CacheSlot&&) noexcept = default;
-  };
-  mutable CacheSlot cache_;
+  VersionCache<Cache> cache_;
 };
 
 /// Valid 1-D convolution on C_in × N signals (class comment of ConvValid).

@@ -16,6 +16,7 @@
 #include "moonwalk/core/probe.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/core/version_cache.hpp"
 
 namespace moonwalk {
 
@@ -250,7 +251,6 @@ class Linear {
 
  private:
   struct Cache {
-    std::uint64_t version = std::numeric_limits<std::uint64_t>::max();
     Eigen::HouseholderQR<Matrix<S>> qr;  // of the tall one of Wᵀ and W (m × k)
     Index k = 0;
     double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
@@ -295,11 +295,11 @@ class Linear {
   /// max(in, out) · ε · max|r_ii| (exact dependence), or a condition estimate
   /// of at least 1 / (max(in, out) · ε) (no digit of a vijp would survive).
   const Cache& cache() const {
-    if (!cache_.ptr) cache_.ptr = std::make_unique<Cache>();
-    Cache& c = *cache_.ptr;
-    if (c.version == version_) return c;
+    return cache_.get(version_, [this](Cache& c) { factorise(c); });
+  }
+
+  void factorise(Cache& c) const {
     const bool wide = out_ <= in_;  // factor the tall one of Wᵀ (in × out) and W (out × in)
-    c.version = std::numeric_limits<std::uint64_t>::max();  // invalid until the checks pass
     if (wide)
       c.qr.compute(W().transpose());
     else
@@ -325,26 +325,12 @@ class Linear {
         Rd.template triangularView<Eigen::Upper>().solve(Matrix<double>::Identity(c.k, c.k));
     c.typical = static_cast<double>(W().template cast<double>().norm()) * Rinv.norm() /
                 std::sqrt(static_cast<double>(in_) * static_cast<double>(out_));
-    c.version = version_;
-    return c;
   }
 
   Index in_, out_;
   Vector<S> theta_, grad_;
   std::uint64_t version_ = 0;
-  /// Per-object factorisation cache; a copy starts empty (it may diverge).
-  struct CacheSlot {
-    std::unique_ptr<Cache> ptr;
-    CacheSlot() = default;
-    CacheSlot(const CacheSlot&) {}
-    CacheSlot& operator=(const CacheSlot&) {
-      ptr.reset();
-      return *this;
-    }
-    CacheSlot(CacheSlot&&) noexcept = default;
-    CacheSlot& operator=(CacheSlot&&) noexcept = default;
-  };
-  mutable CacheSlot cache_;
+  VersionCache<Cache> cache_;
 };
 
 }  // namespace moonwalk

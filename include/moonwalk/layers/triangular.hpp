@@ -16,6 +16,7 @@
 #include "moonwalk/core/probe.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/core/version_cache.hpp"
 
 namespace moonwalk {
 
@@ -276,7 +277,6 @@ class TriangularLinear {
 
  private:
   struct Cache {
-    std::uint64_t version = std::numeric_limits<std::uint64_t>::max();
     double bound = 1;    // √(‖W‖₁‖W‖_∞) · √(‖U⁻¹‖₁‖U⁻¹‖_∞), estimated
     double typical = 1;  // (‖W‖_F / √out) · (‖U⁻¹‖_F / √in)
   };
@@ -338,9 +338,10 @@ class TriangularLinear {
 
   /// The amplification figures (class comment), in double, once per version.
   const Cache& cache() const {
-    if (!cache_.ptr) cache_.ptr = std::make_unique<Cache>();
-    Cache& c = *cache_.ptr;
-    if (c.version == version_) return c;
+    return cache_.get(version_, [this](Cache& c) { estimate(c); });
+  }
+
+  void estimate(Cache& c) const {
     const Index k = out_;
     // U in double (k × k); W's norms are read from U and V without forming W.
     Matrix<double> Ud = unpack(CVecRef<S>(u())).template cast<double>();
@@ -365,26 +366,12 @@ class TriangularLinear {
     unit_upper_inverse(Ud);
     c.typical =
         (w_f / std::sqrt(static_cast<double>(out_))) * (Ud.norm() / std::sqrt(static_cast<double>(in_)));
-    c.version = version_;
-    return c;
   }
 
   Index in_, out_;
   Vector<S> theta_, grad_;
   std::uint64_t version_ = 0;
-  /// Per-object amplification cache; a copy starts empty (it may diverge).
-  struct CacheSlot {
-    std::unique_ptr<Cache> ptr;
-    CacheSlot() = default;
-    CacheSlot(const CacheSlot&) {}
-    CacheSlot& operator=(const CacheSlot&) {
-      ptr.reset();
-      return *this;
-    }
-    CacheSlot(CacheSlot&&) noexcept = default;
-    CacheSlot& operator=(CacheSlot&&) noexcept = default;
-  };
-  mutable CacheSlot cache_;
+  VersionCache<Cache> cache_;
 };
 
 }  // namespace moonwalk
