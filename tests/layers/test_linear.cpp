@@ -108,6 +108,28 @@ TEMPLATE_TEST_CASE("linear: the vijp factorisation follows weight changes", "[la
   }
 }
 
+TEMPLATE_TEST_CASE("linear: a wide batch's vijp is one product with the explicit right inverse",
+                   "[layers][linear]", float, double) {
+  using S = TestType;
+  for (const auto& [in, out] : {std::pair<Index, Index>{7, 5}, {6, 6}}) {
+    Linear<S> l(in, out, {.seed = 3, .init = moonwalk::Init::gaussian});
+    const Index wide = Linear<S>::kExplicitBatch * out;
+    const Mat<S> x = mwtest::randn(in, wide, 4).template cast<S>();
+    const Mat<S> h = mwtest::randn(out, wide, 5).template cast<S>();
+    const Mat<S> hx = l.vjp(x, h);
+    // The wide call (explicit P = R⁻¹ Q₁ᵀ) against the reflectors on a narrow slice.
+    const Mat<S> wide_hy = l.vijp(x, hx);
+    const Mat<S> narrow_hy = l.vijp(x.leftCols(3), hx.leftCols(3));
+    CHECK(rel_err(wide_hy, h) <= tol<S>());
+    CHECK(rel_err(Mat<S>(wide_hy.leftCols(3)), narrow_hy) <= tol<S>());
+    // P follows a weight change (it belongs to the weight version).
+    l.W() += (0.3 * mwtest::randn(out, in, 6)).template cast<S>();
+    const Mat<S> hx2 = l.vjp(x, h);
+    CHECK(rel_err(l.vijp(x, hx2), h) <= tol<S>());
+    CHECK(rel_err(l.vijp(x, hx), h) > 1e-2);  // sensitivity: the old h_x no longer maps back to h
+  }
+}
+
 TEMPLATE_TEST_CASE("linear: rank-deficient W makes vijp throw RankError naming the layer", "[layers][linear]",
                    float, double) {
   using S = TestType;

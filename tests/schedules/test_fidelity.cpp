@@ -119,6 +119,66 @@ TEST_CASE("Gaussian initialisation: the policy escalates (anchors, double cotang
   CHECK(dbl.err < none.err * 1e-3);
 }
 
+TEST_CASE("Precision memory: a step on an escalated shape starts in double, and every 16th probes float",
+          "[fidelity][schedules]") {
+  Network<float> net = mlp<float>(12, 24, 0.1, Init::gaussian, 70);
+  Network<double> twin = mlp<double>(12, 24, 0.1, Init::gaussian, 70);
+  const MixedMoonwalk mixed{};
+  const Checked first = check_float(mixed, net, twin, 16, 9);
+  INFO("first: precision " << first.r.stats.precision << " fallbacks " << first.r.stats.fallbacks);
+  REQUIRE(first.r.stats.precision == "double");  // the shape escalates
+  REQUIRE(first.r.stats.fallbacks >= 1);
+  CHECK(first.r.stats.figures.count("precision_remembered") == 0);
+
+  // The same schedule (and a copy: the memory is shared) on the same shape:
+  // double from the start, nothing discarded, the same gradient.
+  for (const MixedMoonwalk& m : {mixed, MixedMoonwalk(mixed)}) {
+    const Checked again = check_float(m, net, twin, 16, 9);
+    CHECK(again.r.stats.precision == "double");
+    CHECK(again.r.stats.figures.count("precision_remembered") == 1);
+    CHECK(again.r.stats.fallbacks + 1 == first.r.stats.fallbacks);
+    CHECK(again.r.stats.within_tolerance);
+    CHECK(again.err <= 1e-4);
+    if (first.r.stats.fallbacks == 1) CHECK(again.r.gradient == first.r.gradient);
+  }
+  // Steps 2..16 of this shape were remembered; the 17th probes the working precision.
+  for (int step = 4; step <= 16; ++step)
+    CHECK(check_float(mixed, net, twin, 16, 9).r.stats.figures.count("precision_remembered") == 1);
+  const Checked probe = check_float(mixed, net, twin, 16, 9);
+  CHECK(probe.r.stats.figures.count("precision_remembered") == 0);
+  CHECK(probe.r.stats.fallbacks == first.r.stats.fallbacks);
+  CHECK(check_float(mixed, net, twin, 16, 9).r.stats.figures.count("precision_remembered") == 1);
+
+  // Another batch width is another shape; no memory, no remembering.
+  CHECK(check_float(mixed, net, twin, 8, 9).r.stats.figures.count("precision_remembered") == 0);
+  MixedMoonwalk forgetful{};
+  forgetful.fidelity.memory = nullptr;
+  for (int k = 0; k < 2; ++k) {
+    const Checked c = check_float(forgetful, net, twin, 16, 9);
+    CHECK(c.r.stats.figures.count("precision_remembered") == 0);
+    CHECK(c.r.stats.fallbacks == first.r.stats.fallbacks);
+  }
+
+  // A schedule rebuilt by with_schedule from one ScheduleChoice keeps the memory.
+  const ScheduleChoice choice{.name = "mixed"};
+  auto by_name = [&] {
+    return with_schedule(choice, net.size(),
+                         [&](const auto& sch) { return check_float(sch, net, twin, 16, 9); });
+  };
+  CHECK(by_name().r.stats.figures.count("precision_remembered") == 0);
+  CHECK(by_name().r.stats.figures.count("precision_remembered") == 1);
+
+  // A shape that holds the tolerance in float is never remembered.
+  Network<float> easy = mlp<float>(2, 8, 0.5, Init::orthogonal, 3);
+  Network<double> easy_twin = mlp<double>(2, 8, 0.5, Init::orthogonal, 3);
+  const MixedMoonwalk fresh{};
+  for (int k = 0; k < 2; ++k) {
+    const Checked c = check_float(fresh, easy, easy_twin, 8, 4);
+    CHECK(c.r.stats.precision == "float");
+    CHECK(c.r.stats.figures.count("precision_remembered") == 0);
+  }
+}
+
 TEST_CASE("Verification: an under-predicting model is caught and the step recomputed",
           "[fidelity][fallback]") {
   // Calibration c = 1e-30 makes the planner place no anchors at all; the

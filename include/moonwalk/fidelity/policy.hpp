@@ -36,8 +36,11 @@
 // fall back.
 #pragma once
 
+#include <atomic>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <memory>
 
 #include "moonwalk/fidelity/tolerance.hpp"
 
@@ -49,6 +52,49 @@ enum class Precision {
   double_cotangents,  ///< double, for a float network (layers are cast, core/amplification.hpp)
   automatic,          ///< working, escalating to double when anchors would cost more than backprop
 };
+
+/// What the automatic precision learned from earlier gradients: the shape of
+/// the last network (layer widths, batch) whose step ended in double
+/// cotangents. A later step on the same shape starts in double, skipping the
+/// working-precision attempt it would discard, except every kProbeEvery-th,
+/// which tries the working precision again (and forgets the shape when that
+/// holds the tolerance). Thread-safe.
+class PrecisionMemory {
+ public:
+  static constexpr std::uint32_t kProbeEvery = 16;
+
+  /// Whether a step on `shape` starts in double (counts the step).
+  bool starts_in_double(std::uint64_t shape) {
+    if (shape == 0 || shape_.load(std::memory_order_relaxed) != shape) return false;
+    return (since_probe_.fetch_add(1, std::memory_order_relaxed) + 1) % kProbeEvery != 0;
+  }
+  /// The precision a step on `shape` ended in.
+  void settled(std::uint64_t shape, bool in_double) {
+    if (in_double) {
+      if (shape_.exchange(shape, std::memory_order_relaxed) != shape)
+        since_probe_.store(0, std::memory_order_relaxed);
+    } else {
+      shape_.compare_exchange_strong(shape, 0, std::memory_order_relaxed);
+    }
+  }
+
+ private:
+  std::atomic<std::uint64_t> shape_{0};
+  std::atomic<std::uint32_t> since_probe_{0};
+};
+
+namespace detail {
+/// A fresh PrecisionMemory, or nullptr (no memory) when even that cannot be
+/// allocated. noexcept, so that building a Fidelity cannot throw: schedules
+/// are aggregates built with designated initialisers.
+inline std::shared_ptr<PrecisionMemory> new_precision_memory() noexcept {
+  try {
+    return std::make_shared<PrecisionMemory>();
+  } catch (...) {
+    return nullptr;
+  }
+}
+}  // namespace detail
 
 /// What a Moonwalk schedule does to hold its error (header comment).
 struct Fidelity {
@@ -67,10 +113,15 @@ struct Fidelity {
   /// the estimate was measured at 0.4–13× the true error (BENCHMARKS.md,
   /// "Fidelity"), so a factor 4 below the tolerance holds the true error under it.
   double accept = 0.25;
+  /// Precision::automatic remembers the precision of the last step
+  /// (PrecisionMemory); copies of a Fidelity share it, so a schedule rebuilt
+  /// every step from one ScheduleChoice, or one schedule object reused, skips
+  /// the discarded float attempt. nullptr: every step starts afresh.
+  std::shared_ptr<PrecisionMemory> memory = detail::new_precision_memory();
 
   /// The unguarded sweep: no policy anchors, working precision, no verification
   /// (the estimate is still computed and reported).
-  static Fidelity none() {
+  static Fidelity none() noexcept {
     Fidelity f;
     f.tolerance_anchors = false;
     f.precision = Precision::working;
@@ -78,7 +129,7 @@ struct Fidelity {
     return f;
   }
   /// Cotangents in double, no policy anchors, no verification.
-  static Fidelity double_cotangents() {
+  static Fidelity double_cotangents() noexcept {
     Fidelity f = none();
     f.precision = Precision::double_cotangents;
     return f;

@@ -32,10 +32,13 @@ namespace moonwalk {
 /// stable for full rank, never the normal equations), factorised once per
 /// weight version and applied directly: h_y = R⁻¹ Q₁ᵀ h_x (one application of
 /// the reflectors and a k × k triangular solve per call). In training every
-/// weight version meets one or two vijps, so forming an explicit right
-/// inverse (Q₁ and a solve with `in` right-hand sides) would cost more than
-/// it saves. For out > in it is fragmental: the fragment is the component of
-/// h_y in null(Wᵀ), `out − in` numbers per sample.
+/// weight version meets one or two vijps, so the explicit right inverse
+/// P = R⁻¹ Q₁ᵀ (k × in: forming Q₁ and a solve with `in` right-hand sides,
+/// about 5 · in · k² flops) is formed only for a batch of at least
+/// `kExplicitBatch · k` columns, where it costs under a sixth of the product
+/// it serves; the vijp is then the one product h_y = P h_x. For out > in it is
+/// fragmental: the fragment is the component of h_y in null(Wᵀ), `out − in`
+/// numbers per sample.
 ///
 /// Amplification (core/amplification.hpp), from the same cached QR (R is
 /// k × k, k = min(in, out), with κ(R) = κ(W) and ‖R⁻¹‖_F = ‖W⁺‖_F):
@@ -185,8 +188,19 @@ class Linear {
                       "vijp_with_fragment)");
     detail::check_rows(*this, "input cotangent", hx, in_);
     detail::check_batch(*this, "input", x.cols(), "input cotangent", hx.cols());
-    // Wᵀ = Q R (in × out, tall): h_y = R⁻¹ (Qᵀ h_x)[0:k]
     const Cache& c = cache();
+    if (hx.cols() >= kExplicitBatch * out_) {
+      // h_y = P h_x with P = R⁻¹ Q₁ᵀ, formed once per weight version.
+      if (c.p.rows() != out_) {
+        c.p = c.qr.householderQ() * Matrix<S>::Identity(in_, out_);  // Q₁ (in × k)
+        c.p.transposeInPlace();
+        c.r().solveInPlace(c.p);
+      }
+      Matrix<S> hy(out_, hx.cols());
+      hy.noalias() = c.p * hx;
+      return hy;
+    }
+    // Wᵀ = Q R (in × out, tall): h_y = R⁻¹ (Qᵀ h_x)[0:k]
     Matrix<S> t = hx;
     t.applyOnTheLeft(c.qr.householderQ().transpose());
     Matrix<S> hy = t.topRows(out_);
@@ -249,12 +263,17 @@ class Linear {
   /// The k × k R factor of the cached QR (of Wᵀ when out ≤ in, of W otherwise).
   [[nodiscard]] Matrix<S> r_factor() const { return cache().r(); }
 
+  /// A vijp on at least kExplicitBatch · out columns applies the explicit
+  /// right inverse (class comment).
+  static constexpr Index kExplicitBatch = 8;
+
  private:
   struct Cache {
     Eigen::HouseholderQR<Matrix<S>> qr;  // of the tall one of Wᵀ and W (m × k)
     Index k = 0;
     double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
     double typical = 1;        // ‖W‖_F ‖W⁺‖_F / √(in · out)
+    mutable Matrix<S> p;       // R⁻¹ Q₁ᵀ (out × in), formed by the first wide vijp
     /// R (k × k, upper triangular), a view into the factorisation.
     [[nodiscard]] auto r() const {
       return qr.matrixQR().topLeftCorner(k, k).template triangularView<Eigen::Upper>();
@@ -299,6 +318,7 @@ class Linear {
   }
 
   void factorise(Cache& c) const {
+    c.p.resize(0, 0);
     const bool wide = out_ <= in_;  // factor the tall one of Wᵀ (in × out) and W (out × in)
     if (wide)
       c.qr.compute(W().transpose());

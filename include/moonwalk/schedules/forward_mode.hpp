@@ -86,7 +86,8 @@ struct NaiveForward {
       net.visit(i, [&](auto& l) { detail::add_to_gradients(l, g); });
     }
 
-    out.h0 = detail::cotangent_by_jvps<S>(net, 0, Matrix<S>(x0), gL, st);
+    detail::CastLayers<S> same(0);  // (no cast: cotangents in S)
+    out.h0 = detail::cotangent_by_jvps<S>(net, same, 0, Matrix<S>(x0), gL, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

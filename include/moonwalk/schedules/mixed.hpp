@@ -24,8 +24,10 @@ namespace moonwalk {
 /// double cotangents when double would anchor for clearly less, and verifies
 /// the a-posteriori estimate, recomputing (kept instead of rebuilt inputs when
 /// the inversion drifted, denser anchors, then double cotangents, then
-/// backprop) until it holds. `Fidelity::none()` is the
-/// unguarded sweep.
+/// backprop) until it holds. A step on the shape (widths and batch) of a
+/// previous step that ended in double starts in double, with no discarded
+/// attempt (`Fidelity::memory`; figures["precision_remembered"]).
+/// `Fidelity::none()` is the unguarded sweep.
 ///
 /// With `rebuild_inputs`, an invertible layer keeps nothing at all in the
 /// reverse pass: its input is rebuilt by inversion, x_{i−1} = f_i⁻¹(x_i),
@@ -53,6 +55,15 @@ struct MixedMoonwalk {
     bool rebuild = rebuild_inputs;
     std::size_t fallbacks = 0, peak = 0;
     std::optional<GradientResult<S>> out;
+    // Layers cast for double cotangents: once per gradient, shared by every attempt.
+    detail::CastLayers<double> cast_double(use_double || can_double ? net.size() : 0);
+    detail::CastLayers<S> own(0);
+    // The precision the last step on this shape ended in (not while inputs are rebuilt).
+    const bool remember = fidelity.memory && fidelity.precision == Precision::automatic && can_double &&
+                          fidelity.tolerance_anchors && !rebuild_inputs;
+    const std::uint64_t shape = remember ? detail::shape_key(net, x0.cols(), 0) : 0;
+    const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
+    use_double = use_double || remembered;
     for (;;) {
       // (Not while inputs are rebuilt: their drift is settled first, and a
       // kept input costs twice as much in double.)
@@ -60,11 +71,11 @@ struct MixedMoonwalk {
                             fidelity.tolerance_anchors && !rebuild;
       if constexpr (detail::double_possible<N>) {
         if (use_double)
-          out = attempt<double>(net, x0, loss, target, scale, rebuild, false);
+          out = attempt<double>(net, cast_double, x0, loss, target, scale, rebuild, false);
         else
-          out = attempt<S>(net, x0, loss, target, scale, rebuild, escalate);
+          out = attempt<S>(net, own, x0, loss, target, scale, rebuild, escalate);
       } else {
-        out = attempt<S>(net, x0, loss, target, scale, rebuild, escalate);
+        out = attempt<S>(net, own, x0, loss, target, scale, rebuild, escalate);
       }
       peak = std::max(peak, out->stats.residual_bytes);
       if (out->stats.figures.count("escalated")) {  // double cotangents anchor for less
@@ -101,7 +112,9 @@ struct MixedMoonwalk {
         scale *= std::max(4.0, 4 * ratio);
       }
     }
+    if (remember) fidelity.memory->settled(shape, use_double);
     GradientResult<S>& r = *out;
+    if (remembered) r.stats.figures["precision_remembered"] = 1;
     r.stats.tolerance = tol;
     r.stats.within_tolerance = r.stats.error_estimate <= (fidelity.verify ? fidelity.accept : 1.0) * tol;
     r.stats.fallbacks = fallbacks;
@@ -115,9 +128,10 @@ struct MixedMoonwalk {
   /// gives up (figures["escalated"]) as soon as double cotangents would
   /// clearly anchor for less (fidelity/policy.hpp).
   template <class C, Net N, class L>
-  GradientResult<typename N::scalar_type> attempt(N& net, const CRef<typename N::scalar_type>& x0,
-                                                  const L& loss, const typename L::target_type& target,
-                                                  double scale, bool rebuild, bool escalate) const {
+  GradientResult<typename N::scalar_type> attempt(N& net, detail::CastLayers<C>& casts,
+                                                  const CRef<typename N::scalar_type>& x0, const L& loss,
+                                                  const typename L::target_type& target, double scale,
+                                                  bool rebuild, bool escalate) const {
     using S = typename N::scalar_type;
     GradientResult<S> out;
     Stats& st = out.stats;
@@ -151,7 +165,7 @@ struct MixedMoonwalk {
     Matrix<S> x = x0;
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
       if (!rebuilt[i]) {
-        decltype(auto) lc = moonwalk::cast<C>(l);
+        decltype(auto) lc = casts(i, l);
         store.put(i, SavedStore::residual, l.name(), moonwalk::save_residual(lc, detail::in_scalar<C>(x)));
       }
       x = l.forward(x);
@@ -180,7 +194,7 @@ struct MixedMoonwalk {
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
       if (gave_up) return;
       using Lyr = std::remove_cvref_t<decltype(l)>;
-      decltype(auto) lc = moonwalk::cast<C>(l);
+      decltype(auto) lc = casts(i, l);
       using Lc = std::remove_cvref_t<decltype(lc)>;
       residual_t<Lc> r;
       if (rebuilt[i]) {
@@ -248,7 +262,8 @@ struct MixedMoonwalk {
     if (!fidelity.tolerance_anchors) st.amplification.clear();
     st.predicted_error = planner.worst() * uc;
 
-    st.error_estimate = detail::forward_sweep<C>(net, x0, std::move(h), store, modes, loss, target, st);
+    st.error_estimate =
+        detail::forward_sweep<C>(net, casts, x0, std::move(h), store, modes, loss, target, st);
     st.figures["anchors"] = static_cast<double>(st.anchor_layers.size());
     st.figures["fallback_anchors"] = static_cast<double>(n_fallback);
     out.gradient = get_gradients(net);

@@ -17,7 +17,8 @@ struct sweep_capable : std::bool_constant<SweepCapable<L>> {};
 /// layers start..L−1 with jvps (in scalar type C; layers cast when C differs),
 /// then ∂ℓ/∂x_start[k, b] = ⟨g_L[:, b], t_L[:, b]⟩.
 template <class C, Net N>
-Matrix<C> cotangent_by_jvps(N& net, std::size_t start, const Matrix<typename N::scalar_type>& x_start,
+Matrix<C> cotangent_by_jvps(N& net, CastLayers<C>& casts, std::size_t start,
+                            const Matrix<typename N::scalar_type>& x_start,
                             const Matrix<typename N::scalar_type>& gL, Stats& st) {
   using S = typename N::scalar_type;
   const Index n = x_start.rows(), B = x_start.cols();
@@ -29,7 +30,7 @@ Matrix<C> cotangent_by_jvps(N& net, std::size_t start, const Matrix<typename N::
     t.row(k).setOnes();
     for (std::size_t i = start; i < net.size(); ++i)
       net.visit(i, [&](const auto& l) {
-        t = moonwalk::cast<C>(l).jvp(in_scalar<C>(x), t);
+        t = casts(i, l).jvp(in_scalar<C>(x), t);
         ++st.counts.jvp;
         if (i + 1 < net.size()) {
           x = l.forward(x);
@@ -49,7 +50,8 @@ Matrix<C> cotangent_by_jvps(N& net, std::size_t start, const Matrix<typename N::
 /// from): a compile-time error for Sequential, ScheduleError for Network.
 struct PureMoonwalk {
   /// Default: verify, escalating a float network's cotangents to double when
-  /// the estimate is above the tolerance (no anchors: there is no reverse pass).
+  /// the estimate is above the tolerance (no anchors: there is no reverse pass);
+  /// a later step on the same shape starts in double (Fidelity::memory).
   Fidelity fidelity{};
 
   [[nodiscard]] static std::string name() { return "pure"; }
@@ -82,6 +84,12 @@ struct PureMoonwalk {
     if (use_double && !can_double && !std::is_same_v<S, double>)
       throw ScheduleError("pure: double cotangents asked for, but a layer offers no cast<double>()");
     std::size_t fallbacks = 0, peak = 0;
+    // The precision the last step on this shape ended in (Fidelity::memory).
+    const bool remember =
+        fidelity.memory && fidelity.precision == Precision::automatic && can_double && fidelity.verify;
+    const std::uint64_t shape = remember ? detail::shape_key(net, x0.cols(), 1) : 0;
+    const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
+    use_double = use_double || remembered;
     GradientResult<S> out;
     for (;;) {
       if constexpr (detail::double_possible<N>)
@@ -96,6 +104,8 @@ struct PureMoonwalk {
       use_double = true;
       ++fallbacks;
     }
+    if (remember) fidelity.memory->settled(shape, use_double);
+    if (remembered) out.stats.figures["precision_remembered"] = 1;
     out.stats.tolerance = tol;
     out.stats.within_tolerance = out.stats.error_estimate <= tol;
     out.stats.fallbacks = fallbacks;
@@ -114,6 +124,7 @@ struct PureMoonwalk {
     st.schedule = name();
     st.precision = detail::scalar_name<C>();
     SavedStore store(net.size());
+    detail::CastLayers<C> casts(net.size());
     zero_gradients(net);
 
     // x_L and g_L = ∂ℓ/∂x_L (nothing kept).
@@ -126,10 +137,10 @@ struct PureMoonwalk {
       Matrix<S> y = l.forward(x);
       ++st.counts.forward;
       if (modes[i] == SweepMode::fragment) {
-        decltype(auto) lc = moonwalk::cast<C>(l);
+        decltype(auto) lc = casts(i, l);
         using Lc = std::remove_cvref_t<decltype(lc)>;
         if constexpr (Fragmental<Lc>) {
-          const Matrix<C> hi = i + 1 < net.size() ? detail::cotangent_by_jvps<C>(net, i + 1, y, gL, st)
+          const Matrix<C> hi = i + 1 < net.size() ? detail::cotangent_by_jvps<C>(net, casts, i + 1, y, gL, st)
                                                   : detail::in_scalar<C>(gL);
           store.put(i, SavedStore::fragment, l.name(),
                     lc.save_fragment(moonwalk::save_residual(lc, detail::in_scalar<C>(x)), hi));
@@ -139,12 +150,13 @@ struct PureMoonwalk {
     });
     x.resize(0, 0);
 
-    Matrix<C> h0 = detail::cotangent_by_jvps<C>(net, 0, Matrix<S>(x0), gL, st);
+    Matrix<C> h0 = detail::cotangent_by_jvps<C>(net, casts, 0, Matrix<S>(x0), gL, st);
     if constexpr (std::is_same_v<C, S>)
       out.h0 = h0;
     else
       out.h0 = h0.template cast<S>();
-    st.error_estimate = detail::forward_sweep<C>(net, x0, std::move(h0), store, modes, loss, target, st);
+    st.error_estimate =
+        detail::forward_sweep<C>(net, casts, x0, std::move(h0), store, modes, loss, target, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

@@ -2,6 +2,8 @@
 #pragma once
 
 #include <algorithm>
+#include <any>
+#include <cstdint>
 #include <sstream>
 #include <type_traits>
 #include <vector>
@@ -89,6 +91,53 @@ decltype(auto) in_scalar(const Matrix<S>& x) {
     return Matrix<C>(x.template cast<C>());
 }
 
+/// A network's layers carried in scalar type C, each cast once and kept for a
+/// whole gradient: the reverse pass, the sweep and every attempt of a schedule
+/// use the same copy, so what a cast layer derives from its weights (Linear's
+/// QR of the cast W, its condition estimate) is computed once per step rather
+/// than once per pass. The network's weights must not change while it lives.
+template <class C>
+class CastLayers {
+ public:
+  explicit CastLayers(std::size_t layers) : cast_(layers) {}
+
+  /// Layer i (`l`) in C: `l` itself when C is its scalar type, else its
+  /// cast<C>(), made on first use.
+  template <Layer L>
+  decltype(auto) operator()(std::size_t i, const L& l) {
+    if constexpr (std::is_same_v<C, typename L::scalar_type>) {
+      return (l);
+    } else {
+      using Lc = std::remove_cvref_t<decltype(moonwalk::cast<C>(l))>;
+      if (!cast_.at(i).has_value()) cast_[i].template emplace<Lc>(moonwalk::cast<C>(l));
+      return std::any_cast<const Lc&>(cast_[i]);
+    }
+  }
+
+ private:
+  std::vector<std::any> cast_;
+};
+
+/// A fingerprint of a network's shape and a batch width (PrecisionMemory's
+/// key): FNV-1a over the layer count, every layer's widths, the batch and
+/// `variant`. Never 0.
+template <Net N>
+std::uint64_t shape_key(N& net, Index batch, std::uint64_t variant) {
+  std::uint64_t h = 14695981039346656037ull;
+  auto mix = [&](std::uint64_t v) {
+    for (int b = 0; b < 8; ++b, v >>= 8) h = (h ^ (v & 0xff)) * 1099511628211ull;
+  };
+  mix(net.size());
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      mix(static_cast<std::uint64_t>(l.in_features()));
+      mix(static_cast<std::uint64_t>(l.out_features()));
+    });
+  mix(static_cast<std::uint64_t>(batch));
+  mix(variant);
+  return h == 0 ? 1 : h;
+}
+
 /// Name of a scalar type, for the stats.
 template <class C>
 const char* scalar_name() {
@@ -97,7 +146,7 @@ const char* scalar_name() {
 
 /// The forward sweep (DESIGN §1), with cotangents carried in scalar type C
 /// (the network's S, or double for a float network: each layer is then cast,
-/// core/amplification.hpp, while x stays in S). From x_0 and h_0, for i = 1..L
+/// once, by `casts`, while x stays in S). From x_0 and h_0, for i = 1..L
 ///   x_i = f_i(x_{i−1});
 ///   h_i = vijp(x_{i−1}, h_{i−1})            (submersive)
 ///       = vijp_with_fragment(…, φ_i)         (fragmental, φ_i from the store)
@@ -108,8 +157,8 @@ const char* scalar_name() {
 /// Ends with the a-posteriori check: h_L against ∂ℓ/∂x_L computed from x_L.
 /// Returns the largest relative mismatch seen (the error estimate).
 template <class C, Net N, class L>
-double forward_sweep(N& net, const CRef<typename N::scalar_type>& x0, Matrix<C> h, SavedStore& store,
-                     const std::vector<SweepMode>& modes, const L& loss,
+double forward_sweep(N& net, CastLayers<C>& casts, const CRef<typename N::scalar_type>& x0, Matrix<C> h,
+                     SavedStore& store, const std::vector<SweepMode>& modes, const L& loss,
                      const typename L::target_type& target, Stats& st) {
   using S = typename N::scalar_type;
   double estimate = 0;
@@ -117,7 +166,7 @@ double forward_sweep(N& net, const CRef<typename N::scalar_type>& x0, Matrix<C> 
   for_each_layer(net, [&](std::size_t i, auto& l) {
     Matrix<S> y = l.forward(x);
     ++st.counts.forward;
-    decltype(auto) lc = moonwalk::cast<C>(l);
+    decltype(auto) lc = casts(i, l);
     using Lc = std::remove_cvref_t<decltype(lc)>;
     decltype(auto) xc = in_scalar<C>(x);
     if (store.has(i, SavedStore::anchor)) {
