@@ -248,6 +248,13 @@ struct MixedMoonwalk {
       }
       h = moonwalk::vjp_residual(lc, r, h);
       ++st.counts.vjp;
+      // A cast layer waits for the sweep only where its parameters are at
+      // least an eighth of its input batch: for a Linear (out × in, batch B)
+      // that is out ≥ B/8, where rebuilding its QR (~in·out² flops) would cost
+      // more than an eighth of a product it serves (in·out·B). In the
+      // activation-dominated regime (B ≫ out) nothing parameter-sized is held
+      // between the passes.
+      if (8 * l.num_params() < l.in_features() * x0.cols()) casts.release(i);
     });
     if (gave_up) {
       st.figures["escalated"] = 1;

@@ -101,6 +101,12 @@ class CastLayers {
  public:
   explicit CastLayers(std::size_t layers) : cast_(layers) {}
 
+  /// Drops layer i's cast (and what it derived from its weights); the next
+  /// use makes it again.
+  void release(std::size_t i) {
+    if (i < cast_.size()) cast_[i].reset();
+  }
+
   /// Layer i (`l`) in C: `l` itself when C is its scalar type, else its
   /// cast<C>(), made on first use.
   template <Layer L>
@@ -190,6 +196,7 @@ double forward_sweep(N& net, CastLayers<C>& casts, const CRef<typename N::scalar
       moonwalk::accumulate_vjp_params(l, x, Matrix<S>(h.template cast<S>()));
     ++st.counts.vjp_params;
     x = std::move(y);
+    casts.release(i);  // the sweep is its last user
   });
   const Matrix<S> gL = loss.gradient(x, target);
   estimate = std::max(estimate, rel_max_err(h, in_scalar<C>(gL)));
