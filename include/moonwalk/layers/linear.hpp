@@ -35,7 +35,7 @@ namespace moonwalk {
 /// weight version meets one or two vijps, so the explicit right inverse
 /// P = R⁻¹ Q₁ᵀ (k × in: forming Q₁ and a solve with `in` right-hand sides,
 /// about 5 · in · k² flops) is formed only for a batch of at least
-/// `kExplicitBatch · k` columns, where it costs under a sixth of the product
+/// `kExplicitBatch · k` columns, where it costs under a third of the product
 /// it serves; the vijp is then the one product h_y = P h_x. For out > in it is
 /// fragmental: the fragment is the component of h_y in null(Wᵀ), `out − in`
 /// numbers per sample.
