@@ -2,7 +2,8 @@
 //
 // Interposes glibc's allocation entry points (malloc, calloc, realloc,
 // memalign, posix_memalign, aligned_alloc, valloc, pvalloc): each call adds
-// one to `allocation_count()` and forwards to glibc's own implementation
+// one to `allocation_count()` and the bytes it asks for to
+// `allocation_bytes()`, and forwards to glibc's own implementation
 // (__libc_*), so mallopt settings and peak RSS are unchanged. Eigen, the
 // standard library and the OpenMP runtime all allocate through these, so the
 // difference of two readings is every heap allocation made in between.
@@ -28,39 +29,45 @@ void* __libc_pvalloc(std::size_t);
 namespace moonwalk::bench {
 
 inline std::atomic<std::uint64_t> allocations{0};
+inline std::atomic<std::uint64_t> allocated_bytes{0};
 
 /// Heap allocations made by the process so far.
 inline std::uint64_t allocation_count() { return allocations.load(std::memory_order_relaxed); }
+/// Bytes those allocations asked for.
+inline std::uint64_t allocation_bytes() { return allocated_bytes.load(std::memory_order_relaxed); }
 
 namespace detail {
-inline void count_one() { allocations.fetch_add(1, std::memory_order_relaxed); }
+inline void count_one(std::size_t bytes) {
+  allocations.fetch_add(1, std::memory_order_relaxed);
+  allocated_bytes.fetch_add(bytes, std::memory_order_relaxed);
+}
 }  // namespace detail
 
 }  // namespace moonwalk::bench
 
 extern "C" {
 void* malloc(std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   return __libc_malloc(n);
 }
 void* calloc(std::size_t n, std::size_t size) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n * size);
   return __libc_calloc(n, size);
 }
 void* realloc(void* p, std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   return __libc_realloc(p, n);
 }
 void* memalign(std::size_t alignment, std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   return __libc_memalign(alignment, n);
 }
 void* aligned_alloc(std::size_t alignment, std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   return __libc_memalign(alignment, n);
 }
 int posix_memalign(void** out, std::size_t alignment, std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   // posix_memalign: alignment a power of two multiple of sizeof(void*), else EINVAL.
   if (alignment % sizeof(void*) != 0 || (alignment & (alignment - 1)) != 0) return 22;  // EINVAL
   void* p = __libc_memalign(alignment, n);
@@ -69,11 +76,11 @@ int posix_memalign(void** out, std::size_t alignment, std::size_t n) noexcept {
   return 0;
 }
 void* valloc(std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   return __libc_valloc(n);
 }
 void* pvalloc(std::size_t n) noexcept {
-  moonwalk::bench::detail::count_one();
+  moonwalk::bench::detail::count_one(n);
   return __libc_pvalloc(n);
 }
 }

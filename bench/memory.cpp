@@ -32,7 +32,8 @@
 //    "residual_bytes" (max over steps of the schedule's accounted bytes kept between passes),
 //    "error_estimate" (max over steps), "within_tolerance" (every step), "fallbacks" (sum),
 //    "dtype", "threads", "loss", "seed", "rebuild_inputs", "allocations_per_step" (heap
-//    allocations, gradient and update, mean over the steps after the first: bench/alloc_count.hpp)},
+//    allocations, gradient and update, mean over the steps after the first: bench/alloc_count.hpp),
+//    "allocated_bytes_per_step" (the bytes they asked for)},
 //    and with --budget also
 //    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
 //    "steps_completed" (steps that finished; the figures above are over those)
@@ -331,6 +332,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
       .name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};
   std::vector<double> seconds;
   std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
+  std::vector<std::uint64_t> alloc_bytes;  // and the bytes they asked for
   std::size_t residual_bytes = 0, fallbacks = 0;
   double error_estimate = 0;
   bool within_tolerance = true;
@@ -339,6 +341,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   try {
     for (int step = 0; step < o.steps; ++step) {
       const std::uint64_t a0 = moonwalk::bench::allocation_count();
+      const std::uint64_t b0 = moonwalk::bench::allocation_bytes();
       const auto t0 = std::chrono::steady_clock::now();
       const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
         return moonwalk::gradient(schedule, net, x, loss, target);
@@ -346,6 +349,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
       sgd.step(net);
       seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       allocations.push_back(moonwalk::bench::allocation_count() - a0);
+      alloc_bytes.push_back(moonwalk::bench::allocation_bytes() - b0);
       residual_bytes = std::max(residual_bytes, r.stats.residual_bytes);
       // NaN (a broken estimate) must not be lost by std::max: keep it as +∞.
       const double e = std::isnan(r.stats.error_estimate) ? std::numeric_limits<double>::infinity()
@@ -369,11 +373,13 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   const double min_step = seconds.empty() ? nan : *std::min_element(seconds.begin(), seconds.end());
   if (seconds.empty()) error_estimate = nan;
   // Steady state: the steps after the first (which may size buffers once).
-  const double allocs_per_step = allocations.size() < 2
-                                     ? nan
-                                     : static_cast<double>(std::accumulate(
-                                           allocations.begin() + 1, allocations.end(), std::uint64_t{0})) /
-                                           static_cast<double>(allocations.size() - 1);
+  auto steady_mean = [nan](const std::vector<std::uint64_t>& v) {
+    return v.size() < 2 ? nan
+                        : static_cast<double>(std::accumulate(v.begin() + 1, v.end(), std::uint64_t{0})) /
+                              static_cast<double>(v.size() - 1);
+  };
+  const double allocs_per_step = steady_mean(allocations);
+  const double alloc_bytes_per_step = steady_mean(alloc_bytes);
 
   std::cout << "{\"schedule\":\"" << json_escape(o.schedule) << "\",\"net\":\"" << json_escape(o.spec)
             << "\",\"batch\":" << o.batch << ",\"params\":" << params << ",\"steps\":" << o.steps
@@ -385,7 +391,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
             << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false")
-            << ",\"allocations_per_step\":" << json_number(allocs_per_step);
+            << ",\"allocations_per_step\":" << json_number(allocs_per_step)
+            << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step);
   if (o.budget > 0)
     std::cout << ",\"budget_bytes\":" << o.budget
               << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")

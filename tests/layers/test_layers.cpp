@@ -75,6 +75,7 @@ MOONWALK_LAYER_TEST("any_layer(linear contracting 6->4)", (AnyLayer<S>(Linear<S>
 MOONWALK_LAYER_TEST("any_layer(linear expanding 3->5)", (AnyLayer<S>(Linear<S>(3, 5, {.seed = 9}))))
 MOONWALK_LAYER_TEST("any_layer(relu)", (AnyLayer<S>(ReLU<S>(5))))
 MOONWALK_LAYER_TEST("any_layer(tanh)", (AnyLayer<S>(Tanh<S>(5))))
+MOONWALK_LAYER_TEST("any_layer(leaky_relu)", (AnyLayer<S>(LeakyReLU<S>(5, S(0.2)))))
 
 // ---- the registration itself: one expression, built for S and for double
 TEST_CASE("layer check: the double twin comes from the same expression", "[layers][layer_check][meta]") {

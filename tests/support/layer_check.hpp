@@ -27,6 +27,11 @@
 //                           but still has the same vjp (the fragment is exactly the
 //                           part Jᵀ erases)             when can_fragment && !can_vijp
 //   [inverse]               inverse(forward(x)) = x         when can_invert
+//   [into]                  the output-argument forms (core/ops.hpp: forward_into,
+//                           vjp_into, save_residual_into, vjp_residual_into, vijp_into)
+//                           into NaN-filled buffers (and a block of a wider one)
+//                           equal the value forms exactly; a wrong-shaped buffer
+//                           throws ShapeError naming the layer
 //   [shape]                 forward/jvp/vjp with a wrong row count throw ShapeError
 //                           naming the layer, the bad shape and the expected rows
 //   [cast]                  when CastableTo<L, double>: cast<double>() has the same name,
@@ -228,6 +233,13 @@ struct CastRun {
   VecD theta_back;  // θ of cast<double>().cast<S>()
 };
 
+/// What the output-argument check needs: each *_into result minus its value
+/// form (NaN-filled buffers), and the error for a wrong-shaped buffer.
+struct IntoRun {
+  double forward_diff = 0, vjp_diff = 0, vjp_residual_diff = 0, vijp_diff = 0;
+  Thrown wrong_shape;
+};
+
 /// The five wrong-shape calls.
 enum class BadCall { forward_x, jvp_x, jvp_dx, vjp_x, vjp_h };
 
@@ -254,6 +266,7 @@ struct LayerView {
   bool has_inverse = false, can_invert = false;
   std::function<MatD(const MatD&)> inverse;
   std::function<Thrown(BadCall, const MatD& x, const MatD& v, const MatD& u)> bad_call;
+  std::function<IntoRun(const MatD& x, const MatD& h, const MatD& hx)> into;  // h: output cotangent
 
   std::function<VecD()> layer_params;  // θ of the S layer, exactly
 
@@ -339,6 +352,41 @@ LayerView make_view(L& l, LD& d) {
     v.can_invert = moonwalk::can_invert(l);
     v.inverse = [&l, toS, toD](const MatD& y) { return toD(l.inverse(toS(y))); };
   }
+  v.into = [&l, toS](const MatD& x, const MatD& h, const MatD& hx_in) {
+    const MS xs = toS(x), hs = toS(h), hxs = toS(hx_in);
+    const Index n = l.in_features(), m = l.out_features(), B = x.cols();
+    IntoRun r;
+    auto diff = [](const MS& a, const MS& b) {
+      return a.rows() == b.rows() && a.cols() == b.cols() ? static_cast<double>((a - b).cwiseAbs().sum())
+                                                          : std::numeric_limits<double>::infinity();
+    };
+    // Outputs written into buffers full of NaN: every entry must be written,
+    // none read. Through a column block of a wider matrix, too (a MatRef with
+    // an outer stride).
+    const S nan = std::numeric_limits<S>::quiet_NaN();
+    MS y = MS::Constant(m, B, nan), v = MS::Constant(n, B, nan), g = MS::Constant(n, B, nan),
+       hy = MS::Constant(m, B, nan), wide = MS::Constant(m + 3, B, nan);
+    moonwalk::forward_into(l, xs, y);
+    moonwalk::forward_into(l, xs, wide.topRows(m));
+    moonwalk::vjp_into(l, xs, hs, v);
+    moonwalk::residual_t<L> res;
+    moonwalk::save_residual_into(l, xs, res);
+    moonwalk::save_residual_into(l, xs, res);  // again, into the residual's own storage
+    moonwalk::vjp_residual_into(l, res, hs, g);
+    r.forward_diff = std::max(diff(y, l.forward(xs)), diff(wide.topRows(m), l.forward(xs)));
+    r.vjp_diff = diff(v, l.vjp(xs, hs));
+    r.vjp_residual_diff = diff(g, moonwalk::vjp_residual(l, moonwalk::save_residual(l, xs), hs));
+    if constexpr (moonwalk::Submersive<L>) {
+      if (moonwalk::can_vijp(l)) {
+        moonwalk::vijp_into(l, xs, hxs, hy);
+        r.vijp_diff = diff(hy, l.vijp(xs, hxs));
+      }
+    }
+    // A buffer of the wrong shape is refused, naming the layer.
+    MS bad = MS::Zero(m + 1, B);
+    r.wrong_shape = catch_as<moonwalk::ShapeError>([&] { moonwalk::forward_into(l, xs, bad); });
+    return r;
+  };
   v.bad_call = [&l, toS](BadCall c, const MatD& x, const MatD& dx, const MatD& u) {
     const Index n = l.in_features(), m = l.out_features(), B = x.cols();
     const MS xs = toS(x), vs = toS(dx), us = toS(u), xbad = MS::Ones(n + 2, B), ubad = MS::Ones(m + 2, B);
@@ -526,6 +574,19 @@ inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Che
        "vjp_residual(save_residual(x), u) = vjp(x, u)");
   c.check("[residual]", L.residual_bytes(x) <= static_cast<std::size_t>(n * B) * L.scalar_bytes,
           "a residual is never larger than the input it replaces");
+
+  // ---- output-argument forms: the value forms exactly, whatever the buffers held
+  {
+    const IntoRun r = L.into(x, u, vt);
+    c.check("[into]", r.forward_diff == 0, "forward_into(x, y) = forward(x), into a matrix and a block");
+    c.check("[into]", r.vjp_diff == 0, "vjp_into(x, u, out) = vjp(x, u)");
+    c.check("[into]", r.vjp_residual_diff == 0,
+            "vjp_residual_into(save_residual_into(x), u) = vjp_residual(save_residual(x), u)");
+    c.check("[into]", r.vijp_diff == 0, "vijp_into(x, h, out) = vijp(x, h)");
+    c.check("[into]", r.wrong_shape.ok() && r.wrong_shape.contains(name),
+            "forward_into a buffer of the wrong shape throws ShapeError naming the layer (got \"" +
+                r.wrong_shape.message + "\")");
+  }
 
   // ---- submersive: vijp recovers the output cotangent
   if (L.has_vijp) {

@@ -20,6 +20,17 @@
 // Optional residual protocol (what the input-vjp needs, JAX-style):
 //   residual_type, save_residual(x) -> r, vjp_residual(r, h) -> Jᵀ h.
 // A layer without it saves its whole input (an "activation").
+//
+// Optional output-argument forms (core/ops.hpp calls them, checking the shape
+// of `out` first, and falls back to the value-returning members for a layer
+// without them): each writes its result into `out` (a MatRef<S> that already
+// has the result's shape, and aliases no argument), so a schedule can run a
+// whole step in buffers it sized once:
+//   forward_into(x, out)                 out = f(x)
+//   vjp_into(x, h, out)                  out = Jᵀ h
+//   vjp_residual_into(r, h, out)         out = Jᵀ h
+//   vijp_into(x, h_x, out)               out = h_y
+//   save_residual_into(x, r)             r = save_residual(x), in r's storage
 #pragma once
 
 #include <concepts>

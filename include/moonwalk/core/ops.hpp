@@ -55,10 +55,16 @@ void accumulate_vjp_params(L& l, const CRef<typename L::scalar_type>& x,
     Eigen::Map<Vector<S>> g(grad.data(), static_cast<Index>(grad.size()));
     l.vjp_params(x, h, g);
   } else {
+    const auto blocks = l.gradient_blocks();
+    if (blocks.size() == 1) {  // one contiguous block (e.g. a type-erased Linear): no copy
+      Eigen::Map<Vector<S>> g(blocks[0].data(), static_cast<Index>(blocks[0].size()));
+      l.vjp_params(x, h, g);
+      return;
+    }
     Vector<S> g = Vector<S>::Zero(l.num_params());
     l.vjp_params(x, h, g);
     Index o = 0;
-    for (auto b : l.gradient_blocks()) {
+    for (auto b : blocks) {
       Eigen::Map<Vector<S>>(b.data(), static_cast<Index>(b.size())) +=
           g.segment(o, static_cast<Index>(b.size()));
       o += static_cast<Index>(b.size());
@@ -83,6 +89,67 @@ Matrix<typename L::scalar_type> vjp_residual(const L& l, const residual_t<L>& r,
     return l.vjp_residual(r, h);
   else
     return l.vjp(r, h);
+}
+
+// ---- output-argument forms (concepts.hpp): `out` must have the result's
+//      shape (ShapeError naming the layer otherwise); the layer's `*_into`
+//      member writes it when the layer has one, else the value-returning
+//      member's result is copied in.
+
+/// out = f(x), out_features × batch
+template <Layer L>
+void forward_into(const L& l, const CRef<typename L::scalar_type>& x, MatRef<typename L::scalar_type> out) {
+  detail::check_rows(l, "forward output buffer", out, l.out_features(), x.cols());
+  if constexpr (requires { l.forward_into(x, out); })
+    l.forward_into(x, out);
+  else
+    out = l.forward(x);
+}
+
+/// out = Jᵀ h at x, in_features × batch
+template <Layer L>
+void vjp_into(const L& l, const CRef<typename L::scalar_type>& x, const CRef<typename L::scalar_type>& h,
+              MatRef<typename L::scalar_type> out) {
+  detail::check_rows(l, "vjp output buffer", out, l.in_features(), h.cols());
+  if constexpr (requires { l.vjp_into(x, h, out); })
+    l.vjp_into(x, h, out);
+  else
+    out = l.vjp(x, h);
+}
+
+/// r = what the reverse pass keeps for this layer's input-vjp, reusing r's
+/// storage where the layer allows (a layer without the residual protocol
+/// copies x into r).
+template <Layer L>
+void save_residual_into(const L& l, const CRef<typename L::scalar_type>& x, residual_t<L>& r) {
+  if constexpr (requires { l.save_residual_into(x, r); })
+    l.save_residual_into(x, r);
+  else if constexpr (HasResidual<L>)
+    r = l.save_residual(x);
+  else
+    r = x;
+}
+
+/// out = Jᵀ h from a saved residual, in_features × batch
+template <Layer L>
+void vjp_residual_into(const L& l, const residual_t<L>& r, const CRef<typename L::scalar_type>& h,
+                       MatRef<typename L::scalar_type> out) {
+  detail::check_rows(l, "vjp output buffer", out, l.in_features(), h.cols());
+  if constexpr (requires { l.vjp_residual_into(r, h, out); })
+    l.vjp_residual_into(r, h, out);
+  else
+    out = moonwalk::vjp_residual(l, r, h);
+}
+
+/// out = h_y with Jᵀ h_y = h_x (a submersive layer), out_features × batch
+template <Submersive L>
+void vijp_into(const L& l, const CRef<typename L::scalar_type>& x, const CRef<typename L::scalar_type>& hx,
+               MatRef<typename L::scalar_type> out) {
+  detail::check_rows(l, "vijp output buffer", out, l.out_features(), hx.cols());
+  if constexpr (requires { l.vijp_into(x, hx, out); })
+    l.vijp_into(x, hx, out);
+  else
+    out = l.vijp(x, hx);
 }
 
 /// The layer can recover its output cotangent by vijp alone.

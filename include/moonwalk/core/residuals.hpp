@@ -30,7 +30,15 @@ class BitMask {
   /// mask(i, j) = pred(x(i, j)), packed 64 per word: one word at a time (a
   /// fixed-length loop the compiler vectorises) when x is contiguous.
   template <class Derived, class Pred>
-  BitMask(const Eigen::MatrixBase<Derived>& x, Pred pred) : rows_(x.rows()), cols_(x.cols()) {
+  BitMask(const Eigen::MatrixBase<Derived>& x, Pred pred) {
+    assign(x, pred);
+  }
+  /// The same into this mask's storage (no allocation when it already holds
+  /// as many words).
+  template <class Derived, class Pred>
+  void assign(const Eigen::MatrixBase<Derived>& x, Pred pred) {
+    rows_ = x.rows();
+    cols_ = x.cols();
     const Index n = rows_ * cols_;
     words_.assign(static_cast<std::size_t>((n + 63) / 64), 0);
     if constexpr (contiguous_access<Derived>) {
@@ -58,8 +66,17 @@ class BitMask {
   template <class S, class F>
   void apply(const CRef<S>& h, Matrix<S>& out, F f) const {
     out.resize(rows_, cols_);
+    apply(h, MatRef<S>(out), f);
+  }
+  /// The same into out of the mask's shape.
+  template <class S, class F>
+  void apply(const CRef<S>& h, MatRef<S> out, F f) const {
+    if (h.rows() != rows_ || h.cols() != cols_ || out.rows() != rows_ || out.cols() != cols_)
+      throw ShapeError(detail::cat("BitMask::apply: mask ", detail::shape_str(rows_, cols_), ", cotangent ",
+                                   detail::shape_str(h.rows(), h.cols()), ", output ",
+                                   detail::shape_str(out.rows(), out.cols())));
     const Index n = rows_ * cols_;
-    if (h.outerStride() != rows_ && cols_ > 1) {
+    if ((h.outerStride() != rows_ || out.outerStride() != rows_) && cols_ > 1) {
       for (Index j = 0; j < cols_; ++j)
         for (Index i = 0; i < rows_; ++i) out(i, j) = f((*this)(i, j), h(i, j));
       return;

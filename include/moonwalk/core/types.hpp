@@ -26,6 +26,10 @@ using CVecRef = Eigen::Ref<const Vector<S>>;
 /// Writable view of a flat gradient vector.
 template <class S>
 using VecRef = Eigen::Ref<Vector<S>>;
+/// Writable view of a batch of the right shape (the output argument of the
+/// `*_into` operations: a matrix, a block or a map over a workspace buffer).
+template <class S>
+using MatRef = Eigen::Ref<Matrix<S>>;
 
 /// Base of every error Moonwalk throws.
 class Error : public std::runtime_error {

@@ -190,19 +190,33 @@ class Elementwise : public NoParameters<S> {
 
   /// y = σ(x)
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
+    Matrix<S> y(n_, x.cols());
+    forward_into(x, y);
+    return y;
+  }
+  /// y = σ(x) into y
+  void forward_into(const CRef<S>& x, MatRef<S> y) const {
     detail::check_rows(*this, "input", x, n_);
+    detail::check_rows(*this, "output buffer", y, n_, x.cols());
     if constexpr (requires { rule_.values(x.array()); })
-      return rule_.values(x.array()).matrix();
+      y.array() = rule_.values(x.array());
     else
-      return x.unaryExpr([this](S v) { return rule_.value(v); });
+      y = x.unaryExpr([this](S v) { return rule_.value(v); });
   }
   /// σ'(x) elementwise
   [[nodiscard]] Matrix<S> derivative(const CRef<S>& x) const {
+    Matrix<S> d(n_, x.cols());
+    derivative_into(x, d);
+    return d;
+  }
+  /// d = σ'(x) into d
+  void derivative_into(const CRef<S>& x, MatRef<S> d) const {
     detail::check_rows(*this, "input", x, n_);
+    detail::check_rows(*this, "derivative buffer", d, n_, x.cols());
     if constexpr (requires { rule_.derivatives(x.array()); })
-      return rule_.derivatives(x.array()).matrix();
+      d.array() = rule_.derivatives(x.array());
     else
-      return x.unaryExpr([this](S v) { return rule_.derivative(v); });
+      d = x.unaryExpr([this](S v) { return rule_.derivative(v); });
   }
   /// J dx = σ'(x) ⊙ dx
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
@@ -215,41 +229,67 @@ class Elementwise : public NoParameters<S> {
   }
   /// Jᵀ h = σ'(x) ⊙ h
   [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    Matrix<S> out(n_, h.cols());
+    vjp_into(x, h, out);
+    return out;
+  }
+  /// out = σ'(x) ⊙ h (σ'(x) formed in out, then multiplied in place)
+  void vjp_into(const CRef<S>& x, const CRef<S>& h, MatRef<S> out) const {
     detail::check_rows(*this, "cotangent", h, n_, x.cols());
-    return derivative(x).cwiseProduct(h);
+    derivative_into(x, out);
+    out.array() *= h.array();
   }
   void vjp_params(const CRef<S>& /*x*/, const CRef<S>& /*h*/, VecRef<S> /*g*/) const {}
 
   /// Piecewise-linear: the sign bits of x; smooth: σ'(x).
   [[nodiscard]] residual_type save_residual(const CRef<S>& x) const {
+    residual_type r;
+    save_residual_into(x, r);
+    return r;
+  }
+  /// The same into r's storage.
+  void save_residual_into(const CRef<S>& x, residual_type& r) const {
     detail::check_rows(*this, "input", x, n_);
-    if constexpr (Rule::piecewise_linear)
-      return BitMask(x, [](S v) { return Rule::on(v); });
-    else
-      return {derivative(x)};
+    if constexpr (Rule::piecewise_linear) {
+      r.assign(x, [](S v) { return Rule::on(v); });
+    } else {
+      r.value.resize(n_, x.cols());
+      derivative_into(x, r.value);
+    }
   }
   /// Jᵀ h from the residual alone.
   [[nodiscard]] Matrix<S> vjp_residual(const residual_type& r, const CRef<S>& h) const {
+    Matrix<S> out(n_, h.cols());
+    vjp_residual_into(r, h, out);
+    return out;
+  }
+  /// out = Jᵀ h = σ'(x) ⊙ h, σ'(x) from the residual
+  void vjp_residual_into(const residual_type& r, const CRef<S>& h, MatRef<S> out) const {
     detail::check_rows(*this, "cotangent", h, n_);
+    detail::check_rows(*this, "vjp output buffer", out, n_, h.cols());
     if constexpr (Rule::piecewise_linear) {
       detail::check_batch(*this, "mask", r.cols(), "cotangent", h.cols());
-      Matrix<S> out;
       const S a = rule_.slope_on(), c = rule_.slope_off();
       r.apply(h, out, [a, c](bool on, S v) { return v * (on ? a : c); });
-      return out;
     } else {
       detail::check_batch(*this, "saved derivative", r.value.cols(), "cotangent", h.cols());
-      return r.value.cwiseProduct(h);
+      out.array() = r.value.array() * h.array();
     }
   }
 
   /// h_y = h_x / σ'(x); throws RankError where σ'(x) = 0 (a numerical cokernel).
   [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
+    Matrix<S> hy(n_, hx.cols());
+    vijp_into(x, hx, hy);
+    return hy;
+  }
+  /// The same into hy (σ'(x) is formed in hy, then divides h_x in place).
+  void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> hy) const {
     detail::check_rows(*this, "input cotangent", hx, n_, x.cols());
-    Matrix<S> d = derivative(x);
-    if ((d.array() == S(0)).any())
+    derivative_into(x, hy);
+    if ((hy.array() == S(0)).any())
       throw RankError(name() + ": sigma'(x) underflowed to 0; the Jacobian is singular there");
-    return hx.cwiseQuotient(d);
+    hy.array() = hx.array() / hy.array();
   }
 
   /// x = σ⁻¹(y)

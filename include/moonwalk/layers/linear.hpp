@@ -122,11 +122,16 @@ class Linear {
   // ---- operators
   /// y = W x + b
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_);
     Matrix<S> y(out_, x.cols());
+    forward_into(x, y);
+    return y;
+  }
+  /// y = W x + b into y (out × batch)
+  void forward_into(const CRef<S>& x, MatRef<S> y) const {
+    detail::check_rows(*this, "input", x, in_);
+    detail::check_rows(*this, "output buffer", y, out_, x.cols());
     y.noalias() = W() * x;
     y.colwise() += b();
-    return y;
   }
   /// J dx = W dx
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
@@ -149,9 +154,15 @@ class Linear {
   }
   /// Jᵀ h = Wᵀ h
   [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
+    Matrix<S> r(in_, h.cols());
+    vjp_into(x, h, r);
+    return r;
+  }
+  /// r = Wᵀ h into r (in × batch)
+  void vjp_into(const CRef<S>& x, const CRef<S>& h, MatRef<S> r) const {
     detail::check_rows(*this, "input", x, in_);
     detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
+    vjp_residual_into(Empty{}, h, r);
   }
   /// g_W += h xᵀ, g_b += Σ_columns h
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
@@ -168,11 +179,16 @@ class Linear {
     detail::check_rows(*this, "input", x, in_);
     return {};
   }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_);
+  [[nodiscard]] Matrix<S> vjp_residual(const Empty& e, const CRef<S>& h) const {
     Matrix<S> r(in_, h.cols());
-    r.noalias() = W().transpose() * h;
+    vjp_residual_into(e, h, r);
     return r;
+  }
+  /// r = Wᵀ h into r (in × batch)
+  void vjp_residual_into(const Empty&, const CRef<S>& h, MatRef<S> r) const {
+    detail::check_rows(*this, "cotangent", h, out_);
+    detail::check_rows(*this, "vjp output buffer", r, in_, h.cols());
+    r.noalias() = W().transpose() * h;
   }
 
   // ---- Moonwalk
@@ -182,12 +198,19 @@ class Linear {
 
   /// h_y with Wᵀ h_y = h_x: h_y = P R⁻¹ Q₁ᵀ h_x from Wᵀ P = Q R (out ≤ in).
   [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
+    Matrix<S> hy(out_, hx.cols());
+    vijp_into(x, hx, hy);
+    return hy;
+  }
+  /// The same into hy (out × batch; the wide-batch path allocates nothing).
+  void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> hy) const {
     if (!is_submersive())
       throw RankError(name() +
                       ": vijp needs out <= in (an expanding Linear is fragmental: use "
                       "vijp_with_fragment)");
     detail::check_rows(*this, "input cotangent", hx, in_);
     detail::check_batch(*this, "input", x.cols(), "input cotangent", hx.cols());
+    detail::check_rows(*this, "vijp output buffer", hy, out_, hx.cols());
     const Cache& c = cache();
     if (hx.cols() >= kExplicitBatch * out_) {
       // h_y = P h_x with P = R⁻¹ Q₁ᵀ, formed once per weight version.
@@ -196,16 +219,14 @@ class Linear {
         c.p.transposeInPlace();
         c.r().solveInPlace(c.p);
       }
-      Matrix<S> hy(out_, hx.cols());
       hy.noalias() = c.p * hx;
-      return hy;
+      return;
     }
     // Wᵀ = Q R (in × out, tall): h_y = R⁻¹ (Qᵀ h_x)[0:k]
     Matrix<S> t = hx;
     t.applyOnTheLeft(c.qr.householderQ().transpose());
-    Matrix<S> hy = t.topRows(out_);
+    hy = t.topRows(out_);
     c.r().solveInPlace(hy);
-    return hy;
   }
 
   /// φ = Q₂ᵀ h_y, the component of h_y in null(Wᵀ) (empty when out ≤ in).

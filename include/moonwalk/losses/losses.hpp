@@ -18,10 +18,18 @@ struct MSE {
   static constexpr const char* name() { return "mse"; }
 
   [[nodiscard]] std::pair<S, Matrix<S>> value_and_gradient(const CRef<S>& y, const target_type& t) const {
+    std::pair<S, Matrix<S>> r;
+    r.first = value_and_gradient_into(y, t, r.second);
+    return r;
+  }
+  /// ℓ, with ∂ℓ/∂y written into g
+  S value_and_gradient_into(const CRef<S>& y, const target_type& t, Matrix<S>& g) const {
     check(y, t);
     const S inv_b = S(1) / static_cast<S>(y.cols());
-    Matrix<S> d = y - t;
-    return {S(0.5) * inv_b * d.squaredNorm(), d * inv_b};
+    g = y - t;
+    const S value = S(0.5) * inv_b * g.squaredNorm();
+    g *= inv_b;
+    return value;
   }
   [[nodiscard]] S value(const CRef<S>& y, const target_type& t) const {
     return value_and_gradient(y, t).first;
@@ -49,10 +57,16 @@ struct SoftmaxCrossEntropy {
   static constexpr const char* name() { return "xent"; }
 
   [[nodiscard]] std::pair<S, Matrix<S>> value_and_gradient(const CRef<S>& y, const target_type& t) const {
+    std::pair<S, Matrix<S>> r;
+    r.first = value_and_gradient_into(y, t, r.second);
+    return r;
+  }
+  /// ℓ, with ∂ℓ/∂y written into g
+  S value_and_gradient_into(const CRef<S>& y, const target_type& t, Matrix<S>& g) const {
     check(y, t);
     const Index B = y.cols();
     const S inv_b = S(1) / static_cast<S>(B);
-    Matrix<S> g(y.rows(), B);
+    g.resize(y.rows(), B);
     S total = 0;
     for (Index b = 0; b < B; ++b) {
       const S m = y.col(b).maxCoeff();
@@ -63,7 +77,8 @@ struct SoftmaxCrossEntropy {
       g.col(b) /= z;
       g(t[static_cast<std::size_t>(b)], b) -= S(1);
     }
-    return {total * inv_b, g * inv_b};
+    g *= inv_b;
+    return total * inv_b;
   }
   [[nodiscard]] S value(const CRef<S>& y, const target_type& t) const {
     return value_and_gradient(y, t).first;

@@ -69,6 +69,15 @@ class AnyLayer {
   [[nodiscard]] Matrix<S> vjp_residual(const Erased& r, const CRef<S>& h) const {
     return self_->vjp_residual(r, h);
   }
+  // Output-argument forms (core/ops.hpp): the wrapped layer's, or its fallback.
+  void forward_into(const CRef<S>& x, MatRef<S> y) const { self_->forward_into(x, y); }
+  void vjp_into(const CRef<S>& x, const CRef<S>& h, MatRef<S> out) const { self_->vjp_into(x, h, out); }
+  /// Reuses the residual r holds when it is the wrapped layer's type.
+  void save_residual_into(const CRef<S>& x, Erased& r) const { self_->save_residual_into(x, r); }
+  void vjp_residual_into(const Erased& r, const CRef<S>& h, MatRef<S> out) const {
+    self_->vjp_residual_into(r, h, out);
+  }
+  void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> hy) const { self_->vijp_into(x, hx, hy); }
 
   [[nodiscard]] bool is_submersive() const { return self_->is_submersive(); }
   [[nodiscard]] bool is_fragmental() const { return self_->is_fragmental(); }
@@ -126,6 +135,11 @@ class AnyLayer {
     virtual void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const = 0;
     [[nodiscard]] virtual Erased save_residual(const CRef<S>&) const = 0;
     [[nodiscard]] virtual Matrix<S> vjp_residual(const Erased&, const CRef<S>&) const = 0;
+    virtual void forward_into(const CRef<S>&, MatRef<S>) const = 0;
+    virtual void vjp_into(const CRef<S>&, const CRef<S>&, MatRef<S>) const = 0;
+    virtual void save_residual_into(const CRef<S>&, Erased&) const = 0;
+    virtual void vjp_residual_into(const Erased&, const CRef<S>&, MatRef<S>) const = 0;
+    virtual void vijp_into(const CRef<S>&, const CRef<S>&, MatRef<S>) const = 0;
     [[nodiscard]] virtual bool is_submersive() const = 0;
     [[nodiscard]] virtual bool is_fragmental() const = 0;
     [[nodiscard]] virtual bool is_invertible() const = 0;
@@ -172,6 +186,28 @@ class AnyLayer {
     }
     [[nodiscard]] Matrix<S> vjp_residual(const Erased& r, const CRef<S>& h) const override {
       return moonwalk::vjp_residual(layer, std::any_cast<const residual_t<L>&>(r.value), h);
+    }
+    void forward_into(const CRef<S>& x, MatRef<S> y) const override { moonwalk::forward_into(layer, x, y); }
+    void vjp_into(const CRef<S>& x, const CRef<S>& h, MatRef<S> out) const override {
+      moonwalk::vjp_into(layer, x, h, out);
+    }
+    void save_residual_into(const CRef<S>& x, Erased& r) const override {
+      if (auto* held = std::any_cast<residual_t<L>>(&r.value)) {
+        moonwalk::save_residual_into(layer, x, *held);
+        r.size_bytes = nbytes(*held);
+        r.kind_name = residual_kind(*held);
+      } else {
+        r = erase(moonwalk::save_residual(layer, x));
+      }
+    }
+    void vjp_residual_into(const Erased& r, const CRef<S>& h, MatRef<S> out) const override {
+      moonwalk::vjp_residual_into(layer, std::any_cast<const residual_t<L>&>(r.value), h, out);
+    }
+    void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> hy) const override {
+      if constexpr (Submersive<L>)
+        moonwalk::vijp_into(layer, x, hx, hy);
+      else
+        throw RankError(layer.name() + ": not submersive (no vijp)");
     }
     [[nodiscard]] bool is_submersive() const override { return can_vijp(layer); }
     [[nodiscard]] bool is_fragmental() const override { return can_fragment(layer); }

@@ -1,41 +1,69 @@
 // Moonwalk — reference backprop: keeps every layer input between passes.
 #pragma once
 
+#include <memory>
+#include <vector>
+
+#include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
 namespace moonwalk {
 
 /// Reverse-mode reference. Forward: x_i = f_i(x_{i−1}), keeping x_{i−1}.
 /// Backward: g_i += J_{θ,i}ᵀ h_i, h_{i−1} = J_iᵀ h_i from the kept inputs.
+///
+/// The kept inputs and the cotangents live in `workspace`, reused from step
+/// to step (schedules/detail/workspace.hpp): between steps it still holds
+/// what the last step kept, as a caching allocator would; `workspace->buffers.clear()`
+/// (or a fresh Backprop) gives it back.
 struct Backprop {
+  std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
+  /// Its slots: the layer outputs x_1..x_L (a std::vector), ∂ℓ/∂x_L, and the
+  /// two buffers the cotangents alternate between.
+  enum Slot : std::size_t { outputs_slot, loss_slot, cotangent_slot, next_cotangent_slot };
+
   [[nodiscard]] static std::string name() { return "backprop"; }
 
   template <Net N, class L>
   GradientResult<typename N::scalar_type> run(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
                                               const typename L::target_type& target) const {
     using S = typename N::scalar_type;
+    const detail::WorkspaceLease ws(workspace);
     GradientResult<S> out;
     out.stats.schedule = name();
     SavedStore store(net.size());
     zero_gradients(net);
-    Matrix<S> x = x0;
+    // xs[i] = x_{i+1}, the output of layer i (x_0 is the caller's).
+    const Index batch = x0.cols();
+    auto& xs = ws->get<std::vector<Matrix<S>>>(outputs_slot);
+    xs.resize(net.size());
+    auto input = [&](std::size_t i) -> CRef<S> {
+      if (i == 0) return x0;
+      return xs[i - 1];
+    };
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      Matrix<S> y = l.forward(x);
+      xs[i].resize(l.out_features(), batch);  // (no allocation when the shape is the last step's)
+      moonwalk::forward_into(l, input(i), xs[i]);
       ++out.stats.counts.forward;
-      store.put(i, SavedStore::activation, l.name(), std::move(x));
-      x = std::move(y);
+      store.hold(i, SavedStore::activation, l.name(), static_cast<std::size_t>(input(i).size()) * sizeof(S),
+                 "activation");
     });
-    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture h)
-    out.loss = vg.first;
-    Matrix<S> h = std::move(vg.second);
+    Matrix<S>& g = ws->get<Matrix<S>>(loss_slot);
+    out.loss = detail::loss_into<L, S>(loss, xs.back(), target, g);
+    detail::PingPong<S> h(ws->get<detail::Buffer<S>>(cotangent_slot),
+                          ws->get<detail::Buffer<S>>(next_cotangent_slot));
+    h.assign(g);
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
-      Matrix<S> xi = store.take<Matrix<S>>(i, SavedStore::activation);
-      moonwalk::accumulate_vjp_params(l, xi, h);
-      h = l.vjp(xi, h);
+      const CRef<S> xi = input(i);
+      moonwalk::accumulate_vjp_params(l, xi, h.current());
+      moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch));
+      h.flip();
+      store.drop(i, SavedStore::activation);
       out.stats.counts.vjp_params += 1;
       out.stats.counts.vjp += 1;
     });
-    out.h0 = std::move(h);
+    out.h0 = h.current();
+    if (!detail::keep_across_steps(net, batch)) ws->clear();  // (before the gradient's copy is made)
     out.gradient = get_gradients(net);
     store.report_to(out.stats);
     return out;

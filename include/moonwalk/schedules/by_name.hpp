@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <utility>
 #include <vector>
@@ -49,6 +50,9 @@ struct ScheduleChoice {
   std::size_t slots = 0;          ///< binomial: held inputs (0: max(1, round(√L)))
   std::size_t directions = 16;    ///< projforward
   std::uint64_t seed = 0;         ///< projforward
+  /// backprop, mixed: the buffers kept across steps (schedules/detail/workspace.hpp),
+  /// shared by every schedule with_schedule makes from this choice.
+  std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
 };
 
 /// Every name with_schedule() accepts, in the order tools list them.
@@ -73,12 +77,17 @@ template <class F>
 decltype(auto) with_schedule(const ScheduleChoice& c, std::size_t layers, F&& f) {
   const auto sqrt_l =
       std::max<std::size_t>(1, static_cast<std::size_t>(std::lround(std::sqrt(double(layers)))));
-  if (c.name == "backprop") return f(Backprop{});
+  if (c.name == "backprop") {
+    Backprop b;
+    b.workspace = c.workspace;
+    return f(b);
+  }
   if (c.name == "mixed") {
     MixedMoonwalk m;
     m.anchors.every = c.anchors_every;
     m.fidelity = c.fidelity;
     m.rebuild_inputs = c.rebuild_inputs;
+    m.workspace = c.workspace;
     return f(m);
   }
   if (c.name == "pure") {

@@ -41,6 +41,20 @@ void for_each_layer_reverse(N& net, F&& f) {
   for (std::size_t i = net.size(); i-- > 0;) net.visit(i, [&](auto& l) { f(i, l); });
 }
 
+/// ℓ(y, t), with ∂ℓ/∂y written into g: the loss's value_and_gradient_into
+/// when it has one (no allocation once g has its shape), else its
+/// value_and_gradient.
+template <class L, class S>
+S loss_into(const L& loss, const CRef<S>& y, const typename L::target_type& t, Matrix<S>& g) {
+  if constexpr (requires { loss.value_and_gradient_into(y, t, g); }) {
+    return loss.value_and_gradient_into(y, t, g);
+  } else {
+    auto vg = loss.value_and_gradient(y, t);
+    g = std::move(vg.second);
+    return vg.first;
+  }
+}
+
 /// x_L = f(x_0) keeping nothing; sets out.loss = ℓ(x_L) and returns g_L = ∂ℓ/∂x_L.
 template <Net N, class L>
 Matrix<typename N::scalar_type> output_cotangent(N& net, const CRef<typename N::scalar_type>& x0,

@@ -3,6 +3,7 @@
 
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 
 #include "moonwalk/fidelity/policy.hpp"
@@ -39,6 +40,9 @@ struct MixedMoonwalk {
   Anchors anchors{};
   Fidelity fidelity{};
   bool rebuild_inputs = false;
+  /// Buffers kept across steps, shared by copies (schedules/detail/workspace.hpp):
+  /// the working activations and cotangents, residuals and anchor buffers.
+  std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
 
   [[nodiscard]] static std::string name() { return "mixed"; }
 
@@ -64,6 +68,8 @@ struct MixedMoonwalk {
     const std::uint64_t shape = remember ? detail::shape_key(net, x0.cols(), 0) : 0;
     const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
     use_double = use_double || remembered;
+    const detail::WorkspaceLease ws(workspace);
+    const bool keep = detail::keep_across_steps(net, x0.cols());
     for (;;) {
       // (Not while inputs are rebuilt: their drift is settled first, and a
       // kept input costs twice as much in double.)
@@ -71,14 +77,15 @@ struct MixedMoonwalk {
                             fidelity.tolerance_anchors && !rebuild;
       if constexpr (detail::double_possible<N>) {
         if (use_double)
-          out = attempt<double>(net, cast_double, x0, loss, target, scale, rebuild, false);
+          out = attempt<double>(net, cast_double, *ws, keep, x0, loss, target, scale, rebuild, false);
         else
-          out = attempt<S>(net, own, x0, loss, target, scale, rebuild, escalate);
+          out = attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate);
       } else {
-        out = attempt<S>(net, own, x0, loss, target, scale, rebuild, escalate);
+        out = attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate);
       }
       peak = std::max(peak, out->stats.residual_bytes);
       if (out->stats.figures.count("escalated")) {  // double cotangents anchor for less
+        detail::release_cotangent_buffers<S>(*ws, net.size());
         use_double = true;
         ++fallbacks;
         continue;
@@ -113,7 +120,19 @@ struct MixedMoonwalk {
       }
     }
     if (remember) fidelity.memory->settled(shape, use_double);
+    // Keep the buffers of the precision this step ended in (an escalated
+    // float attempt's are not held until the next float probe), and only
+    // where the workspace may outlive the step.
+    if (!keep) {
+      ws->clear();
+    } else if constexpr (!std::is_same_v<S, double>) {
+      if (use_double)
+        detail::release_cotangent_buffers<S>(*ws, net.size());
+      else
+        detail::release_cotangent_buffers<double>(*ws, net.size());
+    }
     GradientResult<S>& r = *out;
+    if (r.gradient.size() == 0) r.gradient = get_gradients(net);  // (after the workspace is given back)
     if (remembered) r.stats.figures["precision_remembered"] = 1;
     r.stats.tolerance = tol;
     r.stats.within_tolerance = r.stats.error_estimate <= (fidelity.verify ? fidelity.accept : 1.0) * tol;
@@ -128,10 +147,10 @@ struct MixedMoonwalk {
   /// gives up (figures["escalated"]) as soon as double cotangents would
   /// clearly anchor for less (fidelity/policy.hpp).
   template <class C, Net N, class L>
-  GradientResult<typename N::scalar_type> attempt(N& net, detail::CastLayers<C>& casts,
-                                                  const CRef<typename N::scalar_type>& x0, const L& loss,
-                                                  const typename L::target_type& target, double scale,
-                                                  bool rebuild, bool escalate) const {
+  GradientResult<typename N::scalar_type> attempt(N& net, detail::CastLayers<C>& casts, detail::Workspace& ws,
+                                                  bool keep, const CRef<typename N::scalar_type>& x0,
+                                                  const L& loss, const typename L::target_type& target,
+                                                  double scale, bool rebuild, bool escalate) const {
     using S = typename N::scalar_type;
     GradientResult<S> out;
     Stats& st = out.stats;
@@ -161,22 +180,36 @@ struct MixedMoonwalk {
         net.visit(i, [&](const auto& l) { rebuilt[i] = can_invert(l); });
 
     // Reverse pass, forward half: keep residuals only (and, for rebuilt
-    // layers, their output where nothing above can give it back).
-    Matrix<S> x = x0;
+    // layers, their output where nothing above can give it back). Layer i
+    // reads x_i from one workspace buffer and writes x_{i+1} to the other;
+    // its residual is the workspace's too, held in the store's accounts.
+    constexpr std::size_t c = detail::precision_offset<C>;
+    const Index batch = x0.cols();
+    detail::PingPong<S> x = detail::activation_buffers<S>(ws);
+    detail::Buffer<C>& xbuf = ws.get<detail::Buffer<C>>(detail::kXc + c);
+    x.assign(x0);
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
       if (!rebuilt[i]) {
         decltype(auto) lc = casts(i, l);
-        store.put(i, SavedStore::residual, l.name(), moonwalk::save_residual(lc, detail::in_scalar<C>(x)));
+        auto& r = ws.get<residual_t<std::remove_cvref_t<decltype(lc)>>>(detail::residual_slot<C>(i));
+        moonwalk::save_residual_into(lc, detail::in_scalar<C>(x.current(), xbuf), r);
+        store.hold(i, SavedStore::residual, l.name(), nbytes(r), residual_kind(r));
       }
-      x = l.forward(x);
+      moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
+      x.flip();
       ++st.counts.forward;
       if (rebuilt[i] && (i + 1 == net.size() || !rebuilt[i + 1]))
-        store.put(i, SavedStore::activation, l.name(), Matrix<S>(x), "checkpoint");
+        store.put(i, SavedStore::activation, l.name(), Matrix<S>(x.current()), "checkpoint");
     });
-    auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture h)
-    out.loss = vg.first;
-    Matrix<C> h = detail::in_scalar<C>(vg.second);
-    x.resize(0, 0);
+    Matrix<S>& g_out = ws.get<Matrix<S>>(detail::kLossGrad);
+    out.loss = detail::loss_into<L, S>(loss, x.current(), target, g_out);
+    detail::PingPong<C> h = detail::cotangent_buffers<C>(ws);
+    h.assign(g_out.template cast<C>());
+    if (!keep) {  // (the backward half holds the anchors: no idle activation buffers next to them)
+      ws.release(detail::kXEven);
+      ws.release(detail::kXOdd);
+      ws.release(detail::kXc + c);
+    }
 
     // Residual bytes now, and what they would be in double (masks and
     // nothing stay; derivatives and kept inputs double), for escalation.
@@ -196,7 +229,7 @@ struct MixedMoonwalk {
       using Lyr = std::remove_cvref_t<decltype(l)>;
       decltype(auto) lc = casts(i, l);
       using Lc = std::remove_cvref_t<decltype(lc)>;
-      residual_t<Lc> r;
+      residual_t<Lc>& r = ws.get<residual_t<Lc>>(detail::residual_slot<C>(i));
       if (rebuilt[i]) {
         if constexpr (Invertible<Lyr>) {
           Matrix<S> y = store.has(i, SavedStore::activation)
@@ -204,10 +237,11 @@ struct MixedMoonwalk {
                             : std::move(x_carried);
           x_carried = l.inverse(y);
           ++st.counts.inverse;
-          r = moonwalk::save_residual(lc, detail::in_scalar<C>(x_carried));
+          moonwalk::save_residual_into(
+              lc, detail::in_scalar<C>(x_carried, ws.get<detail::Buffer<C>>(detail::kXc + c)), r);
         }
       } else {
-        r = store.take<residual_t<Lc>>(i, SavedStore::residual);
+        store.drop(i, SavedStore::residual);
       }
       // The fidelity policy: amplification of this layer's vijp, and whether h_i is anchored.
       LayerFidelity& lf = st.amplification[i];
@@ -223,7 +257,7 @@ struct MixedMoonwalk {
       }
       const bool forced = anchored[i] || modes[i] == SweepMode::anchor;
       bool anchor = forced;
-      const std::size_t h_size = static_cast<std::size_t>(h.size());
+      const std::size_t h_size = static_cast<std::size_t>(l.out_features() * batch);
       if (forced) {
         planner.restart();
         in_double.restart();
@@ -239,14 +273,20 @@ struct MixedMoonwalk {
           gave_up = true;
           return;
         }
-        store.put(i, SavedStore::anchor, l.name(), Matrix<C>(h), "anchor");
+        Matrix<C> a = ws.take_spare<Matrix<C>>(detail::kAnchors + c);
+        a = h.current();
+        store.put(i, SavedStore::anchor, l.name(), std::move(a), "anchor");
         st.anchor_layers.insert(st.anchor_layers.begin(), i);
         lf.anchored = true;
         n_fallback += modes[i] == SweepMode::anchor;
       } else if (modes[i] == SweepMode::fragment) {
-        if constexpr (Fragmental<Lc>) store.put(i, SavedStore::fragment, l.name(), lc.save_fragment(r, h));
+        if constexpr (Fragmental<Lc>)
+          store.put(i, SavedStore::fragment, l.name(), lc.save_fragment(r, h.current()));
       }
-      h = moonwalk::vjp_residual(lc, r, h);
+      moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch));
+      h.flip();
+      // r's last use: a step whose buffers will not outlive it frees it now.
+      if (!keep) ws.release(detail::residual_slot<C>(i));
       ++st.counts.vjp;
       // A cast layer waits for the sweep only where its parameters are at
       // least an eighth of its input batch: for a Linear (out × in, batch B)
@@ -262,18 +302,17 @@ struct MixedMoonwalk {
       return out;
     }
     if (rebuilt[0]) st.figures["reconstruction_error"] = detail::rel_max_err(x_carried, x0);
-    if constexpr (std::is_same_v<C, S>)
-      out.h0 = h;
-    else
-      out.h0 = h.template cast<S>();
+    out.h0 = h.current().template cast<S>();
     if (!fidelity.tolerance_anchors) st.amplification.clear();
     st.predicted_error = planner.worst() * uc;
 
-    st.error_estimate =
-        detail::forward_sweep<C>(net, casts, x0, std::move(h), store, modes, loss, target, st);
+    st.error_estimate = detail::forward_sweep<C>(net, casts, ws, keep, x0, h, store, modes, loss, target, st);
+    // The sweep gave every anchor buffer back: keep as many as this step used.
+    auto& pool = ws.get<std::vector<Matrix<C>>>(detail::kAnchors + c);
+    if (pool.size() > st.anchor_layers.size()) pool.resize(st.anchor_layers.size());
     st.figures["anchors"] = static_cast<double>(st.anchor_layers.size());
     st.figures["fallback_anchors"] = static_cast<double>(n_fallback);
-    out.gradient = get_gradients(net);
+    // (out.gradient is copied by run(), from the accepted attempt only.)
     store.report_to(st);
     return out;
   }

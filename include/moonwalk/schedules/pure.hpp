@@ -155,8 +155,11 @@ struct PureMoonwalk {
       out.h0 = h0;
     else
       out.h0 = h0.template cast<S>();
+    detail::Workspace ws;  // (pure Moonwalk's tail jvps dominate its cost: buffers are not kept across steps)
+    detail::PingPong<C> h = detail::cotangent_buffers<C>(ws);
+    h.assign(h0);
     st.error_estimate =
-        detail::forward_sweep<C>(net, casts, x0, std::move(h0), store, modes, loss, target, st);
+        detail::forward_sweep<C>(net, casts, ws, false, x0, h, store, modes, loss, target, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

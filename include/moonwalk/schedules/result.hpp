@@ -106,19 +106,29 @@ class SavedStore {
   /// Keeps `value` for layer i; `kind` defaults to the value's own kind.
   template <class T>
   void put(std::size_t i, Slot slot, std::string layer_name, T value, const char* kind = nullptr) {
+    const char* k = kind ? kind : residual_kind(value);
     const std::size_t b = nbytes(value);
-    SavedEntry e{i, std::move(layer_name), kind ? kind : residual_kind(value), b};
-    bytes_by_kind_[e.kind] += b;
+    hold(i, slot, std::move(layer_name), b, k);
+    slots_[i][slot].value = std::move(value);
+  }
+
+  /// Accounts `bytes` of `kind` for layer i's slot as kept, for a value the
+  /// schedule keeps in buffers of its own (a workspace reused across steps);
+  /// drop() or take() ends it.
+  void hold(std::size_t i, Slot slot, std::string layer_name, std::size_t bytes, const char* kind) {
+    SavedEntry e{i, std::move(layer_name), kind, bytes};
+    bytes_by_kind_[e.kind] += bytes;
     entries_.push_back(std::move(e));
     auto& s = slots_[i][slot];
-    if (s.has_value()) current_ -= s.bytes;
-    s.value = std::move(value);
-    s.bytes = b;
-    current_ += b;
+    if (s.present) current_ -= s.bytes;
+    s.value.reset();
+    s.present = true;
+    s.bytes = bytes;
+    current_ += bytes;
     peak_ = std::max(peak_, current_);
   }
 
-  [[nodiscard]] bool has(std::size_t i, Slot slot) const { return slots_[i][slot].has_value(); }
+  [[nodiscard]] bool has(std::size_t i, Slot slot) const { return slots_[i][slot].present; }
 
   /// Reads the value for layer i without releasing it.
   template <class T>
@@ -131,9 +141,7 @@ class SavedStore {
   T take(std::size_t i, Slot slot) {
     auto& s = slots_[i][slot];
     T v = std::any_cast<T&&>(std::move(s.value));
-    s.value.reset();
-    current_ -= s.bytes;
-    s.bytes = 0;
+    drop(i, slot);
     return v;
   }
 
@@ -141,7 +149,8 @@ class SavedStore {
   void drop(std::size_t i, Slot slot) {
     auto& s = slots_[i][slot];
     s.value.reset();
-    current_ -= s.bytes;
+    if (s.present) current_ -= s.bytes;
+    s.present = false;
     s.bytes = 0;
   }
 
@@ -163,9 +172,9 @@ class SavedStore {
 
  private:
   struct Held {
-    std::any value;
+    std::any value;  // empty for a held() value
     std::size_t bytes = 0;
-    [[nodiscard]] bool has_value() const { return value.has_value(); }
+    bool present = false;
   };
   std::vector<std::array<Held, 4>> slots_;
   std::vector<SavedEntry> entries_;

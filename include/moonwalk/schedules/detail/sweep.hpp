@@ -10,6 +10,7 @@
 
 #include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/ops.hpp"
+#include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
 namespace moonwalk {
@@ -91,6 +92,63 @@ decltype(auto) in_scalar(const Matrix<S>& x) {
     return Matrix<C>(x.template cast<C>());
 }
 
+/// `x` in scalar type C: a view of x itself when C is its scalar type, else
+/// of `buf` holding its conversion.
+template <class C, class D>
+CRef<C> in_scalar(const Eigen::MatrixBase<D>& x, Buffer<C>& buf) {
+  if constexpr (std::is_same_v<C, typename D::Scalar>) {
+    return CRef<C>(x);
+  } else {
+    auto v = buf.view(x.rows(), x.cols());
+    v = x.template cast<C>();
+    return CRef<C>(v);
+  }
+}
+
+/// Workspace slots (schedules/detail/workspace.hpp) of the Moonwalk sweep and
+/// of the mixed reverse pass: buffers in the network's S, and buffers in the
+/// cotangents' C at `kind + precision_offset<C>` (a float and a double attempt
+/// keep separate ones); per-layer residuals from kLayers on.
+enum WorkspaceSlot : std::size_t {
+  kXEven,       ///< Buffer<S>: the activations alternate between kXEven and kXOdd
+  kXOdd,        ///< Buffer<S>
+  kLossGrad,    ///< Matrix<S>: ∂ℓ/∂x_L
+  kCotangentS,  ///< Buffer<S>: columns of h_i converted for the weight-vjp (C ≠ S)
+  kXc,          ///< Buffer<C>: x_i converted (C ≠ S)
+  kH,           ///< Buffer<C>: the cotangents alternate between kH and kHNext
+  kHNext,       ///< Buffer<C>
+  kAnchors,     ///< std::vector<Matrix<C>>: pool of anchor buffers
+  kSlotsPerScalar = 4,
+  kLayers = 16  ///< residual of layer i in C: kLayers + 2 i + (C is double)
+};
+/// Columns of h converted to S at a time for the sweep's weight-vjp.
+inline constexpr Index kConvertColumns = 512;
+
+template <class C>
+constexpr std::size_t precision_offset = std::is_same_v<C, double> ? kSlotsPerScalar : 0;
+template <class C>
+constexpr std::size_t residual_slot(std::size_t i) {
+  return kLayers + 2 * i + (std::is_same_v<C, double> ? 1 : 0);
+}
+
+/// Frees the buffers of cotangents in C and the residuals of C-typed layers
+/// (a step that ended in the other precision keeps only its own).
+template <class C>
+void release_cotangent_buffers(Workspace& ws, std::size_t layers) {
+  for (const std::size_t k : {kXc, kH, kHNext, kAnchors}) ws.release(k + precision_offset<C>);
+  for (std::size_t i = 0; i < layers; ++i) ws.release(residual_slot<C>(i));
+}
+
+/// The activations' and the cotangents' alternating buffers in `ws`.
+template <class S>
+PingPong<S> activation_buffers(Workspace& ws) {
+  return {ws.get<Buffer<S>>(kXEven), ws.get<Buffer<S>>(kXOdd)};
+}
+template <class C>
+PingPong<C> cotangent_buffers(Workspace& ws) {
+  return {ws.get<Buffer<C>>(kH + precision_offset<C>), ws.get<Buffer<C>>(kHNext + precision_offset<C>)};
+}
+
 /// A network's layers carried in scalar type C, each cast once and kept for a
 /// whole gradient: the reverse pass, the sweep and every attempt of a schedule
 /// use the same copy, so what a cast layer derives from its weights (Linear's
@@ -161,45 +219,71 @@ const char* scalar_name() {
 ///                                              value it should have)
 ///   g_i += J_{θ,i}ᵀ h_i;  drop x_{i−1}.
 /// Ends with the a-posteriori check: h_L against ∂ℓ/∂x_L computed from x_L.
-/// Returns the largest relative mismatch seen (the error estimate).
+/// Returns the largest relative mismatch seen (the error estimate). `h`
+/// holds h_0 on entry and h_L on return; every buffer is a slot of `ws`.
+/// With `keep` false the step's buffers will not outlive it (workspace.hpp),
+/// and an anchor's buffer is freed as soon as the sweep has read it.
 template <class C, Net N, class L>
-double forward_sweep(N& net, CastLayers<C>& casts, const CRef<typename N::scalar_type>& x0, Matrix<C> h,
-                     SavedStore& store, const std::vector<SweepMode>& modes, const L& loss,
+double forward_sweep(N& net, CastLayers<C>& casts, Workspace& ws, bool keep,
+                     const CRef<typename N::scalar_type>& x0, PingPong<C>& h, SavedStore& store,
+                     const std::vector<SweepMode>& modes, const L& loss,
                      const typename L::target_type& target, Stats& st) {
   using S = typename N::scalar_type;
+  constexpr std::size_t c = precision_offset<C>;
+  const Index batch = x0.cols();
+  PingPong<S> x = activation_buffers<S>(ws);
+  Buffer<C>& xbuf = ws.get<Buffer<C>>(kXc + c);
+  Buffer<S>& h_s = ws.get<Buffer<S>>(kCotangentS);
   double estimate = 0;
-  Matrix<S> x = x0;
+  x.assign(x0);
   for_each_layer(net, [&](std::size_t i, auto& l) {
-    Matrix<S> y = l.forward(x);
+    moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
     ++st.counts.forward;
     decltype(auto) lc = casts(i, l);
     using Lc = std::remove_cvref_t<decltype(lc)>;
-    decltype(auto) xc = in_scalar<C>(x);
+    const CRef<C> xc = in_scalar<C>(x.current(), xbuf);
+    const Index out = l.out_features();
     if (store.has(i, SavedStore::anchor)) {
       Matrix<C> a = store.take<Matrix<C>>(i, SavedStore::anchor);
-      estimate = std::max(estimate, rel_max_err(h, lc.vjp(xc, a)));
+      auto ja = h.next(l.in_features(), batch);
+      moonwalk::vjp_into(lc, xc, a, ja);
+      estimate = std::max(estimate, rel_max_err(h.current(), ja));
       ++st.counts.vjp;
-      h = std::move(a);
+      h.assign(a);
+      if (keep) ws.recycle(kAnchors + c, std::move(a));  // (else freed here, as soon as consumed)
     } else if (modes[i] == SweepMode::vijp) {
-      if constexpr (Submersive<Lc>) h = lc.vijp(xc, h);
+      if constexpr (Submersive<Lc>) {
+        moonwalk::vijp_into(lc, xc, h.current(), h.next(out, batch));
+        h.flip();
+      }
       ++st.counts.vijp;
     } else {
       if constexpr (Fragmental<Lc>) {
         auto f = store.take<typename Lc::fragment_type>(i, SavedStore::fragment);
-        h = lc.vijp_with_fragment(xc, h, f);
+        h.next(out, batch) = lc.vijp_with_fragment(xc, h.current(), f);
+        h.flip();
       }
       ++st.counts.vijp;
     }
-    if constexpr (std::is_same_v<C, S>)
-      moonwalk::accumulate_vjp_params(l, x, h);
-    else
-      moonwalk::accumulate_vjp_params(l, x, Matrix<S>(h.template cast<S>()));
+    if constexpr (std::is_same_v<C, S>) {
+      moonwalk::accumulate_vjp_params(l, x.current(), h.current());
+    } else if (l.num_params() > 0) {
+      // g += J_θᵀ h, a sum over samples: h converted to S a block of columns
+      // at a time (no batch-sized copy).
+      for (Index c0 = 0; c0 < batch; c0 += kConvertColumns) {
+        const Index n = std::min(kConvertColumns, batch - c0);
+        auto hs = h_s.view(out, n);
+        hs = h.current().middleCols(c0, n).template cast<S>();
+        moonwalk::accumulate_vjp_params(l, x.current().middleCols(c0, n), hs);
+      }
+    }
     ++st.counts.vjp_params;
-    x = std::move(y);
+    x.flip();
     casts.release(i);  // the sweep is its last user
   });
-  const Matrix<S> gL = loss.gradient(x, target);
-  estimate = std::max(estimate, rel_max_err(h, in_scalar<C>(gL)));
+  Matrix<S>& gL = ws.get<Matrix<S>>(kLossGrad);
+  (void)loss_into<L, S>(loss, x.current(), target, gL);
+  estimate = std::max(estimate, rel_max_err(h.current(), gL.template cast<C>()));
   return estimate;
 }
 

@@ -1,0 +1,188 @@
+// Moonwalk — buffers a schedule keeps across its steps.
+//
+// A training loop calls a schedule on the same shapes step after step. The
+// schedule's working buffers (activations, cotangents, residuals, anchors)
+// live in a Workspace that persists across those steps: sized by the first
+// step on a shape, reused by every later one (Eigen's resize keeps storage of
+// the same size), so the steady state allocates nothing activation-sized.
+//
+// Kept across steps only while the activations are no larger than the
+// parameters (keep_across_steps): in the activation-dominated regime a
+// Moonwalk step's working set changes with its phase (residuals, then
+// anchors, then the sweep's buffers), and holding all of it at once raised
+// the peak (depth 64, width 256, batch 4096: 187 MiB against 146 MiB
+// released, BENCHMARKS.md), so there the buffers are sized once per step,
+// reused by every layer, and freed with the step.
+//
+// Copies of a schedule share one workspace (the trainer copies its schedule
+// every step); one step uses it at a time, and a step that finds it busy
+// (another thread, or a schedule nested in another's fallback) works in a
+// fresh one of its own.
+#pragma once
+
+#include <any>
+#include <cstddef>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <new>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "moonwalk/core/types.hpp"
+
+namespace moonwalk::detail {
+
+/// Typed buffers by slot number, kept until clear(). A reference get()
+/// returns stays valid while other slots are added (a deque never moves its
+/// elements when it grows at the end).
+class Workspace {
+ public:
+  /// Slot k as a T: default-constructed on first use (or when k held another
+  /// type), the same object on every later call.
+  template <class T>
+  T& get(std::size_t k) {
+    if (k >= slots_.size()) slots_.resize(k + 1);
+    if (T* p = std::any_cast<T>(&slots_[k])) return *p;
+    return slots_[k].template emplace<T>();
+  }
+
+  /// A spare buffer from pool k (empty when none is spare); give it back with
+  /// recycle(k, …) once its contents are consumed. A pool holds as many
+  /// buffers as were ever out at once.
+  template <class T>
+  T take_spare(std::size_t k) {
+    auto& pool = get<std::vector<T>>(k);
+    if (pool.empty()) return T{};
+    T t = std::move(pool.back());
+    pool.pop_back();
+    return t;
+  }
+  template <class T>
+  void recycle(std::size_t k, T&& t) {
+    auto& pool = get<std::vector<std::remove_cvref_t<T>>>(k);
+    pool.push_back(std::forward<T>(t));
+  }
+
+  /// Frees slot k's buffer.
+  void release(std::size_t k) {
+    if (k < slots_.size()) slots_[k].reset();
+  }
+  /// Frees every buffer.
+  void clear() { slots_.clear(); }
+
+ private:
+  std::deque<std::any> slots_;
+};
+
+/// Storage for matrices whose shape changes from layer to layer: it grows to
+/// the largest view asked for and never shrinks, so one buffer serves a whole
+/// network, step after step.
+template <class S>
+class Buffer {
+ public:
+  /// A rows × cols matrix over this storage. Its contents are those left by
+  /// the last writer when the storage did not grow, unspecified otherwise;
+  /// growing invalidates earlier views.
+  Eigen::Map<Matrix<S>> view(Index rows, Index cols) {
+    if (storage_.size() < rows * cols) storage_.resize(rows * cols);
+    return {storage_.data(), rows, cols};
+  }
+  [[nodiscard]] const S* data() const { return storage_.data(); }
+
+ private:
+  Vector<S> storage_;
+};
+
+/// Two buffers a chain of layer operations alternates between: current()
+/// holds the last result, next(rows, cols) is where the following one is
+/// written, and flip() makes it current.
+template <class S>
+class PingPong {
+ public:
+  PingPong(Buffer<S>& a, Buffer<S>& b) : buf_{&a, &b} {}
+  /// Makes a copy of m the current value.
+  template <class D>
+  void assign(const Eigen::MatrixBase<D>& m) {
+    rows_ = m.rows();
+    cols_ = m.cols();
+    buf_[cur_]->view(rows_, cols_) = m;
+  }
+  Eigen::Map<Matrix<S>> current() { return buf_[cur_]->view(rows_, cols_); }
+  Eigen::Map<Matrix<S>> next(Index rows, Index cols) {
+    next_rows_ = rows;
+    next_cols_ = cols;
+    return buf_[1 - cur_]->view(rows, cols);
+  }
+  void flip() {
+    cur_ = 1 - cur_;
+    rows_ = next_rows_;
+    cols_ = next_cols_;
+  }
+
+ private:
+  Buffer<S>* buf_[2];
+  int cur_ = 0;
+  Index rows_ = 0, cols_ = 0, next_rows_ = 0, next_cols_ = 0;
+};
+
+/// Whether a step's buffers stay for the next one: the activations a
+/// backprop step would keep (Σ_i in_i · batch) are no larger than the
+/// parameters.
+template <class N>
+bool keep_across_steps(N& net, Index batch) {
+  Index activations = 0, params = 0;
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      activations += l.in_features() * batch;
+      params += l.num_params();
+    });
+  return activations <= params;
+}
+
+/// A Workspace with the lock that gives it to one step at a time.
+struct SharedWorkspace {
+  std::mutex busy;
+  Workspace buffers;
+};
+
+/// A new shared workspace, or nullptr when memory is short (a schedule then
+/// works in a fresh workspace each step); noexcept so that schedules stay
+/// nothrow-default-constructible.
+inline std::shared_ptr<SharedWorkspace> new_workspace() noexcept {
+  try {
+    return std::make_shared<SharedWorkspace>();
+  } catch (const std::bad_alloc&) {
+    return nullptr;
+  }
+}
+
+/// The workspace one step works in: the shared one when it is free, else a
+/// local one that lives as long as the lease.
+class WorkspaceLease {
+ public:
+  explicit WorkspaceLease(const std::shared_ptr<SharedWorkspace>& shared) {
+    if (shared && shared->busy.try_lock()) {
+      held_ = shared.get();
+      ws_ = &shared->buffers;
+    } else {
+      local_ = std::make_unique<Workspace>();
+      ws_ = local_.get();
+    }
+  }
+  WorkspaceLease(const WorkspaceLease&) = delete;
+  WorkspaceLease& operator=(const WorkspaceLease&) = delete;
+  ~WorkspaceLease() {
+    if (held_) held_->busy.unlock();
+  }
+  Workspace& operator*() const { return *ws_; }
+  Workspace* operator->() const { return ws_; }
+
+ private:
+  SharedWorkspace* held_ = nullptr;
+  std::unique_ptr<Workspace> local_;
+  Workspace* ws_ = nullptr;
+};
+
+}  // namespace moonwalk::detail

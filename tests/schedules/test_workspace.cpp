@@ -1,0 +1,176 @@
+// Buffers kept across steps (schedules/detail/workspace.hpp): backprop and
+// mixed Moonwalk reuse their workspace from step to step where activations
+// are no larger than the parameters, free it with the step elsewhere, and
+// what a step leaves in it never reaches the next step's gradient.
+#include <catch2/catch.hpp>
+#include <moonwalk/moonwalk.hpp>
+
+using namespace moonwalk;
+
+namespace {
+
+/// depth × (Linear(w→w), LeakyReLU(slope)) then Linear(w→4), in float.
+Network<float> mlp(int depth, Index w, float slope, Init init, std::uint64_t seed) {
+  Network<float> net;
+  for (int i = 0; i < depth; ++i) {
+    net.add(Linear<float>(w, w, {.seed = seed + static_cast<std::uint64_t>(i), .init = init}));
+    net.add(LeakyReLU<float>(w, slope));
+  }
+  net.add(Linear<float>(w, 4, {.seed = seed + 1000, .init = init}));
+  return net;
+}
+
+template <class Sch>
+GradientResult<float> step(const Sch& s, Network<float>& net, Index batch) {
+  const Matrix<float> x = gaussian<float>(net.in_features(), batch, 11);
+  const Matrix<float> t = gaussian<float>(net.out_features(), batch, 12);
+  return gradient(s, net, x, MSE<float>{}, t);
+}
+
+void same(const GradientResult<float>& a, const GradientResult<float>& b) {
+  CHECK(a.loss == b.loss);
+  CHECK(a.gradient == b.gradient);
+  CHECK(a.h0 == b.h0);
+  CHECK(a.stats.precision == b.stats.precision);
+  CHECK(a.stats.anchor_layers == b.stats.anchor_layers);
+  CHECK(a.stats.residual_bytes == b.stats.residual_bytes);
+  CHECK(a.stats.error_estimate == b.stats.error_estimate);
+}
+
+/// The storage of the buffers a schedule's steps write, as seen in its workspace.
+std::vector<const void*> storage(const Backprop& s) {
+  std::vector<const void*> p;
+  auto& ws = s.workspace->buffers;
+  for (const auto& m : ws.get<std::vector<Matrix<float>>>(Backprop::outputs_slot)) p.push_back(m.data());
+  p.push_back(ws.get<detail::Buffer<float>>(Backprop::cotangent_slot).data());
+  p.push_back(ws.get<detail::Buffer<float>>(Backprop::next_cotangent_slot).data());
+  return p;
+}
+template <class C>
+std::vector<const void*> storage(const MixedMoonwalk& s) {
+  auto& ws = s.workspace->buffers;
+  constexpr std::size_t c = detail::precision_offset<C>;
+  return {ws.get<detail::Buffer<float>>(detail::kXEven).data(),
+          ws.get<detail::Buffer<float>>(detail::kXOdd).data(),
+          ws.get<detail::Buffer<C>>(detail::kH + c).data(),
+          ws.get<detail::Buffer<C>>(detail::kHNext + c).data()};
+}
+
+/// Runs `s` on batch b twice, then b/2, then b again, then b with its
+/// workspace taken by someone else: every batch-b step equals the first
+/// exactly, the batch-b/2 step equals a fresh schedule's, and the repeated
+/// steps wrote into the storage the first one sized.
+template <class Sch, class Storage>
+void check_reuse(const Sch& s, Network<float>& net, Index b, Storage storage_of) {
+  REQUIRE(detail::keep_across_steps(net, b));
+  const GradientResult<float> first = step(s, net, b);
+  const auto sized = storage_of(s);
+  for (const void* p : sized) REQUIRE(p != nullptr);
+  same(step(s, net, b), first);
+  CHECK(storage_of(s) == sized);  // reused, not reallocated
+
+  Sch fresh = s;
+  fresh.workspace = detail::new_workspace();
+  same(step(s, net, b / 2), step(fresh, net, b / 2));  // another shape: nothing stale
+  same(step(s, net, b), first);
+
+  const Sch copy = s;  // copies share the workspace
+  CHECK(copy.workspace == s.workspace);
+  const auto before = storage_of(s);
+  s.workspace->busy.lock();  // held by another step: this one works in its own
+  const GradientResult<float> aside = step(copy, net, b);
+  s.workspace->busy.unlock();
+  same(aside, first);
+  CHECK(storage_of(s) == before);
+
+  Sch none = s;
+  none.workspace = nullptr;  // no workspace at all: a fresh one every step
+  same(step(none, net, b), first);
+}
+
+/// Activations larger than the parameters: the step frees its buffers (the
+/// workspace is empty after it), and its gradient is the same step after
+/// step and the same as a fresh schedule's.
+template <class Sch, class Storage>
+void check_released(const Sch& s, Network<float>& net, Index b, Storage storage_of) {
+  REQUIRE_FALSE(detail::keep_across_steps(net, b));
+  const GradientResult<float> first = step(s, net, b);
+  for (const void* p : storage_of(s)) CHECK(p == nullptr);
+  same(step(s, net, b), first);
+  Sch fresh = s;
+  fresh.workspace = detail::new_workspace();
+  same(step(fresh, net, b), first);
+}
+
+}  // namespace
+
+TEST_CASE("Workspace: backprop reuses its kept inputs and cotangents across steps",
+          "[workspace][schedules]") {
+  Network<float> net = mlp(4, 24, 0.2F, Init::orthogonal, 5);
+  check_reuse(Backprop{}, net, 8, [](const Backprop& s) { return storage(s); });
+  check_released(Backprop{}, net, 64, [](const Backprop& s) { return storage(s); });
+}
+
+TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors across steps",
+          "[workspace][schedules]") {
+  SECTION("float cotangents") {
+    Network<float> net = mlp(2, 32, 0.5F, Init::orthogonal, 3);
+    const MixedMoonwalk m{};
+    REQUIRE(step(m, net, 8).stats.precision == "float");
+    check_reuse(m, net, 8, [](const MixedMoonwalk& s) { return storage<float>(s); });
+    check_released(MixedMoonwalk{}, net, 64, [](const MixedMoonwalk& s) { return storage<float>(s); });
+    // Inputs rebuilt by inversion (square Linear and LeakyReLU invert) read
+    // their residuals' conversion buffers after the activations are given back.
+    MixedMoonwalk rebuild{};
+    rebuild.rebuild_inputs = true;
+    check_released(rebuild, net, 64, [](const MixedMoonwalk& s) { return storage<float>(s); });
+    const GradientResult<float> rb = step(rebuild, net, 64), bp = step(Backprop{}, net, 64);
+    CHECK(rb.stats.within_tolerance);
+    CHECK((rb.gradient - bp.gradient).cwiseAbs().maxCoeff() <= 1e-3F * bp.gradient.cwiseAbs().maxCoeff());
+  }
+  SECTION("double cotangents with anchors (no precision memory: every step takes the same path)") {
+    Network<float> net = mlp(12, 24, 0.1F, Init::gaussian, 70);
+    MixedMoonwalk m{};
+    m.fidelity.memory = nullptr;
+    m.fidelity.precision = Precision::double_cotangents;
+    const GradientResult<float> r = step(m, net, 8);
+    REQUIRE(r.stats.precision == "double");
+    INFO("anchors " << r.stats.anchor_layers.size());
+    check_reuse(m, net, 8, [](const MixedMoonwalk& s) { return storage<double>(s); });
+    MixedMoonwalk big = m;
+    big.workspace = detail::new_workspace();
+    check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
+    big.rebuild_inputs =
+        true;  // the rebuilt inputs' conversion to double, after the activations are given back
+    check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
+  }
+  SECTION("explicit anchors: the anchor buffers come back to the pool") {
+    Network<float> net = mlp(6, 16, 0.5F, Init::orthogonal, 9);
+    MixedMoonwalk m{};
+    m.anchors.every = 2;
+    const GradientResult<float> r = step(m, net, 8);
+    REQUIRE(r.stats.anchor_layers.size() >= 3);
+    // Every anchor of the step is back in the pool, ready for the next.
+    const std::size_t c = detail::precision_offset<float>;
+    if (r.stats.precision == "float")
+      CHECK(m.workspace->buffers.get<std::vector<Matrix<float>>>(detail::kAnchors + c).size() ==
+            r.stats.anchor_layers.size());
+    check_reuse(m, net, 8, [](const MixedMoonwalk& s) { return storage<float>(s); });
+  }
+}
+
+TEST_CASE("Workspace: schedules made by with_schedule from one choice share its workspace",
+          "[workspace][schedules]") {
+  const ScheduleChoice choice{.name = "mixed"};
+  for (const std::string name : {"mixed", "backprop"}) {
+    ScheduleChoice c = choice;
+    c.name = name;
+    const void* seen = with_schedule(c, 3, [](const auto& s) -> const void* {
+      if constexpr (requires { s.workspace; })
+        return s.workspace.get();
+      else
+        return nullptr;
+    });
+    CHECK(seen == c.workspace.get());
+  }
+}
