@@ -122,7 +122,7 @@ enum WorkspaceSlot : std::size_t {
   kLayers = 16  ///< residual of layer i in C: kLayers + 2 i + (C is double)
 };
 /// Columns of h converted to S at a time for the sweep's weight-vjp.
-inline constexpr Index kConvertColumns = 512;
+inline constexpr Index kConvertColumns = 1024;
 
 template <class C>
 constexpr std::size_t precision_offset = std::is_same_v<C, double> ? kSlotsPerScalar : 0;
