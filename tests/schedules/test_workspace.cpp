@@ -174,3 +174,38 @@ TEST_CASE("Workspace: schedules made by with_schedule from one choice share its 
     CHECK(seen == c.workspace.get());
   }
 }
+
+TEST_CASE("Workspace: mixed Moonwalk keeps a float network's double casts across steps, refreshed in place",
+          "[workspace][schedules]") {
+  Network<float> net = mlp(12, 24, 0.1F, Init::gaussian, 70);
+  MixedMoonwalk m{};
+  m.fidelity.memory = nullptr;
+  m.fidelity.precision = Precision::double_cotangents;
+  REQUIRE(detail::keep_across_steps(net, 8));
+  REQUIRE(step(m, net, 8).stats.precision == "double");
+  auto first_linear = [&] {
+    const auto& casts = m.workspace->buffers.get<detail::CastLayers<double>>(detail::kCasts);
+    const auto* l = std::any_cast<AnyLayer<double>>(casts.held(0));
+    return l ? l->target<Linear<double>>() : nullptr;
+  };
+  const Linear<double>* held = first_linear();
+  REQUIRE(held != nullptr);
+  for (int k = 0; k < 3; ++k) {
+    // New weights (an SGD step): the kept casts must follow them.
+    Sgd<float>{0.05F}.step(net);
+    MixedMoonwalk fresh = m;
+    fresh.workspace = detail::new_workspace();
+    same(step(m, net, 8), step(fresh, net, 8));
+    CHECK(first_linear() == held);  // refreshed into the same layer object, not made anew
+  }
+  // Another network of the same shape through the same schedule: its own weights.
+  Network<float> other = mlp(12, 24, 0.1F, Init::gaussian, 71);
+  MixedMoonwalk fresh = m;
+  fresh.workspace = detail::new_workspace();
+  same(step(m, other, 8), step(fresh, other, 8));
+  // A step that ends in float gives the double casts back.
+  MixedMoonwalk f = m;
+  f.fidelity.precision = Precision::working;
+  REQUIRE(step(f, net, 8).stats.precision == "float");
+  CHECK(first_linear() == nullptr);
+}

@@ -37,6 +37,8 @@
 //   [cast]                  when CastableTo<L, double>: cast<double>() has the same name,
 //                           shape and θ (exactly), zero gradients, and a forward equal to
 //                           the layer's up to its rounding
+//   [cast-into]             cast_into(l, a used cast of other weights) equals a fresh cast:
+//                           parameters, forward, vijp and amplification, exactly
 //   [cast-roundtrip]        cast<double>().cast<S>() gives θ back exactly
 //   [amplification]         when HasAmplification (and known): 0 < typical ≤ bound, 1 ≤ bound on x
 //                           (+∞ allowed, bound first)
@@ -231,6 +233,13 @@ struct CastRun {
   bool gradients_zero = false;
   bool has_roundtrip = false;
   VecD theta_back;  // θ of cast<double>().cast<S>()
+  // cast_into(l, stale): stale = the cast of other weights, used (its caches
+  // filled), then refreshed from the layer in place
+  VecD into_theta;
+  MatD into_forward;
+  bool into_gradients_zero = false;
+  double into_vijp_diff = 0;  // |vijp of the refreshed − of the fresh cast|, summed
+  double into_amplification_diff = 0;
 };
 
 /// What the output-argument check needs: each *_into result minus its value
@@ -429,6 +438,44 @@ LayerView make_view(L& l, LD& d) {
         r.has_roundtrip = true;
         r.theta_back = params_of(ld.template cast<S>());
       }
+      // A cast of other weights, its caches filled, refreshed in place.
+      using Lcast = std::remove_cvref_t<decltype(ld)>;
+      L other = l;
+      const VecD t0 = params_of(other);
+      if (t0.size() > 0) set_params(other, VecD(t0 + 0.25 * randn(t0.size(), 1, 977).col(0)));
+      Lcast stale = other.template cast<double>();
+      const MatD hx = randn(ld.in_features(), x.cols(), 978);
+      auto vijp_of = [&](const Lcast& d) -> MatD {
+        if constexpr (moonwalk::Submersive<Lcast>) {
+          try {
+            return d.vijp(x, hx);
+          } catch (const moonwalk::Error&) {  // (not submersive at these weights or shapes)
+          }
+        }
+        return MatD();
+      };
+      auto amplification_of = [&](const Lcast& d) -> MatD {
+        if constexpr (moonwalk::HasAmplification<Lcast>) {
+          const moonwalk::Amplification a = moonwalk::amplification(d, moonwalk::save_residual(d, x));
+          return MatD{{a.bound, a.typical}};
+        }
+        return MatD();
+      };
+      (void)stale.forward(x);
+      (void)vijp_of(stale);
+      (void)amplification_of(stale);
+      moonwalk::cast_into<double>(l, stale);
+      r.into_theta = params_of(stale);
+      r.into_forward = stale.forward(x);
+      r.into_gradients_zero = true;
+      for (const auto& b : moonwalk::gradient_blocks(stale))
+        for (const double g : b) r.into_gradients_zero = r.into_gradients_zero && g == 0;
+      const auto diff = [](const MatD& a, const MatD& b) {
+        if (a.rows() != b.rows() || a.cols() != b.cols()) return std::numeric_limits<double>::infinity();
+        return a.size() == 0 ? 0.0 : static_cast<double>((a - b).cwiseAbs().sum());
+      };
+      r.into_vijp_diff = diff(vijp_of(stale), vijp_of(ld));
+      r.into_amplification_diff = diff(amplification_of(stale), amplification_of(ld));
       return r;
     };
   }
@@ -637,6 +684,12 @@ inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Che
             "cast<double>() carries the parameters exactly");
     c.check("[cast]", r.gradients_zero, "cast<double>() starts with zero gradients");
     c.le("[cast]", rel_err(r.forward, y), T.identity, "cast<double>().forward(x) agrees with forward(x)");
+    c.check("[cast-into]", r.into_theta == r.theta && r.into_gradients_zero && r.into_forward == r.forward,
+            "cast_into(l, a used cast of other weights) carries the parameters exactly, zero gradients, "
+            "and forward equals the fresh cast's exactly");
+    c.check("[cast-into]", r.into_vijp_diff == 0 && r.into_amplification_diff == 0,
+            "after cast_into, vijp and amplification equal the fresh cast's exactly (nothing derived "
+            "from the old weights survives)");
     if (r.has_roundtrip)
       c.check("[cast-roundtrip]", r.theta_back.size() == theta.size() && r.theta_back == theta,
               "cast<double>().cast<S>() gives the parameters back exactly");

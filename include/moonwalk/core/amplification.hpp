@@ -26,6 +26,7 @@
 #include <limits>
 #include <sstream>
 #include <type_traits>
+#include <utility>
 
 #include "moonwalk/core/concepts.hpp"
 
@@ -84,6 +85,24 @@ decltype(auto) cast(const L& l) {
                   "scalar type (double cotangents need it)");
     return l.template cast<T>();
   }
+}
+
+/// The type `cast<T>(l)` makes (T differs from L's scalar type).
+template <class T, class L>
+using cast_t = decltype(std::declval<const L&>().template cast<T>());
+
+/// dst = cast<T>(l), into dst's storage where the layer offers
+/// `l.cast_into(dst)` (parameters converted in place and a new weight
+/// version, so what dst derived from its old weights is rebuilt into the same
+/// buffers); otherwise dst is assigned a fresh cast. Either way dst equals
+/// cast<T>(l) afterwards.
+template <class T, Layer L>
+requires CastableTo<L, T>
+void cast_into(const L& l, cast_t<T, L>& dst) {
+  if constexpr (requires { l.cast_into(dst); })
+    l.cast_into(dst);
+  else
+    dst = l.template cast<T>();
 }
 
 }  // namespace moonwalk

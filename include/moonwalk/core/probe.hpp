@@ -26,46 +26,51 @@
 
 namespace moonwalk::detail {
 
-/// Hager–Higham estimate of ‖B‖₁ for a k × k operator: `apply(x)` = B x,
-/// `apply_t(x)` = Bᵀ x (Vector<double> in and out). Every candidate is
-/// ‖B x‖₁ / ‖x‖₁ for some x, so the result never exceeds ‖B‖₁:
+/// Hager–Higham estimate of ‖B‖₁ for a k × k operator: `apply(v)` overwrites
+/// v (a VecRef<double> of size k) with B v, `apply_t(v)` with Bᵀ v. Every
+/// candidate is ‖B x‖₁ / ‖x‖₁ for some x, so the result never exceeds ‖B‖₁:
 ///   x = 1/k;  y = B x;  ξ = sign y;  z = Bᵀ ξ;                 est = ‖y‖₁
 ///   repeat (≤ 4 times): x = e_j, j = argmax |z_j|;  y = B x;  est = max(est, ‖y‖₁);
 ///     stop when sign y repeats ξ, ‖y‖₁ stops growing, or argmax |z| repeats j
 ///   Higham's safeguard: x_i = (−1)ⁱ (1 + i/(k−1)), est = max(est, 2‖B x‖₁ / 3k).
+/// `work` holds the iteration's four vectors (k × 4, resized only when its
+/// shape differs), so a caller that keeps it makes the estimate allocation-free.
 template <class Apply, class ApplyT>
-double norm1_estimate(Index k, Apply apply, ApplyT apply_t) {
+double norm1_estimate(Index k, Apply apply, ApplyT apply_t, Matrix<double>& work) {
   if (k <= 0) return 0;
-  auto sign = [](const Vector<double>& y) {
-    return Vector<double>(y.unaryExpr([](double v) { return v >= 0 ? 1.0 : -1.0; }));
-  };
-  Vector<double> x = Vector<double>::Constant(k, 1.0 / static_cast<double>(k));
-  Vector<double> y = apply(x);
+  work.resize(k, 4);
+  auto y = work.col(0), xi = work.col(1), z = work.col(2), xi_new = work.col(3);
+  const auto sign = [](double v) { return v >= 0 ? 1.0 : -1.0; };
+  y.setConstant(1.0 / static_cast<double>(k));  // y = B x with x = 1/k
+  apply(VecRef<double>(y));
   double est = y.lpNorm<1>();
   if (k == 1) return est;
-  Vector<double> xi = sign(y);
-  Vector<double> z = apply_t(xi);
+  xi = y.unaryExpr(sign);
+  z = xi;  // z = Bᵀ ξ
+  apply_t(VecRef<double>(z));
   Index j = 0;
   z.cwiseAbs().maxCoeff(&j);
   for (int iter = 2; iter <= 5; ++iter) {  // LAPACK's ITMAX = 5
-    x.setZero();
-    x(j) = 1;
-    y = apply(x);
+    y.setZero();                           // y = B e_j
+    y(j) = 1;
+    apply(VecRef<double>(y));
     const double previous = est;
     const double now = y.lpNorm<1>();
     est = std::max(est, now);
-    const Vector<double> xi_new = sign(y);
+    xi_new = y.unaryExpr(sign);
     if (xi_new == xi || now <= previous) break;  // converged, or cycling
     xi = xi_new;
-    z = apply_t(xi);
+    z = xi;
+    apply_t(VecRef<double>(z));
     Index j_new = 0;
     z.cwiseAbs().maxCoeff(&j_new);
     if (std::abs(z(j_new)) <= std::abs(z(j))) break;  // the best column repeats
     j = j_new;
   }
   for (Index i = 0; i < k; ++i)
-    x(i) = (i % 2 == 0 ? 1.0 : -1.0) * (1.0 + static_cast<double>(i) / static_cast<double>(k - 1));
-  return std::max(est, 2.0 * apply(x).template lpNorm<1>() / (3.0 * static_cast<double>(k)));
+    y(i) = (i % 2 == 0 ? 1.0 : -1.0) * (1.0 + static_cast<double>(i) / static_cast<double>(k - 1));
+  apply(VecRef<double>(y));
+  return std::max(est, 2.0 * y.lpNorm<1>() / (3.0 * static_cast<double>(k)));
 }
 
 /// Per-column Euclidean norms, in double.

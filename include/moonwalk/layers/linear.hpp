@@ -92,6 +92,18 @@ class Linear {
     return out;
   }
 
+  /// dst = cast<T>() into dst's storage: W and b converted in place, gradient
+  /// zero, and a new weight version, so dst's factorisation is rebuilt into
+  /// the buffers of its previous one (no allocation at an unchanged shape).
+  template <class T>
+  void cast_into(Linear<T>& dst) const {
+    dst.in_ = in_;
+    dst.out_ = out_;
+    dst.theta_ = theta_.template cast<T>();
+    dst.grad_.setZero(theta_.size());
+    ++dst.version_;
+  }
+
   // ---- parameters (mutable access starts a new weight version: the cached
   //      factorisation is rebuilt on the next vijp. Write through a view
   //      obtained after the last vijp — a span kept across a vijp and written
@@ -295,6 +307,10 @@ class Linear {
     double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
     double typical = 1;        // ‖W‖_F ‖W⁺‖_F / √(in · out)
     mutable Matrix<S> p;       // R⁻¹ Q₁ᵀ (out × in), formed by the first wide vijp
+    // Scratch of the factorisation (k × kWorkColumns), kept with it so that
+    // refactorising a new weight version of the same shape (a cast refreshed
+    // in place) allocates none of our own buffers.
+    Matrix<double> work;
     /// R (k × k, upper triangular), a view into the factorisation.
     [[nodiscard]] auto r() const {
       return qr.matrixQR().topLeftCorner(k, k).template triangularView<Eigen::Upper>();
@@ -316,18 +332,43 @@ class Linear {
   /// ‖R⁻¹‖_∞ = ‖R⁻ᵀ‖₁ by the Hager–Higham estimator (solves with R and Rᵀ,
   /// as LAPACK's xTRCON). Each estimate is raised to max_i 1/|r_ii| (also a
   /// lower bound of both norms of R⁻¹), so the result is ≥ |r_11| / |r_kk|.
-  static double condition_of(const Matrix<double>& R) {
+  /// Columns of the factorisation's scratch: ‖R⁻¹‖_F is summed over blocks of
+  /// this many columns of R⁻¹ (k × 32 doubles, not a k × k inverse).
+  static constexpr Index kWorkColumns = 32;
+
+  /// The upper triangle of R (k × k; its strictly lower part is ignored);
+  /// `work` is the estimator's scratch (detail::norm1_estimate).
+  static double condition_of(const Eigen::Ref<const Matrix<double>>& R, Matrix<double>& work) {
     const Index k = R.rows();
     const auto U = R.triangularView<Eigen::Upper>();
-    auto solve = [&](const Vector<double>& v) { return Vector<double>(U.solve(v)); };
-    auto solve_t = [&](const Vector<double>& v) { return Vector<double>(U.transpose().solve(v)); };
+    auto solve = [&](VecRef<double> v) { U.solveInPlace(v); };
+    auto solve_t = [&](VecRef<double> v) { U.transpose().solveInPlace(v); };
     const double diag_inv = R.diagonal().cwiseAbs().cwiseInverse().maxCoeff();
-    const double inv_1 = std::max(detail::norm1_estimate(k, solve, solve_t), diag_inv);
-    const double inv_inf = std::max(detail::norm1_estimate(k, solve_t, solve), diag_inv);
-    const Matrix<double> Ru = U;
-    const double norm_1 = Ru.cwiseAbs().colwise().sum().maxCoeff();
-    const double norm_inf = Ru.cwiseAbs().rowwise().sum().maxCoeff();
+    const double inv_1 = std::max(detail::norm1_estimate(k, solve, solve_t, work), diag_inv);
+    const double inv_inf = std::max(detail::norm1_estimate(k, solve_t, solve, work), diag_inv);
+    double norm_1 = 0, norm_inf = 0;  // of the upper triangle, read in place
+    for (Index j = 0; j < k; ++j) {
+      norm_1 = std::max(norm_1, R.col(j).head(j + 1).cwiseAbs().sum());
+      norm_inf = std::max(norm_inf, R.row(j).tail(k - j).cwiseAbs().sum());
+    }
     return std::sqrt(norm_1 * inv_1) * std::sqrt(norm_inf * inv_inf);
+  }
+
+  /// ‖R⁻¹‖_F² = Σ_j ‖R⁻¹ e_j‖², solved kWorkColumns right-hand sides at a time in `work`.
+  static double inverse_norm(const Eigen::Ref<const Matrix<double>>& R, Matrix<double>& work) {
+    const Index k = R.rows();
+    work.resize(k, std::max<Index>(4, std::min(kWorkColumns, k)));
+    double sum = 0;
+    for (Index j0 = 0; j0 < k; j0 += work.cols()) {
+      const Index n = std::min(work.cols(), k - j0);
+      auto e = work.leftCols(n);
+      e.setZero();
+      for (Index j = 0; j < n; ++j) e(j0 + j, j) = 1;
+      // Rows ≥ j0 + n of R⁻¹ e_j are zero for j < j0 + n: solve the leading block only.
+      R.topLeftCorner(j0 + n, j0 + n).triangularView<Eigen::Upper>().solveInPlace(e.topRows(j0 + n));
+      sum += e.topRows(j0 + n).squaredNorm();
+    }
+    return std::sqrt(sum);
   }
 
   /// Factorises once per weight version; throws RankError when W is
@@ -356,15 +397,25 @@ class Linear {
     };
     if (!(rmax > 0) || !(rmin > n_eps * rmax))
       rank_error(detail::cat("|R_ii| from ", rmax, " down to ", rmin, ", threshold ", n_eps * rmax));
-    const Matrix<double> Rd = Matrix<S>(c.r()).template cast<double>();
-    c.cond_estimate = condition_of(Rd);
+    // R read in place in double; a float factor converted first.
+    if constexpr (std::is_same_v<S, double>) {
+      estimate(c, c.qr.matrixQR().topLeftCorner(c.k, c.k), n_eps, rank_error);
+    } else {
+      const Matrix<double> Rd = c.qr.matrixQR().topLeftCorner(c.k, c.k).template cast<double>();
+      estimate(c, Rd, n_eps, rank_error);
+    }
+  }
+
+  /// The amplification figures from R (its upper triangle, in double).
+  template <class RankErrorFn>
+  void estimate(Cache& c, const Eigen::Ref<const Matrix<double>>& R, double n_eps,
+                RankErrorFn& rank_error) const {
+    c.cond_estimate = condition_of(R, c.work);
     if (!(c.cond_estimate * n_eps < 1))
       rank_error(
           detail::cat("condition estimate ", c.cond_estimate, " >= 1 / (max(in, out) eps) = ", 1 / n_eps));
-    // ‖W⁺‖_F = ‖R⁻¹‖_F (Q has orthonormal columns): one k × k triangular inverse.
-    const Matrix<double> Rinv =
-        Rd.template triangularView<Eigen::Upper>().solve(Matrix<double>::Identity(c.k, c.k));
-    c.typical = static_cast<double>(W().template cast<double>().norm()) * Rinv.norm() /
+    // ‖W⁺‖_F = ‖R⁻¹‖_F (Q has orthonormal columns).
+    c.typical = static_cast<double>(W().template cast<double>().norm()) * inverse_norm(R, c.work) /
                 std::sqrt(static_cast<double>(in_) * static_cast<double>(out_));
   }
 

@@ -349,11 +349,12 @@ class TriangularLinear {
     const auto Vd = V().template cast<double>();
     const Matrix<double>& Uc = Ud;  // (the const view: Eigen 3.4 cannot transpose a mutable one)
     const auto T = Uc.triangularView<Eigen::UnitUpper>();
-    auto solve = [&](const Vector<double>& v) { return Vector<double>(T.solve(v)); };
-    auto solve_t = [&](const Vector<double>& v) { return Vector<double>(T.transpose().solve(v)); };
+    auto solve = [&](VecRef<double> v) { T.solveInPlace(v); };
+    auto solve_t = [&](VecRef<double> v) { T.transpose().solveInPlace(v); };
     // ‖U⁻¹‖₁ = ‖B‖₁ with B = U⁻¹; ‖U⁻¹‖_∞ = ‖U⁻ᵀ‖₁. Both ≥ max 1/|U_ii| = 1.
-    const double inv_1 = std::max(detail::norm1_estimate(k, solve, solve_t), 1.0);
-    const double inv_inf = std::max(detail::norm1_estimate(k, solve_t, solve), 1.0);
+    Matrix<double> work;
+    const double inv_1 = std::max(detail::norm1_estimate(k, solve, solve_t, work), 1.0);
+    const double inv_inf = std::max(detail::norm1_estimate(k, solve_t, solve, work), 1.0);
     // ‖W‖₁ = max(‖U‖₁, ‖V‖₁), ‖W‖_∞ = max_i (Σ_j |U_ij| + Σ_j |V_ij|), ‖W‖_F² = ‖U‖_F² + ‖V‖_F².
     double w_1 = Ud.cwiseAbs().colwise().sum().maxCoeff();
     if (in_ > out_) w_1 = std::max(w_1, static_cast<double>(Vd.cwiseAbs().colwise().sum().maxCoeff()));

@@ -104,6 +104,18 @@ class AnyLayer {
       return self_->cast_float();
   }
 
+  /// dst = cast<T>(), reusing the storage of the layer dst wraps when it is
+  /// the wrapped layer's own cast type (moonwalk::cast_into); otherwise dst
+  /// wraps a fresh cast.
+  template <class T>
+  requires(!std::is_same_v<T, S> &&
+           (std::is_same_v<T, float> || std::is_same_v<T, double>)) void cast_into(AnyLayer<T>& dst) const {
+    if constexpr (std::is_same_v<T, double>)
+      self_->cast_double_into(dst);
+    else
+      self_->cast_float_into(dst);
+  }
+
   /// The wrapped layer, or nullptr when it is not an L.
   template <class L>
   L* target() {
@@ -151,6 +163,8 @@ class AnyLayer {
     [[nodiscard]] virtual Amplification amplification(const Erased&) const = 0;
     [[nodiscard]] virtual AnyLayer<double> cast_double() const = 0;
     [[nodiscard]] virtual AnyLayer<float> cast_float() const = 0;
+    virtual void cast_double_into(AnyLayer<double>& dst) const = 0;
+    virtual void cast_float_into(AnyLayer<float>& dst) const = 0;
   };
 
   template <class L>
@@ -242,6 +256,18 @@ class AnyLayer {
     }
     [[nodiscard]] AnyLayer<double> cast_double() const override { return cast_to<double>(); }
     [[nodiscard]] AnyLayer<float> cast_float() const override { return cast_to<float>(); }
+    void cast_double_into(AnyLayer<double>& dst) const override { cast_into_impl(dst); }
+    void cast_float_into(AnyLayer<float>& dst) const override { cast_into_impl(dst); }
+    template <class T>
+    void cast_into_impl(AnyLayer<T>& dst) const {
+      if constexpr (!std::is_same_v<T, S> && CastableTo<L, T>) {
+        if (auto* held = dst.template target<cast_t<T, L>>()) {
+          moonwalk::cast_into<T>(layer, *held);
+          return;
+        }
+      }
+      dst = cast_to<T>();
+    }
     template <class T>
     AnyLayer<T> cast_to() const {
       if constexpr (std::is_same_v<T, S>)

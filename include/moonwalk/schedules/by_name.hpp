@@ -77,17 +77,17 @@ template <class F>
 decltype(auto) with_schedule(const ScheduleChoice& c, std::size_t layers, F&& f) {
   const auto sqrt_l =
       std::max<std::size_t>(1, static_cast<std::size_t>(std::lround(std::sqrt(double(layers)))));
+  // (Designated initialisers: the choice's workspace and fidelity are shared,
+  // never a default one made and dropped, so a step allocates none of them.)
   if (c.name == "backprop") {
-    Backprop b;
-    b.workspace = c.workspace;
+    Backprop b{.workspace = c.workspace};
     return f(b);
   }
   if (c.name == "mixed") {
-    MixedMoonwalk m;
-    m.anchors.every = c.anchors_every;
-    m.fidelity = c.fidelity;
-    m.rebuild_inputs = c.rebuild_inputs;
-    m.workspace = c.workspace;
+    MixedMoonwalk m{.anchors = {.every = c.anchors_every},
+                    .fidelity = c.fidelity,
+                    .rebuild_inputs = c.rebuild_inputs,
+                    .workspace = c.workspace};
     return f(m);
   }
   if (c.name == "pure") {

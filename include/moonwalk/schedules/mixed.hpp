@@ -59,8 +59,14 @@ struct MixedMoonwalk {
     bool rebuild = rebuild_inputs;
     std::size_t fallbacks = 0, peak = 0;
     std::optional<GradientResult<S>> out;
-    // Layers cast for double cotangents: once per gradient, shared by every attempt.
-    detail::CastLayers<double> cast_double(use_double || can_double ? net.size() : 0);
+    const detail::WorkspaceLease ws(workspace);
+    const bool keep = detail::keep_across_steps(net, x0.cols());
+    // Layers cast for double cotangents: once per gradient, shared by every
+    // attempt, and kept (refreshed in place each step) where the workspace is.
+    detail::CastLayers<double> local_casts;
+    detail::CastLayers<double>& cast_double =
+        keep ? ws->get<detail::CastLayers<double>>(detail::kCasts) : local_casts;
+    cast_double.restart(net.size(), keep);
     detail::CastLayers<S> own(0);
     // The precision the last step on this shape ended in (not while inputs are rebuilt).
     const bool remember = fidelity.memory && fidelity.precision == Precision::automatic && can_double &&
@@ -68,8 +74,6 @@ struct MixedMoonwalk {
     const std::uint64_t shape = remember ? detail::shape_key(net, x0.cols(), 0) : 0;
     const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
     use_double = use_double || remembered;
-    const detail::WorkspaceLease ws(workspace);
-    const bool keep = detail::keep_across_steps(net, x0.cols());
     for (;;) {
       // (Not while inputs are rebuilt: their drift is settled first, and a
       // kept input costs twice as much in double.)

@@ -119,6 +119,7 @@ enum WorkspaceSlot : std::size_t {
   kHNext,       ///< Buffer<C>
   kAnchors,     ///< std::vector<Matrix<C>>: pool of anchor buffers
   kSlotsPerScalar = 4,
+  kCasts = 12,  ///< CastLayers<double>: a float network's layers in double, kept across steps
   kLayers = 16  ///< residual of layer i in C: kLayers + 2 i + (C is double)
 };
 /// Columns of h converted to S at a time for the sweep's weight-vjp.
@@ -137,6 +138,7 @@ template <class C>
 void release_cotangent_buffers(Workspace& ws, std::size_t layers) {
   for (const std::size_t k : {kXc, kH, kHNext, kAnchors}) ws.release(k + precision_offset<C>);
   for (std::size_t i = 0; i < layers; ++i) ws.release(residual_slot<C>(i));
+  if constexpr (std::is_same_v<C, double>) ws.release(kCasts);
 }
 
 /// The activations' and the cotangents' alternating buffers in `ws`.
@@ -153,33 +155,60 @@ PingPong<C> cotangent_buffers(Workspace& ws) {
 /// whole gradient: the reverse pass, the sweep and every attempt of a schedule
 /// use the same copy, so what a cast layer derives from its weights (Linear's
 /// QR of the cast W, its condition estimate) is computed once per step rather
-/// than once per pass. The network's weights must not change while it lives.
+/// than once per pass. The network's weights must not change within a step.
+///
+/// Kept across steps (`restart`, a schedule's workspace), a held cast is
+/// refreshed from its layer on its first use in the step, into its own
+/// storage (moonwalk::cast_into): it equals a fresh cast, and rebuilding its
+/// factorisation for the new weights reuses the previous one's buffers.
 template <class C>
 class CastLayers {
  public:
-  explicit CastLayers(std::size_t layers) : cast_(layers) {}
+  explicit CastLayers(std::size_t layers = 0) : cast_(layers), fresh_(layers, false) {}
+
+  /// Starts a step on a network of `layers` layers: every held cast is stale
+  /// until its first use. With `persistent`, release() keeps the casts (the
+  /// buffers outlive the step).
+  void restart(std::size_t layers, bool persistent) {
+    cast_.resize(layers);
+    fresh_.assign(layers, false);
+    persistent_ = persistent;
+  }
 
   /// Drops layer i's cast (and what it derived from its weights); the next
-  /// use makes it again.
+  /// use makes it again. Not while the casts are kept across steps.
   void release(std::size_t i) {
-    if (i < cast_.size()) cast_[i].reset();
+    if (!persistent_ && i < cast_.size()) cast_[i].reset();
   }
 
   /// Layer i (`l`) in C: `l` itself when C is its scalar type, else its
-  /// cast<C>(), made on first use.
+  /// cast<C>(), made (or refreshed) on first use in the step.
   template <Layer L>
   decltype(auto) operator()(std::size_t i, const L& l) {
     if constexpr (std::is_same_v<C, typename L::scalar_type>) {
       return (l);
     } else {
-      using Lc = std::remove_cvref_t<decltype(moonwalk::cast<C>(l))>;
-      if (!cast_.at(i).has_value()) cast_[i].template emplace<Lc>(moonwalk::cast<C>(l));
-      return std::any_cast<const Lc&>(cast_[i]);
+      using Lc = cast_t<C, L>;
+      Lc* held = std::any_cast<Lc>(&cast_.at(i));
+      if (!held) {
+        held = &cast_[i].template emplace<Lc>(moonwalk::cast<C>(l));
+      } else if (!fresh_[i]) {
+        moonwalk::cast_into<C>(l, *held);
+      }
+      fresh_[i] = true;
+      return std::as_const(*held);
     }
+  }
+
+  /// Layer i's cast as held (nullptr before its first use).
+  [[nodiscard]] const std::any* held(std::size_t i) const {
+    return i < cast_.size() && cast_[i].has_value() ? &cast_[i] : nullptr;
   }
 
  private:
   std::vector<std::any> cast_;
+  std::vector<bool> fresh_;  // cast_[i] was made or refreshed in this step
+  bool persistent_ = false;
 };
 
 /// A fingerprint of a network's shape and a batch width (PrecisionMemory's
