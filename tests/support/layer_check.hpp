@@ -240,6 +240,8 @@ struct CastRun {
   bool into_gradients_zero = false;
   double into_vijp_diff = 0;  // |vijp of the refreshed − of the fresh cast|, summed
   double into_amplification_diff = 0;
+  double released_vijp_diff = 0;  // the same after release_derived(stale)
+  double released_amplification_diff = 0;
 };
 
 /// What the output-argument check needs: each *_into result minus its value
@@ -476,6 +478,10 @@ LayerView make_view(L& l, LD& d) {
       };
       r.into_vijp_diff = diff(vijp_of(stale), vijp_of(ld));
       r.into_amplification_diff = diff(amplification_of(stale), amplification_of(ld));
+      // Dropping what it derived from its weights changes nothing either.
+      moonwalk::release_derived(stale);
+      r.released_vijp_diff = diff(vijp_of(stale), vijp_of(ld));
+      r.released_amplification_diff = diff(amplification_of(stale), amplification_of(ld));
       return r;
     };
   }
@@ -690,6 +696,8 @@ inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Che
     c.check("[cast-into]", r.into_vijp_diff == 0 && r.into_amplification_diff == 0,
             "after cast_into, vijp and amplification equal the fresh cast's exactly (nothing derived "
             "from the old weights survives)");
+    c.check("[cast-into]", r.released_vijp_diff == 0 && r.released_amplification_diff == 0,
+            "after release_derived, vijp and amplification are rebuilt the same");
     if (r.has_roundtrip)
       c.check("[cast-roundtrip]", r.theta_back.size() == theta.size() && r.theta_back == theta,
               "cast<double>().cast<S>() gives the parameters back exactly");

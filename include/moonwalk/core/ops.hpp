@@ -96,6 +96,14 @@ Matrix<typename L::scalar_type> vjp_residual(const L& l, const residual_t<L>& r,
 //      member writes it when the layer has one, else the value-returning
 //      member's result is copied in.
 
+/// Frees what the layer derived from its weights (a factorisation, its
+/// amplification figures: `l.release_derived()` where the layer keeps any);
+/// the next use rebuilds it, with the same results.
+template <Layer L>
+void release_derived(const L& l) noexcept {
+  if constexpr (requires { l.release_derived(); }) l.release_derived();
+}
+
 /// out = f(x), out_features × batch
 template <Layer L>
 void forward_into(const L& l, const CRef<typename L::scalar_type>& x, MatRef<typename L::scalar_type> out) {

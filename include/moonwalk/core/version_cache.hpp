@@ -45,6 +45,9 @@ class VersionCache {
     return slot_->value;
   }
 
+  /// Frees the held value (the next get() recomputes it).
+  void reset() const noexcept { slot_.reset(); }
+
  private:
   static constexpr std::uint64_t kNone = std::numeric_limits<std::uint64_t>::max();
   struct Slot {

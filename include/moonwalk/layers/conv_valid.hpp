@@ -326,6 +326,9 @@ class ConvValid {
     return c.qr.matrixR().topLeftCorner(g_.cout, g_.cout).template triangularView<Eigen::Upper>();
   }
 
+  /// Frees the cached factorisation (moonwalk::release_derived); the next use rebuilds it.
+  void release_derived() const noexcept { cache_.reset(); }
+
  private:
   /// Shapes: C_in × H × W in, C_out channels, kh × kw taps (1-D: H = kh = 1).
   struct Geometry {

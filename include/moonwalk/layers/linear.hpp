@@ -300,6 +300,9 @@ class Linear {
   /// right inverse (class comment).
   static constexpr Index kExplicitBatch = 8;
 
+  /// Frees the cached QR (moonwalk::release_derived); the next use rebuilds it.
+  void release_derived() const noexcept { cache_.reset(); }
+
  private:
   struct Cache {
     Eigen::HouseholderQR<Matrix<S>> qr;  // of the tall one of Wᵀ and W (m × k)
@@ -307,10 +310,6 @@ class Linear {
     double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
     double typical = 1;        // ‖W‖_F ‖W⁺‖_F / √(in · out)
     mutable Matrix<S> p;       // R⁻¹ Q₁ᵀ (out × in), formed by the first wide vijp
-    // Scratch of the factorisation (k × kWorkColumns), kept with it so that
-    // refactorising a new weight version of the same shape (a cast refreshed
-    // in place) allocates none of our own buffers.
-    Matrix<double> work;
     /// R (k × k, upper triangular), a view into the factorisation.
     [[nodiscard]] auto r() const {
       return qr.matrixQR().topLeftCorner(k, k).template triangularView<Eigen::Upper>();
@@ -410,12 +409,16 @@ class Linear {
   template <class RankErrorFn>
   void estimate(Cache& c, const Eigen::Ref<const Matrix<double>>& R, double n_eps,
                 RankErrorFn& rank_error) const {
-    c.cond_estimate = condition_of(R, c.work);
+    // One scratch (k × kWorkColumns) for both estimates, freed with the
+    // factorisation step: kept in the cache it would stay with every layer
+    // that was ever factorised (64 KiB per width-256 layer).
+    Matrix<double> work;
+    c.cond_estimate = condition_of(R, work);
     if (!(c.cond_estimate * n_eps < 1))
       rank_error(
           detail::cat("condition estimate ", c.cond_estimate, " >= 1 / (max(in, out) eps) = ", 1 / n_eps));
     // ‖W⁺‖_F = ‖R⁻¹‖_F (Q has orthonormal columns).
-    c.typical = static_cast<double>(W().template cast<double>().norm()) * inverse_norm(R, c.work) /
+    c.typical = static_cast<double>(W().template cast<double>().norm()) * inverse_norm(R, work) /
                 std::sqrt(static_cast<double>(in_) * static_cast<double>(out_));
   }
 

@@ -275,6 +275,9 @@ class TriangularLinear {
     return {c.bound, c.typical};
   }
 
+  /// Frees the cached amplification figures (moonwalk::release_derived); the next use rebuilds it.
+  void release_derived() const noexcept { cache_.reset(); }
+
  private:
   struct Cache {
     double bound = 1;    // √(‖W‖₁‖W‖_∞) · √(‖U⁻¹‖₁‖U⁻¹‖_∞), estimated

@@ -116,6 +116,9 @@ class AnyLayer {
       self_->cast_float_into(dst);
   }
 
+  /// Frees what the wrapped layer derived from its weights (moonwalk::release_derived).
+  void release_derived() const noexcept { self_->release_derived(); }
+
   /// The wrapped layer, or nullptr when it is not an L.
   template <class L>
   L* target() {
@@ -164,6 +167,7 @@ class AnyLayer {
     [[nodiscard]] virtual AnyLayer<double> cast_double() const = 0;
     [[nodiscard]] virtual AnyLayer<float> cast_float() const = 0;
     virtual void cast_double_into(AnyLayer<double>& dst) const = 0;
+    virtual void release_derived() const noexcept = 0;
     virtual void cast_float_into(AnyLayer<float>& dst) const = 0;
   };
 
@@ -257,6 +261,7 @@ class AnyLayer {
     [[nodiscard]] AnyLayer<double> cast_double() const override { return cast_to<double>(); }
     [[nodiscard]] AnyLayer<float> cast_float() const override { return cast_to<float>(); }
     void cast_double_into(AnyLayer<double>& dst) const override { cast_into_impl(dst); }
+    void release_derived() const noexcept override { moonwalk::release_derived(layer); }
     void cast_float_into(AnyLayer<float>& dst) const override { cast_into_impl(dst); }
     template <class T>
     void cast_into_impl(AnyLayer<T>& dst) const {

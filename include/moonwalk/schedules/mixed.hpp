@@ -90,6 +90,7 @@ struct MixedMoonwalk {
       peak = std::max(peak, out->stats.residual_bytes);
       if (out->stats.figures.count("escalated")) {  // double cotangents anchor for less
         detail::release_cotangent_buffers<S>(*ws, net.size());
+        if (!keep) detail::release_derived(net);  // the discarded attempt's factorisations
         use_double = true;
         ++fallbacks;
         continue;
@@ -128,7 +129,11 @@ struct MixedMoonwalk {
     // float attempt's are not held until the next float probe), and only
     // where the workspace may outlive the step.
     if (!keep) {
+      // Nothing parameter-sized outlives the step: the next step's weights
+      // are new in training, and refactorising costs little next to the
+      // activation-sized products of this regime.
       ws->clear();
+      detail::release_derived(net);
     } else if constexpr (!std::is_same_v<S, double>) {
       if (use_double)
         detail::release_cotangent_buffers<S>(*ws, net.size());

@@ -211,6 +211,14 @@ class CastLayers {
   bool persistent_ = false;
 };
 
+/// Frees what every layer of `net` derived from its weights (factorisations:
+/// moonwalk::release_derived), for a step whose buffers do not outlive it.
+template <Net N>
+void release_derived(N& net) {
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [](const auto& l) { moonwalk::release_derived(l); });
+}
+
 /// A fingerprint of a network's shape and a batch width (PrecisionMemory's
 /// key): FNV-1a over the layer count, every layer's widths, the batch and
 /// `variant`. Never 0.
