@@ -209,3 +209,28 @@ TEST_CASE("Workspace: mixed Moonwalk keeps a float network's double casts across
   REQUIRE(step(f, net, 8).stats.precision == "float");
   CHECK(first_linear() == nullptr);
 }
+
+TEST_CASE("Workspace: a buffer whose growth fails stays usable (no dangling storage)",
+          "[workspace][schedules]") {
+  // Eigen frees a matrix's storage before allocating the larger one; were the
+  // allocation to throw, the matrix would keep the freed pointer and free it
+  // again on destruction. detail::safe_resize empties it first.
+  const Index huge = Index(1) << 40;  // 2^40 × 2^20 doubles: never allocatable
+  detail::Buffer<double> b;
+  b.view(8, 8).setOnes();
+  CHECK_THROWS_AS(b.view(huge, Index(1) << 20), std::bad_alloc);
+  CHECK(b.data() == nullptr);  // emptied, not left pointing at the freed block
+  auto v = b.view(4, 4);
+  v.setConstant(2);
+  CHECK(v.sum() == 32);
+
+  Matrix<float> m = Matrix<float>::Ones(3, 5);
+  CHECK_THROWS_AS(detail::safe_resize(m, huge, Index(1) << 20), std::bad_alloc);
+  CHECK(m.size() == 0);  // empty, not dangling
+  detail::safe_resize(m, 2, 2);
+  m.setZero();
+  CHECK(m.rows() == 2);
+  Vector<double> w = Vector<double>::Ones(7);
+  CHECK_THROWS_AS(detail::safe_resize(w, huge << 20), std::bad_alloc);
+  CHECK(w.size() == 0);
+}

@@ -134,8 +134,10 @@ void save_residual_into(const L& l, const CRef<typename L::scalar_type>& x, resi
     l.save_residual_into(x, r);
   else if constexpr (HasResidual<L>)
     r = l.save_residual(x);
-  else
+  else {
+    detail::safe_resize(r, x.rows(), x.cols());
     r = x;
+  }
 }
 
 /// out = Jᵀ h from a saved residual, in_features × batch

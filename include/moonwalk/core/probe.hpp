@@ -38,7 +38,7 @@ namespace moonwalk::detail {
 template <class Apply, class ApplyT>
 double norm1_estimate(Index k, Apply apply, ApplyT apply_t, Matrix<double>& work) {
   if (k <= 0) return 0;
-  work.resize(k, 4);
+  if (work.rows() != k || work.cols() < 4) safe_resize(work, k, 4);
   auto y = work.col(0), xi = work.col(1), z = work.col(2), xi_new = work.col(3);
   const auto sign = [](double v) { return v >= 0 ? 1.0 : -1.0; };
   y.setConstant(1.0 / static_cast<double>(k));  // y = B x with x = 1/k

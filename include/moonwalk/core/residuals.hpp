@@ -65,7 +65,7 @@ class BitMask {
   /// resized to it): 32 bits at a time over contiguous storage.
   template <class S, class F>
   void apply(const CRef<S>& h, Matrix<S>& out, F f) const {
-    out.resize(rows_, cols_);
+    detail::safe_resize(out, rows_, cols_);
     apply(h, MatRef<S>(out), f);
   }
   /// The same into out of the mask's shape.

@@ -31,6 +31,30 @@ using VecRef = Eigen::Ref<Vector<S>>;
 template <class S>
 using MatRef = Eigen::Ref<Matrix<S>>;
 
+namespace detail {
+
+/// m.resize(rows, cols) that a failed allocation leaves empty, not broken.
+/// Eigen frees the old storage before allocating the new one, and when that
+/// allocation throws (std::bad_alloc, e.g. under a memory limit) it keeps
+/// pointing at the freed block, which its destructor then frees again.
+/// Emptying m first (a move from an empty matrix) avoids that. Nothing
+/// happens when the shape is already right.
+template <class Derived>
+void safe_resize(Eigen::PlainObjectBase<Derived>& m, Index rows, Index cols) {
+  if (m.rows() == rows && m.cols() == cols) return;
+  m.derived() = Derived();
+  m.resize(rows, cols);
+}
+/// The same for a vector of n entries.
+template <class Derived>
+void safe_resize(Eigen::PlainObjectBase<Derived>& v, Index n) {
+  if (v.size() == n) return;
+  v.derived() = Derived();
+  v.resize(n);
+}
+
+}  // namespace detail
+
 /// Base of every error Moonwalk throws.
 class Error : public std::runtime_error {
  public:

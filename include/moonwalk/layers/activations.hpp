@@ -253,7 +253,7 @@ class Elementwise : public NoParameters<S> {
     if constexpr (Rule::piecewise_linear) {
       r.assign(x, [](S v) { return Rule::on(v); });
     } else {
-      r.value.resize(n_, x.cols());
+      detail::safe_resize(r.value, n_, x.cols());
       derivative_into(x, r.value);
     }
   }

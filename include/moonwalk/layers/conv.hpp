@@ -208,7 +208,7 @@ class Conv2d {
   /// cols (P × K) = im2col(x)ᵀ for the sample at `x` (in_features() entries):
   /// cols(i W' + j, (c k + a) k + e) = x(c, i s − pad + a d, j s − pad + e d), 0 outside.
   void im2col(const S* x, Matrix<S>& cols) const {
-    cols.resize(pixels(), kk());
+    detail::safe_resize(cols, pixels(), kk());
     for_each_tap(
         [&](Index col, Index c, Index i, Index ii, Index j0, Index j1, Index jj0) {
           S* dst = cols.col(col).data() + i * out_.w;

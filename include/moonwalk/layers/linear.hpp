@@ -99,8 +99,10 @@ class Linear {
   void cast_into(Linear<T>& dst) const {
     dst.in_ = in_;
     dst.out_ = out_;
+    detail::safe_resize(dst.theta_, theta_.size());
+    detail::safe_resize(dst.grad_, theta_.size());
     dst.theta_ = theta_.template cast<T>();
-    dst.grad_.setZero(theta_.size());
+    dst.grad_.setZero();
     ++dst.version_;
   }
 
@@ -356,7 +358,7 @@ class Linear {
   /// ‖R⁻¹‖_F² = Σ_j ‖R⁻¹ e_j‖², solved kWorkColumns right-hand sides at a time in `work`.
   static double inverse_norm(const Eigen::Ref<const Matrix<double>>& R, Matrix<double>& work) {
     const Index k = R.rows();
-    work.resize(k, std::max<Index>(4, std::min(kWorkColumns, k)));
+    detail::safe_resize(work, k, std::max<Index>(4, std::min(kWorkColumns, k)));
     double sum = 0;
     for (Index j0 = 0; j0 < k; j0 += work.cols()) {
       const Index n = std::min(work.cols(), k - j0);
@@ -381,6 +383,10 @@ class Linear {
   void factorise(Cache& c) const {
     c.p.resize(0, 0);
     const bool wide = out_ <= in_;  // factor the tall one of Wᵀ (in × out) and W (out × in)
+    // A new shape (a cast refreshed from a layer of another shape): start
+    // from an empty QR, so a failed allocation cannot leave it half-resized.
+    if (c.qr.rows() != (wide ? in_ : out_) || c.qr.cols() != std::min(in_, out_))
+      c.qr = Eigen::HouseholderQR<Matrix<S>>();
     if (wide)
       c.qr.compute(W().transpose());
     else

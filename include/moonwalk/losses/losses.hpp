@@ -26,6 +26,7 @@ struct MSE {
   S value_and_gradient_into(const CRef<S>& y, const target_type& t, Matrix<S>& g) const {
     check(y, t);
     const S inv_b = S(1) / static_cast<S>(y.cols());
+    detail::safe_resize(g, y.rows(), y.cols());
     g = y - t;
     const S value = S(0.5) * inv_b * g.squaredNorm();
     g *= inv_b;
@@ -66,7 +67,7 @@ struct SoftmaxCrossEntropy {
     check(y, t);
     const Index B = y.cols();
     const S inv_b = S(1) / static_cast<S>(B);
-    g.resize(y.rows(), B);
+    detail::safe_resize(g, y.rows(), B);
     S total = 0;
     for (Index b = 0; b < B; ++b) {
       const S m = y.col(b).maxCoeff();

@@ -42,7 +42,8 @@ struct Backprop {
       return xs[i - 1];
     };
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      xs[i].resize(l.out_features(), batch);  // (no allocation when the shape is the last step's)
+      detail::safe_resize(xs[i], l.out_features(),
+                          batch);  // (no allocation when the shape is the last step's)
       moonwalk::forward_into(l, input(i), xs[i]);
       ++out.stats.counts.forward;
       store.hold(i, SavedStore::activation, l.name(), static_cast<std::size_t>(input(i).size()) * sizeof(S),

@@ -46,6 +46,7 @@ void for_each_layer_reverse(N& net, F&& f) {
 /// value_and_gradient.
 template <class L, class S>
 S loss_into(const L& loss, const CRef<S>& y, const typename L::target_type& t, Matrix<S>& g) {
+  detail::safe_resize(g, y.rows(), y.cols());
   if constexpr (requires { loss.value_and_gradient_into(y, t, g); }) {
     return loss.value_and_gradient_into(y, t, g);
   } else {

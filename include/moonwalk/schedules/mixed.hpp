@@ -283,6 +283,7 @@ struct MixedMoonwalk {
           return;
         }
         Matrix<C> a = ws.take_spare<Matrix<C>>(detail::kAnchors + c);
+        detail::safe_resize(a, h.current().rows(), h.current().cols());
         a = h.current();
         store.put(i, SavedStore::anchor, l.name(), std::move(a), "anchor");
         st.anchor_layers.insert(st.anchor_layers.begin(), i);

@@ -86,7 +86,7 @@ class Buffer {
   /// the last writer when the storage did not grow, unspecified otherwise;
   /// growing invalidates earlier views.
   Eigen::Map<Matrix<S>> view(Index rows, Index cols) {
-    if (storage_.size() < rows * cols) storage_.resize(rows * cols);
+    if (storage_.size() < rows * cols) safe_resize(storage_, rows * cols);
     return {storage_.data(), rows, cols};
   }
   [[nodiscard]] const S* data() const { return storage_.data(); }
