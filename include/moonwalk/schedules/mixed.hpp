@@ -298,13 +298,14 @@ struct MixedMoonwalk {
       // r's last use: a step whose buffers will not outlive it frees it now.
       if (!keep) ws.release(detail::residual_slot<C>(i));
       ++st.counts.vjp;
-      // A cast layer waits for the sweep only where its parameters are at
-      // least an eighth of its input batch: for a Linear (out × in, batch B)
-      // that is out ≥ B/8, where rebuilding its QR (~in·out² flops) would cost
-      // more than an eighth of a product it serves (in·out·B). In the
-      // activation-dominated regime (B ≫ out) nothing parameter-sized is held
-      // between the passes.
-      if (8 * l.num_params() < l.in_features() * x0.cols()) casts.release(i);
+      // A cast layer is rebuilt for the sweep, not held between the passes:
+      // a double Linear cast with its QR and gradient storage is ~6× the
+      // float parameters, 1.5 MiB per width-256 layer, more than the
+      // activation backprop keeps at batch 1024 (1 MiB). Refactorising costs
+      // ~in·out² flops against the step's ~7·in·out·B (+2% at B = 1024).
+      // Where the workspace outlives the step, the casts stay (release is a
+      // no-op there).
+      casts.release(i);
     });
     if (gave_up) {
       st.figures["escalated"] = 1;
