@@ -2,8 +2,10 @@
 // mixed Moonwalk reuse their workspace from step to step where activations
 // are no larger than the parameters, free it with the step elsewhere, and
 // what a step leaves in it never reaches the next step's gradient.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <moonwalk/moonwalk.hpp>
+#include <utility>
 
 using namespace moonwalk;
 
@@ -101,6 +103,48 @@ void check_released(const Sch& s, Network<float>& net, Index b, Storage storage_
   fresh.workspace = detail::new_workspace();
   same(step(fresh, net, b), first);
 }
+
+/// L, counting the live objects of its type (a moved-from one is not live)
+/// and the most alive at once; its casts are counted the same way. How many
+/// casts of a layer a schedule holds at once, seen from outside.
+template <class L>
+struct LiveCounted : L {
+  static inline int live = 0;
+  static inline int peak = 0;
+
+  explicit LiveCounted(L l) : L(std::move(l)) { add(); }
+  LiveCounted(const LiveCounted& o) : L(o) { add(); }
+  LiveCounted(LiveCounted&& o) noexcept : L(std::move(o)), counted_(std::exchange(o.counted_, false)) {}
+  LiveCounted& operator=(const LiveCounted& o) {
+    L::operator=(o);
+    if (!counted_) add();
+    return *this;
+  }
+  LiveCounted& operator=(LiveCounted&& o) noexcept {
+    L::operator=(std::move(o));
+    if (o.counted_) {
+      if (counted_) --live;
+      counted_ = true;
+      o.counted_ = false;
+    }
+    return *this;
+  }
+  ~LiveCounted() {
+    if (counted_) --live;
+  }
+
+  template <class T>
+  [[nodiscard]] LiveCounted<cast_t<T, L>> cast() const {
+    return LiveCounted<cast_t<T, L>>(L::template cast<T>());
+  }
+
+ private:
+  void add() {
+    counted_ = true;
+    peak = std::max(peak, ++live);
+  }
+  bool counted_ = false;
+};
 
 }  // namespace
 
@@ -208,6 +252,35 @@ TEST_CASE("Workspace: mixed Moonwalk keeps a float network's double casts across
   f.fidelity.precision = Precision::working;
   REQUIRE(step(f, net, 8).stats.precision == "float");
   CHECK(first_linear() == nullptr);
+}
+
+TEST_CASE(
+    "Workspace: mixed Moonwalk holds one double cast at a time where its buffers do not outlive the step",
+    "[workspace][schedules]") {
+  // A double Linear cast is W and its gradient storage in double: held from
+  // the reverse pass's forward half to its backward half for every layer,
+  // the casts were ~1 MiB per width-256 layer of the peak, which then grew
+  // with depth like backprop's.
+  using Counted = LiveCounted<Linear<double>>;
+  Network<float> net;
+  for (int i = 0; i < 12; ++i) {
+    const auto seed = static_cast<std::uint64_t>(80 + i);
+    net.add(LiveCounted<Linear<float>>(Linear<float>(24, 24, {.seed = seed, .init = Init::gaussian})));
+    net.add(LeakyReLU<float>(24, 0.1F));
+  }
+  net.add(Linear<float>(24, 4, {.seed = 99, .init = Init::gaussian}));
+  MixedMoonwalk m{};
+  m.fidelity.memory = nullptr;
+  m.fidelity.precision = Precision::double_cotangents;
+  const Index b = 64;
+  REQUIRE_FALSE(detail::keep_across_steps(net, b));
+  Counted::peak = 0;
+  const GradientResult<float> r = step(m, net, b);
+  REQUIRE(r.stats.precision == "double");
+  CHECK(Counted::live == 0);  // nothing outlives the step
+  CHECK(Counted::peak == 1);  // each layer cast for its use, then released
+  const GradientResult<float> bp = step(Backprop{}, net, b);
+  CHECK((r.gradient - bp.gradient).cwiseAbs().maxCoeff() <= 1e-4F * bp.gradient.cwiseAbs().maxCoeff());
 }
 
 TEST_CASE("Workspace: a buffer whose growth fails stays usable (no dangling storage)",

@@ -203,6 +203,11 @@ struct MixedMoonwalk {
         auto& r = ws.get<residual_t<std::remove_cvref_t<decltype(lc)>>>(detail::residual_slot<C>(i));
         moonwalk::save_residual_into(lc, detail::in_scalar<C>(x.current(), xbuf), r);
         store.hold(i, SavedStore::residual, l.name(), nbytes(r), residual_kind(r));
+        // Only the residual waits for the backward half, not the cast: a
+        // double Linear cast is 1 MiB at width 256 (W and its gradient
+        // storage), and held from here to the backward half the casts of all
+        // layers were the bulk of the peak. The backward half casts again.
+        casts.release(i);
       }
       moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
       x.flip();
