@@ -1,6 +1,7 @@
 // Linear beyond the generic checker: initialisation, the vijp factorisation
 // cache, rank errors and the fragment of an expanding layer.
 #include <Eigen/QR>
+#include <algorithm>
 #include <moonwalk/core/ops.hpp>
 #include <moonwalk/layers/linear.hpp>
 #include <moonwalk/nets/any_layer.hpp>
@@ -214,4 +215,32 @@ TEMPLATE_TEST_CASE("linear: the fragment of an expanding layer has (out - in) x 
 TEST_CASE("linear: sizes must be positive", "[layers][linear]") {
   mwtest::require_throw<moonwalk::ShapeError>([] { Linear<double>(0, 3); }, {"0"});
   mwtest::require_throw<moonwalk::ShapeError>([] { Linear<double>(3, -1); });
+}
+
+TEST_CASE("linear: a cast stores its gradient only once asked, and it starts at zero", "[layers][linear]") {
+  Linear<float> l(6, 4);
+  l.gradients()[0] = 1;  // the source's gradient is not carried over
+  REQUIRE(l.stores_gradient());
+  const Linear<double> d = l.cast<double>();
+  CHECK_FALSE(d.stores_gradient());  // a cast for the sweep's operators carries no W-sized zeros
+  const auto g = d.gradients();      // (const access makes it too)
+  CHECK(g.size() == static_cast<std::size_t>(d.num_params()));
+  CHECK(std::all_of(g.begin(), g.end(), [](double v) { return v == 0; }));
+  CHECK(d.stores_gradient());
+
+  // cast_into zeroes a stored gradient in place, and leaves an unstored one unstored.
+  Linear<double> held = l.cast<double>();
+  held.gradients()[1] = 2;
+  const double* storage = held.gradients().data();
+  l.cast_into(held);
+  REQUIRE(held.stores_gradient());
+  CHECK(held.gradients().data() == storage);
+  CHECK(held.gradients()[1] == 0);
+  Linear<double> bare = l.cast<double>();
+  l.cast_into(bare);
+  CHECK_FALSE(bare.stores_gradient());
+  // A cast of another shape: its gradient follows the new shape on first access.
+  Linear<float>(3, 5).cast_into(held);
+  CHECK(held.gradients().size() == static_cast<std::size_t>(held.num_params()));
+  CHECK(held.num_params() == 3 * 5 + 5);
 }

@@ -240,7 +240,8 @@ TEST_CASE("Workspace: mixed Moonwalk keeps a float network's double casts across
     MixedMoonwalk fresh = m;
     fresh.workspace = detail::new_workspace();
     same(step(m, net, 8), step(fresh, net, 8));
-    CHECK(first_linear() == held);  // refreshed into the same layer object, not made anew
+    CHECK(first_linear() == held);         // refreshed into the same layer object, not made anew
+    CHECK_FALSE(held->stores_gradient());  // the sweep accumulates into the float layer, not the cast
   }
   // Another network of the same shape through the same schedule: its own weights.
   Network<float> other = mlp(12, 24, 0.1F, Init::gaussian, 71);

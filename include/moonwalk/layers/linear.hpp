@@ -83,26 +83,32 @@ class Linear {
   [[nodiscard]] Index out_features() const { return out_; }
   [[nodiscard]] std::string name() const { return detail::cat("linear(", in_, "->", out_, ")"); }
 
-  /// The same layer in scalar type T: W and b converted, gradient zero.
+  /// The same layer in scalar type T: W and b converted, gradient zero. The
+  /// gradient's storage is made on first access (gradients()): a cast made
+  /// for its operators — the sweep's double cotangents — never accumulates
+  /// into it (the layer it was cast from does), and a W-sized buffer per
+  /// cast (512 KiB at 256 × 256 in double) would be memory for nothing.
   template <class T>
   [[nodiscard]] Linear<T> cast() const {
     Linear<T> out(typename Linear<T>::Uninitialised{}, in_, out_);
     out.theta_ = theta_.template cast<T>();
-    out.grad_.setZero();
     return out;
   }
 
   /// dst = cast<T>() into dst's storage: W and b converted in place, gradient
-  /// zero, and a new weight version, so dst's factorisation is rebuilt into
-  /// the buffers of its previous one (no allocation at an unchanged shape).
+  /// zero (its storage, if dst has made it, zeroed in place), and a new
+  /// weight version, so dst's factorisation is rebuilt into the buffers of
+  /// its previous one (no allocation at an unchanged shape).
   template <class T>
   void cast_into(Linear<T>& dst) const {
     dst.in_ = in_;
     dst.out_ = out_;
     detail::safe_resize(dst.theta_, theta_.size());
-    detail::safe_resize(dst.grad_, theta_.size());
     dst.theta_ = theta_.template cast<T>();
-    dst.grad_.setZero();
+    if (dst.stores_gradient())
+      dst.grad_.setZero();
+    else
+      dst.grad_.resize(0);  // (made, zero, on first access)
     ++dst.version_;
   }
 
@@ -118,10 +124,16 @@ class Linear {
   [[nodiscard]] std::span<const S> parameters() const {
     return {theta_.data(), static_cast<std::size_t>(theta_.size())};
   }
-  std::span<S> gradients() { return {grad_.data(), static_cast<std::size_t>(grad_.size())}; }
-  [[nodiscard]] std::span<const S> gradients() const {
-    return {grad_.data(), static_cast<std::size_t>(grad_.size())};
+  std::span<S> gradients() {
+    Vector<S>& g = grad();
+    return {g.data(), static_cast<std::size_t>(g.size())};
   }
+  [[nodiscard]] std::span<const S> gradients() const {
+    const Vector<S>& g = grad();
+    return {g.data(), static_cast<std::size_t>(g.size())};
+  }
+  /// Whether the gradient's storage exists (a cast makes it on first access).
+  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.size() == theta_.size(); }
   Eigen::Map<Matrix<S>> W() {
     ++version_;
     return {theta_.data(), out_, in_};
@@ -323,10 +335,15 @@ class Linear {
   };
 
   struct Uninitialised {};
-  /// Shapes only (θ uninitialised, gradient zero): for cast().
-  Linear(Uninitialised, Index in, Index out)
-      : in_(in), out_(out), theta_(out * in + out), grad_(out * in + out) {
-    grad_.setZero();
+  /// Shapes only (θ uninitialised, gradient zero and not yet stored): for cast().
+  Linear(Uninitialised, Index in, Index out) : in_(in), out_(out), theta_(out * in + out) {}
+
+  /// The gradient storage, made (zero) on first access where cast() left it
+  /// out. (Not thread-safe on a cast's first access; layers made by the
+  /// constructor store their gradient from the start.)
+  Vector<S>& grad() const {
+    if (!stores_gradient()) grad_.setZero(theta_.size());
+    return grad_;
   }
 
   /// √(κ₁(R) κ_∞(R)) with ‖R‖₁, ‖R‖_∞ exact and ‖R⁻¹‖₁ = ‖R⁻ᵀ‖_∞,
@@ -429,7 +446,8 @@ class Linear {
   }
 
   Index in_, out_;
-  Vector<S> theta_, grad_;
+  Vector<S> theta_;
+  mutable Vector<S> grad_;  // empty in a cast until first accessed (grad())
   std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };
