@@ -35,7 +35,8 @@
 //   [shape]                 forward/jvp/vjp with a wrong row count throw ShapeError
 //                           naming the layer, the bad shape and the expected rows
 //   [cast]                  when CastableTo<L, double>: cast<double>() has the same name,
-//                           shape and θ (exactly), zero gradients, and a forward equal to
+//                           shape and θ (exactly), zero gradients (not stored before their
+//                           first access, where the layer has stores_gradient()), and a forward equal to
 //                           the layer's up to its rounding
 //   [cast-into]             cast_into(l, a used cast of other weights) equals a fresh cast:
 //                           parameters, forward, vijp and amplification, exactly
@@ -231,6 +232,7 @@ struct CastRun {
   MatD forward;  // cast<double>().forward(x)
   VecD theta;    // θ of cast<double>()
   bool gradients_zero = false;
+  bool gradient_unstored = true;  // before its first access, where the layer says (stores_gradient())
   bool has_roundtrip = false;
   VecD theta_back;  // θ of cast<double>().cast<S>()
   // cast_into(l, stale): stale = the cast of other weights, used (its caches
@@ -433,6 +435,7 @@ LayerView make_view(L& l, LD& d) {
       r.params = ld.num_params();
       r.forward = ld.forward(x);
       r.theta = params_of(ld);
+      if constexpr (requires { ld.stores_gradient(); }) r.gradient_unstored = !ld.stores_gradient();
       r.gradients_zero = true;
       for (const auto& b : moonwalk::gradient_blocks(ld))
         for (const double g : b) r.gradients_zero = r.gradients_zero && g == 0;
@@ -689,6 +692,9 @@ inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Che
     c.check("[cast]", r.theta.size() == theta.size() && r.theta == theta,
             "cast<double>() carries the parameters exactly");
     c.check("[cast]", r.gradients_zero, "cast<double>() starts with zero gradients");
+    c.check("[cast]", r.gradient_unstored,
+            "cast<double>() stores no gradient before it is asked for (stores_gradient(): a cast for the "
+            "sweep's operators never accumulates)");
     c.le("[cast]", rel_err(r.forward, y), T.identity, "cast<double>().forward(x) agrees with forward(x)");
     c.check("[cast-into]", r.into_theta == r.theta && r.into_gradients_zero && r.into_forward == r.forward,
             "cast_into(l, a used cast of other weights) carries the parameters exactly, zero gradients, "

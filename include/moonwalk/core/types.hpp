@@ -3,6 +3,7 @@
 
 #include <Eigen/Core>
 #include <cstddef>
+#include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -52,6 +53,49 @@ void safe_resize(Eigen::PlainObjectBase<Derived>& v, Index n) {
   v.derived() = Derived();
   v.resize(n);
 }
+
+/// A layer's parameter gradient: n numbers, zero until accumulated into.
+/// A layer made by its constructor stores them from the start (`stored`); a
+/// cast (`on_first_use`) only once they are asked for: a cast made for a
+/// schedule's double cotangents never accumulates (its gradient goes to the
+/// layer it was cast from), and W-sized zeros per cast — 512 KiB for a
+/// 256 × 256 Linear in double — would be memory for nothing. (The first
+/// access of a cast's gradient is not thread-safe.)
+template <class S>
+class Gradient {
+ public:
+  Gradient() = default;
+  [[nodiscard]] static Gradient stored(Index n) {
+    Gradient g;
+    g.n_ = n;
+    g.g_.setZero(n);
+    return g;
+  }
+  [[nodiscard]] static Gradient on_first_use(Index n) {
+    Gradient g;
+    g.n_ = n;
+    return g;
+  }
+  /// n zeros: in place where n numbers are stored, else stored on first use.
+  void assign_zero(Index n) {
+    n_ = n;
+    if (g_.size() == n)
+      g_.setZero();
+    else
+      g_.resize(0);
+  }
+  /// Whether the numbers are stored yet.
+  [[nodiscard]] bool is_stored() const noexcept { return g_.size() == n_; }
+  /// The n numbers (stored, zero, on first use).
+  [[nodiscard]] std::span<S> span() const {
+    if (!is_stored()) g_.setZero(n_);
+    return {g_.data(), static_cast<std::size_t>(n_)};
+  }
+
+ private:
+  mutable Vector<S> g_;
+  Index n_ = 0;
+};
 
 }  // namespace detail
 

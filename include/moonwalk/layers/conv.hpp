@@ -85,13 +85,12 @@ class Conv2d {
         bias_(opt.bias),
         out_(checked_out_shape(in, c_out, k, opt)),
         theta_(c_out * kk() + (opt.bias ? c_out : 0)),
-        grad_(theta_.size()) {
+        grad_(detail::Gradient<S>::stored(theta_.size())) {
     if (opt.init == Init::orthogonal)
       W() = orthogonal<S>(c_out, kk(), opt.seed, opt.gain);
     else
       W() = gaussian<S>(c_out, kk(), opt.seed) * (opt.gain / std::sqrt(static_cast<S>(kk())));
     b().setZero();
-    grad_.setZero();
   }
 
   [[nodiscard]] Index in_features() const { return in_.size(); }
@@ -109,13 +108,11 @@ class Conv2d {
                        dil_ != 1 ? detail::cat(" d", dil_) : std::string(), bias_ ? "" : ", no bias", ")");
   }
 
-  /// The same layer in scalar type T: W and b converted, gradient zero.
+  /// The same layer in scalar type T: W and b converted, gradient zero
+  /// (stored on first use: detail::Gradient).
   template <class T>
   [[nodiscard]] Conv2d<T> cast() const {
-    Conv2d<T> out(typename Conv2d<T>::Uninitialised{}, *this);
-    out.theta_ = theta_.template cast<T>();
-    out.grad_.setZero();
-    return out;
+    return Conv2d<T>(typename Conv2d<T>::Uninitialised{}, *this);
   }
 
   // ---- parameters
@@ -124,10 +121,10 @@ class Conv2d {
   [[nodiscard]] std::span<const S> parameters() const {
     return {theta_.data(), static_cast<std::size_t>(theta_.size())};
   }
-  std::span<S> gradients() { return {grad_.data(), static_cast<std::size_t>(grad_.size())}; }
-  [[nodiscard]] std::span<const S> gradients() const {
-    return {grad_.data(), static_cast<std::size_t>(grad_.size())};
-  }
+  std::span<S> gradients() { return grad_.span(); }
+  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
+  /// Whether the gradient is stored yet (a cast stores it on first access).
+  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
   /// C' × K, column (c·k + a)·k + e = tap (a, e) of input channel c.
   Eigen::Map<Matrix<S>> W() { return {theta_.data(), out_.c, kk()}; }
   [[nodiscard]] Eigen::Map<const Matrix<S>> W() const { return {theta_.data(), out_.c, kk()}; }
@@ -241,7 +238,8 @@ class Conv2d {
 
  private:
   struct Uninitialised {};
-  /// Same configuration as `o` (θ uninitialised, gradient zero): for cast().
+  /// Same configuration and θ as `o`, converted to S (gradient zero, stored on
+  /// first use): for cast().
   template <class T>
   Conv2d(Uninitialised, const Conv2d<T>& o)
       : in_(o.in_),
@@ -251,10 +249,8 @@ class Conv2d {
         dil_(o.dil_),
         bias_(o.bias_),
         out_(o.out_),
-        theta_(o.theta_.size()),
-        grad_(o.theta_.size()) {
-    grad_.setZero();
-  }
+        theta_(o.theta_.template cast<S>()),
+        grad_(detail::Gradient<S>::on_first_use(o.theta_.size())) {}
 
   static ImageShape checked_out_shape(ImageShape in, Index c_out, Index k, const Options& o) {
     const auto config = [&] {
@@ -330,7 +326,8 @@ class Conv2d {
   Index k_, stride_, pad_, dil_;
   bool bias_;
   ImageShape out_;
-  Vector<S> theta_, grad_;
+  Vector<S> theta_;
+  detail::Gradient<S> grad_;
 };
 
 }  // namespace moonwalk

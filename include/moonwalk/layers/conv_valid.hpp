@@ -126,12 +126,14 @@ class ConvValid {
   [[nodiscard]] Index num_taps() const { return g_.taps(); }
   [[nodiscard]] bool has_bias() const { return bias_; }
 
-  /// The same layer in scalar type T: θ converted, gradient zero.
+  /// The same layer in scalar type T: θ converted, gradient zero (stored on
+  /// first use: detail::Gradient).
   template <class T>
   [[nodiscard]] ConvValid<T, Dim> cast() const {
     ConvValid<T, Dim> out(typename ConvValid<T, Dim>::Geometry{g_.cin, g_.h, g_.w, g_.cout, g_.kh, g_.kw},
                           bias_);
     out.theta_ = theta_.template cast<T>();
+    out.grad_ = detail::Gradient<T>::on_first_use(out.theta_.size());
     return out;
   }
 
@@ -146,10 +148,10 @@ class ConvValid {
   [[nodiscard]] std::span<const S> parameters() const {
     return {theta_.data(), static_cast<std::size_t>(theta_.size())};
   }
-  std::span<S> gradients() { return {grad_.data(), static_cast<std::size_t>(grad_.size())}; }
-  [[nodiscard]] std::span<const S> gradients() const {
-    return {grad_.data(), static_cast<std::size_t>(grad_.size())};
-  }
+  std::span<S> gradients() { return grad_.span(); }
+  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
+  /// Whether the gradient is stored yet (a cast stores it on first access).
+  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
   /// Tap t (flat index, t = ti·k + tj in 2-D): the C_out × C_in channel matrix W_t.
   Eigen::Map<Matrix<S>> tap(Index t) {
     check_tap(t);
@@ -372,7 +374,7 @@ class ConvValid {
                                    " numbers) must be smaller than the input ", in_str(), " (", in_features(),
                                    " numbers)"));
     theta_ = Vector<S>::Zero(g.taps() * tap_size() + (bias ? g.cout : 0));
-    grad_ = Vector<S>::Zero(theta_.size());
+    grad_ = detail::Gradient<S>::stored(theta_.size());
   }
 
   [[nodiscard]] std::string in_str() const {
@@ -501,7 +503,8 @@ class ConvValid {
 
   Geometry g_;
   bool bias_ = true;
-  Vector<S> theta_, grad_;
+  Vector<S> theta_;
+  detail::Gradient<S> grad_;
   std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };

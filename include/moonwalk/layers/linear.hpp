@@ -68,7 +68,7 @@ class Linear {
 
   Linear(Index in, Index out) : Linear(in, out, Options{}) {}
   Linear(Index in, Index out, Options opt)
-      : in_(in), out_(out), theta_(out * in + out), grad_(out * in + out) {
+      : in_(in), out_(out), theta_(out * in + out), grad_(detail::Gradient<S>::stored(out * in + out)) {
     if (in <= 0 || out <= 0)
       throw ShapeError("Linear: sizes must be positive, got " + detail::shape_str(out, in));
     if (opt.init == Init::orthogonal)
@@ -76,18 +76,14 @@ class Linear {
     else
       W() = gaussian<S>(out, in, opt.seed) * (opt.gain / std::sqrt(static_cast<S>(in)));
     b().setZero();
-    grad_.setZero();
   }
 
   [[nodiscard]] Index in_features() const { return in_; }
   [[nodiscard]] Index out_features() const { return out_; }
   [[nodiscard]] std::string name() const { return detail::cat("linear(", in_, "->", out_, ")"); }
 
-  /// The same layer in scalar type T: W and b converted, gradient zero. The
-  /// gradient's storage is made on first access (gradients()): a cast made
-  /// for its operators — the sweep's double cotangents — never accumulates
-  /// into it (the layer it was cast from does), and a W-sized buffer per
-  /// cast (512 KiB at 256 × 256 in double) would be memory for nothing.
+  /// The same layer in scalar type T: W and b converted, gradient zero
+  /// (stored on first use: detail::Gradient).
   template <class T>
   [[nodiscard]] Linear<T> cast() const {
     Linear<T> out(typename Linear<T>::Uninitialised{}, in_, out_);
@@ -105,10 +101,7 @@ class Linear {
     dst.out_ = out_;
     detail::safe_resize(dst.theta_, theta_.size());
     dst.theta_ = theta_.template cast<T>();
-    if (dst.stores_gradient())
-      dst.grad_.setZero();
-    else
-      dst.grad_.resize(0);  // (made, zero, on first access)
+    dst.grad_.assign_zero(theta_.size());
     ++dst.version_;
   }
 
@@ -124,16 +117,10 @@ class Linear {
   [[nodiscard]] std::span<const S> parameters() const {
     return {theta_.data(), static_cast<std::size_t>(theta_.size())};
   }
-  std::span<S> gradients() {
-    Vector<S>& g = grad();
-    return {g.data(), static_cast<std::size_t>(g.size())};
-  }
-  [[nodiscard]] std::span<const S> gradients() const {
-    const Vector<S>& g = grad();
-    return {g.data(), static_cast<std::size_t>(g.size())};
-  }
-  /// Whether the gradient's storage exists (a cast makes it on first access).
-  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.size() == theta_.size(); }
+  std::span<S> gradients() { return grad_.span(); }
+  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
+  /// Whether the gradient is stored yet (a cast stores it on first access).
+  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
   Eigen::Map<Matrix<S>> W() {
     ++version_;
     return {theta_.data(), out_, in_};
@@ -335,16 +322,12 @@ class Linear {
   };
 
   struct Uninitialised {};
-  /// Shapes only (θ uninitialised, gradient zero and not yet stored): for cast().
-  Linear(Uninitialised, Index in, Index out) : in_(in), out_(out), theta_(out * in + out) {}
-
-  /// The gradient storage, made (zero) on first access where cast() left it
-  /// out. (Not thread-safe on a cast's first access; layers made by the
-  /// constructor store their gradient from the start.)
-  Vector<S>& grad() const {
-    if (!stores_gradient()) grad_.setZero(theta_.size());
-    return grad_;
-  }
+  /// Shapes only (θ uninitialised, gradient zero, stored on first use): for cast().
+  Linear(Uninitialised, Index in, Index out)
+      : in_(in),
+        out_(out),
+        theta_(out * in + out),
+        grad_(detail::Gradient<S>::on_first_use(out * in + out)) {}
 
   /// √(κ₁(R) κ_∞(R)) with ‖R‖₁, ‖R‖_∞ exact and ‖R⁻¹‖₁ = ‖R⁻ᵀ‖_∞,
   /// ‖R⁻¹‖_∞ = ‖R⁻ᵀ‖₁ by the Hager–Higham estimator (solves with R and Rᵀ,
@@ -447,7 +430,7 @@ class Linear {
 
   Index in_, out_;
   Vector<S> theta_;
-  mutable Vector<S> grad_;  // empty in a cast until first accessed (grad())
+  detail::Gradient<S> grad_;
   std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };

@@ -113,13 +113,15 @@ class TriangularLinear {
     const double sv = static_cast<double>(opt.gain) / std::sqrt(static_cast<double>(in_));
     V() = (sv * g.rightCols(in_ - out_)).template cast<S>();
     b().setZero();
+    grad_ = detail::Gradient<S>::stored(theta_.size());
   }
 
   [[nodiscard]] Index in_features() const { return in_; }
   [[nodiscard]] Index out_features() const { return out_; }
   [[nodiscard]] std::string name() const { return detail::cat("triangular_linear(", in_, "->", out_, ")"); }
 
-  /// The same layer (θ rounded to T) in scalar type T, gradient zero.
+  /// The same layer (θ rounded to T) in scalar type T, gradient zero (stored
+  /// on first use: detail::Gradient).
   template <class T>
   [[nodiscard]] TriangularLinear<T> cast() const {
     TriangularLinear<T> out(typename TriangularLinear<T>::Uninitialised{}, in_, out_);
@@ -143,10 +145,10 @@ class TriangularLinear {
   [[nodiscard]] std::span<const S> parameters() const {
     return {theta_.data(), static_cast<std::size_t>(theta_.size())};
   }
-  std::span<S> gradients() { return {grad_.data(), static_cast<std::size_t>(grad_.size())}; }
-  [[nodiscard]] std::span<const S> gradients() const {
-    return {grad_.data(), static_cast<std::size_t>(grad_.size())};
-  }
+  std::span<S> gradients() { return grad_.span(); }
+  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
+  /// Whether the gradient is stored yet (a cast stores it on first access).
+  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
   /// The packed strict upper triangle of U (class comment).
   Eigen::Map<Vector<S>> u() {
     ++version_;
@@ -285,14 +287,15 @@ class TriangularLinear {
   };
 
   struct Uninitialised {};
-  /// Shapes checked, θ zero, gradient zero: for the constructor and cast().
+  /// Shapes checked, θ zero, gradient zero (stored on first use; the public
+  /// constructor stores it): for the constructor and cast().
   TriangularLinear(Uninitialised, Index in, Index out) : in_(in), out_(out) {
     if (in <= 0 || out <= 0 || out > in)
       throw ShapeError(
           detail::cat("TriangularLinear: needs 0 < out <= in (W = [U | V] is out x in with U out x ",
                       "out), got W ", detail::shape_str(out, in), " (in = ", in, ", out = ", out, ")"));
     theta_.setZero(out_ * (out_ - 1) / 2 + out_ * (in_ - out_) + out_);
-    grad_.setZero(theta_.size());
+    grad_ = detail::Gradient<S>::on_first_use(theta_.size());
   }
 
   [[nodiscard]] Index b_offset() const { return num_upper() + out_ * (in_ - out_); }
@@ -373,7 +376,8 @@ class TriangularLinear {
   }
 
   Index in_, out_;
-  Vector<S> theta_, grad_;
+  Vector<S> theta_;
+  detail::Gradient<S> grad_;
   std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };
