@@ -22,10 +22,11 @@ function(moonwalk_optimize)
     if(MOONWALK_NATIVE AND MOONWALK_HAVE_MARCH_NATIVE)
       target_compile_options(${target} PRIVATE -march=native)
       # GCC < 13 warns about its own AVX-512 intrinsics (`__m256d __Y = __Y;`
-      # in avxintrin.h, inlined into Eigen's reductions): a false positive,
-      # GCC PR 105593, fixed in GCC 13.
+      # in avxintrin.h, inlined into Eigen's reductions and, as "is used
+      # uninitialized", into the GEMM and triangular-solve kernels that
+      # core/dense.hpp calls): a false positive, GCC PR 105593, fixed in GCC 13.
       if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU" AND CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
-        target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized)
+        target_compile_options(${target} PRIVATE -Wno-maybe-uninitialized -Wno-uninitialized)
       endif()
     endif()
   endforeach()

@@ -33,12 +33,12 @@ namespace moonwalk::detail {
 ///   repeat (≤ 4 times): x = e_j, j = argmax |z_j|;  y = B x;  est = max(est, ‖y‖₁);
 ///     stop when sign y repeats ξ, ‖y‖₁ stops growing, or argmax |z| repeats j
 ///   Higham's safeguard: x_i = (−1)ⁱ (1 + i/(k−1)), est = max(est, 2‖B x‖₁ / 3k).
-/// `work` holds the iteration's four vectors (k × 4, resized only when its
-/// shape differs), so a caller that keeps it makes the estimate allocation-free.
+/// `work` (k × at least 4, the caller's) holds the iteration's four vectors,
+/// so the estimate allocates nothing.
 template <class Apply, class ApplyT>
-double norm1_estimate(Index k, Apply apply, ApplyT apply_t, Matrix<double>& work) {
+double norm1_estimate(Index k, Apply apply, ApplyT apply_t, MatRef<double> work) {
   if (k <= 0) return 0;
-  if (work.rows() != k || work.cols() < 4) safe_resize(work, k, 4);
+  eigen_assert(work.rows() == k && work.cols() >= 4);
   auto y = work.col(0), xi = work.col(1), z = work.col(2), xi_new = work.col(3);
   const auto sign = [](double v) { return v >= 0 ? 1.0 : -1.0; };
   y.setConstant(1.0 / static_cast<double>(k));  // y = B x with x = 1/k

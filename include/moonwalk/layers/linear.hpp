@@ -12,6 +12,7 @@
 
 #include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/init.hpp"
 #include "moonwalk/core/probe.hpp"
 #include "moonwalk/core/residuals.hpp"
@@ -28,7 +29,7 @@ namespace moonwalk {
 ///
 /// Its reverse pass saves nothing (`Jᵀ h = Wᵀ h` needs only W). For out ≤ in
 /// it is submersive: `vijp` solves `Wᵀ h_y = h_x` in the least-squares sense
-/// through a Householder QR of Wᵀ (blocked, Eigen's HouseholderQR; backward
+/// through a Householder QR of Wᵀ (blocked, detail::BlockedQR; backward
 /// stable for full rank, never the normal equations), factorised once per
 /// weight version and applied directly: h_y = R⁻¹ Q₁ᵀ h_x (one application of
 /// the reflectors and a k × k triangular solve per call). In training every
@@ -143,7 +144,7 @@ class Linear {
   void forward_into(const CRef<S>& x, MatRef<S> y) const {
     detail::check_rows(*this, "input", x, in_);
     detail::check_rows(*this, "output buffer", y, out_, x.cols());
-    y.noalias() = W() * x;
+    detail::gemm<S>(y, W(), detail::Op::N, x, detail::Op::N);
     y.colwise() += b();
   }
   /// J dx = W dx
@@ -183,7 +184,7 @@ class Linear {
     detail::check_rows(*this, "cotangent", h, out_, x.cols());
     detail::check_rows(*this, "gradient", g, num_params(), 1);
     Eigen::Map<Matrix<S>> gW(g.data(), out_, in_);
-    gW.noalias() += h * x.transpose();
+    detail::gemm<S>(gW, h, detail::Op::N, x, detail::Op::T, S(1), /*accumulate=*/true);
     g.segment(out_ * in_, out_) += h.rowwise().sum();
   }
 
@@ -201,7 +202,7 @@ class Linear {
   void vjp_residual_into(const Empty&, const CRef<S>& h, MatRef<S> r) const {
     detail::check_rows(*this, "cotangent", h, out_);
     detail::check_rows(*this, "vjp output buffer", r, in_, h.cols());
-    r.noalias() = W().transpose() * h;
+    detail::gemm<S>(r, W(), detail::Op::T, h, detail::Op::N);
   }
 
   // ---- Moonwalk
@@ -215,7 +216,9 @@ class Linear {
     vijp_into(x, hx, hy);
     return hy;
   }
-  /// The same into hy (out × batch; the wide-batch path allocates nothing).
+  /// The same into hy (out × batch). Allocates nothing once the weight
+  /// version's factorisation (and P) exist and this thread's scratch
+  /// (core/dense.hpp) has seen the shape.
   void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> hy) const {
     if (!is_submersive())
       throw RankError(name() +
@@ -227,19 +230,25 @@ class Linear {
     const Cache& c = cache();
     if (hx.cols() >= kExplicitBatch * out_) {
       // h_y = P h_x with P = R⁻¹ Q₁ᵀ, formed once per weight version.
-      if (c.p.rows() != out_) {
-        c.p = c.qr.householderQ() * Matrix<S>::Identity(in_, out_);  // Q₁ (in × k)
-        c.p.transposeInPlace();
-        c.r().solveInPlace(c.p);
+      if (!c.p_formed) {
+        // Q₁ = Q [I; 0] (in × k), transposed into P's storage, then R⁻¹ applied.
+        auto q1 = detail::scratch_matrix<S>(detail::Scratch::layer, in_, out_);
+        q1.setIdentity();
+        c.qr.apply_q(q1);
+        detail::safe_resize(c.p, out_, in_);
+        c.p = q1.transpose();
+        detail::trsm_upper<S>(c.r_block(), detail::Op::N, c.p);
+        c.p_formed = true;
       }
-      hy.noalias() = c.p * hx;
+      detail::gemm<S>(hy, c.p, detail::Op::N, hx, detail::Op::N);
       return;
     }
     // Wᵀ = Q R (in × out, tall): h_y = R⁻¹ (Qᵀ h_x)[0:k]
-    Matrix<S> t = hx;
-    t.applyOnTheLeft(c.qr.householderQ().transpose());
+    auto t = detail::scratch_matrix<S>(detail::Scratch::layer, in_, hx.cols());
+    t = hx;
+    c.qr.apply_qt(t);
     hy = t.topRows(out_);
-    c.r().solveInPlace(hy);
+    detail::trsm_upper<S>(c.r_block(), detail::Op::N, hy);
   }
 
   /// φ = Q₂ᵀ h_y, the component of h_y in null(Wᵀ) (empty when out ≤ in).
@@ -248,7 +257,7 @@ class Linear {
     if (is_submersive()) return {Matrix<S>(0, hy.cols())};
     // W = Q R (out × in, tall): φ = Q₂ᵀ h_y = (Qᵀ h_y)[k:out]
     Matrix<S> t = hy;
-    t.applyOnTheLeft(cache().qr.householderQ().transpose());
+    cache().qr.apply_qt(t);
     return {Matrix<S>(t.bottomRows(out_ - in_))};
   }
   /// h_y = Q₁ R⁻ᵀ h_x + Q₂ φ = Q [R⁻ᵀ h_x; φ], from W = Q R (out > in).
@@ -262,7 +271,7 @@ class Linear {
     hy.topRows(in_) = hx;
     c.rt().solveInPlace(hy.topRows(in_));
     hy.bottomRows(out_ - in_) = f.value;
-    hy.applyOnTheLeft(c.qr.householderQ());
+    c.qr.apply_q(hy);
     return hy;
   }
 
@@ -274,7 +283,7 @@ class Linear {
     // Wᵀ = Q R, so W = Rᵀ Qᵀ and W⁻¹ = Q R⁻ᵀ: x = Q (R⁻ᵀ (y − b)).
     Matrix<S> x = y.colwise() - b();
     c.rt().solveInPlace(x);
-    x.applyOnTheLeft(c.qr.householderQ());
+    c.qr.apply_q(x);
     return x;
   }
 
@@ -306,11 +315,16 @@ class Linear {
 
  private:
   struct Cache {
-    Eigen::HouseholderQR<Matrix<S>> qr;  // of the tall one of Wᵀ and W (m × k)
+    detail::BlockedQR<S> qr;  // of the tall one of Wᵀ and W (m × k)
     Index k = 0;
     double cond_estimate = 1;  // √(κ₁(R) κ_∞(R)), estimated
     double typical = 1;        // ‖W‖_F ‖W⁺‖_F / √(in · out)
-    mutable Matrix<S> p;       // R⁻¹ Q₁ᵀ (out × in), formed by the first wide vijp
+    // R⁻¹ Q₁ᵀ (out × in), formed by the first wide vijp of a weight version
+    // into the storage of the previous version's.
+    mutable Matrix<S> p;
+    mutable bool p_formed = false;
+    /// R's square block (its strictly lower part holds reflectors).
+    [[nodiscard]] auto r_block() const { return qr.matrixQR().topLeftCorner(k, k); }
     /// R (k × k, upper triangular), a view into the factorisation.
     [[nodiscard]] auto r() const {
       return qr.matrixQR().topLeftCorner(k, k).template triangularView<Eigen::Upper>();
@@ -339,7 +353,7 @@ class Linear {
 
   /// The upper triangle of R (k × k; its strictly lower part is ignored);
   /// `work` is the estimator's scratch (detail::norm1_estimate).
-  static double condition_of(const Eigen::Ref<const Matrix<double>>& R, Matrix<double>& work) {
+  static double condition_of(const Eigen::Ref<const Matrix<double>>& R, MatRef<double> work) {
     const Index k = R.rows();
     const auto U = R.triangularView<Eigen::Upper>();
     auto solve = [&](VecRef<double> v) { U.solveInPlace(v); };
@@ -355,10 +369,9 @@ class Linear {
     return std::sqrt(norm_1 * inv_1) * std::sqrt(norm_inf * inv_inf);
   }
 
-  /// ‖R⁻¹‖_F² = Σ_j ‖R⁻¹ e_j‖², solved kWorkColumns right-hand sides at a time in `work`.
-  static double inverse_norm(const Eigen::Ref<const Matrix<double>>& R, Matrix<double>& work) {
+  /// ‖R⁻¹‖_F² = Σ_j ‖R⁻¹ e_j‖², solved work.cols() right-hand sides at a time in `work`.
+  static double inverse_norm(const Eigen::Ref<const Matrix<double>>& R, MatRef<double> work) {
     const Index k = R.rows();
-    detail::safe_resize(work, k, std::max<Index>(4, std::min(kWorkColumns, k)));
     double sum = 0;
     for (Index j0 = 0; j0 < k; j0 += work.cols()) {
       const Index n = std::min(work.cols(), k - j0);
@@ -366,7 +379,7 @@ class Linear {
       e.setZero();
       for (Index j = 0; j < n; ++j) e(j0 + j, j) = 1;
       // Rows ≥ j0 + n of R⁻¹ e_j are zero for j < j0 + n: solve the leading block only.
-      R.topLeftCorner(j0 + n, j0 + n).triangularView<Eigen::Upper>().solveInPlace(e.topRows(j0 + n));
+      detail::trsm_upper<double>(R.topLeftCorner(j0 + n, j0 + n), detail::Op::N, e.topRows(j0 + n));
       sum += e.topRows(j0 + n).squaredNorm();
     }
     return std::sqrt(sum);
@@ -381,12 +394,8 @@ class Linear {
   }
 
   void factorise(Cache& c) const {
-    c.p.resize(0, 0);
+    c.p_formed = false;
     const bool wide = out_ <= in_;  // factor the tall one of Wᵀ (in × out) and W (out × in)
-    // A new shape (a cast refreshed from a layer of another shape): start
-    // from an empty QR, so a failed allocation cannot leave it half-resized.
-    if (c.qr.rows() != (wide ? in_ : out_) || c.qr.cols() != std::min(in_, out_))
-      c.qr = Eigen::HouseholderQR<Matrix<S>>();
     if (wide)
       c.qr.compute(W().transpose());
     else
@@ -406,7 +415,8 @@ class Linear {
     if constexpr (std::is_same_v<S, double>) {
       estimate(c, c.qr.matrixQR().topLeftCorner(c.k, c.k), n_eps, rank_error);
     } else {
-      const Matrix<double> Rd = c.qr.matrixQR().topLeftCorner(c.k, c.k).template cast<double>();
+      auto Rd = detail::scratch_matrix<double>(detail::Scratch::factor, c.k, c.k);
+      Rd = c.qr.matrixQR().topLeftCorner(c.k, c.k).template cast<double>();
       estimate(c, Rd, n_eps, rank_error);
     }
   }
@@ -415,10 +425,12 @@ class Linear {
   template <class RankErrorFn>
   void estimate(Cache& c, const Eigen::Ref<const Matrix<double>>& R, double n_eps,
                 RankErrorFn& rank_error) const {
-    // One scratch (k × kWorkColumns) for both estimates, freed with the
-    // factorisation step: kept in the cache it would stay with every layer
+    // One scratch (k × kWorkColumns) for both estimates, this thread's
+    // (core/dense.hpp): kept in the cache it would stay with every layer
     // that was ever factorised (64 KiB per width-256 layer).
-    Matrix<double> work;
+    const Index k = R.rows();
+    auto work = detail::scratch_matrix<double>(detail::Scratch::estimate, k,
+                                               std::max<Index>(4, std::min(kWorkColumns, k)));
     c.cond_estimate = condition_of(R, work);
     if (!(c.cond_estimate * n_eps < 1))
       rank_error(

@@ -358,7 +358,7 @@ class TriangularLinear {
     auto solve = [&](VecRef<double> v) { T.solveInPlace(v); };
     auto solve_t = [&](VecRef<double> v) { T.transpose().solveInPlace(v); };
     // ‖U⁻¹‖₁ = ‖B‖₁ with B = U⁻¹; ‖U⁻¹‖_∞ = ‖U⁻ᵀ‖₁. Both ≥ max 1/|U_ii| = 1.
-    Matrix<double> work;
+    Matrix<double> work(k, 4);
     const double inv_1 = std::max(detail::norm1_estimate(k, solve, solve_t, work), 1.0);
     const double inv_inf = std::max(detail::norm1_estimate(k, solve_t, solve, work), 1.0);
     // ‖W‖₁ = max(‖U‖₁, ‖V‖₁), ‖W‖_∞ = max_i (Σ_j |U_ij| + Σ_j |V_ij|), ‖W‖_F² = ‖U‖_F² + ‖V‖_F².

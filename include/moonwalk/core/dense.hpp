@@ -1,0 +1,263 @@
+// Moonwalk — dense kernels that allocate nothing once warm: matrix products,
+// triangular solves with many right-hand sides, and a blocked Householder QR
+// with its Q and Qᵀ applications.
+//
+// Eigen's level-3 kernels pack their operands into blocks on the heap for
+// every product above EIGEN_STACK_ALLOCATION_LIMIT, and its blocked
+// Householder code allocates its triangular factors and panel temporaries per
+// call. A training step makes hundreds of such calls. Here the same Eigen
+// kernels (gebp through general_matrix_matrix_product, triangular_solve_matrix)
+// run on blocking objects whose buffers are this thread's scratch (`scratch`):
+// one buffer per role, grown to the largest size asked and then reused. The
+// packing buffers are bounded by Eigen's cache-derived blocking sizes, not by
+// the problem; the Householder roles hold one panel (rows × 48) and its
+// products. `release_scratch()` gives a thread's buffers back.
+//
+// With more than one Eigen thread (Eigen::nbThreads() > 1) the products go
+// through Eigen's own parallel GEMM, which allocates its per-thread blocks.
+#pragma once
+
+#include <Eigen/Core>
+#include <Eigen/Householder>
+#include <Eigen/QR>
+#include <algorithm>
+#include <array>
+#include <cstddef>
+
+#include "moonwalk/core/types.hpp"
+
+namespace moonwalk::detail {
+
+/// What a scratch buffer is for. Kernels that call each other use different
+/// roles, so an inner call never moves an outer one's buffer.
+enum class Scratch : std::size_t {
+  pack_lhs,    // level-3 packing (gemm, trsm): innermost
+  pack_rhs,    //
+  reflectors,  // Householder: one panel's V, unit lower trapezoidal, made dense
+  panel,       // Householder: Vᵀ B
+  panel_t,     // Householder: Tᵀ (Vᵀ B)
+  unblocked,   // Householder: the unblocked panel factorisation's row scratch
+  layer,       // a layer's own temporary (e.g. Linear's Qᵀ h_x)
+  factor,      // a layer's factor converted to double for its estimates
+  estimate,    // the estimates' work columns
+  count
+};
+
+template <class S>
+struct ScratchBuffers {
+  std::array<Vector<S>, static_cast<std::size_t>(Scratch::count)> buffers;
+};
+
+template <class S>
+ScratchBuffers<S>& scratch_buffers() {
+  thread_local ScratchBuffers<S> s;
+  return s;
+}
+
+/// This thread's buffer for `role`, at least n scalars (grown, never shrunk,
+/// so a size seen before allocates nothing). Valid until the next call for
+/// the same role and scalar type on this thread.
+template <class S>
+S* scratch(Scratch role, Index n) {
+  Vector<S>& v = scratch_buffers<S>().buffers[static_cast<std::size_t>(role)];
+  if (v.size() < n) safe_resize(v, n);  // exact: a step's sizes repeat, and memory is the point
+  return v.data();
+}
+
+/// An rows × cols matrix over this thread's buffer for `role` (uninitialised).
+template <class S>
+Eigen::Map<Matrix<S>> scratch_matrix(Scratch role, Index rows, Index cols) {
+  return {scratch<S>(role, rows * cols), rows, cols};
+}
+
+/// Frees this thread's scratch buffers (float and double).
+inline void release_scratch() {
+  scratch_buffers<float>() = {};
+  scratch_buffers<double>() = {};
+}
+
+/// Whether an operand enters a product as is or transposed.
+enum class Op { N, T };
+
+/// Eigen's level-3 blocking with caller-owned blocks.
+template <class S>
+class OwnedBlocking : public Eigen::internal::level3_blocking<S, S> {
+ public:
+  /// Blocking sizes for an m × n result with inner dimension k, as Eigen's
+  /// own products choose them (KcFactor 1 for products, 4 for solves).
+  template <int KcFactor>
+  static OwnedBlocking sized(Index m, Index n, Index k, bool l3_blocking) {
+    Index kc = k, mc = m, nc = n;
+    Index n_for_sizes = nc;  // without l3 blocking, nc stays n (as Eigen's gemm_blocking_space)
+    Eigen::internal::computeProductBlockingSizes<S, S, KcFactor, Index>(
+        kc, mc, l3_blocking ? nc : n_for_sizes, Index(1));
+    OwnedBlocking b;
+    b.m_kc = kc;
+    b.m_mc = mc;
+    b.m_nc = nc;
+    b.m_blockA = scratch<S>(Scratch::pack_lhs, kc * mc);
+    b.m_blockB = scratch<S>(Scratch::pack_rhs, kc * nc);
+    return b;
+  }
+};
+
+template <class S, int LhsOrder, int RhsOrder>
+void gemm_kernel(Index m, Index n, Index k, const S* a, Index lda, const S* b, Index ldb, S* c, Index ldc,
+                 S alpha) {
+  auto blocking = OwnedBlocking<S>::template sized<1>(m, n, k, true);
+  Eigen::internal::general_matrix_matrix_product<Index, S, LhsOrder, false, S, RhsOrder, false,
+                                                 Eigen::ColMajor, 1>::run(m, n, k, a, lda, b, ldb, c, 1, ldc,
+                                                                          alpha, blocking, nullptr);
+}
+
+/// C = α op(A) op(B), or C += α op(A) op(B) when `accumulate`. Operands are
+/// column-major views with unit inner stride (a matrix, a block, a map);
+/// op = Op::T reads one transposed in place. Through Eigen's GEMM kernel with
+/// packing buffers from `scratch` (file comment): no allocation once warm on
+/// one thread. Vector-shaped and tiny products go through Eigen's own product
+/// (GEMV or coefficient-based, with stack temporaries only).
+template <class S>
+void gemm(MatRef<S> C, const CRef<S>& A, Op opa, const CRef<S>& B, Op opb, S alpha = S(1),
+          bool accumulate = false) {
+  const Index m = C.rows(), n = C.cols();
+  const Index k = opa == Op::N ? A.cols() : A.rows();
+  eigen_assert((opa == Op::N ? A.rows() : A.cols()) == m);
+  eigen_assert((opb == Op::N ? B.rows() : B.cols()) == k && (opb == Op::N ? B.cols() : B.rows()) == n);
+  if (!accumulate) C.setZero();
+  if (m == 0 || n == 0 || k == 0) return;
+  const bool small = m + n + k < 20;  // EIGEN_GEMM_TO_COEFFBASED_THRESHOLD
+  if (small || m == 1 || n == 1 || Eigen::nbThreads() > 1) {
+    auto add = [&](const auto& a, const auto& b) {
+      if (small)
+        C.noalias() += alpha * a.lazyProduct(b);
+      else
+        C.noalias() += alpha * a * b;
+    };
+    if (opa == Op::N && opb == Op::N) add(A, B);
+    if (opa == Op::N && opb == Op::T) add(A, B.transpose());
+    if (opa == Op::T && opb == Op::N) add(A.transpose(), B);
+    if (opa == Op::T && opb == Op::T) add(A.transpose(), B.transpose());
+    return;
+  }
+  // A column-major matrix read transposed is a row-major one over the same storage.
+  constexpr int N = Eigen::ColMajor, T = Eigen::RowMajor;
+  const S *a = A.data(), *b = B.data();
+  const Index lda = A.outerStride(), ldb = B.outerStride(), ldc = C.outerStride();
+  if (opa == Op::N && opb == Op::N) gemm_kernel<S, N, N>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+  if (opa == Op::N && opb == Op::T) gemm_kernel<S, N, T>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+  if (opa == Op::T && opb == Op::N) gemm_kernel<S, T, N>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+  if (opa == Op::T && opb == Op::T) gemm_kernel<S, T, T>(m, n, k, a, lda, b, ldb, C.data(), ldc, alpha);
+}
+
+/// B ← op(U)⁻¹ B for U the upper triangle of a k × k view (its strictly lower
+/// part is not read; op = Op::T solves with Uᵀ), B k × n. Eigen's blocked
+/// triangular solver with packing buffers from `scratch`; one right-hand side
+/// goes through Eigen's own (stack temporaries only).
+template <class S>
+void trsm_upper(const CRef<S>& U, Op op, MatRef<S> B) {
+  const Index k = U.rows(), n = B.cols();
+  eigen_assert(U.cols() == k && B.rows() == k);
+  if (k == 0 || n == 0) return;
+  if (n == 1) {
+    if (op == Op::N)
+      U.template triangularView<Eigen::Upper>().solveInPlace(B);
+    else
+      U.transpose().template triangularView<Eigen::Lower>().solveInPlace(B);
+    return;
+  }
+  // As Eigen's triangular_solver_selector: KcFactor 4, no l3 blocking.
+  auto blocking = OwnedBlocking<S>::template sized<4>(k, n, k, false);
+  if (op == Op::N)
+    Eigen::internal::triangular_solve_matrix<S, Index, Eigen::OnTheLeft, Eigen::Upper, false, Eigen::ColMajor,
+                                             Eigen::ColMajor, 1>::run(k, n, U.data(), U.outerStride(),
+                                                                      B.data(), 1, B.outerStride(), blocking);
+  else  // Uᵀ: a lower triangle, row-major over U's storage
+    Eigen::internal::triangular_solve_matrix<S, Index, Eigen::OnTheLeft, Eigen::Lower, false, Eigen::RowMajor,
+                                             Eigen::ColMajor, 1>::run(k, n, U.data(), U.outerStride(),
+                                                                      B.data(), 1, B.outerStride(), blocking);
+}
+
+/// Householder QR of an m × k matrix (m ≥ k), A = Q R with
+/// Q = H₁ H₂ ⋯ H_k, H_j = I − τ_j v_j v_jᵀ, blocked as LAPACK's xGEQRF: each
+/// panel of kBlock columns is factorised column by column, then applied to
+/// the trailing columns as one block reflector H_j ⋯ H_{j+b−1} = I − V T Vᵀ
+/// (T upper triangular, xLARFT), through two products and a small one. The
+/// T factors are kept, so applying Q or Qᵀ to a block is also level 3.
+/// Storage as Eigen's HouseholderQR: R on and above the diagonal of
+/// matrixQR(), v_j (unit leading entry implied) below it, τ in hCoeffs().
+/// Nothing is allocated once the shape has been seen (storage is reused; the
+/// temporaries are `scratch`).
+template <class S>
+class BlockedQR {
+ public:
+  static constexpr Index kBlock = 48;
+
+  /// Factorises a (m × k, m ≥ k) into this object's storage.
+  template <class Derived>
+  void compute(const Eigen::MatrixBase<Derived>& a) {
+    const Index m = a.rows(), k = a.cols();
+    eigen_assert(m >= k);
+    safe_resize(qr_, m, k);
+    safe_resize(tau_, k);
+    safe_resize(t_, std::min(kBlock, std::max<Index>(k, 1)), k);
+    qr_ = a;
+    S* row_scratch = scratch<S>(Scratch::unblocked, k);
+    for (Index j = 0; j < k; j += kBlock) {
+      const Index b = std::min(kBlock, k - j), rows = m - j, trailing = k - j - b;
+      auto panel = qr_.block(j, j, rows, b);
+      auto tau = tau_.segment(j, b);
+      Eigen::internal::householder_qr_inplace_unblocked(panel, tau, row_scratch);
+      auto T = t_.block(0, j, b, b);
+      T.setZero();
+      Eigen::internal::make_block_householder_triangular_factor(T, panel, tau);
+      if (trailing > 0) apply_block(j, b, qr_.block(j, j + b, rows, trailing), true);
+    }
+  }
+
+  [[nodiscard]] const Matrix<S>& matrixQR() const { return qr_; }
+  [[nodiscard]] const Vector<S>& hCoeffs() const { return tau_; }
+  [[nodiscard]] Index rows() const { return qr_.rows(); }
+  [[nodiscard]] Index cols() const { return qr_.cols(); }
+
+  /// B ← Qᵀ B = H_k ⋯ H₁ B (B m × n): the panels' block reflectors, first to last.
+  void apply_qt(MatRef<S> B) const {
+    eigen_assert(B.rows() == rows());
+    for (Index j = 0; j < cols(); j += kBlock) {
+      const Index b = std::min(kBlock, cols() - j);
+      apply_block(j, b, B.bottomRows(rows() - j), true);
+    }
+  }
+  /// B ← Q B = H₁ ⋯ H_k B (B m × n): the panels' block reflectors, last to first.
+  void apply_q(MatRef<S> B) const {
+    eigen_assert(B.rows() == rows());
+    if (cols() == 0) return;
+    for (Index j = (cols() - 1) / kBlock * kBlock; j >= 0; j -= kBlock) {
+      const Index b = std::min(kBlock, cols() - j);
+      apply_block(j, b, B.bottomRows(rows() - j), false);
+    }
+  }
+
+ private:
+  /// B ← (I − V T Vᵀ)ᵀ B (`transposed`) or (I − V T Vᵀ) B, for the panel of
+  /// b reflectors starting at column j (B holds rows j… of the operand).
+  void apply_block(Index j, Index b, MatRef<S> B, bool transposed) const {
+    const Index rows = B.rows(), n = B.cols();
+    if (n == 0) return;
+    // V made dense: unit diagonal, zeros above, the stored vectors below.
+    auto V = scratch_matrix<S>(Scratch::reflectors, rows, b);
+    V = qr_.block(j, j, rows, b).template triangularView<Eigen::StrictlyLower>();
+    V.diagonal().setOnes();
+    auto W = scratch_matrix<S>(Scratch::panel, b, n);
+    auto TW = scratch_matrix<S>(Scratch::panel_t, b, n);
+    const auto T = t_.block(0, j, b, b);                          // upper triangular, zeros below (compute)
+    gemm<S>(W, V, Op::T, B, Op::N);                               // W = Vᵀ B
+    gemm<S>(TW, T, transposed ? Op::T : Op::N, W, Op::N);         // T W or Tᵀ W
+    gemm<S>(B, V, Op::N, TW, Op::N, S(-1), /*accumulate=*/true);  // B −= V (·)
+  }
+
+  Matrix<S> qr_;
+  Vector<S> tau_;
+  Matrix<S> t_;  // the panels' T factors side by side (kBlock × k)
+};
+
+}  // namespace moonwalk::detail

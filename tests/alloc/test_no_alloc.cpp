@@ -1,0 +1,92 @@
+// Steady-state allocation: once a shape has been seen, the dense kernels and
+// the layers' hot paths make no heap allocation at all.
+//
+// Its own executable (tests/CMakeLists.txt, 6.): bench/alloc_count.hpp
+// interposes malloc and friends for the whole process, counting every call
+// (Eigen, the standard library, OpenMP), so the difference of two readings
+// around a call is every allocation the call made. Eigen runs on one thread
+// here; with more, its parallel GEMM allocates per-thread blocks
+// (core/dense.hpp).
+#define CATCH_CONFIG_MAIN
+#include <alloc_count.hpp>
+#include <catch2/catch.hpp>
+#include <cstdint>
+#include <moonwalk/core/dense.hpp>
+#include <moonwalk/layers/linear.hpp>
+
+#include "support/check_util.hpp"
+
+namespace {
+
+using moonwalk::Index;
+using moonwalk::detail::Op;
+template <class S>
+using Mat = moonwalk::Matrix<S>;
+
+/// Heap allocations made by f().
+template <class F>
+std::uint64_t allocations_of(F&& f) {
+  const std::uint64_t before = moonwalk::bench::allocation_count();
+  f();
+  return moonwalk::bench::allocation_count() - before;
+}
+
+template <class S>
+Mat<S> rand(Index rows, Index cols, std::uint64_t seed) {
+  return mwtest::randn(rows, cols, seed).cast<S>();
+}
+
+}  // namespace
+
+TEST_CASE("the allocation counter sees Eigen's allocations (control)", "[alloc]") {
+  Eigen::setNbThreads(1);
+  const Mat<double> A = rand<double>(300, 300, 1);
+  Mat<double> C(300, 300);
+  // Eigen's own product packs its operands on the heap above 128 KiB.
+  CHECK(allocations_of([&] { C.noalias() = A * A; }) > 0);
+}
+
+TEMPLATE_TEST_CASE("dense kernels allocate nothing once warm", "[alloc]", float, double) {
+  using S = TestType;
+  Eigen::setNbThreads(1);
+  const Mat<S> A = rand<S>(784, 256, 1), B = rand<S>(256, 512, 2);
+  Mat<S> C(784, 512), D(256, 512), R = rand<S>(256, 256, 3);
+  R.diagonal().array() += S(20);
+  moonwalk::detail::BlockedQR<S> qr;
+  auto all = [&] {
+    moonwalk::detail::gemm<S>(C, A, Op::N, B, Op::N);
+    moonwalk::detail::gemm<S>(D, A, Op::T, C, Op::N, S(1), true);
+    moonwalk::detail::gemm<S>(R, D, Op::N, B, Op::T, S(1e-3), true);
+    moonwalk::detail::trsm_upper<S>(R, Op::N, D);
+    moonwalk::detail::trsm_upper<S>(R, Op::T, D);
+    qr.compute(A);
+    qr.apply_qt(C);
+    qr.apply_q(C);
+  };
+  all();  // warm: storage and scratch sized
+  CHECK(allocations_of(all) == 0);
+}
+
+TEMPLATE_TEST_CASE("Linear's hot paths allocate nothing once warm, across weight versions", "[alloc]", float,
+                   double) {
+  using S = TestType;
+  Eigen::setNbThreads(1);
+  moonwalk::Linear<S> wide(784, 256);  // submersive: vijp by the reflectors or by P
+  for (Index batch : {Index(128), Index(8 * 256)}) {
+    CAPTURE(batch);
+    const Mat<S> x = rand<S>(784, batch, 4), hy0 = rand<S>(256, batch, 5);
+    Mat<S> y(256, batch), hx(784, batch), hy(256, batch);
+    moonwalk::Vector<S> g = moonwalk::Vector<S>::Zero(wide.num_params());
+    auto step = [&] {
+      wide.forward_into(x, y);
+      wide.vjp_into(x, hy0, hx);
+      wide.vjp_params(x, hy0, g);
+      wide.vijp_into(x, hx, hy);  // the factorisation of this weight version, then the solve
+      wide.W()(0, 0) += S(1e-3);  // a new weight version, as an optimizer step makes
+    };
+    step();
+    step();
+    CHECK(allocations_of(step) == 0);
+    CHECK((hy - hy0).norm() <= S(1e-2) * hy0.norm());  // it did solve Wᵀ h_y = h_x
+  }
+}
