@@ -33,7 +33,9 @@
 //    "error_estimate" (max over steps), "within_tolerance" (every step), "fallbacks" (sum),
 //    "dtype", "threads", "loss", "seed", "rebuild_inputs", "allocations_per_step" (heap
 //    allocations, gradient and update, mean over the steps after the first: bench/alloc_count.hpp),
-//    "allocated_bytes_per_step" (the bytes they asked for)},
+//    "allocated_bytes_per_step" (the bytes they asked for), "scratch_bytes" (what the dense
+//    kernels' per-thread scratch holds after the run, moonwalk::thread_scratch_bytes(): part of
+//    the peak, not of the baseline)},
 //    and with --budget also
 //    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
 //    "steps_completed" (steps that finished; the figures above are over those)
@@ -392,7 +394,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
             << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false")
             << ",\"allocations_per_step\":" << json_number(allocs_per_step)
-            << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step);
+            << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step)
+            << ",\"scratch_bytes\":" << moonwalk::thread_scratch_bytes();
   if (o.budget > 0)
     std::cout << ",\"budget_bytes\":" << o.budget
               << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")

@@ -12,7 +12,11 @@
 #include <catch2/catch.hpp>
 #include <cstdint>
 #include <moonwalk/core/dense.hpp>
+#include <moonwalk/layers/activations.hpp>
 #include <moonwalk/layers/linear.hpp>
+#include <moonwalk/nets/network.hpp>
+#include <moonwalk/nets/parameters.hpp>
+#include <moonwalk/optim/optimizers.hpp>
 
 #include "support/check_util.hpp"
 
@@ -89,4 +93,52 @@ TEMPLATE_TEST_CASE("Linear's hot paths allocate nothing once warm, across weight
     CHECK(allocations_of(step) == 0);
     CHECK((hy - hy0).norm() <= S(1e-2) * hy0.norm());  // it did solve Wᵀ h_y = h_x
   }
+}
+
+TEST_CASE("release_thread_scratch gives the scratch back; the next call takes it again", "[alloc]") {
+  Eigen::setNbThreads(1);
+  const Mat<double> A = rand<double>(300, 200, 1), B = rand<double>(200, 100, 2);
+  Mat<double> C(300, 100);
+  moonwalk::release_thread_scratch();  // (what the cases above grew it to)
+  CHECK(moonwalk::thread_scratch_bytes() == 0);
+  moonwalk::detail::gemm<double>(C, A, Op::N, B, Op::N);
+  const std::size_t held = moonwalk::thread_scratch_bytes();
+  CHECK(held > 0);
+  // Float and double share the roles: a float product of the same shape needs no more.
+  const Mat<float> Af = A.cast<float>(), Bf = B.cast<float>();
+  Mat<float> Cf(300, 100);
+  CHECK(allocations_of([&] { moonwalk::detail::gemm<float>(Cf, Af, Op::N, Bf, Op::N); }) == 0);
+  CHECK(moonwalk::thread_scratch_bytes() == held);
+  moonwalk::release_thread_scratch();
+  CHECK(moonwalk::thread_scratch_bytes() == 0);
+  CHECK(allocations_of([&] { moonwalk::detail::gemm<double>(C, A, Op::N, B, Op::N); }) > 0);
+  CHECK(moonwalk::thread_scratch_bytes() == held);
+  CHECK(allocations_of([&] { moonwalk::detail::gemm<double>(C, A, Op::N, B, Op::N); }) == 0);
+}
+
+TEST_CASE("zero_gradients and an optimizer step on a run-time network allocate nothing once warm",
+          "[alloc]") {
+  // Each asks every layer for its blocks: a flat layer's one block is held in place (Blocks).
+  moonwalk::Network<float> net;
+  net.add(moonwalk::Linear<float>(30, 20))
+      .add(moonwalk::LeakyReLU<float>(20, 0.1f))
+      .add(moonwalk::Linear<float>(20, 5));
+  moonwalk::Sgd<float> sgd{.lr = 1e-3, .momentum = 0.9};
+  moonwalk::Adam<float> adam{.lr = 1e-3};
+  auto step = [&] {
+    moonwalk::zero_gradients(net);
+    sgd.step(net);
+    adam.step(net);
+  };
+  step();  // the optimizers' state is sized on their first step
+  CHECK(allocations_of(step) == 0);
+  // A list of more blocks than are held in place still lists them all, in order.
+  moonwalk::Blocks<std::span<float>> many;
+  std::vector<float> storage(6);
+  for (std::size_t i = 0; i < 6; ++i) many.push_back(std::span<float>(storage.data() + i, 1));
+  REQUIRE(many.size() == 6);
+  for (std::size_t i = 0; i < 6; ++i) CHECK(many[i].data() == storage.data() + i);
+  const std::vector<std::span<float>> as_vector = many;
+  CHECK(as_vector.size() == 6);
+  CHECK(as_vector[5].data() == storage.data() + 5);
 }

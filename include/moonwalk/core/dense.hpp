@@ -11,7 +11,7 @@
 // one buffer per role, grown to the largest size asked and then reused. The
 // packing buffers are bounded by Eigen's cache-derived blocking sizes, not by
 // the problem; the Householder roles hold one panel (rows × 48) and its
-// products. `release_scratch()` gives a thread's buffers back.
+// products. `moonwalk::release_thread_scratch()` gives a thread's back.
 //
 // With more than one Eigen thread (Eigen::nbThreads() > 1) the products go
 // through Eigen's own parallel GEMM, which allocates its per-thread blocks.
@@ -43,25 +43,61 @@ enum class Scratch : std::size_t {
   count
 };
 
-template <class S>
-struct ScratchBuffers {
-  std::array<Vector<S>, static_cast<std::size_t>(Scratch::count)> buffers;
+/// This thread's scratch: one raw, aligned block per role, shared by float
+/// and double (a role is never in use at both types at once: the kernels
+/// that nest run at one scalar type, and a float layer's estimates in double
+/// run after its float factorisation has returned).
+class ScratchArena {
+ public:
+  ScratchArena() = default;
+  ScratchArena(const ScratchArena&) = delete;
+  ScratchArena& operator=(const ScratchArena&) = delete;
+  ~ScratchArena() { release(); }
+
+  /// At least `bytes` for `role`, grown (exactly: a step's sizes repeat, and
+  /// memory is the point), never shrunk; the contents are not kept.
+  void* get(Scratch role, std::size_t bytes) {
+    Block& b = blocks_[static_cast<std::size_t>(role)];
+    if (b.bytes < bytes) {
+      Eigen::internal::aligned_free(b.data);
+      b = {};  // a failed allocation (std::bad_alloc) leaves the role empty
+      b.data = Eigen::internal::aligned_malloc(bytes);
+      b.bytes = bytes;
+    }
+    return b.data;
+  }
+  /// Bytes held, over all roles.
+  [[nodiscard]] std::size_t bytes() const {
+    std::size_t n = 0;
+    for (const Block& b : blocks_) n += b.bytes;
+    return n;
+  }
+  void release() noexcept {
+    for (Block& b : blocks_) {
+      Eigen::internal::aligned_free(b.data);
+      b = {};
+    }
+  }
+
+ private:
+  struct Block {
+    void* data = nullptr;
+    std::size_t bytes = 0;
+  };
+  std::array<Block, static_cast<std::size_t>(Scratch::count)> blocks_{};
 };
 
-template <class S>
-ScratchBuffers<S>& scratch_buffers() {
-  thread_local ScratchBuffers<S> s;
-  return s;
+inline ScratchArena& scratch_arena() {
+  thread_local ScratchArena arena;
+  return arena;
 }
 
-/// This thread's buffer for `role`, at least n scalars (grown, never shrunk,
-/// so a size seen before allocates nothing). Valid until the next call for
-/// the same role and scalar type on this thread.
+/// This thread's buffer for `role`, at least n scalars (a size seen before
+/// allocates nothing). Valid until the next call for the same role on this
+/// thread.
 template <class S>
 S* scratch(Scratch role, Index n) {
-  Vector<S>& v = scratch_buffers<S>().buffers[static_cast<std::size_t>(role)];
-  if (v.size() < n) safe_resize(v, n);  // exact: a step's sizes repeat, and memory is the point
-  return v.data();
+  return static_cast<S*>(scratch_arena().get(role, static_cast<std::size_t>(n) * sizeof(S)));
 }
 
 /// An rows × cols matrix over this thread's buffer for `role` (uninitialised).
@@ -70,11 +106,21 @@ Eigen::Map<Matrix<S>> scratch_matrix(Scratch role, Index rows, Index cols) {
   return {scratch<S>(role, rows * cols), rows, cols};
 }
 
-/// Frees this thread's scratch buffers (float and double).
-inline void release_scratch() {
-  scratch_buffers<float>() = {};
-  scratch_buffers<double>() = {};
-}
+}  // namespace moonwalk::detail
+
+namespace moonwalk {
+
+/// Bytes of scratch this thread holds for the dense kernels (core/dense.hpp):
+/// bounded by the blocking sizes and by the largest layer's input batch.
+inline std::size_t thread_scratch_bytes() { return detail::scratch_arena().bytes(); }
+
+/// Gives this thread's scratch back to the allocator (the next product on
+/// this thread allocates it again), e.g. after training, before other work.
+inline void release_thread_scratch() noexcept { detail::scratch_arena().release(); }
+
+}  // namespace moonwalk
+
+namespace moonwalk::detail {
 
 /// Whether an operand enters a product as is or transposed.
 enum class Op { N, T };

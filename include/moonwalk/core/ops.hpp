@@ -6,23 +6,65 @@
 // submersive only when out ≤ in; a type-erased layer only knows at run time).
 #pragma once
 
+#include <algorithm>
+#include <array>
+#include <cstddef>
 #include <span>
+#include <utility>
 #include <vector>
 
 #include "moonwalk/core/concepts.hpp"
 
 namespace moonwalk {
 
+/// A list of storage blocks (spans), held in place up to kInline of them and
+/// on the heap beyond: a flat layer's one block, or a few, costs no
+/// allocation (optimizers and get/zero_gradients ask every layer each step).
+/// Converts from and to std::vector, the composites' own return type.
+template <class Span>
+class Blocks {
+ public:
+  static constexpr std::size_t kInline = 4;
+  Blocks() = default;
+  Blocks(Span one) : size_(1) { inline_[0] = one; }  // NOLINT: implicit, a single block
+  Blocks(std::vector<Span> v) : size_(v.size()) {    // NOLINT: implicit, from a composite's list
+    if (size_ <= kInline)
+      std::copy(v.begin(), v.end(), inline_.begin());
+    else
+      heap_ = std::move(v);
+  }
+  void push_back(Span b) {
+    if (size_ < kInline) {
+      inline_[size_++] = b;
+      return;
+    }
+    if (size_ == kInline) heap_.assign(inline_.begin(), inline_.end());
+    heap_.push_back(b);
+    ++size_;
+  }
+  [[nodiscard]] std::size_t size() const { return size_; }
+  [[nodiscard]] bool empty() const { return size_ == 0; }
+  [[nodiscard]] const Span* begin() const { return size_ <= kInline ? inline_.data() : heap_.data(); }
+  [[nodiscard]] const Span* end() const { return begin() + size_; }
+  const Span& operator[](std::size_t i) const { return begin()[i]; }
+  operator std::vector<Span>() const { return {begin(), end()}; }  // NOLINT: implicit, as before
+
+ private:
+  std::array<Span, kInline> inline_{};
+  std::vector<Span> heap_;
+  std::size_t size_ = 0;
+};
+
 /// θ of a layer as blocks of contiguous storage, in flat order.
 template <Layer L>
-std::vector<std::span<typename L::scalar_type>> parameter_blocks(L& l) {
+Blocks<std::span<typename L::scalar_type>> parameter_blocks(L& l) {
   if constexpr (HasParameterBlocks<L>)
     return l.parameter_blocks();
   else
     return {l.parameters()};
 }
 template <Layer L>
-std::vector<std::span<const typename L::scalar_type>> parameter_blocks(const L& l) {
+Blocks<std::span<const typename L::scalar_type>> parameter_blocks(const L& l) {
   if constexpr (HasParameterBlocks<L>)
     return l.parameter_blocks();
   else
@@ -30,14 +72,14 @@ std::vector<std::span<const typename L::scalar_type>> parameter_blocks(const L& 
 }
 /// ∂ℓ/∂θ storage of a layer as blocks, in flat order.
 template <Layer L>
-std::vector<std::span<typename L::scalar_type>> gradient_blocks(L& l) {
+Blocks<std::span<typename L::scalar_type>> gradient_blocks(L& l) {
   if constexpr (HasParameterBlocks<L>)
     return l.gradient_blocks();
   else
     return {l.gradients()};
 }
 template <Layer L>
-std::vector<std::span<const typename L::scalar_type>> gradient_blocks(const L& l) {
+Blocks<std::span<const typename L::scalar_type>> gradient_blocks(const L& l) {
   if constexpr (HasParameterBlocks<L>)
     return l.gradient_blocks();
   else

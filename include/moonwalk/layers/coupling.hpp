@@ -264,9 +264,10 @@ class Coupling {
     return in;
   }
   template <class T>
-  static std::vector<T> join(std::vector<T> a, const std::vector<T>& b) {
-    a.insert(a.end(), b.begin(), b.end());
-    return a;
+  static std::vector<T> join(const Blocks<T>& a, const Blocks<T>& b) {
+    std::vector<T> out(a.begin(), a.end());
+    out.insert(out.end(), b.begin(), b.end());
+    return out;
   }
 
   F f_;

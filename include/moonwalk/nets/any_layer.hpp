@@ -49,12 +49,12 @@ class AnyLayer {
   [[nodiscard]] Index out_features() const { return self_->out_features(); }
   [[nodiscard]] std::string name() const { return self_->name(); }
   [[nodiscard]] Index num_params() const { return self_->num_params(); }
-  std::vector<std::span<S>> parameter_blocks() { return self_->parameter_blocks(); }
-  [[nodiscard]] std::vector<std::span<const S>> parameter_blocks() const {
+  Blocks<std::span<S>> parameter_blocks() { return self_->parameter_blocks(); }
+  [[nodiscard]] Blocks<std::span<const S>> parameter_blocks() const {
     return std::as_const(*self_).parameter_blocks();
   }
-  std::vector<std::span<S>> gradient_blocks() { return self_->gradient_blocks(); }
-  [[nodiscard]] std::vector<std::span<const S>> gradient_blocks() const {
+  Blocks<std::span<S>> gradient_blocks() { return self_->gradient_blocks(); }
+  [[nodiscard]] Blocks<std::span<const S>> gradient_blocks() const {
     return std::as_const(*self_).gradient_blocks();
   }
 
@@ -139,10 +139,10 @@ class AnyLayer {
     [[nodiscard]] virtual Index out_features() const = 0;
     [[nodiscard]] virtual std::string name() const = 0;
     [[nodiscard]] virtual Index num_params() const = 0;
-    virtual std::vector<std::span<S>> parameter_blocks() = 0;
-    [[nodiscard]] virtual std::vector<std::span<const S>> parameter_blocks() const = 0;
-    virtual std::vector<std::span<S>> gradient_blocks() = 0;
-    [[nodiscard]] virtual std::vector<std::span<const S>> gradient_blocks() const = 0;
+    virtual Blocks<std::span<S>> parameter_blocks() = 0;
+    [[nodiscard]] virtual Blocks<std::span<const S>> parameter_blocks() const = 0;
+    virtual Blocks<std::span<S>> gradient_blocks() = 0;
+    [[nodiscard]] virtual Blocks<std::span<const S>> gradient_blocks() const = 0;
     [[nodiscard]] virtual Matrix<S> forward(const CRef<S>&) const = 0;
     [[nodiscard]] virtual Matrix<S> jvp(const CRef<S>&, const CRef<S>&) const = 0;
     [[nodiscard]] virtual Matrix<S> jvp_params(const CRef<S>&, const CVecRef<S>&) const = 0;
@@ -180,12 +180,12 @@ class AnyLayer {
     [[nodiscard]] Index out_features() const override { return layer.out_features(); }
     [[nodiscard]] std::string name() const override { return layer.name(); }
     [[nodiscard]] Index num_params() const override { return layer.num_params(); }
-    std::vector<std::span<S>> parameter_blocks() override { return moonwalk::parameter_blocks(layer); }
-    [[nodiscard]] std::vector<std::span<const S>> parameter_blocks() const override {
+    Blocks<std::span<S>> parameter_blocks() override { return moonwalk::parameter_blocks(layer); }
+    [[nodiscard]] Blocks<std::span<const S>> parameter_blocks() const override {
       return moonwalk::parameter_blocks(layer);
     }
-    std::vector<std::span<S>> gradient_blocks() override { return moonwalk::gradient_blocks(layer); }
-    [[nodiscard]] std::vector<std::span<const S>> gradient_blocks() const override {
+    Blocks<std::span<S>> gradient_blocks() override { return moonwalk::gradient_blocks(layer); }
+    [[nodiscard]] Blocks<std::span<const S>> gradient_blocks() const override {
       return moonwalk::gradient_blocks(layer);
     }
     [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const override { return layer.forward(x); }
