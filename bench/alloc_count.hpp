@@ -7,10 +7,18 @@
 // (__libc_*), so mallopt settings and peak RSS are unchanged. Eigen, the
 // standard library and the OpenMP runtime all allocate through these, so the
 // difference of two readings is every heap allocation made in between.
+// Anonymous mappings asked for by name (mmap, mmap64: what Moonwalk's large
+// scratch blocks use, core/dense.hpp) count too; glibc's own mappings for
+// large mallocs are already counted as the malloc.
 //
 // Include in exactly one translation unit of an executable (it defines the
 // symbols), never in a library.
 #pragma once
+
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cstddef>
@@ -82,5 +90,13 @@ void* valloc(std::size_t n) noexcept {
 void* pvalloc(std::size_t n) noexcept {
   moonwalk::bench::detail::count_one(n);
   return __libc_pvalloc(n);
+}
+// mmap by name (glibc's __mmap is private): the system call itself.
+void* mmap(void* addr, std::size_t n, int prot, int flags, int fd, off_t offset) noexcept {
+  if (flags & MAP_ANONYMOUS) moonwalk::bench::detail::count_one(n);
+  return reinterpret_cast<void*>(syscall(SYS_mmap, addr, n, prot, flags, fd, offset));
+}
+void* mmap64(void* addr, std::size_t n, int prot, int flags, int fd, off_t offset) noexcept {
+  return mmap(addr, n, prot, flags, fd, offset);
 }
 }
