@@ -95,7 +95,7 @@ TEMPLATE_TEST_CASE("Linear's hot paths allocate nothing once warm, across weight
   }
 }
 
-TEST_CASE("release_thread_scratch gives the scratch back; the next call takes it again", "[alloc]") {
+TEST_CASE("release_thread_scratch gives the scratch back, and the next call takes it again", "[alloc]") {
   Eigen::setNbThreads(1);
   const Mat<double> A = rand<double>(300, 200, 1), B = rand<double>(200, 100, 2);
   Mat<double> C(300, 100);
