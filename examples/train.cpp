@@ -460,6 +460,7 @@ int train(const Options& o) {
   double last_train_loss = std::numeric_limits<double>::quiet_NaN();
   Evaluation<S> eval{};
   bool evaluated = false;
+  moonwalk::GradientResult<S> r;  // filled in place by every step (gradient_into)
   for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
     const auto t_epoch = std::chrono::steady_clock::now();
     const std::vector<Index> order = moonwalk::data::shuffled_indices(
@@ -474,8 +475,8 @@ int train(const Options& o) {
             x, train_set.shape,
             (o.seed * 1000003u + static_cast<std::uint64_t>(epoch)) * 0x9e3779b97f4a7c15ULL +
                 static_cast<std::uint64_t>(b));
-      const auto r = moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
-        return moonwalk::gradient(schedule, net, x, loss, y);
+      moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+        moonwalk::gradient_into(schedule, net, x, loss, y, r);
       });
       const double lr = opt.base_lr() * lr_factor(opt.steps());
       opt.step(net, lr);

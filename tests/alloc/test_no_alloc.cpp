@@ -14,9 +14,12 @@
 #include <moonwalk/core/dense.hpp>
 #include <moonwalk/layers/activations.hpp>
 #include <moonwalk/layers/linear.hpp>
+#include <moonwalk/losses/losses.hpp>
 #include <moonwalk/nets/network.hpp>
 #include <moonwalk/nets/parameters.hpp>
+#include <moonwalk/nets/spec.hpp>
 #include <moonwalk/optim/optimizers.hpp>
+#include <moonwalk/schedules/by_name.hpp>
 
 #include "support/check_util.hpp"
 
@@ -142,4 +145,64 @@ TEST_CASE("zero_gradients and an optimizer step on a run-time network allocate n
   const std::vector<std::span<float>> as_vector = many;
   CHECK(as_vector.size() == 6);
   CHECK(as_vector[5].data() == storage.data() + 5);
+}
+
+TEST_CASE("a training step through gradient_into allocates nothing once warm: backprop and mixed Moonwalk",
+          "[alloc]") {
+  // The Fashion-MNIST MLP of BENCHMARKS.md at batch 128, with a result kept
+  // across steps: the gradient, h_0, the report's entries, names, maps and
+  // the amplification list are all filled in place.
+  Eigen::setNbThreads(1);
+  auto net = moonwalk::parse_network<float>(
+      "in:784,linear:256,leaky_relu:0.1,linear:128,leaky_relu:0.1,linear:100,leaky_relu:0.1,linear:10", 7);
+  const Mat<float> x = rand<float>(784, 128, 3);
+  std::vector<Index> labels(128);
+  for (std::size_t b = 0; b < labels.size(); ++b) labels[b] = static_cast<Index>(b % 10);
+  const moonwalk::SoftmaxCrossEntropy<float> loss;
+  moonwalk::Sgd<float> sgd{.lr = 1e-3, .momentum = 0.9};
+  moonwalk::GradientResult<float> r;
+  auto steps = [&](const auto& schedule) {
+    auto step = [&] {
+      moonwalk::gradient_into(schedule, net, x, loss, labels, r);
+      sgd.step(net);
+    };
+    step();  // sizes the workspace, the result and the optimizer's state
+    step();
+    CHECK(allocations_of([&] {
+            for (int k = 0; k < 3; ++k) step();
+          }) == 0);
+    CHECK(r.stats.within_tolerance);
+    CHECK(r.gradient.size() == moonwalk::num_parameters(net));
+    CHECK(r.stats.saved.size() > 0);
+  };
+  SECTION("by name, as the trainer runs them") {
+    for (const char* name : {"backprop", "mixed"}) {
+      INFO(name);
+      const moonwalk::ScheduleChoice choice{.name = name};
+      auto by_name = [&] {
+        moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+          moonwalk::gradient_into(schedule, net, x, loss, labels, r);
+        });
+        sgd.step(net);
+      };
+      by_name();
+      by_name();
+      CHECK(allocations_of([&] {
+              for (int k = 0; k < 3; ++k) by_name();
+            }) == 0);
+      CHECK(r.stats.schedule == name);
+    }
+  }
+  SECTION("mixed, anchors every second layer") {
+    moonwalk::MixedMoonwalk m{};
+    m.anchors.every = 2;
+    steps(m);
+    CHECK(r.stats.anchor_layers.size() >= 3);
+  }
+  SECTION("mixed, double cotangents") {
+    moonwalk::MixedMoonwalk m{};
+    m.fidelity.precision = moonwalk::Precision::double_cotangents;
+    steps(m);
+    CHECK(r.stats.precision == "double");
+  }
 }

@@ -308,3 +308,131 @@ TEST_CASE("Workspace: a buffer whose growth fails stays usable (no dangling stor
   CHECK_THROWS_AS(detail::safe_resize(w, huge << 20), std::bad_alloc);
   CHECK(w.size() == 0);
 }
+
+namespace {
+
+/// Everything two results report: the gradient, the saved-residual report
+/// (entries, names, kinds, bytes, fidelity figures), the schedule's figures,
+/// operator counts and the amplification list's names.
+void same_report(const GradientResult<float>& a, const GradientResult<float>& b) {
+  same(a, b);
+  CHECK(report_json(a.stats) == report_json(b.stats));
+  CHECK(a.stats.figures == b.stats.figures);
+  CHECK(a.stats.counts.forward + a.stats.counts.vjp + a.stats.counts.vijp ==
+        b.stats.counts.forward + b.stats.counts.vjp + b.stats.counts.vijp);
+  REQUIRE(a.stats.amplification.size() == b.stats.amplification.size());
+  for (std::size_t k = 0; k < a.stats.amplification.size(); ++k)
+    CHECK(a.stats.amplification[k].layer_name == b.stats.amplification[k].layer_name);
+}
+
+/// One result filled by gradient_into step after step, across networks,
+/// widths, layer replacements and batch widths: each equals a fresh
+/// gradient() of a fresh schedule, report included.
+template <class Sch>
+void check_into(const Sch& s) {
+  GradientResult<float> r;
+  auto into = [&](Network<float>& net, Index b) {
+    const Matrix<float> x = gaussian<float>(net.in_features(), b, 11);
+    const Matrix<float> t = gaussian<float>(net.out_features(), b, 12);
+    gradient_into(s, net, x, MSE<float>{}, t, r);
+    Sch fresh = s;
+    fresh.workspace = detail::new_workspace();
+    same_report(r, gradient(fresh, net, x, MSE<float>{}, t));
+  };
+  Network<float> a = mlp(3, 24, 0.2F, Init::orthogonal, 5), b = mlp(5, 16, 0.5F, Init::orthogonal, 8);
+  into(a, 8);
+  into(a, 8);
+  into(b, 8);  // more layers, other widths and names
+  into(a, 4);  // fewer layers again, another batch
+  REQUIRE(r.stats.saved.size() > 0);
+  // A layer replaced in place, same widths, another kind: its name follows.
+  a[1] = AnyLayer<float>(Tanh<float>(24));
+  into(a, 8);
+  bool listed = false;
+  for (const SavedEntry& e : r.stats.saved) listed = listed || (e.layer == 1 && e.layer_name == "tanh(24)");
+  CHECK(listed);
+}
+
+}  // namespace
+
+TEST_CASE("gradient_into fills a result kept across steps: the same as a fresh gradient(), report included",
+          "[workspace][schedules]") {
+  // (No precision memory: the reused and the fresh schedule take the same path.)
+  MixedMoonwalk mixed{};
+  mixed.fidelity.memory = nullptr;
+  SECTION("backprop") { check_into(Backprop{}); }
+  SECTION("mixed") { check_into(mixed); }
+  SECTION("mixed, explicit anchors") {
+    MixedMoonwalk m = mixed;
+    m.anchors.every = 2;
+    check_into(m);
+  }
+  SECTION("mixed, double cotangents") {
+    MixedMoonwalk m = mixed;
+    m.fidelity.precision = Precision::double_cotangents;
+    check_into(m);
+  }
+  SECTION("one result for several schedules, in turn") {
+    Network<float> net = mlp(3, 20, 0.3F, Init::orthogonal, 4);
+    const Matrix<float> x = gaussian<float>(20, 8, 1), t = gaussian<float>(4, 8, 2);
+    MixedMoonwalk anchored = mixed;
+    anchored.anchors.every = 2;
+    GradientResult<float> r;
+    auto both = [&](const auto& s) {
+      gradient_into(s, net, x, MSE<float>{}, t, r);
+      auto fresh = s;
+      fresh.workspace = detail::new_workspace();
+      same_report(r, gradient(fresh, net, x, MSE<float>{}, t));
+    };
+    both(mixed);
+    both(Backprop{});
+    CHECK(r.stats.amplification.empty());
+    both(anchored);
+    both(mixed);
+    CHECK(r.stats.anchor_layers.empty());
+  }
+  SECTION("a schedule without run_into is assigned a fresh result") {
+    Network<float> net = mlp(2, 12, 0.3F, Init::orthogonal, 2);
+    const Matrix<float> x = gaussian<float>(12, 6, 1), t = gaussian<float>(4, 6, 2);
+    GradientResult<float> r;
+    gradient_into(Checkpointing{}, net, x, MSE<float>{}, t, r);
+    same_report(r, gradient(Checkpointing{}, net, x, MSE<float>{}, t));
+  }
+  SECTION("bad input is refused with the schedule named") {
+    Network<float> net = mlp(2, 12, 0.3F, Init::orthogonal, 2);
+    GradientResult<float> r;
+    CHECK_THROWS_WITH(
+        gradient_into(Backprop{}, net, gaussian<float>(7, 6, 1), MSE<float>{}, gaussian<float>(4, 6, 2), r),
+        Catch::Contains("backprop: network input") && Catch::Contains("7x6"));
+  }
+}
+
+TEST_CASE("FlatMap: a std::map's reading, in key order, whose clear keeps its storage", "[report]") {
+  detail::FlatMap<double> m;
+  m["zeta"] = 1;
+  m["alpha"] = 2;
+  m["mid"] += 3;
+  m["alpha"] += 1;
+  CHECK(m.size() == 3);
+  std::vector<std::string> keys;
+  for (const auto& [k, v] : m) keys.push_back(k);
+  CHECK(keys == std::vector<std::string>{"alpha", "mid", "zeta"});
+  CHECK(m.at("alpha") == 3);
+  CHECK(m.count("mid") == 1);
+  CHECK(m.count("none") == 0);
+  CHECK(m.find("none") == m.end());
+  CHECK_THROWS_AS(m.at("none"), std::out_of_range);
+  m.clear();
+  CHECK(m.empty());
+  CHECK(m.begin() == m.end());
+  m["b_key_longer_than_the_small_string"] = 5;
+  m["a"] = 4;
+  CHECK(m.size() == 2);
+  CHECK(m.begin()->first == "a");
+  CHECK(m.at("b_key_longer_than_the_small_string") == 5);
+  detail::FlatMap<double> n;
+  n["a"] = 4;
+  CHECK_FALSE(m == n);
+  n["b_key_longer_than_the_small_string"] = 5;
+  CHECK(m == n);
+}

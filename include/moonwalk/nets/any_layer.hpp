@@ -5,6 +5,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -130,6 +131,12 @@ class AnyLayer {
     auto* m = dynamic_cast<const Model<L>*>(self_.get());
     return m ? &m->layer : nullptr;
   }
+
+  /// The wrapped layer's address and type: both stay while this AnyLayer
+  /// holds the same layer (what a cache keyed on a layer compares, e.g. the
+  /// schedules' layer names).
+  [[nodiscard]] const void* wrapped_address() const noexcept { return self_.get(); }
+  [[nodiscard]] const std::type_info& wrapped_type() const noexcept { return typeid(*self_); }
 
  private:
   struct Interface {

@@ -52,10 +52,11 @@ void set_parameters(N& net, const CVecRef<typename N::scalar_type>& v) {
     });
 }
 
-/// ∂ℓ/∂θ as one vector of length P.
+/// ∂ℓ/∂θ written into v, resized to length P (no allocation when it has that length).
 template <Net N>
-Vector<typename N::scalar_type> get_gradients(const N& net) {
-  Vector<typename N::scalar_type> v(num_parameters(net));
+void gradients_into(const N& net, Vector<typename N::scalar_type>& v) {
+  const Index p = num_parameters(net);
+  if (v.size() != p) v.resize(p);
   Index o = 0;
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) {
@@ -64,6 +65,13 @@ Vector<typename N::scalar_type> get_gradients(const N& net) {
         o += static_cast<Index>(s.size());
       }
     });
+}
+
+/// ∂ℓ/∂θ as one vector of length P.
+template <Net N>
+Vector<typename N::scalar_type> get_gradients(const N& net) {
+  Vector<typename N::scalar_type> v;
+  gradients_into(net, v);
   return v;
 }
 

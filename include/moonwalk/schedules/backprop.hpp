@@ -18,20 +18,39 @@ namespace moonwalk {
 /// (or a fresh Backprop) gives it back.
 struct Backprop {
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
-  /// Its slots: the layer outputs x_1..x_L (a std::vector), ∂ℓ/∂x_L, and the
-  /// two buffers the cotangents alternate between.
-  enum Slot : std::size_t { outputs_slot, loss_slot, cotangent_slot, next_cotangent_slot };
+  /// Its slots: the layer outputs x_1..x_L (a std::vector), ∂ℓ/∂x_L, the
+  /// two buffers the cotangents alternate between, the store that accounts
+  /// for the kept inputs, and the layer names its report lists.
+  enum Slot : std::size_t {
+    outputs_slot,
+    loss_slot,
+    cotangent_slot,
+    next_cotangent_slot,
+    store_slot,
+    names_slot
+  };
 
   [[nodiscard]] static std::string name() { return "backprop"; }
 
   template <Net N, class L>
   GradientResult<typename N::scalar_type> run(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
                                               const typename L::target_type& target) const {
+    return detail::run_fresh(*this, net, x0, loss, target);
+  }
+
+  /// run(), written into `out` (gradient_into): reusing its storage, a step
+  /// on the shapes of the last one allocates nothing.
+  template <Net N, class L>
+  void run_into(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
+                const typename L::target_type& target, GradientResult<typename N::scalar_type>& out) const {
     using S = typename N::scalar_type;
     const detail::WorkspaceLease ws(workspace);
-    GradientResult<S> out;
+    out.stats.restart();
     out.stats.schedule = name();
-    SavedStore store(net.size());
+    out.stats.amplification.clear();  // (no fidelity figures: backprop does not amplify)
+    SavedStore& store = ws->get<SavedStore>(store_slot);
+    store.restart(net.size());
+    detail::LayerNames& names = ws->get<detail::LayerNames>(names_slot);
     zero_gradients(net);
     // xs[i] = x_{i+1}, the output of layer i (x_0 is the caller's).
     const Index batch = x0.cols();
@@ -46,8 +65,8 @@ struct Backprop {
                           batch);  // (no allocation when the shape is the last step's)
       moonwalk::forward_into(l, input(i), xs[i]);
       ++out.stats.counts.forward;
-      store.hold(i, SavedStore::activation, l.name(), static_cast<std::size_t>(input(i).size()) * sizeof(S),
-                 "activation");
+      store.hold(i, SavedStore::activation, names(i, l),
+                 static_cast<std::size_t>(input(i).size()) * sizeof(S), "activation");
     });
     Matrix<S>& g = ws->get<Matrix<S>>(loss_slot);
     out.loss = detail::loss_into<L, S>(loss, xs.back(), target, g);
@@ -64,10 +83,9 @@ struct Backprop {
       out.stats.counts.vjp += 1;
     });
     out.h0 = h.current();
-    if (!detail::keep_across_steps(net, batch)) ws->clear();  // (before the gradient's copy is made)
-    out.gradient = get_gradients(net);
     store.report_to(out.stats);
-    return out;
+    if (!detail::keep_across_steps(net, batch)) ws->clear();  // (before the gradient's copy is made)
+    gradients_into(net, out.gradient);
   }
 };
 

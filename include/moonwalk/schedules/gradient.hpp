@@ -15,6 +15,31 @@ concept ScheduleFor = Net<N> && requires(const Sch& s, N& net, const Matrix<type
   { s.run(net, x, loss, t) } -> std::same_as<GradientResult<typename N::scalar_type>>;
 };
 
+/// A schedule that can fill a caller's result in place: `run_into` writes
+/// what `run` returns into `out`, reusing its storage (the gradient, h_0,
+/// the report's lists and maps).
+template <class Sch, class N, class L>
+concept ScheduleInto = ScheduleFor<Sch, N, L> &&
+    requires(const Sch& s, N& net, const Matrix<typename N::scalar_type>& x, const L& loss,
+             const typename L::target_type& t, GradientResult<typename N::scalar_type>& out) {
+  s.run_into(net, x, loss, t, out);
+};
+
+namespace detail {
+/// "<schedule>: network input", formatted only for an error message.
+template <class Sch>
+struct NetworkInputOf {
+  const Sch& schedule;
+  [[nodiscard]] std::string name() const { return cat(schedule.name(), ": network input"); }
+};
+
+template <class N, class Sch>
+void check_gradient_input(const Sch& schedule, const N& net, const CRef<typename N::scalar_type>& x) {
+  if (net.size() == 0) throw ShapeError(std::string(schedule.name()) + ": empty network");
+  check_rows(NetworkInputOf<Sch>{schedule}, "batch", x, net.in_features());
+}
+}  // namespace detail
+
 /// Runs `schedule` on `net` for input batch x (in_features × batch) and
 /// `loss` against `target`; returns the loss, ∂ℓ/∂θ (flat, also left in the
 /// layers' gradient storage), h_0 = ∂ℓ/∂x_0 and the schedule's stats.
@@ -22,12 +47,38 @@ template <Net N, class Sch, class L>
 requires ScheduleFor<Sch, N, L> GradientResult<typename N::scalar_type> gradient(
     const Sch& schedule, N& net, const CRef<typename N::scalar_type>& x, const L& loss,
     const typename L::target_type& target) {
-  if (net.size() == 0) throw ShapeError(std::string(schedule.name()) + ": empty network");
-  detail::check_rows(std::string(schedule.name()) + ": network input", "batch", x, net.in_features());
+  detail::check_gradient_input(schedule, net, x);
   return schedule.run(net, x, loss, target);
 }
 
+/// gradient(), written into `out`: the training-loop form. A result kept
+/// across steps is filled again in place, so once a schedule's workspace and
+/// `out` have seen a step on these shapes, a step of `Backprop` or
+/// `MixedMoonwalk` allocates nothing (no gradient copy, no h_0, no report
+/// strings; tests/alloc). Schedules without `run_into` assign a fresh result.
+/// If it throws, `out` holds no meaningful result.
+template <Net N, class Sch, class L>
+requires ScheduleFor<Sch, N, L>
+void gradient_into(const Sch& schedule, N& net, const CRef<typename N::scalar_type>& x, const L& loss,
+                   const typename L::target_type& target, GradientResult<typename N::scalar_type>& out) {
+  detail::check_gradient_input(schedule, net, x);
+  if constexpr (ScheduleInto<Sch, N, L>)
+    schedule.run_into(net, x, loss, target, out);
+  else
+    out = schedule.run(net, x, loss, target);
+}
+
 namespace detail {
+
+/// run() of a schedule that writes into a caller's result: its run_into on a fresh one.
+template <class Sch, Net N, class L>
+GradientResult<typename N::scalar_type> run_fresh(const Sch& schedule, N& net,
+                                                  const CRef<typename N::scalar_type>& x0, const L& loss,
+                                                  const typename L::target_type& target) {
+  GradientResult<typename N::scalar_type> out;
+  schedule.run_into(net, x0, loss, target, out);
+  return out;
+}
 
 /// Calls f(i, layer_i) for i = 0..L−1.
 template <Net N, class F>

@@ -4,7 +4,6 @@
 #include <cmath>
 #include <limits>
 #include <memory>
-#include <optional>
 
 #include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/schedules/backprop.hpp"
@@ -49,6 +48,14 @@ struct MixedMoonwalk {
   template <Net N, class L>
   GradientResult<typename N::scalar_type> run(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
                                               const typename L::target_type& target) const {
+    return detail::run_fresh(*this, net, x0, loss, target);
+  }
+
+  /// run(), written into `out` (gradient_into): reusing its storage and the
+  /// workspace, a step on the shapes of the last one allocates nothing.
+  template <Net N, class L>
+  void run_into(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
+                const typename L::target_type& target, GradientResult<typename N::scalar_type>& out) const {
     using S = typename N::scalar_type;
     const double tol = fidelity.target<S>();
     const bool can_double = detail::double_possible<N> && detail::castable_to_double(net);
@@ -58,7 +65,6 @@ struct MixedMoonwalk {
     double scale = 1;  // multiplies the calibration constant: > 1 places anchors more densely
     bool rebuild = rebuild_inputs;
     std::size_t fallbacks = 0, peak = 0;
-    std::optional<GradientResult<S>> out;
     const detail::WorkspaceLease ws(workspace);
     const bool keep = detail::keep_across_steps(net, x0.cols());
     // Layers cast for double cotangents: once per gradient, shared by every
@@ -81,37 +87,36 @@ struct MixedMoonwalk {
                             fidelity.tolerance_anchors && !rebuild;
       if constexpr (detail::double_possible<N>) {
         if (use_double)
-          out = attempt<double>(net, cast_double, *ws, keep, x0, loss, target, scale, rebuild, false);
+          attempt<double>(net, cast_double, *ws, keep, x0, loss, target, scale, rebuild, false, out);
         else
-          out = attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate);
+          attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate, out);
       } else {
-        out = attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate);
+        attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate, out);
       }
-      peak = std::max(peak, out->stats.residual_bytes);
-      if (out->stats.figures.count("escalated")) {  // double cotangents anchor for less
+      peak = std::max(peak, out.stats.residual_bytes);
+      if (out.stats.figures.count("escalated")) {  // double cotangents anchor for less
         detail::release_cotangent_buffers<S>(*ws, net.size());
         if (!keep) detail::release_derived(net);  // the discarded attempt's factorisations
         use_double = true;
         ++fallbacks;
         continue;
       }
-      const double est = out->stats.error_estimate;
+      const double est = out.stats.error_estimate;
       if (!fidelity.verify || est <= fidelity.accept * tol) break;
       ++fallbacks;
       if (fallbacks > 4) {
         // Last resort: reference backprop cannot drift.
-        GradientResult<S> bp = Backprop{}.run(net, x0, loss, target);
-        bp.stats.schedule = name();
-        bp.stats.precision = "backprop";
-        bp.stats.figures["backprop_fallback"] = 1;
-        peak = std::max(peak, bp.stats.residual_bytes);
-        out = std::move(bp);
+        Backprop{}.run_into(net, x0, loss, target, out);
+        out.stats.schedule = name();
+        out.stats.precision = "backprop";
+        out.stats.figures["backprop_fallback"] = 1;
+        peak = std::max(peak, out.stats.residual_bytes);
         break;
       }
       // Inputs rebuilt by inversion drifted: keep them instead (the sweep
       // cannot repair a wrong residual, whatever its anchors or precision).
-      const auto drift = out->stats.figures.find("reconstruction_error");
-      if (rebuild && drift != out->stats.figures.end() && !(drift->second <= fidelity.margin * tol)) {
+      const auto drift = out.stats.figures.find("reconstruction_error");
+      if (rebuild && drift != out.stats.figures.end() && !(drift->second <= fidelity.margin * tol)) {
         rebuild = false;
         continue;
       }
@@ -140,34 +145,41 @@ struct MixedMoonwalk {
       else
         detail::release_cotangent_buffers<double>(*ws, net.size());
     }
-    GradientResult<S>& r = *out;
-    if (r.gradient.size() == 0) r.gradient = get_gradients(net);  // (after the workspace is given back)
-    if (remembered) r.stats.figures["precision_remembered"] = 1;
-    r.stats.tolerance = tol;
-    r.stats.within_tolerance = r.stats.error_estimate <= (fidelity.verify ? fidelity.accept : 1.0) * tol;
-    r.stats.fallbacks = fallbacks;
-    r.stats.residual_bytes = peak;
-    return std::move(r);
+    gradients_into(net, out.gradient);  // (after the workspace is given back)
+    Stats& st = out.stats;
+    if (remembered) st.figures["precision_remembered"] = 1;
+    st.tolerance = tol;
+    st.within_tolerance = st.error_estimate <= (fidelity.verify ? fidelity.accept : 1.0) * tol;
+    st.fallbacks = fallbacks;
+    st.residual_bytes = peak;
   }
 
  private:
-  /// One gradient with cotangents in C; `scale` multiplies the calibration
-  /// constant; `rebuild` rebuilds invertible layers' inputs. With `escalate`,
-  /// gives up (figures["escalated"]) as soon as double cotangents would
-  /// clearly anchor for less (fidelity/policy.hpp).
+  /// One gradient with cotangents in C, written into `out`; `scale`
+  /// multiplies the calibration constant; `rebuild` rebuilds invertible
+  /// layers' inputs. With `escalate`, gives up (figures["escalated"]) as soon
+  /// as double cotangents would clearly anchor for less (fidelity/policy.hpp).
   template <class C, Net N, class L>
-  GradientResult<typename N::scalar_type> attempt(N& net, detail::CastLayers<C>& casts, detail::Workspace& ws,
-                                                  bool keep, const CRef<typename N::scalar_type>& x0,
-                                                  const L& loss, const typename L::target_type& target,
-                                                  double scale, bool rebuild, bool escalate) const {
+  void attempt(N& net, detail::CastLayers<C>& casts, detail::Workspace& ws, bool keep,
+               const CRef<typename N::scalar_type>& x0, const L& loss, const typename L::target_type& target,
+               double scale, bool rebuild, bool escalate,
+               GradientResult<typename N::scalar_type>& out) const {
     using S = typename N::scalar_type;
-    GradientResult<S> out;
     Stats& st = out.stats;
+    st.restart();
     st.schedule = name();
     st.precision = detail::scalar_name<C>();
-    const std::vector<SweepMode> modes = detail::sweep_modes(net);
-    std::vector<bool> anchored = anchors.mask(net.size());
-    SavedStore store(net.size());
+    detail::StepPlan& plan = ws.get<detail::StepPlan>(detail::kPlan);
+    detail::sweep_modes_into(net, plan.modes);
+    const std::vector<SweepMode>& modes = plan.modes;
+    anchors.mask_into(net.size(), plan.anchored);
+    const std::vector<bool>& anchored = plan.anchored;
+    SavedStore& store = ws.get<SavedStore>(detail::kStore);
+    store.restart(net.size());
+    detail::LayerNames& names = ws.get<detail::LayerNames>(detail::kNames);
+    // Layer i's anchor, when it has one (its storage from the pool kAnchors).
+    std::vector<Matrix<C>>& held_anchors = ws.get<std::vector<Matrix<C>>>(detail::held_anchors_slot<C>);
+    held_anchors.resize(net.size());
     zero_gradients(net);
 
     const double uc = unit_roundoff<C>() * fidelity.calibration * scale;
@@ -183,7 +195,8 @@ struct MixedMoonwalk {
       });
 
     // Which layers rebuild their input by inversion instead of keeping a residual.
-    std::vector<bool> rebuilt(net.size(), false);
+    std::vector<bool>& rebuilt = plan.rebuilt;
+    rebuilt.assign(net.size(), false);
     if (rebuild)
       for (std::size_t i = 0; i < net.size(); ++i)
         net.visit(i, [&](const auto& l) { rebuilt[i] = can_invert(l); });
@@ -202,7 +215,7 @@ struct MixedMoonwalk {
         decltype(auto) lc = casts(i, l);
         auto& r = ws.get<residual_t<std::remove_cvref_t<decltype(lc)>>>(detail::residual_slot<C>(i));
         moonwalk::save_residual_into(lc, detail::in_scalar<C>(x.current(), xbuf), r);
-        store.hold(i, SavedStore::residual, l.name(), nbytes(r), residual_kind(r));
+        store.hold(i, SavedStore::residual, names(i, l), nbytes(r), residual_kind(r));
         // Only the residual waits for the backward half, not the cast: a
         // double Linear cast is 1 MiB at width 256 (W and its gradient
         // storage), and held from here to the backward half the casts of all
@@ -213,7 +226,7 @@ struct MixedMoonwalk {
       x.flip();
       ++st.counts.forward;
       if (rebuilt[i] && (i + 1 == net.size() || !rebuilt[i + 1]))
-        store.put(i, SavedStore::activation, l.name(), Matrix<S>(x.current()), "checkpoint");
+        store.put(i, SavedStore::activation, names(i, l), Matrix<S>(x.current()), "checkpoint");
     });
     Matrix<S>& g_out = ws.get<Matrix<S>>(detail::kLossGrad);
     out.loss = detail::loss_into<L, S>(loss, x.current(), target, g_out);
@@ -260,8 +273,9 @@ struct MixedMoonwalk {
       // The fidelity policy: amplification of this layer's vijp, and whether h_i is anchored.
       LayerFidelity& lf = st.amplification[i];
       lf.layer = i;
-      lf.layer_name = l.name();
+      lf.anchored = false;
       if (fidelity.tolerance_anchors) {
+        lf.layer_name = names(i, l);
         const Amplification a = moonwalk::amplification(lc, r);
         lf.bound = a.bound;
         lf.typical = a.typical;
@@ -287,16 +301,18 @@ struct MixedMoonwalk {
           gave_up = true;
           return;
         }
-        Matrix<C> a = ws.take_spare<Matrix<C>>(detail::kAnchors + c);
+        Matrix<C>& a = held_anchors[i];
+        if (a.size() == 0) a = ws.take_spare<Matrix<C>>(detail::kAnchors + c);
         detail::safe_resize(a, h.current().rows(), h.current().cols());
         a = h.current();
-        store.put(i, SavedStore::anchor, l.name(), std::move(a), "anchor");
+        store.hold(i, SavedStore::anchor, names(i, l), static_cast<std::size_t>(a.size()) * sizeof(C),
+                   "anchor");
         st.anchor_layers.insert(st.anchor_layers.begin(), i);
         lf.anchored = true;
         n_fallback += modes[i] == SweepMode::anchor;
       } else if (modes[i] == SweepMode::fragment) {
         if constexpr (Fragmental<Lc>)
-          store.put(i, SavedStore::fragment, l.name(), lc.save_fragment(r, h.current()));
+          store.put(i, SavedStore::fragment, names(i, l), lc.save_fragment(r, h.current()));
       }
       moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch));
       h.flip();
@@ -315,7 +331,7 @@ struct MixedMoonwalk {
     if (gave_up) {
       st.figures["escalated"] = 1;
       store.report_to(st);
-      return out;
+      return;
     }
     if (rebuilt[0]) st.figures["reconstruction_error"] = detail::rel_max_err(x_carried, x0);
     out.h0 = h.current().template cast<S>();
@@ -328,9 +344,8 @@ struct MixedMoonwalk {
     if (pool.size() > st.anchor_layers.size()) pool.resize(st.anchor_layers.size());
     st.figures["anchors"] = static_cast<double>(st.anchor_layers.size());
     st.figures["fallback_anchors"] = static_cast<double>(n_fallback);
-    // (out.gradient is copied by run(), from the accepted attempt only.)
+    // (out.gradient is copied by run_into(), from the accepted attempt only.)
     store.report_to(st);
-    return out;
   }
 };
 

@@ -7,15 +7,88 @@
 #include <cmath>
 #include <cstddef>
 #include <limits>
-#include <map>
 #include <sstream>
+#include <stdexcept>
 #include <string>
+#include <string_view>
+#include <utility>
 #include <vector>
 
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
 
 namespace moonwalk {
+
+namespace detail {
+
+/// A map from names to values, in name order, read like the std::map it
+/// stands for ([], at, find, count, contains, iteration over key/value
+/// pairs). clear() keeps the storage: the entries and their strings stay as
+/// spares that the next insertions reuse, so a Stats filled again step after
+/// step (gradient_into) allocates nothing once it has held its keys.
+template <class V>
+class FlatMap {
+ public:
+  using value_type = std::pair<std::string, V>;
+  using iterator = typename std::vector<value_type>::iterator;
+  using const_iterator = typename std::vector<value_type>::const_iterator;
+
+  /// The value under `key`, inserted as V{} when absent.
+  V& operator[](std::string_view key) {
+    const auto pos = lower(key) - items_.begin();
+    if (static_cast<std::size_t>(pos) < n_ && items_[static_cast<std::size_t>(pos)].first == key)
+      return items_[static_cast<std::size_t>(pos)].second;
+    if (n_ == items_.size()) items_.emplace_back();
+    value_type& spare = items_[n_];  // (its string keeps its capacity)
+    spare.first.assign(key.data(), key.size());
+    spare.second = V{};
+    std::rotate(items_.begin() + pos, items_.begin() + static_cast<std::ptrdiff_t>(n_),
+                items_.begin() + static_cast<std::ptrdiff_t>(n_ + 1));
+    ++n_;
+    return items_[static_cast<std::size_t>(pos)].second;
+  }
+  /// The value under `key`; throws std::out_of_range naming it when absent.
+  [[nodiscard]] const V& at(std::string_view key) const {
+    const auto it = find(key);
+    if (it == end()) throw std::out_of_range("no entry '" + std::string(key) + "'");
+    return it->second;
+  }
+  [[nodiscard]] const_iterator find(std::string_view key) const {
+    const auto it = std::as_const(*this).lower(key);
+    return it != end() && it->first == key ? it : end();
+  }
+  [[nodiscard]] std::size_t count(std::string_view key) const { return find(key) == end() ? 0 : 1; }
+  [[nodiscard]] bool contains(std::string_view key) const { return count(key) == 1; }
+  [[nodiscard]] std::size_t size() const { return n_; }
+  [[nodiscard]] bool empty() const { return n_ == 0; }
+  /// Removes every entry; their storage stays for the next insertions.
+  void clear() { n_ = 0; }
+
+  iterator begin() { return items_.begin(); }
+  iterator end() { return items_.begin() + static_cast<std::ptrdiff_t>(n_); }
+  [[nodiscard]] const_iterator begin() const { return items_.begin(); }
+  [[nodiscard]] const_iterator end() const { return items_.begin() + static_cast<std::ptrdiff_t>(n_); }
+
+  /// Same entries (the spares are not compared).
+  friend bool operator==(const FlatMap& a, const FlatMap& b) {
+    return std::equal(a.begin(), a.end(), b.begin(), b.end());
+  }
+
+ private:
+  [[nodiscard]] iterator lower(std::string_view key) {
+    return std::lower_bound(begin(), end(), key,
+                            [](const value_type& e, std::string_view k) { return e.first < k; });
+  }
+  [[nodiscard]] const_iterator lower(std::string_view key) const {
+    return std::lower_bound(begin(), end(), key,
+                            [](const value_type& e, std::string_view k) { return e.first < k; });
+  }
+
+  std::vector<value_type> items_;  // [0, n_) in key order, then spares
+  std::size_t n_ = 0;
+};
+
+}  // namespace detail
 
 /// One value a schedule kept between its passes.
 struct SavedEntry {
@@ -46,7 +119,7 @@ struct Stats {
   /// Peak bytes held by the engine's store between passes (accounted, not estimated).
   std::size_t residual_bytes = 0;
   /// Bytes stored per kind, summed over the step.
-  std::map<std::string, std::size_t> bytes_by_kind;
+  detail::FlatMap<std::size_t> bytes_by_kind;
   /// Every saved value, in the order stored (the saved-residual report).
   std::vector<SavedEntry> saved;
   Counts counts;
@@ -56,7 +129,7 @@ struct Stats {
   /// True when the gradient is a stochastic estimate, not the gradient.
   bool is_estimate = false;
   /// Schedule-specific figures.
-  std::map<std::string, double> figures;
+  detail::FlatMap<double> figures;
 
   // ---- fidelity (Moonwalk schedules; fidelity/policy.hpp)
   /// The relative error the schedule was asked to hold (0: none asked).
@@ -78,12 +151,33 @@ struct Stats {
   /// Per-layer amplification seen in the reverse pass.
   std::vector<LayerFidelity> amplification;
 
-  [[nodiscard]] std::size_t bytes_of(const std::string& kind) const {
+  [[nodiscard]] std::size_t bytes_of(std::string_view kind) const {
     auto it = bytes_by_kind.find(kind);
     return it == bytes_by_kind.end() ? 0 : it->second;
   }
   [[nodiscard]] std::size_t fragment_bytes() const { return bytes_of("fragment"); }
   [[nodiscard]] std::size_t anchor_bytes() const { return bytes_of("anchor"); }
+
+  /// Resets every figure for a new step, keeping the storage (the maps' and
+  /// lists' capacity): a Stats reused step after step (gradient_into) is
+  /// filled again without allocating. `saved` and `amplification` are left
+  /// as they are, for the schedule to overwrite in place: SavedStore::report_to
+  /// sizes `saved`, and a schedule sizes `amplification` (or clears it).
+  void restart() {
+    schedule.clear();
+    residual_bytes = 0;
+    bytes_by_kind.clear();
+    counts = Counts{};
+    error_estimate = 0;
+    is_estimate = false;
+    figures.clear();
+    tolerance = 0;
+    within_tolerance = true;
+    fallbacks = 0;
+    precision.clear();
+    predicted_error = 0;
+    anchor_layers.clear();
+  }
 };
 
 /// Loss value, flat parameter gradient ∂ℓ/∂θ, input cotangent h_0 = ∂ℓ/∂x_0, stats.
@@ -96,29 +190,45 @@ struct GradientResult {
 };
 
 /// Where a schedule keeps values between passes: slots per layer, every byte
-/// accounted (current and peak) and every entry listed for the report.
+/// accounted (current and peak) and every entry listed for the report. A
+/// store kept across steps (restart) lists and accounts them again without
+/// allocating: its slots and entries keep their storage.
 class SavedStore {
  public:
   enum Slot { residual = 0, fragment = 1, anchor = 2, activation = 3 };
 
-  explicit SavedStore(std::size_t layers) : slots_(layers) {}
+  explicit SavedStore(std::size_t layers = 0) { restart(layers); }
+
+  /// Starts a step on `layers` layers: nothing held, nothing listed.
+  void restart(std::size_t layers) {
+    slots_.resize(layers);
+    for (auto& layer : slots_)
+      for (Held& s : layer) s = Held{};
+    n_entries_ = 0;
+    bytes_by_kind_.clear();
+    current_ = peak_ = 0;
+  }
 
   /// Keeps `value` for layer i; `kind` defaults to the value's own kind.
   template <class T>
-  void put(std::size_t i, Slot slot, std::string layer_name, T value, const char* kind = nullptr) {
+  void put(std::size_t i, Slot slot, const std::string& layer_name, T value, const char* kind = nullptr) {
     const char* k = kind ? kind : residual_kind(value);
     const std::size_t b = nbytes(value);
-    hold(i, slot, std::move(layer_name), b, k);
+    hold(i, slot, layer_name, b, k);
     slots_[i][slot].value = std::move(value);
   }
 
   /// Accounts `bytes` of `kind` for layer i's slot as kept, for a value the
   /// schedule keeps in buffers of its own (a workspace reused across steps);
   /// drop() or take() ends it.
-  void hold(std::size_t i, Slot slot, std::string layer_name, std::size_t bytes, const char* kind) {
-    SavedEntry e{i, std::move(layer_name), kind, bytes};
-    bytes_by_kind_[e.kind] += bytes;
-    entries_.push_back(std::move(e));
+  void hold(std::size_t i, Slot slot, const std::string& layer_name, std::size_t bytes, const char* kind) {
+    if (n_entries_ == entries_.size()) entries_.emplace_back();
+    SavedEntry& e = entries_[n_entries_++];  // (a spare's strings keep their capacity)
+    e.layer = i;
+    e.layer_name = layer_name;
+    e.kind = kind;
+    e.bytes = bytes;
+    bytes_by_kind_[kind] += bytes;
     auto& s = slots_[i][slot];
     if (s.present) current_ -= s.bytes;
     s.value.reset();
@@ -156,18 +266,20 @@ class SavedStore {
 
   [[nodiscard]] std::size_t current_bytes() const { return current_; }
   /// Bytes stored so far under `kind` (every put counted, released or not).
-  [[nodiscard]] std::size_t bytes_put(const std::string& kind) const {
+  [[nodiscard]] std::size_t bytes_put(std::string_view kind) const {
     const auto it = bytes_by_kind_.find(kind);
     return it == bytes_by_kind_.end() ? 0 : it->second;
   }
   [[nodiscard]] std::size_t peak_bytes() const { return peak_; }
 
-  /// Moves the accounting into a Stats.
-  void report_to(Stats& st) {
+  /// Writes the accounting into a Stats: its peak, bytes by kind and the
+  /// entry list (over what `st` held, reusing its storage).
+  void report_to(Stats& st) const {
     st.residual_bytes = peak_;
-    st.bytes_by_kind = bytes_by_kind_;
-    st.saved = std::move(entries_);
-    entries_.clear();
+    st.bytes_by_kind.clear();
+    for (const auto& [k, b] : bytes_by_kind_) st.bytes_by_kind[k] = b;
+    st.saved.resize(n_entries_);
+    for (std::size_t k = 0; k < n_entries_; ++k) st.saved[k] = entries_[k];
   }
 
  private:
@@ -177,8 +289,9 @@ class SavedStore {
     bool present = false;
   };
   std::vector<std::array<Held, 4>> slots_;
-  std::vector<SavedEntry> entries_;
-  std::map<std::string, std::size_t> bytes_by_kind_;
+  std::vector<SavedEntry> entries_;  // [0, n_entries_) this step, then spares
+  std::size_t n_entries_ = 0;
+  detail::FlatMap<std::size_t> bytes_by_kind_;
   std::size_t current_ = 0, peak_ = 0;
 };
 

@@ -24,7 +24,13 @@ struct Anchors {
   std::vector<std::size_t> at{};  ///< explicit layer indices
 
   [[nodiscard]] std::vector<bool> mask(std::size_t layers) const {
-    std::vector<bool> m(layers, false);
+    std::vector<bool> m;
+    mask_into(layers, m);
+    return m;
+  }
+  /// mask(), written into m (no allocation when m has held `layers` entries).
+  void mask_into(std::size_t layers, std::vector<bool>& m) const {
+    m.assign(layers, false);
     if (every > 0)
       for (std::size_t i = every - 1; i + 1 < layers; i += every) m[i] = true;
     for (std::size_t i : at) {
@@ -35,19 +41,31 @@ struct Anchors {
       }
       m[i] = true;
     }
-    return m;
   }
 };
 
 namespace detail {
 
-/// How each layer is crossed by the sweep (vijp, fragment or anchor).
+/// How each layer is crossed by the sweep (vijp, fragment or anchor), written into m.
+template <Net N>
+void sweep_modes_into(const N& net, std::vector<SweepMode>& m) {
+  m.resize(net.size());
+  for (std::size_t i = 0; i < net.size(); ++i) net.visit(i, [&](const auto& l) { m[i] = sweep_mode(l); });
+}
 template <Net N>
 std::vector<SweepMode> sweep_modes(const N& net) {
-  std::vector<SweepMode> m(net.size());
-  for (std::size_t i = 0; i < net.size(); ++i) net.visit(i, [&](const auto& l) { m[i] = sweep_mode(l); });
+  std::vector<SweepMode> m;
+  sweep_modes_into(net, m);
   return m;
 }
+
+/// A step's per-layer plan, kept in the workspace: how the sweep crosses each
+/// layer, the layers anchored by the schedule's Anchors, and the layers whose
+/// input is rebuilt by inversion.
+struct StepPlan {
+  std::vector<SweepMode> modes;
+  std::vector<bool> anchored, rebuilt;
+};
 
 template <class L>
 struct castable_double : std::bool_constant<CastableTo<L, double>> {};
@@ -117,10 +135,14 @@ enum WorkspaceSlot : std::size_t {
   kXc,          ///< Buffer<C>: x_i converted (C ≠ S)
   kH,           ///< Buffer<C>: the cotangents alternate between kH and kHNext
   kHNext,       ///< Buffer<C>
-  kAnchors,     ///< std::vector<Matrix<C>>: pool of anchor buffers
+  kAnchors,     ///< std::vector<Matrix<C>>: pool of spare anchor buffers
   kSlotsPerScalar = 4,
-  kCasts = 12,  ///< CastLayers<double>: a float network's layers in double, kept across steps
-  kLayers = 16  ///< residual of layer i in C: kLayers + 2 i + (C is double)
+  kCasts = 12,        ///< CastLayers<double>: a float network's layers in double, kept across steps
+  kNames = 13,        ///< LayerNames: the names the report lists
+  kStore = 14,        ///< SavedStore: the accounts of what is kept between the passes
+  kPlan = 15,         ///< StepPlan
+  kHeldAnchors = 16,  ///< std::vector<Matrix<C>>: layer i's anchor at [i]; + 1 for C = double
+  kLayers = 24        ///< residual of layer i in C: kLayers + 2 i + (C is double)
 };
 /// Columns of h converted to S at a time for the sweep's weight-vjp.
 inline constexpr Index kConvertColumns = 1024;
@@ -128,17 +150,10 @@ inline constexpr Index kConvertColumns = 1024;
 template <class C>
 constexpr std::size_t precision_offset = std::is_same_v<C, double> ? kSlotsPerScalar : 0;
 template <class C>
+constexpr std::size_t held_anchors_slot = kHeldAnchors + (std::is_same_v<C, double> ? 1 : 0);
+template <class C>
 constexpr std::size_t residual_slot(std::size_t i) {
   return kLayers + 2 * i + (std::is_same_v<C, double> ? 1 : 0);
-}
-
-/// Frees the buffers of cotangents in C and the residuals of C-typed layers
-/// (a step that ended in the other precision keeps only its own).
-template <class C>
-void release_cotangent_buffers(Workspace& ws, std::size_t layers) {
-  for (const std::size_t k : {kXc, kH, kHNext, kAnchors}) ws.release(k + precision_offset<C>);
-  for (std::size_t i = 0; i < layers; ++i) ws.release(residual_slot<C>(i));
-  if constexpr (std::is_same_v<C, double>) ws.release(kCasts);
 }
 
 /// The activations' and the cotangents' alternating buffers in `ws`.
@@ -173,6 +188,12 @@ class CastLayers {
     cast_.resize(layers);
     fresh_.assign(layers, false);
     persistent_ = persistent;
+  }
+
+  /// Drops every cast; the list keeps its capacity.
+  void clear() {
+    cast_.clear();
+    fresh_.clear();
   }
 
   /// Drops layer i's cast (and what it derived from its weights); the next
@@ -210,6 +231,17 @@ class CastLayers {
   std::vector<bool> fresh_;  // cast_[i] was made or refreshed in this step
   bool persistent_ = false;
 };
+
+/// Frees the buffers of cotangents in C and the residuals of C-typed layers
+/// (a step that ended in the other precision keeps only its own).
+template <class C>
+void release_cotangent_buffers(Workspace& ws, std::size_t layers) {
+  for (const std::size_t k : {kXc, kH, kHNext, kAnchors}) ws.release(k + precision_offset<C>);
+  ws.release(held_anchors_slot<C>);
+  for (std::size_t i = 0; i < layers; ++i) ws.release(residual_slot<C>(i));
+  // (The casts' list stays, emptied: a step in float then sizes nothing.)
+  if constexpr (std::is_same_v<C, double>) ws.get<CastLayers<double>>(kCasts).clear();
+}
 
 /// Frees what every layer of `net` derived from its weights (factorisations:
 /// moonwalk::release_derived), for a step whose buffers do not outlive it.
@@ -281,13 +313,17 @@ double forward_sweep(N& net, CastLayers<C>& casts, Workspace& ws, bool keep,
     const CRef<C> xc = in_scalar<C>(x.current(), xbuf);
     const Index out = l.out_features();
     if (store.has(i, SavedStore::anchor)) {
-      Matrix<C> a = store.take<Matrix<C>>(i, SavedStore::anchor);
+      Matrix<C>& a = ws.get<std::vector<Matrix<C>>>(held_anchors_slot<C>).at(i);
       auto ja = h.next(l.in_features(), batch);
       moonwalk::vjp_into(lc, xc, a, ja);
       estimate = std::max(estimate, rel_max_err(h.current(), ja));
       ++st.counts.vjp;
       h.assign(a);
-      if (keep) ws.recycle(kAnchors + c, std::move(a));  // (else freed here, as soon as consumed)
+      store.drop(i, SavedStore::anchor);
+      if (keep)
+        ws.recycle(kAnchors + c, std::move(a));  // (a spare for the next anchor)
+      else
+        a.resize(0, 0);  // (freed as soon as consumed)
     } else if (modes[i] == SweepMode::vijp) {
       if constexpr (Submersive<Lc>) {
         moonwalk::vijp_into(lc, xc, h.current(), h.next(out, batch));

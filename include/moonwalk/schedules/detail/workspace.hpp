@@ -26,7 +26,9 @@
 #include <memory>
 #include <mutex>
 #include <new>
+#include <string>
 #include <type_traits>
+#include <typeinfo>
 #include <utility>
 #include <vector>
 
@@ -140,6 +142,46 @@ bool keep_across_steps(N& net, Index batch) {
     });
   return activations <= params;
 }
+
+/// Layer names resolved once: l.name() formats a new string on every call,
+/// so a schedule that lists layers in its report each step reads them here.
+/// Layer i's name is formatted again when the layer at position i is another
+/// object, of another type (for a type-erased layer: another wrapped layer)
+/// or of other widths than the one it was formatted for.
+class LayerNames {
+ public:
+  template <class L>
+  const std::string& operator()(std::size_t i, const L& l) {
+    if (i >= names_.size()) names_.resize(i + 1);
+    Entry& e = names_[i];
+    Key k{&l, &l, &typeid(L), l.in_features(), l.out_features()};
+    if constexpr (requires { l.wrapped_address(); }) {
+      k.wrapped = l.wrapped_address();
+      k.type = &l.wrapped_type();
+    }
+    if (!e.formatted || !(e.key == k)) {
+      e.name = l.name();
+      e.key = k;
+      e.formatted = true;
+    }
+    return e.name;
+  }
+
+ private:
+  struct Key {
+    const void* address = nullptr;
+    const void* wrapped = nullptr;
+    const std::type_info* type = nullptr;
+    Index in = 0, out = 0;
+    bool operator==(const Key&) const = default;
+  };
+  struct Entry {
+    Key key;
+    std::string name;
+    bool formatted = false;
+  };
+  std::vector<Entry> names_;
+};
 
 /// A Workspace with the lock that gives it to one step at a time.
 struct SharedWorkspace {
