@@ -84,7 +84,8 @@ struct Backprop {
     });
     out.h0 = h.current();
     store.report_to(out.stats);
-    if (!detail::keep_across_steps(net, batch)) ws->clear();  // (before the gradient's copy is made)
+    if (!detail::keep_across_steps(net, batch))  // (before the gradient's copy is made)
+      ws->clear_except({store_slot, names_slot});
     gradients_into(net, out.gradient);
   }
 };

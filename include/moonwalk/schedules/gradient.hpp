@@ -3,6 +3,7 @@
 
 #include "moonwalk/nets/network.hpp"
 #include "moonwalk/nets/parameters.hpp"
+#include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/result.hpp"
 
 namespace moonwalk {
@@ -62,10 +63,19 @@ requires ScheduleFor<Sch, N, L>
 void gradient_into(const Sch& schedule, N& net, const CRef<typename N::scalar_type>& x, const L& loss,
                    const typename L::target_type& target, GradientResult<typename N::scalar_type>& out) {
   detail::check_gradient_input(schedule, net, x);
-  if constexpr (ScheduleInto<Sch, N, L>)
+  if constexpr (ScheduleInto<Sch, N, L>) {
+    // Where activations outweigh the parameters the step frees its buffers
+    // with it (schedules/detail/workspace.hpp), and the last result goes
+    // first: it would otherwise sit under this step's peak (at depth 64,
+    // width 256, batch 4096: +20 MiB on 82). Written again at the end.
+    if (!detail::keep_across_steps(net, x.cols())) {
+      out.gradient = Vector<typename N::scalar_type>();
+      out.h0 = Matrix<typename N::scalar_type>();
+    }
     schedule.run_into(net, x, loss, target, out);
-  else
+  } else {
     out = schedule.run(net, x, loss, target);
+  }
 }
 
 namespace detail {

@@ -137,7 +137,7 @@ struct MixedMoonwalk {
       // Nothing parameter-sized outlives the step: the next step's weights
       // are new in training, and refactorising costs little next to the
       // activation-sized products of this regime.
-      ws->clear();
+      ws->clear_except({detail::kNames, detail::kStore, detail::kPlan});
       detail::release_derived(net);
     } else if constexpr (!std::is_same_v<S, double>) {
       if (use_double)

@@ -20,9 +20,11 @@
 // fresh one of its own.
 #pragma once
 
+#include <algorithm>
 #include <any>
 #include <cstddef>
 #include <deque>
+#include <initializer_list>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -73,6 +75,12 @@ class Workspace {
   }
   /// Frees every buffer.
   void clear() { slots_.clear(); }
+  /// Frees every buffer but those of the slots in `kept` (a step's
+  /// bookkeeping, a few entries per layer, kept where its buffers are not).
+  void clear_except(std::initializer_list<std::size_t> kept) {
+    for (std::size_t k = 0; k < slots_.size(); ++k)
+      if (std::find(kept.begin(), kept.end(), k) == kept.end()) slots_[k].reset();
+  }
 
  private:
   std::deque<std::any> slots_;
