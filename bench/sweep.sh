@@ -16,7 +16,8 @@
 #           (16 jvp passes) and naive forward mode (one jvp pass per parameter)
 #           up to depth $FORWARD_MAX_DEPTH (default 32)
 #
-# Depths: $DEPTHS (default "4 8 16 32 64 128 256"); $STEPS steps per run
+# Depths: $DEPTHS (default "4 8 16 32 64 128 256"); $SCHEDULES (default: all
+# of the regime's) restricts the schedules; $STEPS steps per run
 # (default 3), $THREADS threads (default 2). Schedules are interleaved: for
 # each depth every schedule runs once before the next depth, in a rotated
 # order, so drift in the machine's state hits them alike.
@@ -60,6 +61,12 @@ for regime in "${regimes[@]}"; do
     tiny) schedules=(backprop checkpoint mixed pure forward) ;;
     *) echo "$0: unknown regime '$regime' (mlp, revnet, tiny)" >&2; exit 2 ;;
   esac
+  # SCHEDULES="a b ...": only these of the regime's schedules (e.g. to re-run some columns).
+  if [ -n "${SCHEDULES:-}" ]; then
+    keep=()
+    for s in "${schedules[@]}"; do [[ " $SCHEDULES " == *" $s "* ]] && keep+=("$s"); done
+    schedules=("${keep[@]}")
+  fi
   for d in $depths; do
     n=${#schedules[@]}
     for ((k = 0; k < n; ++k)); do
