@@ -48,7 +48,9 @@ Network<S> conv_branch(ImageShape in, Index hidden, Index c_out, std::uint64_t s
 template <class S>
 auto conv_coupling(ImageShape img, Index c1, std::uint64_t seed) {
   const ImageShape s1{c1, img.h, img.w}, s2{img.c - c1, img.h, img.w};
-  return AdditiveCoupling(conv_branch<S>(s2, 3, c1, seed), conv_branch<S>(s1, 3, s2.c, seed + 10));
+  // Explicit template arguments: CTAD through the alias template needs clang 19.
+  return AdditiveCoupling<Network<S>, Network<S>>(conv_branch<S>(s2, 3, c1, seed),
+                                                  conv_branch<S>(s1, 3, s2.c, seed + 10));
 }
 
 template <class S>
