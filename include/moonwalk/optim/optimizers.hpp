@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstddef>
 #include <initializer_list>
+#include <limits>
 #include <numbers>
 #include <span>
 #include <string>
@@ -75,10 +76,15 @@ inline void check_state_size(const char* who, Index have, Index want) {
 }
 
 /// Restores a flat state [t, buffer_0 (P), …, buffer_{k−1} (P)]; throws
-/// ShapeError unless it has 1 + k·P entries (or is [0], the never-stepped state).
+/// ShapeError unless it has 1 + k·P entries (or is [0], the never-stepped
+/// state), and Error (naming `who` and the entry) when the step counter t is
+/// not an integer in [0, 2^64) or an entry is not finite, or an entry of a
+/// buffer whose index is in `non_negative` is negative (Adam's second
+/// moment). Nothing is changed unless the whole state is accepted.
 template <class S>
 void load_flat_state(const char* who, const Vector<double>& s, Index p, std::size_t& t,
-                     std::initializer_list<Vector<S>*> buffers) {
+                     std::initializer_list<Vector<S>*> buffers,
+                     std::initializer_list<std::size_t> non_negative = {}) {
   const Index k = static_cast<Index>(buffers.size());
   if (s.size() == 1 && s[0] == 0.0) {
     t = 0;
@@ -88,8 +94,25 @@ void load_flat_state(const char* who, const Vector<double>& s, Index p, std::siz
   if (s.size() != 1 + k * p)
     throw ShapeError(cat(who, ": state has ", s.size(), " entries, expected ", 1 + k * p, " (1 + ", k, " x ",
                          p, " parameters)"));
-  if (!(s[0] >= 0.0) || s[0] != std::floor(s[0]))
-    throw Error(cat(who, ": state step counter ", s[0], " is not a non-negative integer"));
+  // SIZE_MAX + 1 (2^64 or 2^32) is exact in double; every integer-valued double below it fits size_t.
+  constexpr double t_end = static_cast<double>(std::numeric_limits<std::size_t>::max()) + 1.0;
+  if (!(s[0] >= 0.0 && s[0] < t_end) || s[0] != std::floor(s[0]))
+    throw Error(cat(who, ": state step counter ", s[0], " is not an integer in [0, ", t_end, ")"));
+  for (Index i = 1; i < s.size(); ++i) {
+    if (!std::isfinite(s[i]))
+      throw Error(cat(who, ": state entry ", i, " (buffer ", (i - 1) / std::max<Index>(p, 1), ", parameter ",
+                      (i - 1) % std::max<Index>(p, 1), ") is ", s[i], ", not finite"));
+    if (std::abs(s[i]) > static_cast<double>(std::numeric_limits<S>::max()))
+      throw Error(cat(who, ": state entry ", i, " = ", s[i], " overflows the optimizer's scalar type"));
+  }
+  for (const std::size_t b : non_negative) {
+    for (Index j = 0; j < p; ++j) {
+      const double v = s[1 + static_cast<Index>(b) * p + j];
+      if (v < 0)
+        throw Error(cat(who, ": state entry ", 1 + static_cast<Index>(b) * p + j, " (buffer ", b,
+                        ", parameter ", j, ") is ", v, ", but must be >= 0"));
+    }
+  }
   t = static_cast<std::size_t>(s[0]);
   Index o = 1;
   for (auto* b : buffers) {
@@ -167,7 +190,9 @@ struct Sgd {
     return detail::save_flat_state<S>(state_.t, {&state_.v});
   }
   /// Restores `state()` for `net`; throws ShapeError unless it has 1 + P
-  /// entries (P = num_parameters(net)) or is the never-stepped [0].
+  /// entries (P = num_parameters(net)) or is the never-stepped [0], and
+  /// Error (nothing restored) when the step counter is not an integer in
+  /// [0, 2^64) or an entry is not finite.
   template <Net N>
   void load_state(const N& net, const Vector<double>& s) {
     detail::load_flat_state<S>("Sgd", s, num_parameters(net), state_.t, {&state_.v});
@@ -250,10 +275,12 @@ struct Adam {
     return detail::save_flat_state<S>(state_.t, {&state_.m, &state_.v});
   }
   /// Restores `state()` for `net`; throws ShapeError unless it has 1 + 2P
-  /// entries (P = num_parameters(net)) or is the never-stepped [0].
+  /// entries (P = num_parameters(net)) or is the never-stepped [0], and
+  /// Error (nothing restored) when the step counter is not an integer in
+  /// [0, 2^64), an entry is not finite or a second moment is negative.
   template <Net N>
   void load_state(const N& net, const Vector<double>& s) {
-    detail::load_flat_state<S>("Adam", s, num_parameters(net), state_.t, {&state_.m, &state_.v});
+    detail::load_flat_state<S>("Adam", s, num_parameters(net), state_.t, {&state_.m, &state_.v}, {1});
   }
   /// Forgets the moments and the step count.
   void reset() { state_ = {}; }
