@@ -11,9 +11,11 @@
 #include <fstream>
 #include <iterator>
 #include <moonwalk/data/idx.hpp>
+#include <new>
 #include <string>
 #include <vector>
 
+#include "io/memory_limit.hpp"
 #include "support/check_util.hpp"
 #include "support/temp_dir.hpp"
 
@@ -499,4 +501,129 @@ TEST_CASE("Fashion-MNIST as installed: 60000 + 10000 images of 28x28, 10 balance
   const Normalization n = moonwalk::data::normalization_of(f.train);
   CHECK(n.mean == Approx(0.2860).margin(5e-4));
   CHECK(n.stddev == Approx(0.3530).margin(5e-4));
+}
+
+TEST_CASE("read_idx: size claims are checked against the bytes there before allocating", "[data]") {
+  TempDir t;
+  // 35 bytes whose header claims 2 x 3 x 738197507 = 4429185042 bytes of data (under the 2^34 cap).
+  const Bytes claim = idx_bytes({2, 3, 738197507u}, ramp(19));
+  REQUIRE(claim.size() == 35);
+  const std::string p = t / "claim", q = t / "claim.gz";
+  write_raw(p, claim);
+  write_gz(q, claim);
+  CHECK_THAT(idx_error(p), Contains(p) && Contains("expected 4429185042 bytes of data, file ends after 19") &&
+                               Contains("the file has 35 bytes"));
+  CHECK_THAT(idx_error(q), Contains(q) && Contains("expected 4429185042 bytes of data, file ends after 19"));
+  // The same refusals with 64 MiB of address space to spare: no large reservation was made
+  // (a 256 MiB reserve() ended in std::bad_alloc here).
+  for (const std::string& path : {p, q}) {
+    const auto status = moonwalk::test::run_with_memory_headroom(std::size_t{64} << 20, [&] {
+      try {
+        (void)read_idx(path);
+      } catch (const DataError& e) {
+        return std::string(e.what()).find("file ends after 19") != std::string::npos ? 0 : 2;
+      } catch (const std::bad_alloc&) {
+        return 1;
+      }
+      return 3;
+    });
+    if (!status) {
+      WARN("memory-limited run skipped (sanitizer build)");
+      break;
+    }
+    CAPTURE(path);
+    CHECK(*status == 0);
+  }
+  // A real file of 4 MiB still reads whole, raw and gzipped, under that limit.
+  const Bytes big = idx_bytes({4, 1024, 1024}, ramp(std::size_t{4} << 20));
+  write_raw(p, big);
+  write_gz(q, big);
+  for (const std::string& path : {p, q}) {
+    const auto status = moonwalk::test::run_with_memory_headroom(std::size_t{64} << 20, [&] {
+      const IdxArray a = read_idx(path);
+      return a.values == ramp(std::size_t{4} << 20) ? 0 : 4;
+    });
+    if (status) CHECK(*status == 0);
+  }
+}
+
+TEST_CASE("read_idx: garbage after a gzip stream is refused like trailing bytes in a raw file", "[data]") {
+  TempDir t;
+  const Bytes good = idx_bytes({2, 3}, ramp(6));
+  const std::string src = t / "src.gz";
+  write_gz(src, good);
+  const Bytes gz = read_all(src);
+  {
+    const std::string raw = t / "raw";
+    Bytes b = good;
+    b.insert(b.end(), {'j', 'u', 'n', 'k'});
+    write_raw(raw, b);
+    CHECK_THAT(idx_error(raw), Contains(raw) && Contains("4 trailing bytes"));
+  }
+  const std::vector<Bytes> garbage = {{'j', 'u', 'n', 'k'}, Bytes(512, 0), {0x1f}, {0x00, 0x8b}};
+  for (const Bytes& g : garbage) {
+    Bytes b = gz;
+    b.insert(b.end(), g.begin(), g.end());
+    const std::string p = t / moonwalk::detail::cat("garbage", g.size(), ".gz");
+    write_raw(p, b);
+    CAPTURE(g.size());
+    CHECK_THAT(idx_error(p), Contains(p) && Contains(moonwalk::detail::cat(g.size(), " bytes of garbage")) &&
+                                 Contains(moonwalk::detail::cat("from byte ", gz.size())));
+  }
+  // A second gzip member is data, as gzip -d reads it: here 18 bytes too many.
+  {
+    Bytes two = gz;
+    two.insert(two.end(), gz.begin(), gz.end());
+    const std::string p = t / "two.gz";
+    write_raw(p, two);
+    CHECK_THAT(idx_error(p), Contains(p) && Contains("18 trailing bytes after the 6 bytes of data"));
+  }
+  // The data split over two members reads whole.
+  {
+    const std::string a = t / "a.gz", b = t / "b.gz";
+    write_gz(a, Bytes(good.begin(), good.begin() + 9));
+    write_gz(b, Bytes(good.begin() + 9, good.end()));
+    Bytes both = read_all(a);
+    const Bytes tail = read_all(b);
+    both.insert(both.end(), tail.begin(), tail.end());
+    const std::string p = t / "split.gz";
+    write_raw(p, both);
+    const IdxArray r = read_idx(p);
+    CHECK(r.values == ramp(6));
+    CHECK(r.dims == std::vector<Index>{2, 3});
+  }
+  // A second member cut after its 10-byte header is a truncated stream, not garbage.
+  {
+    Bytes cut = gz;
+    cut.insert(cut.end(), gz.begin(), gz.begin() + 10);
+    const std::string p = t / "cut.gz";
+    write_raw(p, cut);
+    CHECK_THAT(idx_error(p),
+               Contains(p) && Contains("corrupt gzip stream") && Contains("unexpected end of file"));
+  }
+}
+
+TEST_CASE("read_idx: products of dimensions never overflow, an empty array included", "[data]") {
+  TempDir t;
+  // 0 x (2^32 − 1) x (2^32 − 1): empty, but rows x cols overflows 64-bit signed arithmetic downstream.
+  const std::string p = t / "wide";
+  write_raw(p, idx_bytes({0, 0xffffffffu, 0xffffffffu}, {}));
+  CHECK_THAT(idx_error(p), Contains(p) && Contains("0 x 4294967295 x 4294967295") && Contains("absurd"));
+  const std::string lb = t / "lb";
+  write_raw(lb, idx_bytes({0}, {}));
+  REQUIRE_THROWS_WITH(moonwalk::data::load_labelled_images(p, lb), Contains(p) && Contains("absurd"));
+  // Exactly 2^34 is the cap; one more element is refused.
+  const std::string cap = t / "cap";
+  write_raw(cap, idx_bytes({0, 0x10000u, 0x40000u}, {}));
+  const IdxArray a = read_idx(cap);
+  CHECK(a.values.empty());
+  CHECK(a.dims == std::vector<Index>{0, 0x10000, 0x40000});
+  write_raw(cap, idx_bytes({0, 0x10000u, 0x40001u}, {}));
+  CHECK_THAT(idx_error(cap), Contains(cap) && Contains("absurd"));
+  // An empty image set of a sane shape still loads.
+  const std::string im = t / "im";
+  write_raw(im, idx_bytes({0, 28, 28}, {}));
+  const LabelledImages s = moonwalk::data::load_labelled_images(im, lb);
+  CHECK(s.count == 0);
+  CHECK(s.shape == moonwalk::ImageShape{1, 28, 28});
 }

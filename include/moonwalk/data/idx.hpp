@@ -11,10 +11,16 @@
 //   then         product(dims) values, row-major (last dimension fastest).
 //
 // Only unsigned bytes (0x08) are read here. Files may be gzip-compressed (the
-// usual .gz distribution); zlib's gzread reads both compressed and raw files.
+// usual .gz distribution: one or more gzip members, inflated with zlib) or
+// raw. Nothing is allocated on the header's word alone: a raw file's size is
+// checked against the header before the data is read, and a gzip file's data
+// is read into a buffer that grows with what actually arrives. Bytes after
+// the data are an error, in a raw file and inside a gzip stream alike, and so
+// is anything after the last gzip member that is not another member.
 // Every error is a DataError whose message starts with the offending path.
 #pragma once
 
+#include <sys/stat.h>
 #include <zlib.h>
 
 #include <algorithm>
@@ -27,6 +33,7 @@
 #include <filesystem>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <span>
 #include <sstream>
 #include <string>
@@ -56,56 +63,148 @@ namespace detail {
 
 using moonwalk::detail::cat;
 
-/// Owns a gzFile (closed on destruction).
-struct GzCloser {
-  void operator()(gzFile_s* f) const { gzclose(f); }
-};
-using GzHandle = std::unique_ptr<gzFile_s, GzCloser>;
+/// The bytes of an IDX file: raw, or gzip-compressed (detected by the 1f 8b
+/// magic; each gzip member inflated in turn, as gzip -d does). Unlike zlib's
+/// gzread, which ignores what follows the last member, anything after it that
+/// is not another gzip member is a DataError.
+class IdxSource {
+ public:
+  explicit IdxSource(const std::string& path) : path_(path), in_(std::size_t{1} << 17) {
+    errno = 0;
+    f_ = std::fopen(path.c_str(), "rb");
+    if (!f_) {
+      const int e = errno;
+      throw DataError(cat(path, ": cannot open (", e ? std::strerror(e) : "out of memory", ")"));
+    }
+    struct stat st {};
+    if (::fstat(::fileno(f_), &st) == 0 && S_ISREG(st.st_mode))
+      size_ = static_cast<std::uint64_t>(st.st_size);
+    refill();
+    gzip_ = avail_ >= 2 && in_[0] == 0x1f && in_[1] == 0x8b;
+    if (gzip_) {
+      z_.zalloc = Z_NULL;
+      z_.zfree = Z_NULL;
+      z_.opaque = Z_NULL;
+      z_.next_in = Z_NULL;
+      z_.avail_in = 0;
+      if (inflateInit2(&z_, 15 + 16) != Z_OK)
+        throw DataError(cat(path, ": cannot start zlib (out of memory)"));
+      z_ready_ = true;
+    }
+  }
+  ~IdxSource() {
+    if (z_ready_) inflateEnd(&z_);
+    if (f_) std::fclose(f_);
+  }
+  IdxSource(const IdxSource&) = delete;
+  IdxSource& operator=(const IdxSource&) = delete;
 
-/// zlib's message for the last error on f, without the "<path>: " prefix zlib adds.
-inline std::string gz_message(gzFile f, const std::string& path, int* errnum = nullptr) {
-  int e = Z_OK;
-  const char* m = gzerror(f, &e);
-  if (errnum) *errnum = e;
-  std::string s = m ? m : "";
-  const std::string prefix = cat(path, ": ");
-  if (s.compare(0, prefix.size(), prefix) == 0) s.erase(0, prefix.size());
-  if (e == Z_ERRNO && s.empty()) s = std::strerror(errno);
-  return s;
-}
+  [[nodiscard]] bool gzip() const { return gzip_; }
+  /// The file's size when it is a regular file that is not compressed (the
+  /// header's claims can then be checked before reading).
+  [[nodiscard]] std::optional<std::uint64_t> raw_size() const {
+    if (gzip_ || !size_) return std::nullopt;
+    return size_;
+  }
 
-/// Reads up to n bytes into p; returns the count read (less than n only at the
-/// end of the file). A gzip stream that ends early stops the read (its error
-/// is returned in *truncated_msg); any other read or gzip error throws.
-inline std::size_t gz_read(gzFile f, const std::string& path, std::uint8_t* p, std::size_t n,
-                           std::string* truncated_msg) {
-  std::size_t got = 0;
-  while (got < n) {
-    const std::size_t want = std::min<std::size_t>(n - got, std::size_t{1} << 30);
-    const int r = gzread(f, p + got, static_cast<unsigned>(want));
-    if (r < 0) {
-      int e = Z_OK;
-      const std::string m = gz_message(f, path, &e);
-      if (e == Z_BUF_ERROR) {  // "unexpected end of file": a cut-short gzip stream
-        if (truncated_msg) *truncated_msg = m;
+  /// Reads up to n bytes into p; returns the count read (less than n only at
+  /// the end of the data). A gzip stream that ends early stops the read (the
+  /// reason is returned in *truncated_msg); a read error, a corrupt gzip
+  /// stream or bytes after the last gzip member throw.
+  std::size_t read(std::uint8_t* p, std::size_t n, std::string* truncated_msg) {
+    return gzip_ ? read_gzip(p, n, truncated_msg) : read_raw(p, n);
+  }
+
+ private:
+  /// Moves unread input to the front and reads more from the file; false at its end.
+  bool refill() {
+    if (pos_ > 0) {
+      if (avail_ > 0) std::memmove(in_.data(), in_.data() + pos_, avail_);
+      pos_ = 0;
+    }
+    if (eof_ || avail_ == in_.size()) return false;
+    const std::size_t r = std::fread(in_.data() + avail_, 1, in_.size() - avail_, f_);
+    if (r == 0) {
+      if (std::ferror(f_)) throw DataError(cat(path_, ": read error: ", std::strerror(errno)));
+      eof_ = true;
+      return false;
+    }
+    offset_ += r;
+    avail_ += r;
+    return true;
+  }
+
+  std::size_t read_raw(std::uint8_t* p, std::size_t n) {
+    std::size_t got = 0;
+    while (got < n) {
+      if (avail_ == 0 && !refill()) break;
+      const std::size_t k = std::min(n - got, avail_);
+      std::memcpy(p + got, in_.data() + pos_, k);
+      pos_ += k;
+      avail_ -= k;
+      got += k;
+    }
+    return got;
+  }
+
+  std::size_t read_gzip(std::uint8_t* p, std::size_t n, std::string* truncated_msg) {
+    std::size_t got = 0;
+    while (got < n) {
+      if (member_done_) {
+        // Another member, or the end of the file; anything else is garbage.
+        while (avail_ < 2 && refill()) {
+        }
+        if (avail_ == 0) return got;
+        if (avail_ < 2 || in_[pos_] != 0x1f || in_[pos_ + 1] != 0x8b) {
+          const std::uint64_t at = offset_ - avail_;
+          std::uint64_t garbage = avail_;
+          while (!eof_) {
+            avail_ = 0;
+            pos_ = 0;
+            refill();
+            garbage += avail_;
+          }
+          throw DataError(cat(path_, ": ", garbage, " bytes of garbage after the gzip stream (from byte ", at,
+                              " on; the file must end with its last gzip member)"));
+        }
+        if (inflateReset(&z_) != Z_OK)
+          throw DataError(cat(path_, ": corrupt gzip stream: cannot reset zlib"));
+        member_done_ = false;
+      }
+      if (avail_ == 0 && !refill()) {
+        if (truncated_msg) *truncated_msg = "unexpected end of file";
         return got;
       }
-      if (e == Z_ERRNO) throw DataError(cat(path, ": read error: ", m));
-      throw DataError(cat(path, ": corrupt gzip stream: ", m));
+      const std::size_t out = std::min<std::size_t>(n - got, std::size_t{1} << 30);
+      z_.next_in = in_.data() + pos_;
+      z_.avail_in = static_cast<uInt>(avail_);
+      z_.next_out = p + got;
+      z_.avail_out = static_cast<uInt>(out);
+      const int rc = inflate(&z_, Z_NO_FLUSH);
+      const std::size_t used = avail_ - z_.avail_in;
+      pos_ += used;
+      avail_ -= used;
+      got += out - z_.avail_out;
+      if (rc == Z_STREAM_END) {
+        member_done_ = true;
+      } else if (rc == Z_MEM_ERROR) {
+        throw DataError(cat(path_, ": out of memory while inflating"));
+      } else if (rc != Z_OK && rc != Z_BUF_ERROR) {  // Z_DATA_ERROR, Z_NEED_DICT, Z_STREAM_ERROR
+        throw DataError(cat(path_, ": corrupt gzip stream: ", z_.msg ? z_.msg : "invalid data"));
+      }
     }
-    if (r == 0) {
-      int e = Z_OK;
-      const std::string m = gz_message(f, path, &e);
-      if (e == Z_BUF_ERROR && truncated_msg)
-        *truncated_msg = m;
-      else if (e != Z_OK)
-        throw DataError(cat(path, ": corrupt gzip stream: ", m));
-      return got;
-    }
-    got += static_cast<std::size_t>(r);
+    return got;
   }
-  return got;
-}
+
+  std::string path_;
+  std::FILE* f_ = nullptr;
+  std::vector<std::uint8_t> in_;  // input buffer: unread bytes in [pos_, pos_ + avail_)
+  std::size_t pos_ = 0, avail_ = 0;
+  std::uint64_t offset_ = 0;  // bytes read from the file so far
+  std::optional<std::uint64_t> size_;
+  bool eof_ = false, gzip_ = false, z_ready_ = false, member_done_ = false;
+  z_stream z_{};
+};
 
 /// The name of an IDX type code.
 inline const char* idx_type_name(unsigned code) {
@@ -147,33 +246,31 @@ inline std::string dims_str(const std::vector<std::uint64_t>& d) {
 }  // namespace detail
 
 /// Largest amount of data read_idx accepts, 2^34 bytes (a larger header is
-/// taken as corrupt rather than as a reason to allocate).
+/// taken as corrupt rather than as a reason to allocate). It bounds the
+/// product of the non-zero dimensions too, so an empty array cannot carry
+/// dimensions whose products overflow (e.g. 0 x 2^32−1 x 2^32−1).
 inline constexpr std::uint64_t idx_max_bytes = std::uint64_t{1} << 34;
 
 /// Reads an IDX file of unsigned bytes (type code 0x08), gzip-compressed
-/// (detected by the 1f 8b magic; read through zlib gzopen/gzread, which also
-/// reads raw files) or raw. Throws DataError naming the path and what is
-/// wrong: cannot open; bad magic (the first two bytes must be 0; the four
-/// magic bytes are shown in hex); unsupported type code (named); zero or more
-/// than 4 dimensions; a dimension product above 2^34 bytes; truncated data
-/// ("expected N bytes of data, file ends after M"); trailing bytes after the
-/// data; a corrupt gzip stream (zlib's gzerror message).
+/// (detected by the 1f 8b magic) or raw. Throws DataError naming the path and
+/// what is wrong: cannot open; bad magic (the first two bytes must be 0; the
+/// four magic bytes are shown in hex); unsupported type code (named); zero or
+/// more than 4 dimensions; a product of non-zero dimensions above 2^34 bytes;
+/// truncated data ("expected N bytes of data, file ends after M": for a raw
+/// file found from its size, before anything is allocated); trailing bytes
+/// after the data; garbage after the last gzip member; a corrupt gzip stream
+/// (zlib's message). Memory: a raw file's data is allocated once its size is
+/// known to match; a gzip file's grows with the data that arrives (at most
+/// twice what the file holds, whatever the header claims).
 inline IdxArray read_idx(const std::string& path) {
   using detail::cat;
   std::error_code ec;
   if (std::filesystem::is_directory(path, ec)) throw DataError(cat(path, ": cannot open: is a directory"));
-  errno = 0;
-  detail::GzHandle file(gzopen(path.c_str(), "rb"));
-  if (!file) {
-    const int e = errno;
-    throw DataError(cat(path, ": cannot open (", e ? std::strerror(e) : "out of memory", ")"));
-  }
-  gzFile f = file.get();
-  gzbuffer(f, 1u << 17);
+  detail::IdxSource file(path);
 
   std::string trunc;
   std::array<std::uint8_t, 4> magic{};
-  std::size_t got = detail::gz_read(f, path, magic.data(), 4, &trunc);
+  std::size_t got = file.read(magic.data(), 4, &trunc);
   if (got < 4)
     throw DataError(cat(path, ": not an IDX file: expected a 4-byte magic, file ends after ", got, " bytes",
                         detail::gz_note(trunc)));
@@ -189,62 +286,71 @@ inline IdxArray read_idx(const std::string& path) {
     throw DataError(cat(path, ": IDX header declares ", nd, " dimensions; expected 1 to 4"));
 
   std::array<std::uint8_t, 16> raw{};
-  got = detail::gz_read(f, path, raw.data(), 4 * nd, &trunc);
+  got = file.read(raw.data(), 4 * nd, &trunc);
   if (got < 4 * nd)
     throw DataError(cat(path, ": truncated header: expected ", 4 * nd,
                         " bytes of dimensions, file ends after ", got, detail::gz_note(trunc)));
   std::vector<std::uint64_t> dims(nd);
-  std::uint64_t total = 1;
-  bool absurd = false;
+  std::uint64_t nonzero = 1;  // product of the non-zero dimensions, while <= idx_max_bytes
+  bool absurd = false, empty = false;
   for (unsigned i = 0; i < nd; ++i) {
     dims[i] = (std::uint64_t{raw[4 * i]} << 24) | (std::uint64_t{raw[4 * i + 1]} << 16) |
               (std::uint64_t{raw[4 * i + 2]} << 8) | std::uint64_t{raw[4 * i + 3]};
-    // Each factor is < 2^32 and total stays <= 2^34 while !absurd, so this never overflows.
-    if (!absurd) {
-      total *= dims[i];
-      if (total > idx_max_bytes) absurd = true;
-    }
-  }
-  for (auto d : dims) {
-    if (d == 0) {  // an empty array is small whatever the other dimensions
-      absurd = false;
-      total = 0;
+    if (dims[i] == 0) {
+      empty = true;
+    } else if (!absurd) {
+      // Checked before multiplying: the product never exceeds idx_max_bytes.
+      if (dims[i] > idx_max_bytes / nonzero)
+        absurd = true;
+      else
+        nonzero *= dims[i];
     }
   }
   if (absurd)
     throw DataError(cat(path, ": dimensions ", detail::dims_str(dims),
                         " give an absurd data size (more than 2^34 bytes); corrupt header?"));
+  const std::uint64_t total = empty ? 0 : nonzero;
+  const std::uint64_t header = 4 + 4 * std::uint64_t{nd};
 
   IdxArray out;
   out.path = path;
   out.dims.assign(dims.begin(), dims.end());
-  // Grow while reading rather than trusting the header with one big allocation.
-  const std::size_t n = static_cast<std::size_t>(total);
-  out.values.reserve(std::min<std::size_t>(n, std::size_t{1} << 28));
+  const auto n = static_cast<std::size_t>(total);
+  if (const auto size = file.raw_size()) {
+    // Raw: the file's size must be exactly header + data, checked before allocating.
+    const std::uint64_t data = *size - std::min(*size, header);
+    if (data < total)
+      throw DataError(cat(path, ": truncated: expected ", n, " bytes of data, file ends after ", data,
+                          " (the file has ", *size, " bytes)"));
+    if (data > total)
+      throw DataError(cat(path, ": ", data - total, " trailing bytes after the ", n, " bytes of data"));
+  }
+  // Grow while reading (doubling from 64 KiB) rather than trusting the header
+  // with one big allocation; a raw file's size was checked above.
   std::size_t have = 0;
   while (have < n) {
     const std::size_t step =
-        std::min<std::size_t>(n - have, std::max<std::size_t>(have, std::size_t{1} << 24));
+        file.raw_size() ? n - have
+                        : std::min<std::size_t>(n - have, std::max<std::size_t>(have, std::size_t{1} << 16));
     out.values.resize(have + step);
-    const std::size_t r = detail::gz_read(f, path, out.values.data() + have, step, &trunc);
+    const std::size_t r = file.read(out.values.data() + have, step, &trunc);
     have += r;
     if (r < step)
       throw DataError(cat(path, ": truncated: expected ", n, " bytes of data, file ends after ", have,
                           detail::gz_note(trunc)));
   }
-  // Anything after the data is an error; reading on also makes zlib check the gzip trailer (CRC, length).
+  // Anything after the data is an error; reading on also makes zlib check the
+  // gzip trailer (CRC, length) and finds garbage after the last member.
   std::uint64_t extra = 0;
   std::array<std::uint8_t, 4096> sink{};
   for (;;) {
-    const std::size_t r = detail::gz_read(f, path, sink.data(), sink.size(), &trunc);
+    const std::size_t r = file.read(sink.data(), sink.size(), &trunc);
     extra += r;
     if (r < sink.size()) break;
   }
   if (extra > 0) throw DataError(cat(path, ": ", extra, " trailing bytes after the ", n, " bytes of data"));
   if (!trunc.empty())
     throw DataError(cat(path, ": corrupt gzip stream: ", trunc, " (after all ", n, " bytes of data)"));
-  const int rc = gzclose(file.release());
-  if (rc != Z_OK) throw DataError(cat(path, ": corrupt gzip stream: error ", rc, " on close"));
   return out;
 }
 
