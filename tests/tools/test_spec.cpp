@@ -5,10 +5,13 @@
 #include <limits>
 #include <moonwalk/moonwalk.hpp>
 #include <moonwalk/nets/spec.hpp>
+#include <new>
 #include <set>
 #include <string>
 #include <type_traits>
 #include <vector>
+
+#include "io/memory_limit.hpp"
 
 namespace {
 
@@ -325,5 +328,144 @@ TEST_CASE("spec: image errors quote the token", "[tools][spec][conv]") {
     INFO(msg);
     CHECK(msg.find(k.quoted) != std::string::npos);
     CHECK(msg.find(k.says) != std::string::npos);
+  }
+}
+
+TEST_CASE("spec: numbers are range-checked before conversion, sizes multiplied with overflow checks",
+          "[tools][spec]") {
+  const moonwalk::SpecOptions unlimited{.max_memory_bytes = std::numeric_limits<std::uint64_t>::max()};
+  auto error = [&](const std::string& spec) {
+    try {
+      (void)moonwalk::parse_network<float>(spec, 0, unlimited);
+    } catch (const moonwalk::SpecError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  const struct {
+    const char* spec;
+    const char* quoted;
+    const char* says;
+  } cases[] = {
+      // Padding 1e300 was cast to Index (float-cast-overflow).
+      {"in:3x8x8,conv:4:3:1:1e300,linear:2", "'conv:4:3:1:1e300'", "padding must be an integer in [0, "},
+      {"in:3x8x8,conv:4:3:1:9007199254740994,linear:2", "'conv:4:3:1:9007199254740994'", "padding"},
+      {"in:3x8x8,conv:4:3:1:1.5,linear:2", "'conv:4:3:1:1.5'", "padding must be an integer"},
+      {"in:3x8x8,conv:4:3:1:nan,linear:2", "'conv:4:3:1:nan'", "padding"},
+      // C·H·W overflowed.
+      {"in:4000000000x4000000000x4000000000,linear:2", "'in:4000000000x4000000000x4000000000'", "overflows"},
+      {"in:2x3037000500x3037000500,linear:2", "'in:2x3037000500x3037000500'", "overflows"},
+      {"in:99999999999999999999x1x1,linear:2", "'in:99999999999999999999x1x1'", "bad image shape"},
+      // Parameter counts and output shapes.
+      {"in:4000000000,linear:4000000000", "'linear:4000000000'", "the parameter count overflows"},
+      {"in:4000000000,triangular:4000000000", "'triangular:4000000000'", "the parameter count overflows"},
+      {"in:8000000000,triangular:4000000000", "'triangular:4000000000'", "the parameter count overflows"},
+      {"in:4000000000,orthogonal", "'orthogonal'", "the parameter count overflows"},
+      {"in:4000000000,coupling:additive:4000000000", "'coupling:additive:4000000000'", "overflows"},
+      {"in:1x1x1,conv:1:1:1:4000000000000000", "'conv:1:1:1:4000000000000000'", "the output size overflows"},
+      {"in:4000000000x1x1,conv:4000000000:1", "'conv:4000000000:1'", "overflows"},
+      {"in:1x3037000499x3037000499,conv_valid:4000000000:1", "'conv_valid:4000000000:1'",
+       "the output size overflows"},
+      {"in:1x3037000499x3037000499,pad_channels:3", "'pad_channels:3'", "the output size overflows"},
+      {"in:2x3037000499x1,coupling:additive_conv:4000000000", "'coupling:additive_conv:4000000000'",
+       "the hidden image size overflows"},
+  };
+  for (const auto& c : cases) {
+    INFO(c.spec);
+    const std::string msg = error(c.spec);
+    INFO(msg);
+    CHECK(msg.find(c.quoted) != std::string::npos);
+    CHECK(msg.find(c.says) != std::string::npos);
+  }
+  // An integral real number is still a padding.
+  const auto net = moonwalk::parse_network<float>("in:2x5x5,conv:3:3:1:1e0,linear:2", 0);
+  const auto* conv = net[0].template target<moonwalk::Conv2d<float>>();
+  REQUIRE(conv != nullptr);
+  CHECK(conv->padding() == 1);
+  CHECK(conv->out_shape() == moonwalk::ImageShape{3, 5, 5});
+}
+
+TEST_CASE("spec: ImageShape's size never wraps", "[tools][spec]") {
+  const moonwalk::ImageShape big{4000000000, 4000000000, 4000000000};
+  CHECK_FALSE(big.valid());
+  CHECK_FALSE(big.checked_size().has_value());
+  CHECK_THROWS_AS(big.size(), moonwalk::ShapeError);
+  CHECK_THROWS_WITH(big.size(),
+                    Catch::Contains("4000000000x4000000000x4000000000") && Catch::Contains("overflows"));
+  const moonwalk::ImageShape fits{1, 3037000499, 3037000499};
+  CHECK(fits.valid());
+  CHECK(fits.size() == Index{3037000499} * Index{3037000499});
+  CHECK(moonwalk::ImageShape{3, 4, 5}.size() == 60);
+  CHECK_FALSE(moonwalk::ImageShape{0, 4, 5}.valid());
+}
+
+TEST_CASE("spec: a network that needs more memory than allowed is refused, saying how much",
+          "[tools][spec]") {
+  auto error = [](const std::string& spec, std::uint64_t limit, bool as_double = false) {
+    try {
+      if (as_double)
+        (void)moonwalk::parse_network<double>(spec, 0, {.max_memory_bytes = limit});
+      else
+        (void)moonwalk::parse_network<float>(spec, 0, {.max_memory_bytes = limit});
+    } catch (const moonwalk::SpecError& e) {
+      return std::string(e.what());
+    }
+    return std::string();
+  };
+  const std::uint64_t gib = std::uint64_t{1} << 30;
+  // 100000 x 100000 + 100000 parameters, each with its gradient: 74.5 GiB in float, 149 GiB in double.
+  const std::string f = error("in:100000,linear:100000", 16 * gib);
+  INFO(f);
+  CHECK_THAT(f, Catch::Contains("'linear:100000'") && Catch::Contains("74.5 GiB") &&
+                    Catch::Contains("10000100000 parameters") && Catch::Contains("float") &&
+                    Catch::Contains("limit of 16.0 GiB") && Catch::Contains("max_memory_bytes"));
+  CHECK_THAT(error("in:100000,linear:100000", 16 * gib, true), Catch::Contains("149.0 GiB"));
+  // The default limit is the machine's physical memory; 8 TB exceeds any.
+  const std::string d = spec_error<float>("in:1000000,linear:1000000");
+  INFO(d);
+  CHECK_THAT(d, Catch::Contains("'linear:1000000'") && Catch::Contains("physical memory"));
+  CHECK(moonwalk::spec::physical_memory_bytes() > 0);
+  // Refused before allocating: under 64 MiB of address-space headroom, a SpecError, not bad_alloc.
+  const auto status = moonwalk::test::run_with_memory_headroom(std::size_t{64} << 20, [] {
+    try {
+      (void)moonwalk::parse_network<float>("in:100000,linear:100000", 0, {.max_memory_bytes = 16 * gib});
+    } catch (const moonwalk::SpecError&) {
+      return 0;
+    } catch (const std::bad_alloc&) {
+      return 1;
+    }
+    return 3;
+  });
+  if (status)
+    CHECK(*status == 0);
+  else
+    WARN("memory-limited run skipped (sanitizer build)");
+  // Widths alone count too: one sample through pad:10^15 is 3.6 PiB.
+  CHECK_THAT(error("in:4,pad:1000000000000000,linear:2", 0),
+             Catch::Contains("'pad:1000000000000000'") && Catch::Contains("PiB"));
+  CHECK_THAT(error("in:100000,orthogonal", gib), Catch::Contains("'orthogonal'"));
+  CHECK_THAT(error("in:64,coupling:additive:100000000", gib),
+             Catch::Contains("'coupling:additive:100000000'"));
+
+  // The rule is exact: sizeof(S) · (2 · parameters + activations per sample), checked at its boundary.
+  const struct {
+    const char* spec;
+    Index activations;  // the input, every layer's output, coupling branches' hidden widths
+  } exact[] = {
+      {"in:10,linear:10", 10 + 10},
+      {"in:6,coupling:additive:5,tanh", 6 + 4 * 5 + 6 + 6},
+      {"in:6,orthogonal", 6 + 6},
+      {"in:2x5x5,conv:3:3:1:1,conv_valid:2:2", 50 + 75 + 32},
+      {"in:4x3x3,coupling:additive_conv:2", 36 + 4 * (2 * 9) + 36},
+      {"in:1x4x4,pad_channels:3,triangular:40", 16 + 48 + 40},
+  };
+  for (const auto& e : exact) {
+    INFO(e.spec);
+    const auto net = moonwalk::parse_network<double>(e.spec, 0);
+    const Index params = moonwalk::num_parameters(net);
+    const auto need = static_cast<std::uint64_t>(8 * (2 * params + e.activations));
+    CHECK(error(e.spec, need, true).empty());
+    CHECK_THAT(error(e.spec, need - 1, true),
+               Catch::Contains("needs ") && Catch::Contains("more than the limit"));
   }
 }

@@ -5,7 +5,10 @@
 //   spec    := "in:" N ( "," layer )+
 //   layer   := NAME ( ":" ARG )*
 //
-// N and every width are positive integers. The layers, one entry each in
+// N and every width are positive integers (at most 2^63 − 1); every product
+// of widths (C·H·W, a layer's parameter count, an output shape) is computed
+// with overflow checks, and every other number is range-checked before it is
+// converted (padding: an integer in [0, 2^53]). The layers, one entry each in
 // `spec_layers<S>()` (the only place that knows them):
 //
 //   linear:OUT          Linear<S>(width, OUT), b = 0; W (semi-)orthogonal, or
@@ -60,6 +63,18 @@
 //   init = Init::orthogonal | Init::gaussian   how every Linear's W starts,
 //          including coupling branches (Linear<S>::Options::init). The
 //          `orthogonal` token ignores it: its Q is orthogonal by construction.
+//   max_memory_bytes = 0     the memory a network may need (0: the machine's
+//          physical memory, sysconf(_SC_PHYS_PAGES) · _SC_PAGE_SIZE, or no
+//          limit where that is unknown; UINT64_MAX: no limit). See Memory below.
+//
+// Memory: a network is refused with a SpecError, before its layer is
+// allocated, when sizeof(S) · (2 · P + A) exceeds the limit, P being the
+// parameters up to and including the token (each stored with its gradient)
+// and A the numbers one sample's activations take (the input and every
+// layer's output, coupling branches' hidden widths included). The message
+// quotes the token and says how much memory the network needs, e.g.
+// `in:100000,linear:100000` in float: 10000100000 parameters, 74.5 GiB. (A
+// batch of B samples needs B · A · sizeof(S) more while it runs.)
 //
 // Seeds (deterministic): the tokens are numbered from 0 in the order they
 // appear, `in:N` being token 0, so the first layer is token 1. The layer
@@ -75,19 +90,25 @@
 // Every malformed spec throws SpecError; its message quotes the offending
 // token and says what is wrong (unknown layer, bad number, missing in:N,
 // wrong number of arguments, non-positive width, slope or alpha ≤ 0 or not
-// representable in S, empty token). A moonwalk::Error thrown by a layer's
+// representable in S, empty token, a size that overflows, a network that
+// needs more memory than allowed). A moonwalk::Error thrown by a layer's
 // constructor is re-thrown as a SpecError quoting the token.
 #pragma once
+
+#include <unistd.h>
 
 #include <charconv>
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <initializer_list>
+#include <limits>
 #include <map>
 #include <optional>
 #include <sstream>
 #include <string>
 #include <system_error>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -118,9 +139,50 @@ class SpecError : public Error {
 struct SpecOptions {
   /// How every Linear's W starts (coupling branches included).
   Init init = Init::orthogonal;
+  /// Largest memory a network may need, in bytes (rule: spec.hpp's header
+  /// comment); 0 = the machine's physical memory, the largest uint64 = no limit.
+  std::uint64_t max_memory_bytes = 0;
 };
 
 namespace spec {
+
+/// The machine's physical memory in bytes, or the largest uint64 where unknown.
+inline std::uint64_t physical_memory_bytes() {
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGE_SIZE)
+  const long pages = ::sysconf(_SC_PHYS_PAGES), page = ::sysconf(_SC_PAGE_SIZE);
+  std::uint64_t r = 0;
+  if (pages > 0 && page > 0 &&
+      !__builtin_mul_overflow(static_cast<std::uint64_t>(pages), static_cast<std::uint64_t>(page), &r))
+    return r;
+#endif
+  return std::numeric_limits<std::uint64_t>::max();
+}
+
+/// "74.5 GiB" (or "512 bytes", "3.2 KiB", …).
+inline std::string human_bytes(long double b) {
+  const char* unit[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB", "ZiB", "YiB"};
+  int u = 0;
+  while (b >= 1024 && u < 8) b /= 1024, ++u;
+  std::ostringstream s;
+  s.setf(std::ios::fixed);
+  s.precision(u == 0 ? 0 : 1);
+  s << b << " " << unit[u];
+  return s.str();
+}
+
+/// What a network parsed so far needs (see the Memory rule in the header
+/// comment), in numbers of S; checked against a limit in bytes.
+struct Budget {
+  std::size_t scalar_bytes = sizeof(double);
+  const char* scalar_name = "double";
+  std::uint64_t limit = std::numeric_limits<std::uint64_t>::max();
+  bool limit_is_physical = true;
+  long double parameters = 0, activations = 0;  // exact far beyond any limit (64-bit mantissa)
+
+  [[nodiscard]] long double bytes() const {
+    return static_cast<long double>(scalar_bytes) * (2 * parameters + activations);
+  }
+};
 
 /// One comma-separated token, split at ':' (name first), with checked
 /// accessors for its arguments. Every error it raises quotes the token.
@@ -196,12 +258,69 @@ class Token {
     return v;
   }
 
+  /// Argument k (or `fallback`) as an integer in [lo, hi] (written as an
+  /// integer or an integral real number, e.g. 1 or 1e2); range-checked before
+  /// it is converted, so 1e300 is an error, not an overflow.
+  [[nodiscard]] Index integer(std::size_t k, const char* what, Index fallback, Index lo, Index hi) const {
+    if (k >= args_.size()) return fallback;
+    const double v = number(k, what, static_cast<double>(fallback));
+    if (!(v >= static_cast<double>(lo) && v <= static_cast<double>(hi)) || v != std::floor(v))
+      fail(detail::cat(what, " must be an integer in [", lo, ", ", hi, "], got ", args_[k]));
+    return static_cast<Index>(v);
+  }
+
+  /// a · b (a product of sizes); SpecError naming `what` when it overflows.
+  [[nodiscard]] Index mul(Index a, Index b, const char* what = "a size") const {
+    const auto r = detail::checked_mul(a, b);
+    if (!r) fail(detail::cat(what, " overflows: ", a, " x ", b, " is more than 2^63 - 1"));
+    return *r;
+  }
+  /// a + b; SpecError naming `what` when it overflows.
+  [[nodiscard]] Index add(Index a, Index b, const char* what = "a size") const {
+    const auto r = detail::checked_add(a, b);
+    if (!r) fail(detail::cat(what, " overflows: ", a, " + ", b, " is more than 2^63 - 1"));
+    return *r;
+  }
+  /// The product of `factors`, checked (see mul).
+  [[nodiscard]] Index product(std::initializer_list<Index> factors, const char* what = "a size") const {
+    Index r = 1;
+    for (Index f : factors) r = mul(r, f, what);
+    return r;
+  }
+
+  /// Counts `params` parameters and `activations` numbers per sample against
+  /// the memory budget (when the token has one: the tokens of a spec do), and
+  /// throws SpecError saying how much memory the network needs when it is
+  /// over the limit. Builders call it before they allocate.
+  void charge(Index params, Index activations = 0) const {
+    if (!budget_) return;
+    budget_->parameters += static_cast<long double>(params);
+    budget_->activations += static_cast<long double>(activations);
+    const long double need = budget_->bytes();
+    if (budget_->limit == std::numeric_limits<std::uint64_t>::max() ||
+        need <= static_cast<long double>(budget_->limit))
+      return;
+    std::ostringstream s;
+    s.precision(20);
+    s << "the network needs " << human_bytes(need) << " up to here (" << budget_->parameters
+      << " parameters with their gradients, and " << budget_->activations << " activations per sample, in "
+      << budget_->scalar_name << ", " << budget_->scalar_bytes << " bytes each), more than the limit of "
+      << human_bytes(static_cast<long double>(budget_->limit))
+      << (budget_->limit_is_physical ? " (physical memory; SpecOptions::max_memory_bytes sets another)"
+                                     : " (SpecOptions::max_memory_bytes)");
+    fail(s.str());
+  }
+  /// Makes charge() count against `b` (parse_network gives every token the network's budget).
+  void set_budget(Budget* b) { budget_ = b; }
+
   /// Argument k (or `fallback`) as a value of type S that must be finite and
   /// > 0 once rounded to S (`what` names it in the message).
   template <class S>
   [[nodiscard]] S positive(std::size_t k, const char* what, double fallback) const {
     const double v = number(k, what, fallback);
-    const S r = static_cast<S>(v);
+    // Range-checked before the conversion (a double beyond S's range does not convert).
+    const bool fits = std::abs(v) <= static_cast<double>(std::numeric_limits<S>::max());
+    const S r = fits ? static_cast<S>(v) : std::numeric_limits<S>::infinity();
     if (!(v > 0) || !(r > S(0)) || !std::isfinite(r)) {
       std::ostringstream s;
       s << what << " must be > 0";
@@ -230,6 +349,7 @@ class Token {
   std::string text_, name_;
   std::size_t index_;
   std::vector<std::string> args_;
+  Budget* budget_ = nullptr;
 };
 
 /// Builds the layer of one token: (current width, token, token seed, options) -> layer.
@@ -293,7 +413,10 @@ inline std::optional<ImageShape> parse_image_shape(const Token& t, const std::st
       t.fail("bad image shape '" + text + "' (expected CxHxW, each a positive integer)");
     start = x + 1;
   }
-  return ImageShape{part[0], part[1], part[2]};
+  const ImageShape shape{part[0], part[1], part[2]};
+  if (!shape.checked_size())
+    t.fail("image shape '" + text + "' has more than 2^63 - 1 numbers (C x H x W overflows)");
+  return shape;
 }
 
 /// The grammar: every layer a spec can name. Add a layer here, nowhere else.
@@ -307,12 +430,15 @@ const std::map<std::string, Rule<S>>& layers() {
           typename Linear<S>::Options options;
           options.seed = seed;
           options.init = o.init;
-          return Linear<S>(w, t.width(0, "width"), options);
+          const Index out = t.width(0, "width");
+          t.charge(t.add(t.mul(w, out, "the parameter count"), out, "the parameter count"));
+          return Linear<S>(w, out, options);
         }}},
       {"orthogonal",
        {"orthogonal",
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "orthogonal");
+          t.charge(t.add(t.mul(w, w - 1, "the parameter count") / 2, w));  // U packed, and b
           typename OrthogonalLinear<S>::Options options;
           options.seed = seed;
           return OrthogonalLinear<S>(w, options);
@@ -324,6 +450,10 @@ const std::map<std::string, Rule<S>>& layers() {
           const Index out = t.width(0, "width");
           if (out > w)
             t.fail(detail::cat("triangular:OUT needs OUT <= the current width ", w, ", got ", out));
+          // U packed (OUT(OUT − 1)/2), V (OUT x (width − OUT)) and b.
+          t.charge(t.add(t.add(t.mul(out, out - 1, "the parameter count") / 2,
+                               t.mul(out, w - out, "the parameter count")),
+                         out));
           typename TriangularLinear<S>::Options options;
           options.seed = seed;
           return TriangularLinear<S>(w, out, options);
@@ -397,6 +527,10 @@ const std::map<std::string, Rule<S>>& layers() {
               act == "pad" || act == "coupling")
             t.fail("unknown branch activation '" + act + "'");
           const Index n1 = w / 2, n2 = w - n1;
+          // F: n2 -> HIDDEN -> n1 and G: n1 -> HIDDEN -> n2, each Linear with its bias:
+          // 2·HIDDEN·width + 2·HIDDEN + width parameters; 2·HIDDEN activations per branch.
+          const Index h2 = t.mul(hidden, 2, "the parameter count");
+          t.charge(t.add(t.add(t.mul(h2, w, "the parameter count"), h2), w), t.mul(h2, 2));
           auto branch = [&](Index in, Index out, std::uint64_t s) {
             Network<S> b;
             b.add(Linear<S>(in, hidden, {.seed = s, .init = o.init}));
@@ -425,6 +559,10 @@ const std::map<std::string, Rule<S>>& layers() {
               act == "pad" || act == "coupling")
             t.fail("unknown branch activation '" + act + "'");
           const Index c1 = in.c / 2, c2 = in.c - c1;
+          // Per branch 9·HIDDEN·C + HIDDEN + c_to parameters (C = c1 + c2), two HIDDEN x H x W activations.
+          const Index h9c = t.product({hidden, 9, in.c}, "the parameter count");
+          const Index mid = t.product({hidden, in.h, in.w}, "the hidden image size");
+          t.charge(t.add(t.add(t.mul(h9c, 2), t.mul(hidden, 2)), in.c), t.mul(mid, 4));
           // conv(c_from → HIDDEN, 3×3, pad 1), ACT, conv(HIDDEN → c_to, 3×3, pad 1, gain SCALE)
           auto branch = [&](Index c_from, Index c_to, std::uint64_t s) {
             Network<S> b;
@@ -436,7 +574,6 @@ const std::map<std::string, Rule<S>>& layers() {
                              .seed = s,
                              .gain = S(1),
                              .init = o.init});
-            const Index mid = first.out_features();
             b.add(std::move(first));
             b.add(it->second.build(mid, Token(act, t.index()), s, o));
             b.add(Conv2d<S>(ImageShape{hidden, in.h, in.w}, c_to, 3,
@@ -453,32 +590,42 @@ const std::map<std::string, Rule<S>>& layers() {
           return {AdditiveCoupling<Network<S>, Network<S>>(std::move(f), std::move(g)), in};
         }}},
       // ---- image layers (need an image shape: in:CxHxW)
-      {"conv", image_rule<S>("conv:COUT:K[:STRIDE[:PAD]]",
-                             [](ImageShape in, const Token& t, std::uint64_t seed,
-                                const SpecOptions& o) -> BuiltImage<S> {
-                               t.expect_arity(2, 4, "conv:COUT:K[:STRIDE[:PAD]]");
-                               typename Conv2d<S>::Options opt;
-                               opt.seed = seed;
-                               opt.init = o.init;
-                               if (t.arity() > 2) opt.stride = t.width(2, "stride");
-                               if (t.arity() > 3) opt.pad = static_cast<Index>(t.number(3, "padding", 0));
-                               if (opt.pad < 0 || static_cast<double>(opt.pad) != t.number(3, "padding", 0))
-                                 t.fail("padding must be an integer >= 0");
-                               Conv2d<S> c(in, t.width(0, "output channels"), t.width(1, "kernel size"), opt);
-                               const ImageShape out = c.out_shape();
-                               return {AnyLayer<S>(std::move(c)), out};
-                             })},
-      {"conv_valid", image_rule<S>("conv_valid:COUT:K",
-                                   [](ImageShape in, const Token& t, std::uint64_t seed,
-                                      const SpecOptions&) -> BuiltImage<S> {
-                                     t.expect_arity(2, 2, "conv_valid:COUT:K");
-                                     typename ConvValid2d<S>::Options opt;
-                                     opt.seed = seed;
-                                     ConvValid2d<S> c(in, t.width(0, "output channels"),
-                                                      t.width(1, "kernel size"), opt);
-                                     const ImageShape out = c.out_shape();
-                                     return {AnyLayer<S>(std::move(c)), out};
-                                   })},
+      {"conv",
+       image_rule<S>(
+           "conv:COUT:K[:STRIDE[:PAD]]",
+           [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
+             t.expect_arity(2, 4, "conv:COUT:K[:STRIDE[:PAD]]");
+             typename Conv2d<S>::Options opt;
+             opt.seed = seed;
+             opt.init = o.init;
+             if (t.arity() > 2) opt.stride = t.width(2, "stride");
+             opt.pad = t.integer(3, "padding", 0, 0, Index{1} << 53);
+             const Index cout = t.width(0, "output channels"), k = t.width(1, "kernel size");
+             // Conv2d's own size arithmetic, checked first.
+             const Index ph = t.add(in.h, t.mul(2, opt.pad)), pw = t.add(in.w, t.mul(2, opt.pad));
+             if (ph >= k && pw >= k)
+               (void)t.product({cout, (ph - k) / opt.stride + 1, (pw - k) / opt.stride + 1},
+                               "the output size");
+             t.charge(t.add(t.product({cout, in.c, k, k}, "the parameter count"), cout));
+             Conv2d<S> c(in, cout, k, opt);
+             const ImageShape out = c.out_shape();
+             return {AnyLayer<S>(std::move(c)), out};
+           })},
+      {"conv_valid",
+       image_rule<S>(
+           "conv_valid:COUT:K",
+           [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions&) -> BuiltImage<S> {
+             t.expect_arity(2, 2, "conv_valid:COUT:K");
+             typename ConvValid2d<S>::Options opt;
+             opt.seed = seed;
+             const Index cout = t.width(0, "output channels"), k = t.width(1, "kernel size");
+             if (in.h >= k && in.w >= k)
+               (void)t.product({cout, in.h - k + 1, in.w - k + 1}, "the output size");
+             t.charge(t.add(t.product({cout, in.c, k, k}, "the parameter count"), cout));
+             ConvValid2d<S> c(in, cout, k, opt);
+             const ImageShape out = c.out_shape();
+             return {AnyLayer<S>(std::move(c)), out};
+           })},
       {"squeeze", shaped_rule<S, SpaceToDepth<S>>("squeeze")},
       {"avgpool", shaped_rule<S, AvgPool2d<S>>("avgpool")},
       {"gap", shaped_rule<S, GlobalAvgPool<S>>("gap")},
@@ -487,7 +634,9 @@ const std::map<std::string, Rule<S>>& layers() {
        image_rule<S>("pad_channels:C",
                      [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
                        t.expect_arity(1, 1, "pad_channels:C");
-                       PadChannels<S> l(in, t.width(0, "channels"));
+                       const Index c = t.width(0, "channels");
+                       (void)t.product({c, in.h, in.w}, "the output size");
+                       PadChannels<S> l(in, c);
                        const ImageShape out = l.out_shape();
                        return {AnyLayer<S>(std::move(l)), out};
                      })},
@@ -545,7 +694,13 @@ const std::map<std::string, spec::Rule<S>>& spec_layers() {
 /// quoting the bad token, for any malformed spec.
 template <class S>
 Network<S> parse_network(const std::string& spec_string, std::uint64_t seed, const SpecOptions& options) {
-  const std::vector<spec::Token> tokens = spec::tokenize(spec_string);
+  std::vector<spec::Token> tokens = spec::tokenize(spec_string);
+  spec::Budget budget;
+  budget.scalar_bytes = sizeof(S);
+  budget.scalar_name = std::is_same_v<S, float> ? "float" : std::is_same_v<S, double> ? "double" : "S";
+  budget.limit_is_physical = options.max_memory_bytes == 0;
+  budget.limit = budget.limit_is_physical ? spec::physical_memory_bytes() : options.max_memory_bytes;
+  for (spec::Token& t : tokens) t.set_budget(&budget);
   const spec::Token& head = tokens.front();
   if (head.name() != "in")
     head.fail("missing in:N (a spec starts with the input width, e.g. in:64,linear:10)");
@@ -559,6 +714,7 @@ Network<S> parse_network(const std::string& spec_string, std::uint64_t seed, con
     width = head.width(0, "input width");
   }
   if (tokens.size() == 1) head.fail("no layers after the input width");
+  head.charge(0, width);
 
   Network<S> net;
   const auto& table = spec_layers<S>();
@@ -589,6 +745,7 @@ Network<S> parse_network(const std::string& spec_string, std::uint64_t seed, con
       t.fail(e.what());
     }
     width = layer->out_features();
+    t.charge(0, width);
     net.add(std::move(*layer));
   }
   return net;
