@@ -19,17 +19,27 @@
 // gradient is held under its tolerance (or recomputed): `untrusted_steps`
 // counts the steps whose estimate stayed above it anyway.
 //
-// Exit status: 0 trained; 1 a run-time error (data, checkpoint, schedule);
-// 2 bad command line.
+// A step whose loss or gradient is not finite, or whose update leaves a
+// parameter non-finite, stops the run (exit 1) naming the epoch and step; so
+// does a non-finite test loss. Every output (the step log, the epoch log, the
+// checkpoint, the JSON line) is checked as it is written: a failed write (a
+// full disk) is an error naming the file. The --save and --log paths are
+// checked for writability before any training.
+//
+// Exit status: 0 trained; 1 a run-time error (data, checkpoint, schedule,
+// divergence, a failed write); 2 bad command line.
 #include <malloc.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
 #include <limits>
@@ -103,10 +113,12 @@ const char* kUsage =
     "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, forward,\n"
     "                    projforward; Moonwalk schedules hold the default fidelity policy\n"
     "  --rebuild-inputs  mixed: rebuild invertible layers' inputs instead of keeping residuals\n"
-    "  --epochs N        passes over the training set (default 5); --batch B (default 128)\n"
-    "  --optimizer       adam (default, lr 1e-3) or sgd (lr 0.05, --momentum 0.9); --weight-decay\n"
+    "  --epochs N        passes over the training set (default 5); --batch B (default 128; a batch\n"
+    "                    larger than the training set is the whole set)\n"
+    "  --optimizer       adam (default, lr 1e-3) or sgd (lr 0.05, --momentum 0.9); --weight-decay WD >= 0\n"
     "  --lr-schedule     cosine (default, over all steps), step (x0.1 at 1/2 and 3/4), constant\n"
-    "  --threads T       Eigen threads (default: every core); --seed S (init and shuffling)\n"
+    "  --threads T       Eigen threads (default: every core; at most 4 per core); --seed S (init and\n"
+    "                    shuffling, an unsigned integer)\n"
     "  --data DIR        IDX files (default /usr/share/datasets/fashion-mnist, Debian's\n"
     "                    dataset-fashion-mnist); --train-limit/--test-limit N: the first N samples\n"
     "  --augment         flip: mirror each training image left-right with probability 1/2\n"
@@ -115,7 +127,8 @@ const char* kUsage =
     "  --log FILE.csv    one row per epoch; --step-log FILE.csv one row per step\n"
     "  --quiet           no progress bar\n"
     "\n"
-    "Prints one JSON line on stdout. Exit: 0 trained, 1 run-time error, 2 bad command line.\n";
+    "Prints one JSON line on stdout. Exit: 0 trained, 1 run-time error (data, checkpoint, a loss,\n"
+    "gradient or parameter that is not finite, a failed write), 2 bad command line.\n";
 
 template <class T>
 T parse_number(const std::string& opt, const std::string& v) {
@@ -123,6 +136,20 @@ T parse_number(const std::string& opt, const std::string& v) {
   T x{};
   if (!(s >> x) || !s.eof()) throw UsageError(cat(opt, ": not a number: '", v, "'"));
   return x;
+}
+
+/// A non-negative integer: "-1" is refused (an unsigned read would wrap it to 2^64 − 1).
+template <class T>
+T parse_unsigned(const std::string& opt, const std::string& v) {
+  if (v.find('-') != std::string::npos)
+    throw UsageError(cat(opt, ": must be a non-negative integer, got '", v, "'"));
+  return parse_number<T>(opt, v);
+}
+
+/// The --threads limit: 4 threads per core (1024 when the core count is unknown).
+int max_threads() {
+  const unsigned cores = std::thread::hardware_concurrency();
+  return cores == 0 ? 1024 : static_cast<int>(std::min(4u * cores, 1024u));
 }
 
 Options parse_options(int argc, char** argv) {
@@ -170,20 +197,25 @@ Options parse_options(int argc, char** argv) {
       o.optimizer = v;
     } else if (a == "--lr") {
       o.lr = parse_number<double>(a, v);
-      if (!(o.lr > 0)) throw UsageError("--lr: must be > 0");
+      if (!(o.lr > 0) || !std::isfinite(o.lr)) throw UsageError("--lr: must be finite and > 0");
     } else if (a == "--momentum") {
       o.momentum = parse_number<double>(a, v);
     } else if (a == "--weight-decay") {
       o.weight_decay = parse_number<double>(a, v);
+      if (!(o.weight_decay >= 0) || !std::isfinite(o.weight_decay))
+        throw UsageError(cat("--weight-decay: must be finite and >= 0, got '", v, "'"));
     } else if (a == "--lr-schedule") {
       if (v != "cosine" && v != "step" && v != "constant")
         throw UsageError(cat("--lr-schedule: expected cosine, step or constant, got '", v, "'"));
       o.lr_schedule = v;
     } else if (a == "--seed") {
-      o.seed = parse_number<std::uint64_t>(a, v);
+      o.seed = parse_unsigned<std::uint64_t>(a, v);
     } else if (a == "--threads") {
       o.threads = parse_number<int>(a, v);
       if (o.threads < 0) throw UsageError("--threads: must be >= 0");
+      if (o.threads > max_threads())
+        throw UsageError(cat("--threads: ", o.threads, " is more than the limit of ", max_threads(),
+                             " (4 per core, ", std::thread::hardware_concurrency(), " cores)"));
     } else if (a == "--dtype") {
       if (v != "float" && v != "double")
         throw UsageError(cat("--dtype: expected float or double, got '", v, "'"));
@@ -239,6 +271,51 @@ std::string full_precision(double v) {
   char s[32];
   std::snprintf(s, sizeof s, "%.17g", v);
   return s;
+}
+
+/// The larger of two error estimates; NaN when either is (std::max drops a NaN second argument).
+double max_or_nan(double a, double b) {
+  return std::isnan(a) || std::isnan(b) ? std::numeric_limits<double>::quiet_NaN() : std::max(a, b);
+}
+
+/// Refuses, before any training, a path that write_file_atomically could not
+/// write: not a regular file (a directory, a device: renaming over it would
+/// replace it), or a directory where no temporary file can be created. The
+/// probe file is created the way the atomic write names its own, then removed.
+void check_writable(const std::string& option, const std::string& path) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status st = fs::status(path, ec);
+  if (fs::exists(st) && !fs::is_regular_file(st))
+    throw moonwalk::Error(cat(option, " ", path, ": not a regular file (",
+                              fs::is_directory(st) ? "a directory" : "a device, pipe or socket", ")"));
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
+  std::string name = (dir / (target.filename().string() + ".tmp.XXXXXX")).string();
+  const int fd = ::mkstemp(name.data());
+  if (fd < 0)
+    throw moonwalk::Error(cat(option, " ", path, ": cannot write there (creating a file in ", dir.string(),
+                              ": ", std::strerror(errno), ")"));
+  ::close(fd);
+  ::unlink(name.c_str());
+}
+
+/// Throws naming `what` when `out` has failed (a write or flush went wrong, e.g. a full disk).
+void check_stream(const std::ostream& out, const std::string& what) {
+  if (!out) {
+    const int e = errno;
+    throw moonwalk::Error(cat(what, ": write failed", e ? cat(" (", std::strerror(e), ")") : std::string()));
+  }
+}
+
+/// True when every parameter of `net` is finite.
+template <class S>
+bool parameters_finite(Network<S>& net) {
+  for (std::size_t i = 0; i < net.size(); ++i)
+    for (const auto& block : net[i].parameter_blocks())
+      for (const S v : block)
+        if (!std::isfinite(v)) return false;
+  return true;
 }
 
 double seconds_since(std::chrono::steady_clock::time_point t0) {
@@ -362,9 +439,25 @@ int train(const Options& o) {
   const auto t_start = std::chrono::steady_clock::now();
   if (o.threads > 0) Eigen::setNbThreads(o.threads);
   const int threads = Eigen::nbThreads();
+  // Outputs written only after an epoch: refuse an unwritable path now, not after the training.
+  if (!o.save.empty()) check_writable("--save", o.save);
+  if (!o.log.empty()) check_writable("--log", o.log);
 
   // Data.
   auto data = moonwalk::data::load_fashion_mnist(o.data);
+  for (const auto* set : {&data.train, &data.test}) {
+    // rows·cols from a file header: multiplied without signed overflow.
+    Index pixels = 0;
+    if (__builtin_mul_overflow(set->shape.c, set->shape.h, &pixels) ||
+        __builtin_mul_overflow(pixels, set->shape.w, &pixels))
+      throw moonwalk::data::DataError(cat(set->source, ": images of ", set->shape.h, " x ", set->shape.w,
+                                          " pixels: rows x cols overflows (corrupt header?)"));
+  }
+  if (data.train.count == 0)
+    throw moonwalk::data::DataError(cat(data.train.source, ": the training set is empty (0 samples)"));
+  if (data.test.count == 0)
+    throw moonwalk::data::DataError(
+        cat(data.test.source, ": the test set is empty (0 samples): there would be no test accuracy"));
   const moonwalk::data::LabelledImages train_set = moonwalk::data::head(data.train, o.train_limit);
   const moonwalk::data::LabelledImages test_set = moonwalk::data::head(data.test, o.test_limit);
   data = {};
@@ -387,8 +480,17 @@ int train(const Options& o) {
   opt.sgd.lr = o.lr;
   opt.sgd.momentum = o.momentum;
   opt.sgd.weight_decay = o.weight_decay;
-  const Index steps_per_epoch = (train_set.count + o.batch - 1) / o.batch;
-  const std::size_t total_steps = static_cast<std::size_t>(std::max<Index>(1, steps_per_epoch * o.epochs));
+  // A batch larger than the training set is the whole set (so at least one step per epoch).
+  const Index batch = std::min(o.batch, train_set.count);
+  if (batch < o.batch)
+    std::fprintf(stderr,
+                 "moonwalk-train: note: --batch %lld is larger than the training set: batches of %lld\n",
+                 static_cast<long long>(o.batch), static_cast<long long>(batch));
+  const Index steps_per_epoch = train_set.count / batch + (train_set.count % batch != 0 ? 1 : 0);
+  Index all_steps = 0;
+  if (__builtin_mul_overflow(steps_per_epoch, static_cast<Index>(o.epochs), &all_steps))
+    throw UsageError(cat("--epochs ", o.epochs, " x ", steps_per_epoch, " steps per epoch: too many steps"));
+  const std::size_t total_steps = static_cast<std::size_t>(std::max<Index>(1, all_steps));
   auto lr_factor = [&](std::size_t step) {
     if (o.lr_schedule == "cosine") return moonwalk::CosineLR{.total_steps = total_steps}.factor(step);
     if (o.lr_schedule == "step") {
@@ -434,7 +536,7 @@ int train(const Options& o) {
   // for the schedule's residual_bytes).
   std::size_t backprop_bytes = 0;
   {
-    std::vector<Index> idx(static_cast<std::size_t>(std::min(o.batch, train_set.count)));
+    std::vector<Index> idx(static_cast<std::size_t>(batch));
     for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<Index>(j);
     Matrix<S> x;
     std::vector<Index> y;
@@ -451,6 +553,7 @@ int train(const Options& o) {
     step_log.open(o.step_log, start_epoch > 0 ? std::ios::app : std::ios::trunc);
     if (!step_log) throw moonwalk::Error(cat(o.step_log, ": cannot open for writing"));
     if (start_epoch == 0) step_log << "step,epoch,schedule,loss,error_estimate,residual_bytes,fallbacks\n";
+    check_stream(step_log, o.step_log);
   }
 
   Progress progress(!o.quiet);
@@ -467,7 +570,7 @@ int train(const Options& o) {
         train_set.count, o.seed * 1000003u + static_cast<std::uint64_t>(epoch));
     EpochTotals ep;
     for (Index b = 0; b < steps_per_epoch; ++b) {
-      const Index start = b * o.batch, n = std::min(o.batch, train_set.count - start);
+      const Index start = b * batch, n = std::min(batch, train_set.count - start);
       moonwalk::data::gather<S>(
           train_set, std::span<const Index>(order.data() + start, static_cast<std::size_t>(n)), norm, x, y);
       if (o.augment == "flip")
@@ -478,23 +581,39 @@ int train(const Options& o) {
       moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
         moonwalk::gradient_into(schedule, net, x, loss, y, r);
       });
+      // Nothing non-finite reaches the parameters: the run stops at the step that produced it.
+      const std::size_t step_number = opt.steps() + 1;
+      const auto where = [&] {
+        return cat("epoch ", epoch + 1, ", step ", b + 1, " of ", steps_per_epoch, " (optimizer step ",
+                   step_number, ")");
+      };
+      if (!std::isfinite(static_cast<double>(r.loss)))
+        throw moonwalk::Error(
+            cat("training diverged: loss is ", r.loss, " at ", where(), " (try a smaller --lr)"));
+      if (!r.gradient.allFinite())
+        throw moonwalk::Error(cat("training diverged: the gradient is not finite at ", where(), " (loss ",
+                                  r.loss, "; try a smaller --lr)"));
       const double lr = opt.base_lr() * lr_factor(opt.steps());
       opt.step(net, lr);
+      if (!parameters_finite(net))
+        throw moonwalk::Error(cat("training diverged: the update at ", where(),
+                                  " made a parameter non-finite (learning rate ", lr,
+                                  "; try a smaller --lr)"));
 
       const auto& st = r.stats;
       ep.loss_sum += static_cast<double>(r.loss);
       ++ep.batches;
       ep.residual_bytes = std::max(ep.residual_bytes, st.residual_bytes);
-      ep.max_error = std::max(ep.max_error, st.error_estimate);
+      ep.max_error = max_or_nan(ep.max_error, st.error_estimate);
       ep.fallbacks += st.fallbacks;
-      ep.untrusted += st.within_tolerance ? 0 : 1;
-      if (!std::isfinite(static_cast<double>(r.loss)))
-        throw moonwalk::Error(cat("training diverged: loss is ", r.loss, " at epoch ", epoch + 1, ", batch ",
-                                  b + 1, " (try a smaller --lr)"));
-      if (step_log)
+      // Untrusted: the schedule says its estimate missed the tolerance, or it has no usable estimate.
+      ep.untrusted += !st.within_tolerance || std::isnan(st.error_estimate) ? 1 : 0;
+      if (step_log.is_open()) {
         step_log << opt.steps() << ',' << epoch + 1 << ',' << o.schedule << ',' << full_precision(r.loss)
                  << ',' << json_number(st.error_estimate) << ',' << st.residual_bytes << ',' << st.fallbacks
                  << '\n';
+        check_stream(step_log, o.step_log);
+      }
       const double secs = seconds_since(t_epoch);
       progress.draw(cat(
           "epoch ", epoch + 1, "/", o.epochs, " ", bar(b + 1, steps_per_epoch), " ", b + 1, "/",
@@ -506,9 +625,12 @@ int train(const Options& o) {
     progress.finish();
     eval = evaluate(net, test_set, norm);
     evaluated = true;
+    if (!std::isfinite(eval.loss))
+      throw moonwalk::Error(cat("training diverged: the test loss is ", eval.loss, " after epoch ", epoch + 1,
+                                " (try a smaller --lr)"));
     last_train_loss = ep.loss_sum / static_cast<double>(std::max<Index>(1, ep.batches));
     run.residual_bytes = std::max(run.residual_bytes, ep.residual_bytes);
-    run.max_error = std::max(run.max_error, ep.max_error);
+    run.max_error = max_or_nan(run.max_error, ep.max_error);
     run.fallbacks += ep.fallbacks;
     run.untrusted += ep.untrusted;
     if (!o.quiet)
@@ -525,7 +647,10 @@ int train(const Options& o) {
                 ",", backprop_bytes, ",", peak_rss_bytes(), ",", json_number(ep.max_error), ",", ep.fallbacks,
                 ",", ep.untrusted));
     log.flush();
-    if (step_log) step_log.flush();
+    if (step_log.is_open()) {
+      step_log.flush();
+      check_stream(step_log, o.step_log);
+    }
     if (!o.save.empty()) {
       moonwalk::io::Checkpoint ck;
       ck.meta = {{"model", o.model},
@@ -542,6 +667,10 @@ int train(const Options& o) {
     }
   }
   if (!evaluated) eval = evaluate(net, test_set, norm);  // nothing left to train (e.g. resumed at the end)
+  if (step_log.is_open()) {
+    step_log.close();
+    check_stream(step_log, o.step_log);
+  }
 
   const double seconds = seconds_since(t_start);
   if (!o.quiet) {
@@ -561,9 +690,10 @@ int train(const Options& o) {
             << ",\"backprop_residual_bytes\":" << backprop_bytes
             << ",\"max_error_estimate\":" << json_number(run.max_error) << ",\"fallbacks\":" << run.fallbacks
             << ",\"untrusted_steps\":" << run.untrusted << ",\"parameters\":" << params
-            << ",\"batch\":" << o.batch << ",\"train_samples\":" << train_set.count
+            << ",\"batch\":" << batch << ",\"train_samples\":" << train_set.count
             << ",\"test_samples\":" << test_set.count << ",\"threads\":" << threads << ",\"dtype\":\""
             << o.dtype << "\",\"augment\":\"" << o.augment << "\"}" << std::endl;
+  check_stream(std::cout, "standard output (the result line)");
   return 0;
 }
 
@@ -588,6 +718,9 @@ int main(int argc, char** argv) {
     return o.dtype == "float" ? train<float>(o) : train<double>(o);
   } catch (const moonwalk::SpecError& e) {
     std::cerr << "moonwalk-train: bad --net: " << e.what() << "\n";
+    return 2;
+  } catch (const UsageError& e) {
+    std::cerr << "moonwalk-train: " << e.what() << "\n";
     return 2;
   } catch (const std::exception& e) {
     std::cerr << "\nmoonwalk-train: error: " << e.what() << "\n";
