@@ -1,5 +1,9 @@
 // libFuzzer harness: the spec parser (moonwalk/nets/spec.hpp). The input is
-// a spec string; parse_network<float> builds it, and when it parses and is
+// a spec string; parse_network<float> builds it with a memory limit of 8 MiB
+// (SpecOptions::max_memory_bytes: a bigger network is a SpecError saying how
+// much it needs, before anything is allocated; with the default limit, the
+// machine's memory, a valid network could take minutes to initialise and the
+// fuzzer would report it as a hang). When it parses and is
 // small (at most 2^20 parameters, every layer at most 2^16 features wide) the
 // network runs one forward pass, layer by layer, on a batch of three columns:
 // Gaussian, zeros, and one holding NaN, ±Inf and ±FLT_MAX (a forward pass
@@ -26,6 +30,7 @@ namespace {
 constexpr moonwalk::Index max_params = moonwalk::Index{1} << 20;
 constexpr moonwalk::Index max_width = moonwalk::Index{1} << 16;
 constexpr auto forward_budget = std::chrono::milliseconds(1000);
+constexpr std::uint64_t memory_limit = std::uint64_t{8} << 20;
 
 }  // namespace
 
@@ -33,7 +38,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   using namespace moonwalk;
   const std::string spec(reinterpret_cast<const char*>(data), size);
   Network<float> net;
-  if (!fuzz::expect_documented_errors("fuzz_spec", [&] { net = parse_network<float>(spec, 1); })) return 0;
+  if (!fuzz::expect_documented_errors(
+          "fuzz_spec", [&] { net = parse_network<float>(spec, 1, {.max_memory_bytes = memory_limit}); }))
+    return 0;
   if (net.empty()) fuzz::finding("fuzz_spec", "a spec parsed into an empty network");
 
   Index params = 0;

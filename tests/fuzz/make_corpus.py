@@ -2,9 +2,10 @@
 """Writes the fuzzers' seed corpora under tests/fuzz/corpus/<target>/.
 
 Run from anywhere: python3 tests/fuzz/make_corpus.py. Small files only. The
-checkpoint seeds written here follow format version 1 (crc32 of the payload);
-moonwalk_fuzz_checkpoint_seeds writes seeds in whatever format the current
-build writes (.ci/run adds them to its working copy of the corpus).
+checkpoint seeds written here follow format version 2 (the crc32 line covers
+every other byte of the file); moonwalk_fuzz_checkpoint_seeds writes seeds in
+whatever format the current build writes (run_fuzzers.sh adds them to its
+working copy of the corpus).
 """
 import gzip
 import os
@@ -81,19 +82,19 @@ specs = {
 for name, s in specs.items():
     put("spec", name, s)
 
-# ---- checkpoint: format version 1 files
+# ---- checkpoint: format version 2 files (the crc32 line covers every other byte)
 
 
-def checkpoint(meta, params, state, crc=None, version=1, end=True):
+def checkpoint(meta, params, state, crc=None, version=2, end=True):
     payload = b"".join(struct.pack("<d", x) for x in list(params) + list(state))
     h = "moonwalk-checkpoint\nversion %d\n" % version
     for k, v in meta:
         h += "%s %s\n" % (k, v)
-    h += "parameters %d\noptimizer_state %d\ncrc32 %08x\n" % (
-        len(params), len(state), zlib.crc32(payload) if crc is None else crc)
-    if end:
-        h += "end\n"
-    return h.encode() + payload
+    h += "parameters %d\noptimizer_state %d\n" % (len(params), len(state))
+    tail = "end\n" if end else ""
+    if crc is None:
+        crc = zlib.crc32(h.encode() + tail.encode() + payload)
+    return (h + "crc32 %08x\n" % crc + tail).encode() + payload
 
 
 meta = [("epoch", "3"), ("model", "mlp"), ("spec", "in:2,linear:2")]
@@ -101,7 +102,9 @@ put("checkpoint", "small", checkpoint(meta, [0.5, -1.0, 1.0 / 3.0, 2.0], [0.0, 1
 put("checkpoint", "empty", checkpoint([], [], []))
 put("checkpoint", "no-state", checkpoint(meta, [1.0, 2.0], []))
 put("checkpoint", "bad-crc", checkpoint(meta, [1.0, 2.0], [3.0], crc=0x12345678))
-put("checkpoint", "version-2", checkpoint(meta, [1.0], [], version=2))
+put("checkpoint", "version-1", checkpoint(meta, [1.0], [], version=1))
+put("checkpoint", "sgd-state", checkpoint(meta, [1.0, 2.0, 3.0], [4.0, 0.1, 0.2, 0.3]))
+put("checkpoint", "adam-state", checkpoint(meta, [1.0, 2.0, 3.0], [4.0, 0.1, 0.2, 0.3, 0.01, 0.02, 0.03]))
 put("checkpoint", "no-end", checkpoint(meta, [1.0], [], end=False))
 put("checkpoint", "huge-count", checkpoint([], [], []).replace(b"parameters 0", b"parameters 2147483648"))
 put("checkpoint", "wrapping-count",
