@@ -13,13 +13,14 @@ using moonwalk_test::max_rel_err_per_tensor;
 namespace {
 
 /// in:n0, pad:w, then `blocks` random coupling blocks (additive or affine,
-/// branch scale in [0.3, 1]) with tanh or nothing between them, then
-/// linear:out — from the spec grammar, seeded. Activations are smooth on
-/// purpose: zero padding and zero biases put branch pre-activations (and
-/// the padded rows after an additive block) at exactly 0, where a
-/// piecewise-linear activation has no derivative and a rebuilt ±1e-17
-/// picks the other side (RevBackprop then differs from backprop by O(1)
-/// without its reconstruction check seeing it).
+/// branch scale in [0.3, 1]) with tanh, leaky_relu:0.5 or nothing between
+/// them, then linear:out — from the spec grammar, seeded. Zero padding and
+/// zero biases put the padded rows after an additive block at exactly 0:
+/// a LeakyReLU there sits on its kink, and the schedules that rebuild its
+/// input must take its branch from the forward pass (keeps_branches), not
+/// from a rebuilt ±1e-17. The branch activations inside the blocks stay
+/// smooth: a coupling block re-derives its branches' kinks from its rebuilt
+/// input (their pre-activations are exactly 0 there too).
 std::string random_revnet_spec(std::uint64_t seed) {
   std::mt19937_64 rng(seed);
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
@@ -30,7 +31,9 @@ std::string random_revnet_spec(std::uint64_t seed) {
   for (int b = 0; b < blocks; ++b) {
     s << ",coupling:" << (pick(0, 1) ? "additive" : "affine") << ":" << pick(2, 12) << ":" << acts[pick(0, 3)]
       << ":" << 0.1 * pick(3, 10);
-    if (pick(0, 1)) s << ",tanh";
+    const int between = pick(0, 2);
+    if (between == 1) s << ",tanh";
+    if (between == 2) s << ",leaky_relu:0.5";
   }
   s << ",linear:" << pick(2, 5);
   return s.str();
@@ -118,12 +121,15 @@ TEST_CASE("On a RevNet, RevBackprop and rebuilding mixed Moonwalk keep only the 
   const auto rb = gradient(RevBackprop{}, net, x, loss, t);
   const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true}, net, x, loss, t);
   const auto plain = gradient(MixedMoonwalk{}, net, x, loss, t);
-  const std::size_t head_input = 64 * 16 * sizeof(S);
-  CHECK(rb.stats.residual_bytes == head_input);  // the input of linear(64->10)
+  const std::size_t head_input = 64 * 16 * sizeof(S), branch_bits = 64 * 16 / 8;
+  // The input of linear(64->10), and the LeakyReLU's branches (one bit each).
+  CHECK(rb.stats.residual_bytes == head_input + branch_bits);
+  CHECK(rb.stats.bytes_of("mask") == branch_bits);
   // Rebuilding Moonwalk: the head's input (a checkpoint for the layers below), plus the padding's fragment.
   CHECK(mw.stats.bytes_of("checkpoint") == head_input);
   CHECK(mw.stats.fragment_bytes() == (64 - 32) * 16 * sizeof(S));
   CHECK(mw.stats.bytes_of("activation") == 0);
+  CHECK(mw.stats.bytes_of("mask") == branch_bits);
   CHECK(plain.stats.bytes_of("activation") == 2 * head_input);  // the coupling blocks' inputs
   CHECK(mw.stats.residual_bytes < plain.stats.residual_bytes);
   CHECK(mw.stats.figures.at("reconstruction_error") < 1e-13);

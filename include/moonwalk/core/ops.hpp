@@ -10,6 +10,7 @@
 #include <array>
 #include <cstddef>
 #include <span>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -235,6 +236,20 @@ bool can_invert(const L& l) {
     return l.is_invertible();
   else
     return true;
+}
+
+/// The layer's residual is the branch pattern of a piecewise-linear map (a
+/// BitMask, one bit per element: LeakyReLU, ReLU, …). A schedule that
+/// rebuilds the layer's input by inversion keeps these bits from the forward
+/// pass instead of re-deriving them: where the forward pass sat exactly on a
+/// kink (a zero-padded row under a zero bias), a rebuilt input of ±1e-17
+/// picks the other one-sided derivative.
+template <Layer L>
+bool keeps_branches(const L& l) {
+  if constexpr (requires { l.is_branch_residual(); })
+    return l.is_branch_residual();
+  else
+    return std::is_same_v<residual_t<L>, BitMask>;
 }
 
 /// How a Moonwalk sweep crosses a layer.

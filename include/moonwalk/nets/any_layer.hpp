@@ -83,6 +83,8 @@ class AnyLayer {
   [[nodiscard]] bool is_submersive() const { return self_->is_submersive(); }
   [[nodiscard]] bool is_fragmental() const { return self_->is_fragmental(); }
   [[nodiscard]] bool is_invertible() const { return self_->is_invertible(); }
+  /// The wrapped layer's residual is a piecewise-linear branch pattern (keeps_branches).
+  [[nodiscard]] bool is_branch_residual() const { return self_->is_branch_residual(); }
   [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const { return self_->vijp(x, hx); }
   [[nodiscard]] Erased save_fragment(const Erased& r, const CRef<S>& hy) const {
     return self_->save_fragment(r, hy);
@@ -165,6 +167,7 @@ class AnyLayer {
     [[nodiscard]] virtual bool is_submersive() const = 0;
     [[nodiscard]] virtual bool is_fragmental() const = 0;
     [[nodiscard]] virtual bool is_invertible() const = 0;
+    [[nodiscard]] virtual bool is_branch_residual() const = 0;
     [[nodiscard]] virtual Matrix<S> vijp(const CRef<S>&, const CRef<S>&) const = 0;
     [[nodiscard]] virtual Erased save_fragment(const Erased&, const CRef<S>&) const = 0;
     [[nodiscard]] virtual Matrix<S> vijp_with_fragment(const CRef<S>&, const CRef<S>&,
@@ -237,6 +240,7 @@ class AnyLayer {
     [[nodiscard]] bool is_submersive() const override { return can_vijp(layer); }
     [[nodiscard]] bool is_fragmental() const override { return can_fragment(layer); }
     [[nodiscard]] bool is_invertible() const override { return can_invert(layer); }
+    [[nodiscard]] bool is_branch_residual() const override { return keeps_branches(layer); }
     [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const override {
       if constexpr (Submersive<L>)
         return layer.vijp(x, hx);

@@ -1,6 +1,11 @@
 // Moonwalk — the one entry point: gradient(schedule, net, x, loss, target).
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/nets/network.hpp"
 #include "moonwalk/nets/parameters.hpp"
 #include "moonwalk/schedules/detail/workspace.hpp"
@@ -39,17 +44,77 @@ void check_gradient_input(const Sch& schedule, const N& net, const CRef<typename
   if (net.size() == 0) throw ShapeError(std::string(schedule.name()) + ": empty network");
   check_rows(NetworkInputOf<Sch>{schedule}, "batch", x, net.in_features());
 }
+
+/// Every parameter of `net` is finite.
+template <Net N>
+bool parameters_finite(const N& net) {
+  bool finite = true;
+  for (std::size_t i = 0; i < net.size() && finite; ++i)
+    net.visit(i, [&](const auto& l) {
+      for (auto s : parameter_blocks(l))
+        for (const auto v : s) finite = finite && std::isfinite(v);
+    });
+  return finite;
+}
+
+/// A step whose loss is not finite has no gradient: ∂ℓ/∂θ (flat and in the
+/// layers' storage) and h_0 are NaN; judge() names the cause.
+template <Net N>
+void no_gradient(N& net, Index batch, GradientResult<typename N::scalar_type>& out) {
+  using S = typename N::scalar_type;
+  const S nan = std::numeric_limits<S>::quiet_NaN();
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](auto& l) {
+      for (auto s : gradient_blocks(l)) std::fill(s.begin(), s.end(), nan);
+    });
+  gradients_into(net, out.gradient);
+  out.h0.setConstant(net.in_features(), batch, nan);
+}
+
+/// The verdict every gradient carries, whatever its schedule:
+///
+///   within_tolerance ⇔ the schedule's own verdict ∧ ℓ, ∂ℓ/∂θ, h_0 finite
+///                      ∧ error_estimate ≤ T
+///
+/// with T = stats.tolerance, or default_target<S>() where the schedule was
+/// asked none (fidelity/tolerance.hpp); a NaN estimate is never within. A
+/// stochastic estimate (is_estimate) is judged on finiteness only: its
+/// error_estimate is the spread of an unbiased estimator, not a drift. A
+/// non-finite result names its first cause in stats.non_finite (the input and
+/// the parameters are looked at only then, so a finite step pays nothing).
+template <Net N>
+void judge(const N& net, const CRef<typename N::scalar_type>& x,
+           GradientResult<typename N::scalar_type>& out) {
+  using S = typename N::scalar_type;
+  Stats& st = out.stats;
+  const bool finite = std::isfinite(out.loss) && out.gradient.allFinite() && out.h0.allFinite();
+  if (!finite) {
+    st.non_finite = !x.allFinite()             ? NonFinite::input
+                    : !parameters_finite(net)  ? NonFinite::parameters
+                    : !std::isfinite(out.loss) ? NonFinite::loss
+                                               : NonFinite::gradient;
+    st.within_tolerance = false;
+    return;
+  }
+  st.non_finite = NonFinite::none;
+  if (st.is_estimate) return;
+  const double tol = st.tolerance > 0 ? st.tolerance : default_target<S>();
+  st.within_tolerance = st.within_tolerance && st.error_estimate <= tol;
+}
 }  // namespace detail
 
 /// Runs `schedule` on `net` for input batch x (in_features × batch) and
 /// `loss` against `target`; returns the loss, ∂ℓ/∂θ (flat, also left in the
-/// layers' gradient storage), h_0 = ∂ℓ/∂x_0 and the schedule's stats.
+/// layers' gradient storage), h_0 = ∂ℓ/∂x_0 and the schedule's stats, with
+/// the trust verdict (stats.within_tolerance, stats.non_finite: detail::judge).
 template <Net N, class Sch, class L>
 requires ScheduleFor<Sch, N, L> GradientResult<typename N::scalar_type> gradient(
     const Sch& schedule, N& net, const CRef<typename N::scalar_type>& x, const L& loss,
     const typename L::target_type& target) {
   detail::check_gradient_input(schedule, net, x);
-  return schedule.run(net, x, loss, target);
+  GradientResult<typename N::scalar_type> out = schedule.run(net, x, loss, target);
+  detail::judge(net, x, out);
+  return out;
 }
 
 /// gradient(), written into `out`: the training-loop form. A result kept
@@ -80,6 +145,7 @@ void gradient_into(const Sch& schedule, N& net, const CRef<typename N::scalar_ty
     schedule.run_into(net, x, loss, target, out);
   else
     out = schedule.run(net, x, loss, target);
+  detail::judge(net, x, out);
 }
 
 namespace detail {

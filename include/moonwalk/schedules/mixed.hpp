@@ -80,6 +80,7 @@ struct MixedMoonwalk {
     const std::uint64_t shape = remember ? detail::shape_key(net, x0.cols(), 0) : 0;
     const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
     use_double = use_double || remembered;
+    const bool finite_input = x0.allFinite();
     for (;;) {
       // (Not while inputs are rebuilt: their drift is settled first, and a
       // kept input costs twice as much in double.)
@@ -94,6 +95,10 @@ struct MixedMoonwalk {
         attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate, out);
       }
       peak = std::max(peak, out.stats.residual_bytes);
+      // A non-finite input or loss is no rounding that denser anchors, double
+      // cotangents or backprop could repair: the step returns it as it is
+      // (gradient() reports it, Stats::non_finite).
+      if (!finite_input || !std::isfinite(out.loss)) break;
       if (out.stats.figures.count("escalated")) {  // double cotangents anchor for less
         detail::release_cotangent_buffers<S>(*ws, net.size());
         if (!keep) detail::release_derived(net);  // the discarded attempt's factorisations
@@ -146,6 +151,7 @@ struct MixedMoonwalk {
         detail::release_cotangent_buffers<double>(*ws, net.size());
     }
     gradients_into(net, out.gradient);  // (after the workspace is given back)
+    if (!std::isfinite(out.loss)) detail::no_gradient(net, x0.cols(), out);
     Stats& st = out.stats;
     if (remembered) st.figures["precision_remembered"] = 1;
     st.tolerance = tol;
@@ -195,11 +201,19 @@ struct MixedMoonwalk {
       });
 
     // Which layers rebuild their input by inversion instead of keeping a residual.
+    // Of those, the piecewise-linear ones keep their branch bits from this
+    // forward half (one bit per element): re-derived from a rebuilt input, a
+    // branch can flip where the forward pass sat exactly on a kink.
     std::vector<bool>& rebuilt = plan.rebuilt;
+    std::vector<bool>& branches_kept = plan.branches_kept;
     rebuilt.assign(net.size(), false);
+    branches_kept.assign(net.size(), false);
     if (rebuild)
       for (std::size_t i = 0; i < net.size(); ++i)
-        net.visit(i, [&](const auto& l) { rebuilt[i] = can_invert(l); });
+        net.visit(i, [&](const auto& l) {
+          rebuilt[i] = can_invert(l);
+          branches_kept[i] = rebuilt[i] && keeps_branches(l);
+        });
 
     // Reverse pass, forward half: keep residuals only (and, for rebuilt
     // layers, their output where nothing above can give it back). Layer i
@@ -211,7 +225,7 @@ struct MixedMoonwalk {
     detail::Buffer<C>& xbuf = ws.get<detail::Buffer<C>>(detail::kXc + c);
     x.assign(x0);
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      if (!rebuilt[i]) {
+      if (!rebuilt[i] || branches_kept[i]) {
         decltype(auto) lc = casts(i, l);
         auto& r = ws.get<residual_t<std::remove_cvref_t<decltype(lc)>>>(detail::residual_slot<C>(i));
         moonwalk::save_residual_into(lc, detail::in_scalar<C>(x.current(), xbuf), r);
@@ -230,6 +244,10 @@ struct MixedMoonwalk {
     });
     Matrix<S>& g_out = ws.get<Matrix<S>>(detail::kLossGrad);
     out.loss = detail::loss_into<L, S>(loss, x.current(), target, g_out);
+    if (!std::isfinite(out.loss)) {  // (no gradient to recover: run_into stops)
+      store.report_to(st);
+      return;
+    }
     detail::PingPong<C> h = detail::cotangent_buffers<C>(ws);
     h.assign(g_out.template cast<C>());
     if (!keep) {  // (the backward half holds the anchors: no idle activation buffers next to them)
@@ -264,12 +282,12 @@ struct MixedMoonwalk {
                             : std::move(x_carried);
           x_carried = l.inverse(y);
           ++st.counts.inverse;
-          moonwalk::save_residual_into(
-              lc, detail::in_scalar<C>(x_carried, ws.get<detail::Buffer<C>>(detail::kXc + c)), r);
+          if (!branches_kept[i])
+            moonwalk::save_residual_into(
+                lc, detail::in_scalar<C>(x_carried, ws.get<detail::Buffer<C>>(detail::kXc + c)), r);
         }
-      } else {
-        store.drop(i, SavedStore::residual);
       }
+      if (!rebuilt[i] || branches_kept[i]) store.drop(i, SavedStore::residual);
       // The fidelity policy: amplification of this layer's vijp, and whether h_i is anchored.
       LayerFidelity& lf = st.amplification[i];
       lf.layer = i;

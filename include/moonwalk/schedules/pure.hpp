@@ -1,6 +1,7 @@
 // Moonwalk — pure-forward Moonwalk: h_0 by forward-mode jvps, then the forward sweep.
 #pragma once
 
+#include <cmath>
 #include <sstream>
 
 #include "moonwalk/fidelity/policy.hpp"
@@ -98,8 +99,9 @@ struct PureMoonwalk {
       else
         out = attempt<S>(net, x0, modes, loss, target);
       peak = std::max(peak, out.stats.residual_bytes);
-      if (!fidelity.verify || out.stats.error_estimate <= tol || use_double || !can_double ||
-          fidelity.precision == Precision::working)
+      // (A non-finite loss is no rounding double cotangents could repair.)
+      if (!std::isfinite(out.loss) || !fidelity.verify || out.stats.error_estimate <= tol || use_double ||
+          !can_double || fidelity.precision == Precision::working)
         break;
       use_double = true;
       ++fallbacks;
@@ -129,6 +131,10 @@ struct PureMoonwalk {
 
     // x_L and g_L = ∂ℓ/∂x_L (nothing kept).
     const Matrix<S> gL = detail::output_cotangent(net, x0, loss, target, out);
+    if (!std::isfinite(out.loss)) {  // (no gradient to recover: run stops)
+      detail::no_gradient(net, x0.cols(), out);
+      return out;
+    }
     Matrix<S> x;
 
     // Fragments: h_i at each fragmental layer by tail jvps; keep only φ_i.

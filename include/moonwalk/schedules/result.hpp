@@ -113,6 +113,33 @@ struct LayerFidelity {
   bool anchored = false;
 };
 
+/// What a step found not to be a finite number (Stats::non_finite): the first
+/// in the order the step meets them.
+enum class NonFinite {
+  none,        ///< the loss, ∂ℓ/∂θ and h_0 are finite
+  input,       ///< the batch x_0 holds a NaN or an infinity
+  parameters,  ///< a parameter does (x_0 is finite)
+  loss,        ///< x_0 and θ are finite, the loss is not
+  gradient,    ///< the loss is finite, ∂ℓ/∂θ or h_0 is not
+};
+
+/// "none", "input", "parameters", "loss" or "gradient".
+inline const char* to_string(NonFinite n) {
+  switch (n) {
+    case NonFinite::input:
+      return "input";
+    case NonFinite::parameters:
+      return "parameters";
+    case NonFinite::loss:
+      return "loss";
+    case NonFinite::gradient:
+      return "gradient";
+    case NonFinite::none:
+      break;
+  }
+  return "none";
+}
+
 /// Figures every schedule reports.
 struct Stats {
   std::string schedule;
@@ -134,10 +161,17 @@ struct Stats {
   // ---- fidelity (Moonwalk schedules; fidelity/policy.hpp)
   /// The relative error the schedule was asked to hold (0: none asked).
   double tolerance = 0;
-  /// error_estimate ≤ tolerance (true when no tolerance was asked). A Moonwalk
-  /// gradient with this false was returned only because its policy said not
-  /// to verify, or nothing could do better; the caller must not trust it.
+  /// The gradient can be trusted: the loss, ∂ℓ/∂θ and h_0 are finite and
+  /// error_estimate ≤ tolerance (default_target<S>() where the schedule was
+  /// asked none; NaN never is). Set for every schedule by gradient() and
+  /// gradient_into() (detail::judge). A gradient with this false was returned
+  /// only because its policy said not to verify, or nothing could do better,
+  /// or its numbers are not finite; the caller must not trust it.
   bool within_tolerance = true;
+  /// What was not finite (NonFinite::none when everything was). A
+  /// non-finite input, parameter or loss is no rounding a fallback could
+  /// repair: Moonwalk schedules return at once.
+  NonFinite non_finite = NonFinite::none;
   /// Recomputations forced by the a-posteriori check (denser anchors, double
   /// cotangents, backprop), and the precision escalations.
   std::size_t fallbacks = 0;
@@ -173,6 +207,7 @@ struct Stats {
     figures.clear();
     tolerance = 0;
     within_tolerance = true;
+    non_finite = NonFinite::none;
     fallbacks = 0;
     precision.clear();
     predicted_error = 0;
@@ -355,6 +390,8 @@ inline std::string report_text(const Stats& st) {
   s << "  by kind:";
   for (const auto& [k, b] : st.bytes_by_kind) s << " " << k << "=" << b;
   s << "\n";
+  if (st.non_finite != NonFinite::none)
+    s << "  not finite: " << to_string(st.non_finite) << " (the gradient cannot be trusted)\n";
   if (!st.precision.empty()) {
     s << "  fidelity: estimate " << st.error_estimate;
     if (st.tolerance > 0) s << (st.within_tolerance ? " <= " : " > ") << "tolerance " << st.tolerance;
@@ -403,7 +440,9 @@ inline std::string report_json(const Stats& st) {
       << "\",\"kind\":\"" << e.kind << "\",\"bytes\":" << e.bytes << "}";
     first = false;
   }
-  s << "]";
+  s << "],\"error_estimate\":" << detail::json_number(st.error_estimate)
+    << ",\"within_tolerance\":" << (st.within_tolerance ? "true" : "false") << ",\"non_finite\":\""
+    << to_string(st.non_finite) << "\"";
   if (!st.precision.empty()) {
     s << ",\"fidelity\":{\"error_estimate\":" << detail::json_number(st.error_estimate)
       << ",\"tolerance\":" << detail::json_number(st.tolerance)

@@ -2,9 +2,11 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "moonwalk/core/ops.hpp"
+#include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
 namespace moonwalk {
@@ -12,25 +14,36 @@ namespace moonwalk {
 /// Reversible backprop (RevNet-style). Forward to x_L keeping only the input
 /// of each layer that cannot be inverted (a classifier head, a ReLU: kind
 /// "activation" in the report — on a fully invertible network nothing at
-/// all); backward, for i = L..1: x_{i−1} = f_i⁻¹(x_i) (or the kept input),
-/// g_i += J_{θ,i}ᵀ h_i, h_{i−1} = J_iᵀ h_i.
+/// all), and the branch bits of each invertible piecewise-linear layer
+/// (LeakyReLU: one bit per element, kind "mask"; keeps_branches); backward,
+/// for i = L..1: x_{i−1} = f_i⁻¹(x_i) (or the kept input),
+/// g_i += J_{θ,i}ᵀ h_i, h_{i−1} = J_iᵀ h_i (from the kept bits where there
+/// are any: a rebuilt input of ±1e-17 where the forward pass had an exact 0
+/// would pick the other one-sided derivative).
 ///
 /// Inverting in floating point drifts (DESIGN §5), so every rebuilt stretch
 /// ends with a check of the same form as Moonwalk's end-of-sweep one:
 /// at x_0 the rebuilt input against the true one, and at a kept input the
 /// rebuilt output above it against f(kept input);
 /// `stats.error_estimate` = the largest max|x̂ − x| / max|x| seen (also
-/// `stats.figures["max_reconstruction_error"]`).
+/// `stats.figures["max_reconstruction_error"]`), judged against `tolerance`
+/// (0: default_target<S>()) in `stats.within_tolerance`.
 struct RevBackprop {
+  /// The largest reconstruction drift a trusted gradient may carry (0: default_target<S>()).
+  double tolerance = 0;
+
   [[nodiscard]] static std::string name() { return "revbackprop"; }
 
   template <Net N, class L>
   GradientResult<typename N::scalar_type> run(N& net, const CRef<typename N::scalar_type>& x0, const L& loss,
                                               const typename L::target_type& target) const {
     using S = typename N::scalar_type;
-    std::vector<bool> invert(net.size());
+    std::vector<bool> invert(net.size()), branches(net.size());
     for (std::size_t i = 0; i < net.size(); ++i)
-      net.visit(i, [&](const auto& l) { invert[i] = can_invert(l); });
+      net.visit(i, [&](const auto& l) {
+        invert[i] = can_invert(l);
+        branches[i] = invert[i] && keeps_branches(l);
+      });
 
     GradientResult<S> out;
     Stats& st = out.stats;
@@ -40,6 +53,7 @@ struct RevBackprop {
 
     Matrix<S> x = x0;
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
+      if (branches[i]) store.put(i, SavedStore::residual, l.name(), moonwalk::save_residual(l, x));
       Matrix<S> y = l.forward(x);
       ++st.counts.forward;
       if (!invert[i]) store.put(i, SavedStore::activation, l.name(), std::move(x));
@@ -47,6 +61,11 @@ struct RevBackprop {
     });
     auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture h)
     out.loss = vg.first;
+    if (!std::isfinite(out.loss)) {  // (no gradient to rebuild towards)
+      detail::no_gradient(net, x0.cols(), out);
+      store.report_to(st);
+      return out;
+    }
     Matrix<S> h = std::move(vg.second);
 
     double drift = 0;
@@ -68,7 +87,10 @@ struct RevBackprop {
       }
       moonwalk::accumulate_vjp_params(l, xin, h);
       ++st.counts.vjp_params;
-      h = l.vjp(xin, h);
+      if (branches[i])
+        h = moonwalk::vjp_residual(l, store.take<residual_t<Lyr>>(i, SavedStore::residual), h);
+      else
+        h = l.vjp(xin, h);
       ++st.counts.vjp;
       x = std::move(xin);
     });
@@ -77,6 +99,8 @@ struct RevBackprop {
 
     st.error_estimate = drift;
     st.figures["max_reconstruction_error"] = drift;
+    st.tolerance = tolerance > 0 ? tolerance : default_target<S>();
+    st.within_tolerance = drift <= st.tolerance;
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

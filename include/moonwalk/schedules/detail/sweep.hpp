@@ -61,10 +61,11 @@ std::vector<SweepMode> sweep_modes(const N& net) {
 
 /// A step's per-layer plan, kept in the workspace: how the sweep crosses each
 /// layer, the layers anchored by the schedule's Anchors, and the layers whose
-/// input is rebuilt by inversion.
+/// input is rebuilt by inversion, of which those that keep their branch bits
+/// from the forward pass all the same (keeps_branches).
 struct StepPlan {
   std::vector<SweepMode> modes;
-  std::vector<bool> anchored, rebuilt;
+  std::vector<bool> anchored, rebuilt, branches_kept;
 };
 
 template <class L>
