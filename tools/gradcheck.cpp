@@ -5,11 +5,13 @@
 //   moonwalk-gradcheck --net SPEC [--loss mse|xent] [--batch B] [--seed S]
 //                      [--dtype float|double] [--schedules LIST|all] [--anchors K]
 //                      [--init orthogonal|gaussian] [--policy none|every:K|tolerance|double]
-//                      [--tolerance T] [--fd on|off]
+//                      [--tolerance T] [--fd on|off] [--inject-error LAYER:REL]
 //
 // Prints ONE JSON object on stdout. Exit status: 0 every schedule within its
 // tolerance, 1 at least one is not, 2 bad spec or option (message on stderr
-// naming it), 3 unexpected internal error (e.g. out of memory).
+// naming it), 3 run-time error (e.g. out of memory, or the output could not be
+// written), 4 none fails but at least one is inconclusive: the finite
+// differences are too inaccurate to judge some layer's gradient (below).
 //
 // ---- Data ------------------------------------------------------------------
 // The network is built in the requested dtype from (SPEC, seed) by
@@ -54,9 +56,27 @@
 // convention, so the entry is no reference: it is excluded from the error
 // against finite differences and counted on stderr.
 //
+// Every entry also gets an error estimate of its own: the central difference
+// is taken at step h and at 2h (both must be kink-free, else the step shrinks
+// as above); d_2h − d_h ≈ 3·(truncation error of d_h), and where rounding
+// dominates it is the size of the noise itself, so
+//   err = |d_2h − d_h| + ε·(|ℓ(θ+h)| + |ℓ(θ−h)|)/(2h)
+// (the second term: the rounding of the two loss values, a floor when the two
+// differences agree by chance). Per tensor, the reference's relative error is
+// E = max err / max|d_h| (the normalisation of the relative error above). It
+// matters where the gradient is far below what the step can resolve: e.g. the
+// early layers of a deep network, whose gradients are ~1e-8 of the loss scale
+// while the differences carry ~1e-10 of rounding noise each.
+//
 // ---- Tolerances ----------------------------------------------------------------
 // backprop (and only backprop) is judged against finite differences:
 //   pass ⇔ max_rel_err_vs_fd ≤ τ_FD + c_FD · u · L
+// tensor by tensor; a tensor that misses it but whose error is within what the
+// reference's own error could explain, rel ≤ τ_FD + c_FD·u·L + 4·E, is
+// inconclusive instead of failing (the factor 4: E is an estimate, not a
+// bound). Any failing tensor fails the schedule; otherwise any inconclusive
+// tensor makes it "inconclusive" ("pass": false, "verdict": "inconclusive",
+// the tensors' layer indices in "inconclusive_layers", exit status 4).
 //   τ_FD = 1e-6: the FD reference's own error. It is ~ε^{2/3} ≈ 4e-11 of the
 //          loss scale per entry; dividing by a tensor's largest gradient, which
 //          for batch-averaged losses can be 10⁻³–10⁻⁴ of that scale, and allowing
@@ -87,12 +107,14 @@
 // finite differences is reported but not judged: it is at most their error
 // against backprop plus backprop's (judged) error against finite differences.
 #include <algorithm>
+#include <cerrno>
 #include <charconv>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <iomanip>
 #include <iostream>
@@ -131,7 +153,12 @@ constexpr const char* kUsage =
     "  --policy P        Moonwalk fidelity policy: none, every:K, tolerance or double; default tolerance\n"
     "  --tolerance T     target relative error, T > 0; default 1e-4 (float), 1e-10 (double)\n"
     "  --fd on|off       finite-difference reference (off for deep networks); default on\n"
-    "Prints one JSON object. Exit: 0 all pass, 1 some schedule fails, 2 bad spec or option.\n";
+    "  --inject-error LAYER:REL\n"
+    "                    test the checker: add REL x max|g| of layer LAYER (0-based, negative counts\n"
+    "                    from the end) to that layer's largest backprop gradient entry as reported\n"
+    "Prints one JSON object. Exit: 0 every schedule passes; 1 some schedule fails; 2 bad spec or\n"
+    "option; 3 run-time error (out of memory, the output could not be written); 4 none fails but\n"
+    "some are inconclusive (finite differences too inaccurate to judge a layer's gradient).\n";
 
 /// A bad command line or spec: exit status 2.
 class UsageError : public std::runtime_error {
@@ -155,6 +182,10 @@ struct Options {
   std::size_t policy_every = 0;
   double tolerance = 0;  // 0: the default target of the dtype
   bool fd = true;
+  /// --inject-error LAYER:REL (checks the checker): backprop's reported gradient
+  /// gets REL × the largest |entry| of that layer's tensor added to its largest entry.
+  std::optional<long long> inject_layer;
+  double inject_rel = 0;
 };
 
 /// The Moonwalk fidelity settings of --policy and --tolerance.
@@ -213,7 +244,7 @@ std::optional<Options> parse_args(int argc, char** argv) {
     }
     const bool known = arg == "--net" || arg == "--loss" || arg == "--batch" || arg == "--seed" ||
                        arg == "--dtype" || arg == "--schedules" || arg == "--anchors" || arg == "--init" ||
-                       arg == "--policy" || arg == "--tolerance" || arg == "--fd";
+                       arg == "--policy" || arg == "--tolerance" || arg == "--fd" || arg == "--inject-error";
     if (!known) throw UsageError("unknown option '" + arg + "'");
     if (!have_value) {
       if (i + 1 >= argc) throw UsageError(arg + ": missing value");
@@ -264,6 +295,16 @@ std::optional<Options> parse_args(int argc, char** argv) {
     } else if (arg == "--fd") {
       if (value != "on" && value != "off") throw UsageError("--fd: expected on or off, got '" + value + "'");
       o.fd = value == "on";
+    } else if (arg == "--inject-error") {
+      const auto colon = value.find(':');
+      if (colon == std::string::npos)
+        throw UsageError("--inject-error: expected LAYER:REL (e.g. 2:1e-3), got '" + value + "'");
+      o.inject_layer = parse_integer<long long>(arg, value.substr(0, colon));
+      const std::string rel = value.substr(colon + 1);
+      char* end = nullptr;
+      o.inject_rel = std::strtod(rel.c_str(), &end);
+      if (rel.empty() || end != rel.c_str() + rel.size() || !std::isfinite(o.inject_rel) || o.inject_rel == 0)
+        throw UsageError("--inject-error: REL must be a finite non-zero number, got '" + rel + "'");
     } else {
       o.anchors = parse_integer<std::size_t>(arg, value);
     }
@@ -325,6 +366,9 @@ bool same_signs(const Matrix<double>& a, const Matrix<double>& b) {
 
 struct FdResult {
   Vector<double> gradient;
+  /// Per entry: the estimated error of `gradient` (truncation from the step
+  /// and twice the step, plus rounding of the two loss values; see the header).
+  Vector<double> error;
   /// False where even the smallest step straddled a kink: no reference there.
   std::vector<bool> defined;
   std::size_t undefined = 0;
@@ -336,7 +380,8 @@ template <class Loss>
 FdResult finite_differences(Network<double>& net, const Matrix<double>& x, const Loss& loss,
                             const typename Loss::target_type& target) {
   constexpr int kMaxShrinks = 3;
-  const double base_step = std::cbrt(std::numeric_limits<double>::epsilon());
+  constexpr double eps = std::numeric_limits<double>::epsilon();
+  const double base_step = std::cbrt(eps);
   const std::size_t L = net.size();
   std::vector<Matrix<double>> inputs(L + 1);  // inputs[i]: input of layer i at θ
   inputs[0] = x;
@@ -355,6 +400,7 @@ FdResult finite_differences(Network<double>& net, const Matrix<double>& x, const
 
   FdResult out;
   out.gradient.resize(moonwalk::num_parameters(net));
+  out.error.resize(out.gradient.size());
   out.defined.assign(static_cast<std::size_t>(out.gradient.size()), true);
   const auto start = std::chrono::steady_clock::now();
   bool progress = false;
@@ -364,17 +410,28 @@ FdResult finite_differences(Network<double>& net, const Matrix<double>& x, const
       for (std::size_t k = 0; k < theta.size(); ++k) {
         const double t0 = theta[k];
         double step = base_step * std::max(1.0, std::abs(t0));
-        double d = 0;
-        for (int attempt = 0;; ++attempt, step /= 10) {
-          const double tp = t0 + step, tm = t0 - step;
+        double d = 0, err = 0;
+        // The central difference at step s, and its rounding error from the two loss values.
+        auto central = [&](double s, bool& smooth, double& rounding) {
+          const double tp = t0 + s, tm = t0 - s;
           bool smooth_p = true, smooth_m = true;
           theta[k] = tp;
           const double fp = loss_from(i, smooth_p);
           theta[k] = tm;
           const double fm = loss_from(i, smooth_m);
           theta[k] = t0;
-          d = (fp - fm) / (tp - tm);
-          if (smooth_p && smooth_m) break;
+          smooth = smooth && smooth_p && smooth_m;
+          rounding = eps * (std::abs(fp) + std::abs(fm)) / (tp - tm);
+          return (fp - fm) / (tp - tm);
+        };
+        for (int attempt = 0;; ++attempt, step /= 10) {
+          bool smooth = true;
+          double rounding = 0, rounding2 = 0;
+          d = central(step, smooth, rounding);
+          const double d2 = central(2 * step, smooth, rounding2);
+          // d2 − d ≈ 3× the truncation error of d, plus the rounding noise of both.
+          err = std::abs(d2 - d) + rounding;
+          if (smooth) break;
           if (attempt == kMaxShrinks) {
             out.defined[static_cast<std::size_t>(offset) + k] = false;
             ++out.undefined;
@@ -382,6 +439,7 @@ FdResult finite_differences(Network<double>& net, const Matrix<double>& x, const
           }
         }
         out.gradient(offset + static_cast<Index>(k)) = d;
+        out.error(offset + static_cast<Index>(k)) = err;
       }
       offset += static_cast<Index>(theta.size());
     }
@@ -408,6 +466,75 @@ double fd_tolerance(std::size_t layers) {
   return kFdReferenceError + kFdRoundingConstant * moonwalk::unit_roundoff<S>() * static_cast<double>(layers);
 }
 
+/// How much of the finite-difference reference's own error estimate may explain
+/// a disagreement: the estimate is an order-of-magnitude figure, not a bound.
+constexpr double kFdErrorFactor = 4;
+
+enum class Verdict { pass, fail, inconclusive };
+
+const char* verdict_name(Verdict v) {
+  return v == Verdict::pass ? "pass" : v == Verdict::fail ? "fail" : "inconclusive";
+}
+
+/// The finite-difference reference's own relative error per tensor: its
+/// largest per-entry error estimate over the tensor's largest |entry| (the
+/// normalisation of max_rel_err), over the defined entries. 0 for a layer
+/// without parameters.
+std::vector<double> fd_relative_errors(const FdResult& fd, const std::vector<Index>& offsets) {
+  std::vector<double> out(offsets.size() - 1, 0.0);
+  for (std::size_t t = 0; t + 1 < offsets.size(); ++t) {
+    double den = 0, err = 0;
+    for (Index k = offsets[t]; k < offsets[t + 1]; ++k) {
+      if (!fd.defined[static_cast<std::size_t>(k)]) continue;
+      den = std::max(den, std::abs(fd.gradient(k)));
+      err = std::max(err, fd.error(k));
+    }
+    out[t] = den > 0 ? err / den : err;
+  }
+  return out;
+}
+
+struct FdJudgement {
+  Verdict verdict = Verdict::pass;
+  std::vector<std::size_t> inconclusive_layers;
+};
+
+/// Judges g against finite differences tensor by tensor (see the header):
+/// a tensor passes when its relative error is within `tolerance`; it is
+/// inconclusive when it is not, but the reference's own error could explain
+/// it (error ≤ tolerance + kFdErrorFactor · fd_error); it fails otherwise. Any
+/// failing tensor fails g; else any inconclusive one makes g inconclusive.
+FdJudgement judge_vs_fd(const Vector<double>& g, const FdResult& fd, const std::vector<Index>& offsets,
+                        const std::vector<double>& fd_error, double tolerance) {
+  FdJudgement out;
+  if (!g.allFinite() || !fd.gradient.allFinite()) {
+    out.verdict = Verdict::fail;
+    return out;
+  }
+  bool failed = false;
+  for (std::size_t t = 0; t + 1 < offsets.size(); ++t) {
+    double den = 0, num = 0;
+    bool any = false;
+    for (Index k = offsets[t]; k < offsets[t + 1]; ++k) {
+      if (!fd.defined[static_cast<std::size_t>(k)]) continue;
+      any = true;
+      den = std::max(den, std::abs(fd.gradient(k)));
+      num = std::max(num, std::abs(g(k) - fd.gradient(k)));
+    }
+    if (!any) continue;
+    const double rel = den > 0 ? num / den : num;
+    if (rel <= tolerance) continue;
+    if (rel <= tolerance + kFdErrorFactor * fd_error[t])
+      out.inconclusive_layers.push_back(t);
+    else
+      failed = true;
+  }
+  out.verdict = failed                            ? Verdict::fail
+                : out.inconclusive_layers.empty() ? Verdict::pass
+                                                  : Verdict::inconclusive;
+  return out;
+}
+
 // ---- output ----------------------------------------------------------------------
 
 struct Result {
@@ -416,6 +543,8 @@ struct Result {
   double vs_backprop = 0, vs_fd = 0, estimate = 0, seconds = 0, tolerance = 0, cosine = 0;
   std::size_t residual_bytes = 0;
   bool pass = false;
+  Verdict verdict = Verdict::fail;
+  std::vector<std::size_t> inconclusive_layers;
 };
 
 using moonwalk::detail::json_number;
@@ -435,6 +564,23 @@ std::string json_string(const std::string& v) {
   }
   s << '"';
   return s.str();
+}
+
+/// The output could not be written (e.g. a full disk): exit status 3.
+class OutputError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+/// Writes `text` to stdout and flushes; OutputError when that failed.
+void write_stdout(const std::string& text) {
+  errno = 0;
+  std::cout << text << std::flush;
+  if (!std::cout) {
+    const int e = errno;
+    throw OutputError(std::string("writing the result to standard output failed") +
+                      (e ? std::string(" (") + std::strerror(e) + ")" : std::string()));
+  }
 }
 
 // ---- the check -------------------------------------------------------------------
@@ -470,6 +616,22 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
     fd.gradient =
         Vector<double>::Constant(moonwalk::num_parameters(twin), std::numeric_limits<double>::quiet_NaN());
   }
+  const std::vector<double> fd_error =
+      o.fd ? fd_relative_errors(fd, offsets) : std::vector<double>(offsets.size() - 1, 0.0);
+  const double fd_error_max =
+      o.fd ? *std::max_element(fd_error.begin(), fd_error.end()) : std::numeric_limits<double>::quiet_NaN();
+
+  // --inject-error: the layer whose reported backprop gradient is perturbed.
+  std::size_t inject_layer = 0;
+  if (o.inject_layer) {
+    const auto n = static_cast<long long>(L);
+    const long long i = *o.inject_layer < 0 ? n + *o.inject_layer : *o.inject_layer;
+    if (i < 0 || i >= n || offsets[static_cast<std::size_t>(i)] == offsets[static_cast<std::size_t>(i) + 1])
+      throw UsageError("--inject-error: layer " + std::to_string(*o.inject_layer) +
+                       " is not a layer with parameters of this " + std::to_string(L) + "-layer network");
+    inject_layer = static_cast<std::size_t>(i);
+  }
+
   if (fd.undefined > 0)
     std::cerr << "moonwalk-gradcheck: note: " << fd.undefined
               << " parameter(s) sit on a kink (the loss is not differentiable there at any step down to "
@@ -514,7 +676,20 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
         proj.seed = o.seed;
         g = timed_gradient(proj, net, x, loss, target, r.seconds);
       }
-      const Vector<double> gd = g.gradient.template cast<double>();
+      Vector<double> gd = g.gradient.template cast<double>();
+      if (o.inject_layer && name == "backprop") {
+        // Into the largest entry with a finite-difference reference (an entry
+        // on a kink is left out of the comparison).
+        Index at = -1;
+        double top = 0;
+        for (Index k = offsets[inject_layer]; k < offsets[inject_layer + 1]; ++k)
+          if ((!o.fd || fd.defined[static_cast<std::size_t>(k)]) && (at < 0 || std::abs(gd(k)) > top))
+            at = k, top = std::abs(gd(k));
+        if (at < 0)
+          throw UsageError("--inject-error: every entry of layer " + std::to_string(inject_layer) +
+                           " sits on a kink: no reference to compare an error with");
+        gd(at) += o.inject_rel * (top > 0 ? top : 1.0);
+      }
       r.vs_backprop = name == "backprop" ? 0.0 : max_rel_err(gd, g_bp, offsets);
       r.vs_fd =
           o.fd ? max_rel_err(gd, fd.gradient, offsets, fd.defined) : std::numeric_limits<double>::quiet_NaN();
@@ -526,10 +701,14 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
       if (name == "backprop" || name == "checkpoint" || name == "binomial" || name == "forward") {
         // Exact schedules: judged against finite differences like backprop.
         r.tolerance = fd_tolerance<S>(L);
-        if (o.fd)
-          r.pass = std::isfinite(r.vs_fd) && r.vs_fd <= r.tolerance;
-        else  // no reference but backprop: its rounding allowance
+        if (o.fd) {
+          FdJudgement j = judge_vs_fd(gd, fd, offsets, fd_error, r.tolerance);
+          r.verdict = j.verdict;
+          r.inconclusive_layers = std::move(j.inconclusive_layers);
+          r.pass = r.verdict == Verdict::pass;
+        } else {  // no reference but backprop: its rounding allowance
           r.pass = std::isfinite(r.vs_backprop) && r.vs_backprop <= r.tolerance;
+        }
       } else if (g.stats.is_estimate) {
         // ProjForward: an unbiased estimate, judged by cosine similarity. For
         // k Gaussian directions in D dimensions cos² ~ Beta(k/2, (D−1)/2),
@@ -557,16 +736,19 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
       r.vs_backprop = r.vs_fd = r.estimate = r.tolerance = std::numeric_limits<double>::quiet_NaN();
       r.pass = false;
     }
+    if (r.verdict != Verdict::inconclusive) r.verdict = r.pass ? Verdict::pass : Verdict::fail;
     results.push_back(r);
   }
 
   std::ostringstream s;
   s << "{\"net\":" << json_string(o.net) << ",\"dtype\":" << json_string(o.dtype) << ",\"batch\":" << o.batch
-    << ",\"params\":" << moonwalk::num_parameters(net) << ",\"results\":[";
-  bool all_pass = true;
+    << ",\"params\":" << moonwalk::num_parameters(net)
+    << ",\"fd_error_estimate\":" << json_number(fd_error_max) << ",\"results\":[";
+  bool any_fail = false, any_inconclusive = false;
   for (std::size_t i = 0; i < results.size(); ++i) {
     const Result& r = results[i];
-    all_pass = all_pass && r.pass;
+    any_fail = any_fail || r.verdict == Verdict::fail;
+    any_inconclusive = any_inconclusive || r.verdict == Verdict::inconclusive;
     s << (i ? "," : "") << "{\"schedule\":" << json_string(r.schedule)
       << ",\"max_rel_err_vs_backprop\":" << json_number(r.vs_backprop)
       << ",\"max_rel_err_vs_fd\":" << json_number(r.vs_fd)
@@ -578,11 +760,14 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
         << ",\"precision\":" << json_string(r.stats.precision) << ",\"fallbacks\":" << r.stats.fallbacks
         << ",\"predicted_error\":" << json_number(r.stats.predicted_error)
         << ",\"within_tolerance\":" << (r.stats.within_tolerance ? "true" : "false");
-    s << ",\"pass\":" << (r.pass ? "true" : "false") << "}";
+    s << ",\"verdict\":" << json_string(verdict_name(r.verdict)) << ",\"inconclusive_layers\":[";
+    for (std::size_t k = 0; k < r.inconclusive_layers.size(); ++k)
+      s << (k ? "," : "") << r.inconclusive_layers[k];
+    s << "],\"pass\":" << (r.pass ? "true" : "false") << "}";
   }
   s << "]}\n";
-  std::cout << s.str() << std::flush;
-  return all_pass ? 0 : 1;
+  write_stdout(s.str());
+  return any_fail ? 1 : any_inconclusive ? 4 : 0;
 }
 
 /// Builds the data from the seed and dispatches on loss.
@@ -608,7 +793,7 @@ int main(int argc, char** argv) {
   try {
     const std::optional<Options> o = parse_args(argc, argv);
     if (!o) {
-      std::cout << kUsage;
+      write_stdout(kUsage);
       return 0;
     }
     return o->dtype == "float" ? run<float>(*o) : run<double>(*o);
@@ -618,6 +803,9 @@ int main(int argc, char** argv) {
   } catch (const moonwalk::SpecError& e) {
     std::cerr << "moonwalk-gradcheck: --net: " << e.what() << "\n";
     return 2;
+  } catch (const OutputError& e) {
+    std::cerr << "moonwalk-gradcheck: " << e.what() << "\n";
+    return 3;
   } catch (const std::exception& e) {
     std::cerr << "moonwalk-gradcheck: internal error: " << e.what() << "\n";
     return 3;

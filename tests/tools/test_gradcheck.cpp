@@ -49,7 +49,8 @@ std::map<std::string, Json> results_by_schedule(const Json& doc) {
 /// The structure every successful run prints (issue spec, field by field).
 void check_document(const Json& doc, const std::string& net, const std::string& dtype, double batch) {
   REQUIRE(doc.type == Json::Type::object);
-  CHECK(doc.keys() == std::vector<std::string>{"net", "dtype", "batch", "params", "results"});
+  CHECK(doc.keys() ==
+        std::vector<std::string>{"net", "dtype", "batch", "params", "fd_error_estimate", "results"});
   CHECK(doc["net"].string == net);
   CHECK(doc["dtype"].string == dtype);
   CHECK(doc["batch"].number == batch);
@@ -60,19 +61,27 @@ void check_document(const Json& doc, const std::string& net, const std::string& 
     // Moonwalk rows add their fidelity figures (docs/gradcheck.md, Output).
     const bool moonwalk = r["schedule"].string == "mixed" || r["schedule"].string == "pure";
     CHECK(r.keys() ==
-          (moonwalk ? std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
-                                               "error_estimate", "residual_bytes", "seconds", "tolerance",
-                                               "cosine_vs_backprop", "anchors", "precision", "fallbacks",
-                                               "predicted_error", "within_tolerance", "pass"}
-                    : std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
-                                               "error_estimate", "residual_bytes", "seconds", "tolerance",
-                                               "cosine_vs_backprop", "pass"}));
+          (moonwalk
+               ? std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+                                          "error_estimate", "residual_bytes", "seconds", "tolerance",
+                                          "cosine_vs_backprop", "anchors", "precision", "fallbacks",
+                                          "predicted_error", "within_tolerance", "verdict",
+                                          "inconclusive_layers", "pass"}
+               : std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+                                          "error_estimate", "residual_bytes", "seconds", "tolerance",
+                                          "cosine_vs_backprop", "verdict", "inconclusive_layers", "pass"}));
     if (moonwalk) {
       CHECK(r["within_tolerance"].type == Json::Type::boolean);
       CHECK((r["precision"].string == "float" || r["precision"].string == "double" ||
              r["precision"].string == "backprop"));
     }
     CHECK(r["pass"].type == Json::Type::boolean);
+    // The verdict says the same as "pass", and only an inconclusive one lists layers.
+    CHECK((r["verdict"].string == "pass" || r["verdict"].string == "fail" ||
+           r["verdict"].string == "inconclusive"));
+    CHECK(r["pass"].boolean == (r["verdict"].string == "pass"));
+    REQUIRE(r["inconclusive_layers"].type == Json::Type::array);
+    CHECK(r["inconclusive_layers"].array.empty() == (r["verdict"].string != "inconclusive"));
     CHECK(r["residual_bytes"].type == Json::Type::number);
     CHECK(r["seconds"].number >= 0);
   }
@@ -404,6 +413,137 @@ TEST_CASE("gradcheck: a bad spec or option exits 2 naming it", "[tools][gradchec
     CHECK(r.err.find(c.named) != std::string::npos);
   }
 }
+
+// ---- the finite differences' own error (issue 24) ---------------------------------------
+
+namespace {
+
+/// in:24, then 64 x (linear:24, leaky_relu:0.05), then linear:10: gradients of
+/// the early layers far below what a finite difference can resolve.
+std::string deep_leaky_net() {
+  std::string net = "in:24";
+  for (int i = 0; i < 64; ++i) net += ",linear:24,leaky_relu:0.05";
+  return net + ",linear:10";
+}
+
+}  // namespace
+
+TEST_CASE("gradcheck: a gradient finite differences cannot resolve is inconclusive, not failed (exit 4)",
+          "[tools][gradcheck]") {
+  // The issue's reproducer: backprop "failed" finite differences with a
+  // relative error of 1.2 while mixed Moonwalk agreed with it to 5e-12.
+  const std::string net = deep_leaky_net();
+  const std::vector<std::string> args = {"--net",  net, "--loss",  "xent",   "--batch",     "8",
+                                         "--seed", "2", "--dtype", "double", "--schedules", "backprop,mixed"};
+  const Run r = gradcheck(args);
+  INFO("stderr: " << r.err);
+  INFO("stdout: " << r.out);
+  CHECK(r.exit_code == 4);
+  const Json doc = r.json();
+  check_document(doc, net, "double", 8);
+  const auto res = results_by_schedule(doc);
+  const Json& bp = res.at("backprop");
+  // Against finite differences it is off by far more than the tolerance...
+  CHECK(bp["max_rel_err_vs_fd"].number > 100 * bp["tolerance"].number);
+  // ...but the reference says it cannot resolve those layers to the tolerance.
+  CHECK(doc["fd_error_estimate"].number > bp["tolerance"].number);
+  CHECK(bp["verdict"].string == "inconclusive");
+  CHECK_FALSE(bp["pass"].boolean);
+  REQUIRE_FALSE(bp["inconclusive_layers"].array.empty());
+  CHECK(bp["inconclusive_layers"].array[0].number == 0);  // the first Linear
+  // The last Linear (layer 128) is resolved: it is not among them.
+  for (const Json& l : bp["inconclusive_layers"].array) CHECK(l.number < 128);
+  // An independent schedule agrees with backprop: the gradient was right.
+  CHECK(res.at("mixed")["pass"].boolean);
+  CHECK(res.at("mixed")["max_rel_err_vs_backprop"].number < 1e-9);
+
+  // A wrong gradient in the layer finite differences do resolve still fails,
+  // on the same network.
+  std::vector<std::string> wrong = args;
+  wrong.insert(wrong.end(), {"--inject-error", "-1:1e-3"});
+  const Run w = gradcheck(wrong);
+  INFO("stdout (injected): " << w.out);
+  CHECK(w.exit_code == 1);
+  const auto wres = results_by_schedule(w.json());
+  CHECK(wres.at("backprop")["verdict"].string == "fail");
+  CHECK(wres.at("mixed")["pass"].boolean);  // only backprop's reported gradient was perturbed
+}
+
+TEST_CASE("gradcheck: a wrong gradient fails where finite differences resolve it", "[tools][gradcheck]") {
+  const std::string net = "in:6,linear:5,tanh,linear:5,leaky_relu:0.2,linear:3";
+  SECTION("the reference resolves every layer far below the tolerance") {
+    const Run r = gradcheck({"--net", net, "--schedules", "backprop"});
+    INFO("stdout: " << r.out);
+    CHECK(r.exit_code == 0);
+    const Json doc = r.json();
+    check_document(doc, net, "double", 8);
+    CHECK(doc["fd_error_estimate"].number <
+          1e-3 * results_by_schedule(doc).at("backprop")["tolerance"].number);
+    CHECK(doc["fd_error_estimate"].number > 0);
+  }
+  for (const std::string layer : {"0", "2", "4", "-1"}) {
+    SECTION("an error of 1e-4 injected into layer " + layer + " fails (exit 1)") {
+      const Run r =
+          gradcheck({"--net", net, "--schedules", "backprop,checkpoint", "--inject-error", layer + ":1e-4"});
+      INFO("stdout: " << r.out);
+      CHECK(r.exit_code == 1);
+      const auto res = results_by_schedule(r.json());
+      CHECK(res.at("backprop")["verdict"].string == "fail");
+      CHECK(res.at("backprop")["inconclusive_layers"].array.empty());
+      CHECK(res.at("backprop")["max_rel_err_vs_fd"].number == Approx(1e-4).epsilon(0.01));
+      CHECK(res.at("checkpoint")["pass"].boolean);
+    }
+  }
+  SECTION("an error below the tolerance still passes") {
+    const Run r = gradcheck({"--net", net, "--schedules", "backprop", "--inject-error", "0:1e-8"});
+    INFO("stdout: " << r.out);
+    CHECK(r.exit_code == 0);
+  }
+  SECTION("--fd off: nothing is inconclusive, and no reference error is claimed") {
+    const Run r = gradcheck({"--net", net, "--schedules", "backprop", "--fd", "off"});
+    CHECK(r.exit_code == 0);
+    CHECK(r.json()["fd_error_estimate"].type == Json::Type::null);
+  }
+  SECTION("bad --inject-error values exit 2 naming the option") {
+    for (const std::string v : {"2", "x:1e-3", "0:0", "0:nan", "0:", "6:1e-3", "-7:1e-3", "1:1e-3"}) {
+      const Run r = gradcheck({"--net", net, "--inject-error", v});
+      INFO("--inject-error " << v << ": " << r.err);
+      CHECK(r.exit_code == 2);
+      CHECK(r.out.empty());
+      CHECK(r.err.find("--inject-error") != std::string::npos);
+    }
+  }
+  SECTION("--help documents the exit codes") {
+    const Run r = gradcheck({"--help"});
+    CHECK(r.exit_code == 0);
+    CHECK(r.out.find("4 none fails but") != std::string::npos);
+    CHECK(r.out.find("--inject-error") != std::string::npos);
+  }
+}
+
+#ifndef _WIN32
+TEST_CASE("gradcheck: a result that cannot be written exits 3", "[tools][gradcheck]") {
+  if (!std::filesystem::exists("/dev/full")) {
+    WARN("skipped: /dev/full does not exist on this system");
+    return;
+  }
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"--net", "in:4,linear:3", "--schedules", "backprop"},
+        std::vector<std::string>{"--help"}}) {
+    std::string cmd = moonwalk::test::quote(MOONWALK_GRADCHECK_PATH);
+    for (const auto& a : args) cmd.append(" ").append(moonwalk::test::quote(a));
+    const auto err_path = std::filesystem::temp_directory_path() / "moonwalk-gradcheck-dev-full.err";
+    cmd.append(" >/dev/full 2>").append(moonwalk::test::quote(err_path.string()));
+    const int status = std::system(cmd.c_str());
+    const std::string err = moonwalk::test::slurp(err_path);
+    std::filesystem::remove(err_path);
+    INFO(args[0] << ": stderr: " << err);
+    REQUIRE(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 3);
+    CHECK(err.find("standard output") != std::string::npos);
+  }
+}
+#endif
 
 #else
 
