@@ -17,7 +17,8 @@
 //    "residual_bytes", "max_error_estimate", "fallbacks", …}
 // Moonwalk schedules run with the default fidelity policy, so every step's
 // gradient is held under its tolerance (or recomputed): `untrusted_steps`
-// counts the steps whose estimate stayed above it anyway.
+// counts the steps whose estimate stayed above it anyway (or was NaN), under
+// any schedule that reports one.
 //
 // A step whose loss or gradient is not finite, or whose update leaves a
 // parameter non-finite, stops the run (exit 1) naming the epoch and step; so
@@ -518,8 +519,8 @@ int train(const Options& o) {
       throw moonwalk::io::CheckpointError(
           cat(o.resume, ": checkpoint has ", ck.parameters.size(), " parameters, the network has ", params));
     moonwalk::set_parameters(net, ck.parameters.template cast<S>());
-    opt.load_state(net, ck.optimizer_state);
-    start_epoch = std::atoi(ck.at("epoch", o.resume).c_str());
+    moonwalk::io::load_optimizer_state(o.resume, opt, net, ck.optimizer_state);  // errors name the file
+    start_epoch = static_cast<int>(ck.integer("epoch", o.resume, 0, std::numeric_limits<int>::max()));
   }
 
   moonwalk::ScheduleChoice choice{.name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};

@@ -5,14 +5,21 @@
 // Moonwalk on the same loss curve, checkpoint save/resume, and the errors.
 #include <catch2/catch.hpp>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <moonwalk/data/idx.hpp>
+#include <moonwalk/fidelity/tolerance.hpp>
+#include <moonwalk/io/checkpoint.hpp>
 #include <string>
 #include <vector>
 
 #include "support/temp_dir.hpp"
 #include "support/tool_run.hpp"
+#ifndef _WIN32
+#include <sys/wait.h>
+#endif
 
 #ifdef MOONWALK_TRAIN_PATH
 
@@ -60,6 +67,41 @@ Json check_success(const Run& r) {
 std::string read_all(const std::string& p) {
   std::ifstream in(p, std::ios::binary);
   return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+/// A raw IDX file of unsigned bytes: the header of `dims` (any values, even
+/// absurd ones) and then `values`.
+void write_idx(const std::string& path, const std::vector<std::uint32_t>& dims,
+               const std::vector<std::uint8_t>& values) {
+  std::string b = {0, 0, 0x08, static_cast<char>(dims.size())};
+  for (const std::uint32_t d : dims)
+    for (int shift = 24; shift >= 0; shift -= 8) b += static_cast<char>((d >> shift) & 0xffu);
+  b.append(values.begin(), values.end());
+  std::ofstream(path, std::ios::binary) << b;
+}
+
+/// A Fashion-MNIST-shaped data directory in `dir`: `train` and `test` images
+/// of rows x cols pixels (pseudo-random bytes) with labels 0..9 in turn.
+void write_dataset(const std::string& dir, std::uint32_t train, std::uint32_t test, std::uint32_t rows = 28,
+                   std::uint32_t cols = 28) {
+  std::filesystem::create_directories(dir);
+  std::uint32_t state = 12345;
+  const auto set = [&](const std::string& stem, std::uint32_t n) {
+    // No pixel data when the header's sizes are absurd (only n = 0 is written then).
+    std::vector<std::uint8_t> pixels(n == 0 ? 0 : std::size_t{n} * rows * cols), labels(n);
+    for (auto& p : pixels) p = static_cast<std::uint8_t>((state = state * 1103515245u + 12345u) >> 24);
+    for (std::uint32_t i = 0; i < n; ++i) labels[i] = static_cast<std::uint8_t>(i % 10);
+    write_idx(dir + "/" + stem + "-images-idx3-ubyte", {n, rows, cols}, pixels);
+    write_idx(dir + "/" + stem + "-labels-idx1-ubyte", {n}, labels);
+  };
+  set("train", train);
+  set("t10k", test);
+}
+
+/// The number of lines of a file.
+long lines_of(const std::string& path) {
+  const std::string s = read_all(path);
+  return static_cast<long>(std::count(s.begin(), s.end(), '\n'));
 }
 
 }  // namespace
@@ -128,7 +170,10 @@ TEST_CASE("train: a resumed run continues exactly where the checkpoint left off"
                                         "constant", "--augment", "flip"})));
   check_success(train(with(kSlice, {"--epochs", "1", "--schedule", "backprop", "--lr-schedule", "constant",
                                     "--augment", "flip", "--save", t / "a.ckpt", "--log", t / "log.csv"})));
-  CHECK(read_all(t / "a.ckpt").rfind("moonwalk-checkpoint\nversion 1\n", 0) == 0);
+  CHECK(read_all(t / "a.ckpt")
+            .rfind(moonwalk::detail::cat("moonwalk-checkpoint\nversion ",
+                                         moonwalk::io::Checkpoint::format_version, "\n"),
+                   0) == 0);
   const auto resumed = check_success(train(
       with(kSlice, {"--epochs", "2", "--schedule", "backprop", "--lr-schedule", "constant", "--resume",
                     t / "a.ckpt", "--save", t / "a.ckpt", "--log", t / "log.csv", "--augment", "flip"})));
@@ -174,6 +219,169 @@ TEST_CASE("train: bad command lines exit 2 naming the option; missing data exits
   CHECK(r.exit_code == 1);
   CHECK_THAT(r.err, Contains(t / "nowhere"));
   CHECK(r.out.empty());
+}
+
+// ---- hardening (issue 24): bad numbers, bad files, failed writes --------------------------
+
+TEST_CASE("train: out-of-range --threads, --seed and --weight-decay exit 2 naming the option and the limit",
+          "[tools][train]") {
+  const Run threads = train({"--threads", "100000"});
+  INFO("stderr: " << threads.err);
+  CHECK(threads.exit_code == 2);
+  CHECK_THAT(threads.err, Contains("--threads") && Contains("limit"));
+  // "-1" read as unsigned would be 2^64 - 1.
+  const Run seed = train({"--seed", "-1"});
+  INFO("stderr: " << seed.err);
+  CHECK(seed.exit_code == 2);
+  CHECK_THAT(seed.err, Contains("--seed") && Contains("non-negative"));
+  for (const char* wd : {"-0.1", "nan", "inf"}) {
+    const Run r = train({"--weight-decay", wd});
+    INFO("--weight-decay " << wd << ": " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Contains("--weight-decay"));
+  }
+  CHECK(train({"--lr", "inf"}).exit_code == 2);
+}
+
+TEST_CASE("train: image sizes whose rows x cols overflow, and empty sets, are refused naming the file",
+          "[tools][train]") {
+  TempDir t;
+  // 0 images of 4294967295 x 4294967295 pixels: a valid (empty) IDX file
+  // whose rows x cols overflows a signed 64-bit product.
+  write_dataset(t / "huge", 0, 0, 4294967295u, 4294967295u);
+  const Run huge = train({"--data", t / "huge"});
+  INFO("stderr: " << huge.err);
+  CHECK(huge.exit_code == 1);
+  CHECK_THAT(huge.err, Contains(t / "huge/train-images-idx3-ubyte"));
+  CHECK(huge.out.empty());
+
+  write_dataset(t / "no-train", 0, 20);
+  const Run no_train = train({"--data", t / "no-train"});
+  INFO("stderr: " << no_train.err);
+  CHECK(no_train.exit_code == 1);
+  CHECK_THAT(no_train.err, Contains(t / "no-train/train-images-idx3-ubyte") && Contains("empty"));
+  CHECK(no_train.out.empty());
+
+  write_dataset(t / "no-test", 20, 0);
+  const Run no_test = train({"--data", t / "no-test"});
+  INFO("stderr: " << no_test.err);
+  CHECK(no_test.exit_code == 1);
+  CHECK_THAT(no_test.err, Contains(t / "no-test/t10k-images-idx3-ubyte") && Contains("empty"));
+  CHECK(no_test.out.empty());
+}
+
+TEST_CASE("train: a batch larger than the training set trains on the whole set, one step per epoch",
+          "[tools][train]") {
+  TempDir t;
+  write_dataset(t / "data", 24, 10);
+  for (const char* batch : {"9223372036854775807", "25"}) {
+    INFO("--batch " << batch);
+    const Json j = check_success(train({"--data", t / "data", "--batch", batch, "--epochs", "2", "--schedule",
+                                        "backprop", "--step-log", t / "steps.csv"}));
+    CHECK(j["batch"].number == 24);
+    CHECK(j["train_samples"].number == 24);
+    CHECK(j["train_loss"].number > 0);
+    CHECK(lines_of(t / "steps.csv") == 1 + 2);  // header and one step per epoch
+  }
+}
+
+TEST_CASE("train: a run that diverges stops with exit 1 naming the step, even on the last step",
+          "[tools][train]") {
+  TempDir t;
+  write_dataset(t / "data", 16, 10);
+  const std::vector<std::string> one_step = {"--data",     t / "data", "--batch",    "16",
+                                             "--epochs",   "1",        "--step-log", t / "steps.csv",
+                                             "--schedule", "backprop"};
+  // One SGD step, the only and so the last one, with an absurd learning rate:
+  // the update overflows the parameters.
+  const Run last = train(with(one_step, {"--optimizer", "sgd", "--lr", "1e39", "--dtype", "float"}));
+  INFO("stderr: " << last.err);
+  CHECK(last.exit_code == 1);
+  CHECK_THAT(last.err, Contains("diverged") && Contains("epoch 1"));
+  CHECK(last.out.empty());
+
+  // A network whose forward pass overflows float: the loss is not finite at
+  // the first step, which is named, and no update is made.
+  const Run loss = train(with(one_step, {"--net", "in:784,coupling:additive:16:tanh:1e38,linear:10"}));
+  INFO("stderr: " << loss.err);
+  CHECK(loss.exit_code == 1);
+  CHECK_THAT(loss.err, Contains("diverged") && Contains("epoch 1, step 1 of 1"));
+  CHECK(loss.out.empty());
+}
+
+TEST_CASE("train: unwritable --save and --log paths are refused before any training", "[tools][train]") {
+  TempDir t;
+  write_dataset(t / "data", 16, 10);
+  const std::vector<std::string> base = {"--data",   t / "data", "--batch",    "8",
+                                         "--epochs", "1",        "--step-log", t / "steps.csv"};
+  for (const auto& [option, path] :
+       std::vector<std::pair<std::string, std::string>>{{"--save", t / "missing-dir/a.ckpt"},
+                                                        {"--save", t / "data"},  // a directory
+                                                        {"--log", t / "missing-dir/log.csv"}}) {
+    INFO(option << " " << path);
+    const Run r = train(with(base, {option, path}));
+    INFO("stderr: " << r.err);
+    CHECK(r.exit_code == 1);
+    CHECK_THAT(r.err, Contains(option) && Contains(path));
+    CHECK(r.out.empty());
+    // Refused at the start: no step was trained (the step log was never opened).
+    CHECK_FALSE(std::filesystem::exists(t / "steps.csv"));
+  }
+  // Writable: the checkpoint is written, and the probe left nothing behind.
+  check_success(train(with(base, {"--save", t / "ok.ckpt"})));
+  std::size_t files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(t.dir)) files += e.is_regular_file() ? 1 : 0;
+  CHECK(files == 2);  // ok.ckpt and steps.csv
+}
+
+#ifndef _WIN32
+TEST_CASE("train: a step log or a result line on a full disk fails with exit 1 naming the file",
+          "[tools][train]") {
+  if (!std::filesystem::exists("/dev/full")) {
+    WARN("skipped: /dev/full does not exist on this system");
+    return;
+  }
+  TempDir t;
+  write_dataset(t / "data", 16, 10);
+  const std::vector<std::string> base = {"--data", t / "data", "--batch", "8", "--epochs", "1"};
+  const Run step_log = train(with(base, {"--step-log", "/dev/full"}));
+  INFO("stderr: " << step_log.err);
+  CHECK(step_log.exit_code == 1);
+  CHECK_THAT(step_log.err, Contains("/dev/full") && Contains("write failed"));
+
+  // The JSON line itself to a full disk: stdout redirected to /dev/full.
+  std::string cmd = moonwalk::test::quote(MOONWALK_TRAIN_PATH);
+  for (const auto& a : with(base, {"--threads", "1", "--quiet"}))
+    cmd.append(" ").append(moonwalk::test::quote(a));
+  cmd.append(" >/dev/full 2>").append(moonwalk::test::quote(t / "err.txt"));
+  const int status = std::system(cmd.c_str());
+  const std::string err = read_all(t / "err.txt");
+  INFO("stderr: " << err);
+  REQUIRE(WIFEXITED(status));
+  CHECK(WEXITSTATUS(status) == 1);
+  CHECK_THAT(err, Contains("standard output") && Contains("write failed"));
+}
+#endif
+
+TEST_CASE("train: a step whose estimate misses the tolerance is counted as untrusted", "[tools][train]") {
+  // RevBackprop through six additive couplings each followed by
+  // LeakyReLU(0.05): rebuilding each input divides its negative side by 0.05,
+  // so float rounding grows ~20x per block and the schedule's own estimate is
+  // far above the float target. Such a step is untrusted, and must be counted
+  // (a NaN estimate too: it is never within tolerance).
+  TempDir t;
+  write_dataset(t / "data", 16, 10);
+  std::string net = "in:784";
+  for (int i = 0; i < 6; ++i) net += ",coupling:additive:32,leaky_relu:0.05";
+  net += ",linear:10";
+  const Json j = check_success(train({"--data", t / "data", "--batch", "8", "--epochs", "1", "--schedule",
+                                      "revbackprop", "--net", net, "--step-log", t / "steps.csv"}));
+  INFO("max_error_estimate: " << (j["max_error_estimate"].type == Json::Type::null
+                                      ? std::string("null")
+                                      : std::to_string(j["max_error_estimate"].number)));
+  CHECK((j["max_error_estimate"].type == Json::Type::null ||
+         j["max_error_estimate"].number > moonwalk::default_target<float>()));
+  CHECK(j["untrusted_steps"].number == 2);  // both steps of the epoch
 }
 
 #endif  // MOONWALK_TRAIN_PATH
