@@ -309,16 +309,6 @@ void check_stream(const std::ostream& out, const std::string& what) {
   }
 }
 
-/// True when every parameter of `net` is finite.
-template <class S>
-bool parameters_finite(Network<S>& net) {
-  for (std::size_t i = 0; i < net.size(); ++i)
-    for (const auto& block : net[i].parameter_blocks())
-      for (const S v : block)
-        if (!std::isfinite(v)) return false;
-  return true;
-}
-
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
@@ -589,14 +579,14 @@ int train(const Options& o) {
                    step_number, ")");
       };
       if (!std::isfinite(static_cast<double>(r.loss)))
-        throw moonwalk::Error(
-            cat("training diverged: loss is ", r.loss, " at ", where(), " (try a smaller --lr)"));
+        throw moonwalk::Error(cat("training diverged: loss is ", r.loss, " at ", where(), " (not finite: ",
+                                  moonwalk::to_string(r.stats.non_finite), "; try a smaller --lr)"));
       if (!r.gradient.allFinite())
         throw moonwalk::Error(cat("training diverged: the gradient is not finite at ", where(), " (loss ",
                                   r.loss, "; try a smaller --lr)"));
       const double lr = opt.base_lr() * lr_factor(opt.steps());
       opt.step(net, lr);
-      if (!parameters_finite(net))
+      if (!moonwalk::parameters_finite(net))
         throw moonwalk::Error(cat("training diverged: the update at ", where(),
                                   " made a parameter non-finite (learning rate ", lr,
                                   "; try a smaller --lr)"));

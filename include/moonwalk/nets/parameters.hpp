@@ -3,6 +3,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <sstream>
 
 #include "moonwalk/core/ops.hpp"
@@ -31,6 +32,18 @@ Vector<typename N::scalar_type> get_parameters(const N& net) {
       }
     });
   return v;
+}
+
+/// Every parameter of `net` is finite (no NaN, no infinity).
+template <Net N>
+bool parameters_finite(const N& net) {
+  bool finite = true;
+  for (std::size_t i = 0; i < net.size() && finite; ++i)
+    net.visit(i, [&](const auto& l) {
+      for (auto s : parameter_blocks(l))
+        finite = finite && std::all_of(s.begin(), s.end(), [](auto v) { return std::isfinite(v); });
+    });
+  return finite;
 }
 
 /// Writes θ from one vector of length P (throws ShapeError otherwise).

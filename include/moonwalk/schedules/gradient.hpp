@@ -45,18 +45,6 @@ void check_gradient_input(const Sch& schedule, const N& net, const CRef<typename
   check_rows(NetworkInputOf<Sch>{schedule}, "batch", x, net.in_features());
 }
 
-/// Every parameter of `net` is finite.
-template <Net N>
-bool parameters_finite(const N& net) {
-  bool finite = true;
-  for (std::size_t i = 0; i < net.size() && finite; ++i)
-    net.visit(i, [&](const auto& l) {
-      for (auto s : parameter_blocks(l))
-        for (const auto v : s) finite = finite && std::isfinite(v);
-    });
-  return finite;
-}
-
 /// A step whose loss is not finite has no gradient: ∂ℓ/∂θ (flat and in the
 /// layers' storage) and h_0 are NaN; judge() names the cause.
 template <Net N>
@@ -89,10 +77,10 @@ void judge(const N& net, const CRef<typename N::scalar_type>& x,
   Stats& st = out.stats;
   const bool finite = std::isfinite(out.loss) && out.gradient.allFinite() && out.h0.allFinite();
   if (!finite) {
-    st.non_finite = !x.allFinite()             ? NonFinite::input
-                    : !parameters_finite(net)  ? NonFinite::parameters
-                    : !std::isfinite(out.loss) ? NonFinite::loss
-                                               : NonFinite::gradient;
+    st.non_finite = !x.allFinite()                      ? NonFinite::input
+                    : !moonwalk::parameters_finite(net) ? NonFinite::parameters
+                    : !std::isfinite(out.loss)          ? NonFinite::loss
+                                                        : NonFinite::gradient;
     st.within_tolerance = false;
     return;
   }
