@@ -76,6 +76,10 @@ Mat<double> jacobian_at(const L& l, const Mat<double>& x1) {
   return J;
 }
 
+/// A coupling branch: linear, tanh, linear.
+template <class S>
+using Branch = Sequential<Linear<S>, Tanh<S>, Linear<S>>;
+
 template <class S>
 Sequential<Linear<S>, Tanh<S>, Linear<S>> branch(Index in, Index hidden, Index out, std::uint64_t seed,
                                                  S gain) {
@@ -212,9 +216,10 @@ TEMPLATE_TEST_CASE("elementwise: amplification by its formula", "[layers][amplif
 TEST_CASE("coupling: the bound covers the exact per-sample condition number", "[layers][amplification]") {
   const Index n1 = 3, n2 = 4, B = 6;
   for (const double gain : {0.3, 1.0, 2.5}) {
-    const auto add =
-        AdditiveCoupling(branch<double>(n2, 6, n1, 11, gain), branch<double>(n1, 5, n2, 13, gain));
-    const auto aff = AffineCoupling(branch<double>(n2, 6, n1, 21, gain), branch<double>(n1, 5, n2, 23, gain));
+    const auto add = AdditiveCoupling<Branch<double>, Branch<double>>(branch<double>(n2, 6, n1, 11, gain),
+                                                                      branch<double>(n1, 5, n2, 13, gain));
+    const auto aff = AffineCoupling<Branch<double>, Branch<double>>(branch<double>(n2, 6, n1, 21, gain),
+                                                                    branch<double>(n1, 5, n2, 23, gain));
     const Mat<double> x = randn(n1 + n2, B, 5);
     auto check_block = [&](const auto& blk) {
       const Amplification a = blk.amplification(x);
@@ -301,7 +306,8 @@ TEST_CASE("cast: a float Network carried into double", "[layers][cast]") {
   Network<float> net;
   net.add(Linear<float>(5, 7, {.seed = 1, .init = moonwalk::Init::gaussian}))
       .add(LeakyReLU<float>(7, 0.3f))
-      .add(AdditiveCoupling(branch<float>(4, 5, 3, 3, 1.0f), branch<float>(3, 5, 4, 5, 1.0f)))
+      .add(AdditiveCoupling<Branch<float>, Branch<float>>(branch<float>(4, 5, 3, 3, 1.0f),
+                                                          branch<float>(3, 5, 4, 5, 1.0f)))
       .add(ZeroPad<float>(7, 8))
       .add(Linear<float>(8, 4, {.seed = 7}))
       .add(Tanh<float>(4));

@@ -497,6 +497,7 @@ LayerView make_view(L& l, LD& d) {
   }
   v.can_sweep = v.can_vijp || (v.has_fragment && v.can_fragment);
   v.sweep = [&l, toS, toD](const MatD& x, const MatD& hx, const MatD& hy) {
+    (void)l, (void)toD;  // (unused where L can neither vijp nor fragment)
     const MS xs = toS(x), hxs = toS(hx);
     if constexpr (moonwalk::Submersive<L>)
       if (moonwalk::can_vijp(l)) return toD(l.vijp(xs, hxs));
