@@ -210,7 +210,16 @@ TEMPLATE_TEST_CASE("RevBackprop matches backprop on 40 random invertible archite
     INFO(net.name() << " batch " << a.batch << " [" << sname<S>() << "]: err " << c.err << ", estimate "
                     << est);
     CHECK(c.r.stats.figures.at("max_reconstruction_error") == est);
-    CHECK(c.r.stats.residual_bytes == 0);
+    // Nothing kept but each LeakyReLU's branch bits (one bit per element).
+    std::size_t mask_bytes = 0;
+    for (std::size_t i = 0; i < net.size(); ++i)
+      net.visit(i, [&](const auto& l) {
+        if (keeps_branches(l))
+          mask_bytes +=
+              static_cast<std::size_t>((l.in_features() * a.batch + 63) / 64) * sizeof(std::uint64_t);
+      });
+    CHECK(c.r.stats.residual_bytes == mask_bytes);
+    CHECK(c.r.stats.bytes_of("mask") == mask_bytes);
     CHECK(c.r.stats.counts.inverse == net.size());
     CHECK(c.r.stats.counts.forward == net.size());
     if constexpr (std::is_same_v<S, double>) {
@@ -442,10 +451,11 @@ TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks t
   using S = double;
   // (Input seeds differ from the layer seeds: x from the same stream as the
   // first Linear's W would make W x exactly triangular, putting LeakyReLU
-  // inputs at ±1e-16 where a rebuilt input can flip the kink's side.)
+  // inputs at ±1e-16; the LeakyReLU's branch bits are kept either way.)
   const Matrix<S> x = gaussian<S>(6, 3, 101), t = gaussian<S>(6, 3, 102);
   // ReLU (layer 3) and the non-square Linears cannot be inverted: their inputs
-  // are kept (kind "activation"), everything else is rebuilt.
+  // are kept (kind "activation"), everything else is rebuilt; the LeakyReLU
+  // (layer 1) keeps its branch bits (kind "mask").
   Network<S> net;
   net.add(Linear<S>(6, 6, {.seed = 1}))
       .add(LeakyReLU<S>(6, 0.5))
@@ -460,10 +470,10 @@ TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks t
   CHECK(detail::rel_max_err(rb.h0, ref.h0) < 1e-12);
   std::set<std::size_t> kept;
   for (const auto& e : rb.stats.saved) {
-    CHECK(e.kind == "activation");
+    CHECK(e.kind == (e.layer == 1 ? "mask" : "activation"));
     kept.insert(e.layer);
   }
-  CHECK(kept == std::set<std::size_t>{3, 4, 6});
+  CHECK(kept == std::set<std::size_t>{1, 3, 4, 6});
   CHECK(rb.stats.residual_bytes < ref.stats.residual_bytes);
   // Two rebuilt stretches were checked (above layer 4 -> layer 5 rebuilt; layers 0-2 -> x_0).
   CHECK(rb.stats.error_estimate < 1e-13);
