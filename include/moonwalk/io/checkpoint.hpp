@@ -408,6 +408,8 @@ inline Checkpoint load_checkpoint(const std::string& path) {
       crc = value;
       crc_line_begin = line_begin;
       crc_line_end = pos;
+    } else if (key == "end") {  // (reserved, as save refuses it: what loads can be saved again)
+      throw CheckpointError(cat(path, ": metadata key 'end' is reserved (malformed line '", line, "')"));
     } else if (!c.meta.emplace(key, value).second) {
       throw CheckpointError(cat(path, ": checkpoint header has two '", key, "' lines"));
     }
