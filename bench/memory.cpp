@@ -5,7 +5,7 @@
 //
 //   moonwalk-memory [--net SPEC | --depth D --width W] [--batch B] [--schedule NAME] [--steps N]
 //                   [--dtype float|double] [--threads T] [--seed S] [--loss xent|mse]
-//                   [--rebuild-inputs] [--budget BYTES]
+//                   [--rebuild-inputs] [--budget BYTES] [--slots K | --every K]
 //
 //   --net SPEC        any network in moonwalk-gradcheck's grammar (nets/spec.hpp)
 //   --depth/--width   an equal-width LeakyReLU(0.1) MLP instead (the default, 8 × 256):
@@ -13,6 +13,10 @@
 //   --batch B         samples per step (default 128); inputs N(0, 1), seeded
 //   --schedule NAME   any of schedule_names() (default mixed)
 //   --steps N         gradient steps (default 10)
+//   --slots K         binomial only: layer inputs held at once, K >= 1 (default max(1, round(√L)),
+//                     L = the network's layers)
+//   --every K         checkpoint only: segment length, K >= 1 (default round(√L); more than L
+//                     is one segment)
 //   --loss            xent (default: labels uniform over the outputs) or mse
 //                     (targets N(0, 1))
 //   --budget BYTES    enforce a memory budget for the steps (suffix K, M or G: binary units).
@@ -35,7 +39,9 @@
 //    allocations, gradient and update, mean over the steps after the first: bench/alloc_count.hpp),
 //    "allocated_bytes_per_step" (the bytes they asked for), "scratch_bytes" (what the dense
 //    kernels' per-thread scratch holds after the run, moonwalk::thread_scratch_bytes(): part of
-//    the peak, not of the baseline)},
+//    the peak, not of the baseline), "slots" (binomial: the held inputs it ran with, --slots or
+//    its default; null for other schedules), "every" (checkpoint: the segment length it ran with,
+//    --every or its default, at most L; null for other schedules)},
 //    and with --budget also
 //    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
 //    "steps_completed" (steps that finished; the figures above are over those)
@@ -104,12 +110,14 @@ struct Options {
   std::string loss = "xent";
   bool rebuild_inputs = false;
   std::size_t budget = 0;  // bytes; 0: no budget
+  std::size_t slots = 0;   // binomial's held inputs; 0: its default
+  std::size_t every = 0;   // checkpoint's segment length; 0: its default
 };
 
 const char* kUsage =
     "usage: moonwalk-memory [--net SPEC | --depth D --width W] [--batch B] [--schedule NAME] [--steps N]\n"
     "                       [--dtype float|double] [--threads T] [--seed S] [--loss xent|mse]\n"
-    "                       [--rebuild-inputs] [--budget BYTES]\n"
+    "                       [--rebuild-inputs] [--budget BYTES] [--slots K | --every K]\n"
     "\n"
     "  --net SPEC        a network in moonwalk-gradcheck's grammar\n"
     "  --depth D         equal-width LeakyReLU(0.1) MLP: in:W, D x (linear:W, leaky_relu:0.1),\n"
@@ -122,6 +130,8 @@ const char* kUsage =
     "  --loss            xent (default) or mse; --rebuild-inputs: mixed rebuilds invertible inputs\n"
     "  --budget BYTES    address space the steps may add (suffix K, M, G: binary), enforced with\n"
     "                    RLIMIT_AS once the parameters, optimizer state and batch exist\n"
+    "  --slots K         binomial: layer inputs held at once, K >= 1 (default round(sqrt(L)))\n"
+    "  --every K         checkpoint: segment length in layers, K >= 1 (default round(sqrt(L)))\n"
     "\n"
     "Prints one JSON line on stdout. Exit: 0 ran, 1 run-time error (the schedule cannot run the\n"
     "network), 2 bad command line, 3 out of memory under --budget.\n";
@@ -188,9 +198,9 @@ Options parse_options(int argc, char** argv) {
       continue;
     }
     if (a.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", a, "'"));
-    static const std::vector<std::string> valued{"--net",      "--depth", "--width", "--batch",
-                                                 "--schedule", "--steps", "--dtype", "--threads",
-                                                 "--seed",     "--loss",  "--budget"};
+    static const std::vector<std::string> valued{"--net",    "--depth", "--width",   "--batch", "--schedule",
+                                                 "--steps",  "--dtype", "--threads", "--seed",  "--loss",
+                                                 "--budget", "--slots", "--every"};
     if (std::find(valued.begin(), valued.end(), a) == valued.end())
       throw UsageError(cat("unknown option '", a, "'"));
     if (i + 1 >= argc) throw UsageError(cat(a, ": missing value"));
@@ -234,8 +244,18 @@ Options parse_options(int argc, char** argv) {
       o.loss = v;
     } else if (a == "--budget") {
       o.budget = parse_bytes(a, v);
+    } else if (a == "--slots" || a == "--every") {
+      // (Read signed: istream would wrap "-1" into a huge std::size_t.)
+      const auto k = parse_number<long long>(a, v);
+      if (k < 1) throw UsageError(cat(a, ": must be >= 1, got ", k));
+      (a == "--slots" ? o.slots : o.every) = static_cast<std::size_t>(k);
     }
   }
+  // Each is read by one schedule only: anywhere else it would be silently ignored.
+  if (o.slots > 0 && o.schedule != "binomial")
+    throw UsageError(cat("--slots: only --schedule binomial reads it (schedule is '", o.schedule, "')"));
+  if (o.every > 0 && o.schedule != "checkpoint")
+    throw UsageError(cat("--every: only --schedule checkpoint reads it (schedule is '", o.schedule, "')"));
   if (net_given && shape_given) throw UsageError("--net: give either --net or --depth/--width, not both");
   if (!net_given) {
     o.spec = cat("in:", o.width);
@@ -330,13 +350,18 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   rlimit unlimited{};
   if (o.budget > 0) unlimited = set_budget(o.budget);
 
-  const moonwalk::ScheduleChoice choice{
-      .name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};
+  const moonwalk::ScheduleChoice choice{.name = o.schedule,
+                                        .rebuild_inputs = o.rebuild_inputs,
+                                        .every = o.every,
+                                        .slots = o.slots,
+                                        .seed = o.seed};
   std::vector<double> seconds;
   std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
   std::vector<std::uint64_t> alloc_bytes;  // and the bytes they asked for
   std::size_t residual_bytes = 0, fallbacks = 0;
   double error_estimate = 0;
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  double slots_used = nan, every_used = nan;  // as the schedule reports them (stats.figures)
   bool within_tolerance = true;
   bool out_of_memory = false;
   seconds.reserve(static_cast<std::size_t>(o.steps));
@@ -360,6 +385,10 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
       error_estimate = std::max(error_estimate, e);
       within_tolerance = within_tolerance && r.stats.within_tolerance;
       fallbacks += r.stats.fallbacks;
+      if (o.schedule == "binomial" && r.stats.figures.contains("slots"))
+        slots_used = r.stats.figures["slots"];
+      if (o.schedule == "checkpoint" && r.stats.figures.contains("every"))
+        every_used = r.stats.figures["every"];
     }
   } catch (const std::bad_alloc&) {
     if (o.budget == 0) throw;
@@ -371,7 +400,6 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   // The report allocates a little: lift the cap first (back to the soft limit
   // it replaced, which never exceeds the hard one).
   if (o.budget > 0) setrlimit(RLIMIT_AS, &unlimited);
-  const double nan = std::numeric_limits<double>::quiet_NaN();
   const double per_step = seconds.empty() ? nan : median(seconds);
   const double min_step = seconds.empty() ? nan : *std::min_element(seconds.begin(), seconds.end());
   if (seconds.empty()) error_estimate = nan;
@@ -396,7 +424,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false")
             << ",\"allocations_per_step\":" << json_number(allocs_per_step)
             << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step)
-            << ",\"scratch_bytes\":" << moonwalk::thread_scratch_bytes();
+            << ",\"scratch_bytes\":" << moonwalk::thread_scratch_bytes()
+            << ",\"slots\":" << json_number(slots_used) << ",\"every\":" << json_number(every_used);
   if (o.budget > 0)
     std::cout << ",\"budget_bytes\":" << o.budget
               << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")
