@@ -34,6 +34,8 @@
 //    "seconds_min", "peak_rss_bytes" (getrusage ru_maxrss), "baseline_rss_bytes" (current RSS
 //    once parameters, optimizer state, inputs and targets exist, before the first step),
 //    "residual_bytes" (max over steps of the schedule's accounted bytes kept between passes),
+//    "working_bytes" (max over steps of the engine-accounted working set, Stats::working_bytes;
+//    0 for schedules that do not account it),
 //    "error_estimate" (max over steps), "within_tolerance" (every step), "fallbacks" (sum),
 //    "dtype", "threads", "loss", "seed", "rebuild_inputs", "allocations_per_step" (heap
 //    allocations, gradient and update, mean over the steps after the first: bench/alloc_count.hpp),
@@ -358,7 +360,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   std::vector<double> seconds;
   std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
   std::vector<std::uint64_t> alloc_bytes;  // and the bytes they asked for
-  std::size_t residual_bytes = 0, fallbacks = 0;
+  std::size_t residual_bytes = 0, working_bytes = 0, fallbacks = 0;
   double error_estimate = 0;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   double slots_used = nan, every_used = nan;  // as the schedule reports them (stats.figures)
@@ -379,6 +381,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
       allocations.push_back(moonwalk::bench::allocation_count() - a0);
       alloc_bytes.push_back(moonwalk::bench::allocation_bytes() - b0);
       residual_bytes = std::max(residual_bytes, r.stats.residual_bytes);
+      working_bytes = std::max(working_bytes, r.stats.working_bytes);
       // NaN (a broken estimate) must not be lost by std::max: keep it as +∞.
       const double e = std::isnan(r.stats.error_estimate) ? std::numeric_limits<double>::infinity()
                                                           : r.stats.error_estimate;
@@ -417,7 +420,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << ",\"seconds_per_step\":" << json_number(per_step)
             << ",\"seconds_min\":" << json_number(min_step) << ",\"peak_rss_bytes\":" << peak_rss_bytes()
             << ",\"baseline_rss_bytes\":" << baseline << ",\"residual_bytes\":" << residual_bytes
-            << ",\"error_estimate\":" << json_number(error_estimate)
+            << ",\"working_bytes\":" << working_bytes << ",\"error_estimate\":" << json_number(error_estimate)
             << ",\"within_tolerance\":" << (within_tolerance ? "true" : "false")
             << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed

@@ -135,7 +135,7 @@ if [ "$report_only" != 1 ]; then
     [ -n "${SCHEDULES:-}" ] && echo "schedules: $SCHEDULES"
   } >"$meta"
   : >"$log"
-  echo "network,schedule,repeat,seconds_per_step,seconds_min,peak_above_baseline_bytes,residual_bytes,error_estimate,within_tolerance,fallbacks,status,peak_rss_bytes,baseline_rss_bytes,every,slots" >"$csv"
+  echo "network,schedule,repeat,seconds_per_step,seconds_min,peak_above_baseline_bytes,residual_bytes,error_estimate,within_tolerance,fallbacks,status,peak_rss_bytes,baseline_rss_bytes,every,slots,working_bytes" >"$csv"
   for ((r = 1; r <= repeats; ++r)); do
     for net in "${networks[@]}"; do
       read -r -a labels <<<"$(net_schedules "$net")"
@@ -164,7 +164,7 @@ if [ "$report_only" != 1 ]; then
         fi
         peak=$(field "$line" peak_rss_bytes) base=$(field "$line" baseline_rss_bytes) above=""
         [ -n "$peak" ] && [ -n "$base" ] && above=$((peak - base))
-        echo "$net,$label,$r,$(field "$line" seconds_per_step),$(field "$line" seconds_min),$above,$(field "$line" residual_bytes),$(field "$line" error_estimate),$(field "$line" within_tolerance),$(field "$line" fallbacks),$status,$peak,$base,$(field "$line" every),$(field "$line" slots)" >>"$csv"
+        echo "$net,$label,$r,$(field "$line" seconds_per_step),$(field "$line" seconds_min),$above,$(field "$line" residual_bytes),$(field "$line" error_estimate),$(field "$line" within_tolerance),$(field "$line" fallbacks),$status,$peak,$base,$(field "$line" every),$(field "$line" slots),$(field "$line" working_bytes)" >>"$csv"
       done
     done
   done
@@ -216,9 +216,10 @@ awk -F, -v OFS=, '
     if ($9 != "true") overtol[k] = 1
     if (!(k in fb) || $10 + 0 > fb[k] + 0) fb[k] = $10
     every[k] = $14; slots[k] = $15
+    if (!(k in wk) || $16 + 0 > wk[k] + 0) wk[k] = $16
   }
   END {
-    print "network,schedule,runs,failed,status,time_median,time_min,peak_median,peak_min,time_x_backprop,time_min_x_backprop,peak_x_backprop,residual_bytes,error_estimate_max,within_tolerance,fallbacks,every,slots,on_front,dominated_by"
+    print "network,schedule,runs,failed,status,time_median,time_min,peak_median,peak_min,time_x_backprop,time_min_x_backprop,peak_x_backprop,residual_bytes,error_estimate_max,within_tolerance,fallbacks,every,slots,on_front,dominated_by,working_bytes"
     for (i = 1; i <= nk; ++i) {
       k = order[i]
       if (runs[k] > 0) { tm[k] = med(t[k]); tl[k] = lo(tmin[k]); pm[k] = med(p[k]); pl[k] = lo(p[k]) }
@@ -242,7 +243,7 @@ awk -F, -v OFS=, '
       bt = runs[b] > 0 ? tm[b] : ""; btl = runs[b] > 0 ? tl[b] : ""; bp = runs[b] > 0 ? pm[b] : ""
       print net, s, runs[k] + 0, failed[k] + 0, st, tm[k], tl[k], pm[k], pl[k], \
             (runs[k] > 0 ? ratio(tm[k], bt) : ""), (runs[k] > 0 ? ratio(tl[k], btl) : ""), \
-            (runs[k] > 0 ? ratio(pm[k], bp) : ""), res[k], err[k], (runs[k] > 0 ? ((k in overtol) ? "false" : "true") : ""), fb[k], every[k], slots[k], front, dom
+            (runs[k] > 0 ? ratio(pm[k], bp) : ""), res[k], err[k], (runs[k] > 0 ? ((k in overtol) ? "false" : "true") : ""), fb[k], every[k], slots[k], front, dom, wk[k]
     }
   }' "$csv" >"$summary"
 
@@ -257,7 +258,10 @@ steps; the table's median is over the repeats, min is the fastest step of any
 repeat). Peak: peak RSS above the run's baseline (parameters, optimizer state
 and batch resident), median over the repeats. "× backprop": against backprop
 on the same network (median against median, min against min). Bytes kept: the
-schedule's accounted residuals between the passes. Error estimate: the largest
+schedule's accounted residuals between the passes. Working set: the
+engine-accounted peak of a step (Stats::working_bytes: buffers, residuals,
+anchors, casts, product scratch; – where a schedule does not account it).
+Error estimate: the largest
 of any step. A schedule is on the front when no other schedule of the same
 network is at most as slow and at most as large (median time and median
 peak), one of them strictly.
@@ -270,18 +274,19 @@ EOF
     $1 != net {
       net = $1
       printf "\n## %s\n\n", net
-      print "| schedule | time × backprop (median, min) | peak × backprop | seconds per step (median) | peak above baseline (median) | bytes kept | error estimate | on the front? |"
-      print "|---|---|---|---|---|---|---|---|"
+      print "| schedule | time × backprop (median, min) | peak × backprop | seconds per step (median) | peak above baseline (median) | bytes kept | working set (engine) | error estimate | on the front? |"
+      print "|---|---|---|---|---|---|---|---|---|"
     }
     {
       label = $2
       if ($2 == "checkpoint" && $17 != "") label = label " (every " $17 ")"
-      if ($3 == 0) { printf "| %s | failed (%s) | | | | | | |\n", label, $5; next }
+      if ($3 == 0) { printf "| %s | failed (%s) | | | | | | | |\n", label, $5; next }
       note = $4 > 0 ? sprintf(" (%d of %d runs failed: %s)", $4, $3 + $4, $5) : ""
       tol = $15 == "true" ? "" : " (over tolerance)"
       d = $20; gsub(/ /, ", ", d)
       fr = $19 == "yes" ? "**yes**" : "dominated by " d
-      printf "| %s%s | %s, %s | %s | %.4g s | %s | %s | %s%s | %s |\n", label, note, x($10), x($11), x($12), $6, mib($8), kept($13), $14, tol, fr
+      w = ($21 == "" || $21 + 0 == 0) ? "–" : kept($21)
+      printf "| %s%s | %s, %s | %s | %.4g s | %s | %s | %s | %s%s | %s |\n", label, note, x($10), x($11), x($12), $6, mib($8), kept($13), w, $14, tol, fr
     }' "$summary"
 } >"$md"
 

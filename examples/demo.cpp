@@ -18,7 +18,7 @@ int main() {
   for (Index b = 0; b < batch; ++b) labels[static_cast<std::size_t>(b)] = b % 10;
   const SoftmaxCrossEntropy<S> loss;
 
-  const auto bp = gradient(Backprop{}, net, x, loss, labels);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, loss, labels);
   std::printf("network: linear 64->48, leaky_relu(0.2), linear 48->32, leaky_relu(0.2), linear 32->10\n");
   std::printf("batch %lld, %lld parameters, softmax cross-entropy loss %.6f\n", static_cast<long long>(batch),
               static_cast<long long>(num_parameters(net)), static_cast<double>(bp.loss));
@@ -26,8 +26,8 @@ int main() {
               static_cast<double>(bp.gradient.norm()), static_cast<double>(bp.h0.norm()),
               bp.stats.residual_bytes);
 
-  for (const auto& r :
-       {gradient(MixedMoonwalk{}, net, x, loss, labels), gradient(PureMoonwalk{}, net, x, loss, labels)}) {
+  for (const auto& r : {gradient(MixedMoonwalk{.input_gradient = true}, net, x, loss, labels),
+                        gradient(PureMoonwalk{}, net, x, loss, labels)}) {
     std::printf(
         "%-8s Moonwalk: rel. error vs backprop %.2e, error estimate %.2e, kept %zu bytes (%.1f%% of "
         "backprop)\n",
@@ -36,6 +36,6 @@ int main() {
         100.0 * static_cast<double>(r.stats.residual_bytes) / static_cast<double>(bp.stats.residual_bytes));
   }
   std::cout << "\nWhat mixed Moonwalk keeps between its passes:\n"
-            << report_text(gradient(MixedMoonwalk{}, net, x, loss, labels).stats);
+            << report_text(gradient(MixedMoonwalk{.input_gradient = true}, net, x, loss, labels).stats);
   return 0;
 }

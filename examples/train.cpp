@@ -14,7 +14,7 @@
 // bytes kept between passes by the schedule, the step's gradient error
 // estimate); at the end one JSON line on stdout:
 //   {"model", "schedule", "epochs", "test_accuracy", "train_loss", "seconds", "peak_rss_bytes",
-//    "residual_bytes", "max_error_estimate", "fallbacks", …}
+//    "residual_bytes", "working_bytes", "max_error_estimate", "fallbacks", …}
 // Moonwalk schedules run with the default fidelity policy, so every step's
 // gradient is held under its tolerance (or recomputed): `untrusted_steps`
 // counts the steps whose estimate stayed above it anyway (or was NaN), under
@@ -373,7 +373,7 @@ class CsvLog {
 struct EpochTotals {
   double loss_sum = 0;
   Index batches = 0;
-  std::size_t residual_bytes = 0;
+  std::size_t residual_bytes = 0, working_bytes = 0;
   double max_error = 0;
   std::size_t fallbacks = 0, untrusted = 0;
 };
@@ -595,6 +595,7 @@ int train(const Options& o) {
       ep.loss_sum += static_cast<double>(r.loss);
       ++ep.batches;
       ep.residual_bytes = std::max(ep.residual_bytes, st.residual_bytes);
+      ep.working_bytes = std::max(ep.working_bytes, st.working_bytes);
       ep.max_error = max_or_nan(ep.max_error, st.error_estimate);
       ep.fallbacks += st.fallbacks;
       // Untrusted: the schedule says its estimate missed the tolerance, or it has no usable estimate.
@@ -621,16 +622,18 @@ int train(const Options& o) {
                                 " (try a smaller --lr)"));
     last_train_loss = ep.loss_sum / static_cast<double>(std::max<Index>(1, ep.batches));
     run.residual_bytes = std::max(run.residual_bytes, ep.residual_bytes);
+    run.working_bytes = std::max(run.working_bytes, ep.working_bytes);
     run.max_error = max_or_nan(run.max_error, ep.max_error);
     run.fallbacks += ep.fallbacks;
     run.untrusted += ep.untrusted;
     if (!o.quiet)
       std::fprintf(stderr,
                    "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.1f s, kept %s "
-                   "(backprop %s), max error estimate %s, fallbacks %zu\n",
+                   "(backprop %s), working peak %s, max error estimate %s, fallbacks %zu\n",
                    epoch + 1, o.epochs, last_train_loss, eval.loss, eval.accuracy, epoch_seconds,
                    human_bytes(static_cast<double>(ep.residual_bytes)).c_str(),
                    human_bytes(static_cast<double>(backprop_bytes)).c_str(),
+                   ep.working_bytes > 0 ? human_bytes(static_cast<double>(ep.working_bytes)).c_str() : "n/a",
                    json_number(ep.max_error).c_str(), ep.fallbacks);
     log.add(cat(epoch + 1, ",", o.schedule, ",", json_number(last_train_loss), ",", json_number(eval.loss),
                 ",", json_number(eval.accuracy), ",", json_number(epoch_seconds), ",",
@@ -672,13 +675,18 @@ int train(const Options& o) {
                    human_bytes(static_cast<double>(run.residual_bytes)).c_str(), o.schedule.c_str(),
                    human_bytes(static_cast<double>(backprop_bytes)).c_str(),
                    static_cast<double>(backprop_bytes) / static_cast<double>(run.residual_bytes));
+    if (run.working_bytes > 0)
+      std::fprintf(stderr,
+                   "peak working bytes per step (engine-accounted): %s; peak RSS of the process: %s\n",
+                   human_bytes(static_cast<double>(run.working_bytes)).c_str(),
+                   human_bytes(static_cast<double>(peak_rss_bytes())).c_str());
   }
   std::cout << "{\"model\":\"" << o.model << "\",\"schedule\":\"" << o.schedule
             << "\",\"epochs\":" << o.epochs << ",\"test_accuracy\":" << json_number(eval.accuracy)
             << ",\"test_loss\":" << json_number(eval.loss)
             << ",\"train_loss\":" << json_number(last_train_loss) << ",\"seconds\":" << json_number(seconds)
             << ",\"peak_rss_bytes\":" << peak_rss_bytes() << ",\"residual_bytes\":" << run.residual_bytes
-            << ",\"backprop_residual_bytes\":" << backprop_bytes
+            << ",\"backprop_residual_bytes\":" << backprop_bytes << ",\"working_bytes\":" << run.working_bytes
             << ",\"max_error_estimate\":" << json_number(run.max_error) << ",\"fallbacks\":" << run.fallbacks
             << ",\"untrusted_steps\":" << run.untrusted << ",\"parameters\":" << params
             << ",\"batch\":" << batch << ",\"train_samples\":" << train_set.count

@@ -84,7 +84,7 @@ void check_against_fd(N& net, const Loss& loss, const typename Loss::target_type
   // no kink may lie within 100 h.
   REQUIRE(kink_distance(net, x) > 100 * h);
 
-  const auto r = moonwalk::gradient(moonwalk::Backprop{}, net, x, loss, target);
+  const auto r = moonwalk::gradient(moonwalk::Backprop{.input_gradient = true}, net, x, loss, target);
 
   // loss value
   CHECK(r.loss == loss.value(net.forward(x), target));

@@ -38,13 +38,13 @@ Compared<S> against_truth(const Sch& schedule, NetS& net, NetD& twin, const Matr
   if (xent) {
     const auto t = moonwalk_test::random_labels(out, B, seed + 11);
     c.r = gradient(schedule, net, xs, SoftmaxCrossEntropy<S>{}, t);
-    c.bp = gradient(Backprop{}, net, xs, SoftmaxCrossEntropy<S>{}, t);
-    c.truth = gradient(Backprop{}, twin, x, SoftmaxCrossEntropy<double>{}, t);
+    c.bp = gradient(Backprop{.input_gradient = true}, net, xs, SoftmaxCrossEntropy<S>{}, t);
+    c.truth = gradient(Backprop{.input_gradient = true}, twin, x, SoftmaxCrossEntropy<double>{}, t);
   } else {
     const Matrix<double> t = moonwalk_test::random_batch<double>(out, B, seed + 13);
     c.r = gradient(schedule, net, xs, MSE<S>{}, Matrix<S>(t.cast<S>()));
-    c.bp = gradient(Backprop{}, net, xs, MSE<S>{}, Matrix<S>(t.cast<S>()));
-    c.truth = gradient(Backprop{}, twin, x, MSE<double>{}, t);
+    c.bp = gradient(Backprop{.input_gradient = true}, net, xs, MSE<S>{}, Matrix<S>(t.cast<S>()));
+    c.truth = gradient(Backprop{.input_gradient = true}, twin, x, MSE<double>{}, t);
   }
   c.err = std::max(max_rel_err_per_tensor(c.r.gradient, c.truth.gradient, parameter_offsets(net)),
                    detail::rel_max_err(c.r.h0.template cast<double>(), c.truth.h0));
@@ -175,8 +175,11 @@ TEMPLATE_TEST_CASE("Checkpointing and naive forward mode match backprop on 40 ra
     std::string desc;
     (void)a.build<S>(&desc);
     INFO(desc << " [" << sname<S>() << "]");
-    for (const Checkpointing& ck : {Checkpointing{}, Checkpointing{.every = 2}, Checkpointing{.slots = 1},
-                                    Checkpointing{.slots = 2}, Checkpointing{.slots = 3}}) {
+    for (const Checkpointing& ck :
+         {Checkpointing{.input_gradient = true}, Checkpointing{.every = 2, .input_gradient = true},
+          Checkpointing{.slots = 1, .input_gradient = true},
+          Checkpointing{.slots = 2, .input_gradient = true},
+          Checkpointing{.slots = 3, .input_gradient = true}}) {
       const auto c = on_arch<S>(a, ck);
       INFO("checkpoint every " << ck.every << " slots " << ck.slots << ": err " << c.err);
       CHECK(c.err <= exact_bound<S>(c.layers));
@@ -205,7 +208,7 @@ TEMPLATE_TEST_CASE("RevBackprop matches backprop on 40 random invertible archite
     auto net = a.build<S>();
     auto twin = a.build<double>();
     const Matrix<double> x = moonwalk_test::random_batch<double>(a.width, a.batch, seed + 7);
-    const auto c = against_truth<S>(RevBackprop{}, net, twin, x, seed % 2 == 0, seed);
+    const auto c = against_truth<S>(RevBackprop{.input_gradient = true}, net, twin, x, seed % 2 == 0, seed);
     const double est = c.r.stats.error_estimate;
     INFO(net.name() << " batch " << a.batch << " [" << sname<S>() << "]: err " << c.err << ", estimate "
                     << est);
@@ -247,7 +250,7 @@ TEST_CASE("Baselines on a static Sequential and the same runtime Network agree w
       .add(Linear<S>(7, 3, {.seed = 3}))
       .add(LeakyReLU<S>(3, 0.2));
   const Matrix<S> x = gaussian<S>(6, 4, 5), t = gaussian<S>(3, 4, 6);
-  const auto ref = gradient(Backprop{}, st, x, MSE<S>{}, t);
+  const auto ref = gradient(Backprop{.input_gradient = true}, st, x, MSE<S>{}, t);
   auto both = [&](const auto& schedule) {
     const auto a = gradient(schedule, st, x, MSE<S>{}, t);
     const Vector<S> left_in_layers = get_gradients(st);
@@ -261,8 +264,9 @@ TEST_CASE("Baselines on a static Sequential and the same runtime Network agree w
     CHECK(a.loss == Approx(ref.loss).epsilon(1e-14));
     return a;
   };
-  for (const auto& r : {both(Checkpointing{}), both(Checkpointing{.every = 4}),
-                        both(Checkpointing{.slots = 2}), both(NaiveForward{})}) {
+  for (const auto& r :
+       {both(Checkpointing{.input_gradient = true}), both(Checkpointing{.every = 4, .input_gradient = true}),
+        both(Checkpointing{.slots = 2, .input_gradient = true}), both(NaiveForward{})}) {
     INFO(r.stats.schedule);
     CHECK(detail::rel_max_err(r.gradient, ref.gradient) < 1e-12);
     CHECK(detail::rel_max_err(r.h0, ref.h0) < 1e-12);
@@ -280,9 +284,9 @@ TEST_CASE("Baselines on a static Sequential and the same runtime Network agree w
       .add(Identity<S>(6))
       .add(Linear<S>(6, 6, {.seed = 6}));
   const Matrix<S> t6 = gaussian<S>(6, 4, 7);
-  const auto ref_inv = gradient(Backprop{}, inv, x, MSE<S>{}, t6);
-  for (const auto& r :
-       {gradient(RevBackprop{}, inv, x, MSE<S>{}, t6), gradient(RevBackprop{}, inv_rt, x, MSE<S>{}, t6)}) {
+  const auto ref_inv = gradient(Backprop{.input_gradient = true}, inv, x, MSE<S>{}, t6);
+  for (const auto& r : {gradient(RevBackprop{.input_gradient = true}, inv, x, MSE<S>{}, t6),
+                        gradient(RevBackprop{.input_gradient = true}, inv_rt, x, MSE<S>{}, t6)}) {
     CHECK(detail::rel_max_err(r.gradient, ref_inv.gradient) < 1e-12);
     CHECK(detail::rel_max_err(r.h0, ref_inv.h0) < 1e-12);
     CHECK(r.stats.error_estimate < 1e-13);
@@ -299,8 +303,8 @@ TEST_CASE("Every-k checkpointing keeps √L checkpoints plus one segment",
   for (const std::size_t L : {16u, 64u}) {
     auto net = equal_width_chain<S>(L, w);
     const Matrix<S> x = gaussian<S>(w, B, 1), t = gaussian<S>(w, B, 2);
-    const auto bp = gradient(Backprop{}, net, x, MSE<S>{}, t);
-    const auto ck = gradient(Checkpointing{}, net, x, MSE<S>{}, t);
+    const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+    const auto ck = gradient(Checkpointing{.input_gradient = true}, net, x, MSE<S>{}, t);
     const std::size_t k = L == 16 ? 4 : 8;  // √L
     INFO("L = " << L << ": backprop " << bp.stats.residual_bytes << " bytes, checkpoint "
                 << ck.stats.residual_bytes);
@@ -323,15 +327,15 @@ TEST_CASE("Every-k checkpointing keeps √L checkpoints plus one segment",
   SECTION("a last segment shorter than k, and k = 1") {
     auto net = equal_width_chain<S>(10, w);
     const Matrix<S> x = gaussian<S>(w, B, 1), t = gaussian<S>(w, B, 2);
-    const auto bp = gradient(Backprop{}, net, x, MSE<S>{}, t);
+    const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
     // Segments [0,3) [3,6) [6,9) [9,10): peak at [6,9) with checkpoints 0, 3, 6 and x_7, x_8.
-    const auto ck = gradient(Checkpointing{.every = 3}, net, x, MSE<S>{}, t);
+    const auto ck = gradient(Checkpointing{.every = 3, .input_gradient = true}, net, x, MSE<S>{}, t);
     CHECK(ck.stats.figures.at("checkpoints") == 4);
     CHECK(ck.stats.residual_bytes == 5 * layer_bytes);
     CHECK(ck.stats.figures.at("recomputed_forwards") == 6);
     CHECK(ck.gradient == bp.gradient);
     // k = 1: every input is a checkpoint, nothing recomputed, backprop's memory.
-    const auto all = gradient(Checkpointing{.every = 1}, net, x, MSE<S>{}, t);
+    const auto all = gradient(Checkpointing{.every = 1, .input_gradient = true}, net, x, MSE<S>{}, t);
     CHECK(all.stats.residual_bytes == bp.stats.residual_bytes);
     CHECK(all.stats.figures.at("recomputed_forwards") == 0);
     CHECK(all.gradient == bp.gradient);
@@ -339,7 +343,9 @@ TEST_CASE("Every-k checkpointing keeps √L checkpoints plus one segment",
   SECTION("every and slots together are refused") {
     auto net = equal_width_chain<S>(4, w);
     const Matrix<S> x = gaussian<S>(w, B, 1), t = gaussian<S>(w, B, 2);
-    CHECK_THROWS_AS(gradient(Checkpointing{.every = 2, .slots = 2}, net, x, MSE<S>{}, t), ScheduleError);
+    CHECK_THROWS_AS(
+        gradient(Checkpointing{.every = 2, .slots = 2, .input_gradient = true}, net, x, MSE<S>{}, t),
+        ScheduleError);
   }
 }
 
@@ -352,7 +358,7 @@ TEST_CASE("Binomial checkpointing: the treeverse minimum of forward calls within
         Network<S> net;
         for (std::size_t i = 0; i < L; ++i) net.add(Identity<S>(2));
         const Matrix<S> x = gaussian<S>(2, 1, L), t = gaussian<S>(2, 1, L + 100);
-        const auto r = gradient(Checkpointing{.slots = c}, net, x, MSE<S>{}, t);
+        const auto r = gradient(Checkpointing{.slots = c, .input_gradient = true}, net, x, MSE<S>{}, t);
         INFO("L = " << L << ", slots = " << c);
         // + 1: the last layer's forward for the loss, which reverses the first step.
         CHECK(r.stats.counts.forward == treeverse_optimum(L, c - 1) + 1);
@@ -370,10 +376,10 @@ TEST_CASE("Binomial checkpointing: the treeverse minimum of forward calls within
     for (const std::size_t L : {16u, 64u}) {
       auto net = equal_width_chain<S>(L, w);
       const Matrix<S> x = gaussian<S>(w, B, 3), t = gaussian<S>(w, B, 4);
-      const auto bp = gradient(Backprop{}, net, x, MSE<S>{}, t);
-      const auto sq = gradient(Checkpointing{}, net, x, MSE<S>{}, t);
+      const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+      const auto sq = gradient(Checkpointing{.input_gradient = true}, net, x, MSE<S>{}, t);
       const std::size_t c = sq.stats.residual_bytes / layer_bytes;  // 7 and 15 inputs
-      const auto bin = gradient(Checkpointing{.slots = c}, net, x, MSE<S>{}, t);
+      const auto bin = gradient(Checkpointing{.slots = c, .input_gradient = true}, net, x, MSE<S>{}, t);
       const double rec_sq = sq.stats.figures.at("recomputed_forwards");
       const double rec_bin = bin.stats.figures.at("recomputed_forwards");
       INFO("L = " << L << ", " << c << " slots: binomial recomputes " << rec_bin << ", every-k " << rec_sq);
@@ -389,12 +395,12 @@ TEST_CASE("Binomial checkpointing: the treeverse minimum of forward calls within
     const Index w = 4, B = 2;
     auto net = equal_width_chain<S>(16, w);
     const Matrix<S> x = gaussian<S>(w, B, 5), t = gaussian<S>(w, B, 6);
-    const auto bp = gradient(Backprop{}, net, x, MSE<S>{}, t);
-    const auto one = gradient(Checkpointing{.slots = 1}, net, x, MSE<S>{}, t);
+    const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+    const auto one = gradient(Checkpointing{.slots = 1, .input_gradient = true}, net, x, MSE<S>{}, t);
     CHECK(one.stats.counts.forward == 16 * 15 / 2 + 1);
     CHECK(one.stats.residual_bytes == static_cast<std::size_t>(w * B) * sizeof(S));
     CHECK(one.gradient == bp.gradient);
-    const auto many = gradient(Checkpointing{.slots = 40}, net, x, MSE<S>{}, t);
+    const auto many = gradient(Checkpointing{.slots = 40, .input_gradient = true}, net, x, MSE<S>{}, t);
     CHECK(many.stats.counts.forward == 16);
     CHECK(many.stats.residual_bytes == bp.stats.residual_bytes);
     CHECK(many.gradient == bp.gradient);
@@ -429,8 +435,8 @@ TEST_CASE("RevBackprop's reconstruction estimate: tiny in double, larger in floa
     auto nd = build(0.0, base);
     auto nf = build(0.0f, base);
     auto twin_d = build(0.0, base), twin_f = build(0.0, base);
-    const auto d = against_truth<double>(RevBackprop{}, nd, twin_d, x, false, 4);
-    const auto f = against_truth<float>(RevBackprop{}, nf, twin_f, x, false, 4);
+    const auto d = against_truth<double>(RevBackprop{.input_gradient = true}, nd, twin_d, x, false, 4);
+    const auto f = against_truth<float>(RevBackprop{.input_gradient = true}, nf, twin_f, x, false, 4);
     const double ed = d.r.stats.error_estimate, ef = f.r.stats.error_estimate;
     INFO("seed " << base << ": double: err " << d.err << " est " << ed << "; float: err " << f.err << " est "
                  << ef);
@@ -464,8 +470,8 @@ TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks t
       .add(Linear<S>(6, 8, {.seed = 3}))
       .add(Tanh<S>(8))
       .add(Linear<S>(8, 6, {.seed = 4}));
-  const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
-  const auto rb = gradient(RevBackprop{}, net, x, MSE<S>{}, t);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  const auto rb = gradient(RevBackprop{.input_gradient = true}, net, x, MSE<S>{}, t);
   CHECK(detail::rel_max_err(rb.gradient, ref.gradient) < 1e-12);
   CHECK(detail::rel_max_err(rb.h0, ref.h0) < 1e-12);
   std::set<std::size_t> kept;
@@ -480,8 +486,8 @@ TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks t
   CHECK(rb.stats.counts.inverse == 4);
   // Static networks take the same path.
   Sequential st(Linear<S>(6, 4, {.seed = 1}), LeakyReLU<S>(4, 0.5), Linear<S>(4, 6, {.seed = 2}));
-  const auto sref = gradient(Backprop{}, st, x, MSE<S>{}, t);
-  const auto srb = gradient(RevBackprop{}, st, x, MSE<S>{}, t);
+  const auto sref = gradient(Backprop{.input_gradient = true}, st, x, MSE<S>{}, t);
+  const auto srb = gradient(RevBackprop{.input_gradient = true}, st, x, MSE<S>{}, t);
   CHECK(detail::rel_max_err(srb.gradient, sref.gradient) < 1e-12);
 }
 
@@ -493,7 +499,7 @@ TEST_CASE("Naive forward mode: one tangent pass per parameter, O(P·L) jvps",
   // L = 3, P = (5·4 + 4) + (4·3 + 3) = 39, n_0 = 5.
   Sequential net(Linear<S>(5, 4, {.seed = 1}), Tanh<S>(4), Linear<S>(4, 3, {.seed = 2}));
   const Matrix<S> x = gaussian<S>(5, 6, 1), t = gaussian<S>(3, 6, 2);
-  const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
   const auto r = gradient(NaiveForward{}, net, x, MSE<S>{}, t);
   CHECK(detail::rel_max_err(r.gradient, ref.gradient) < 1e-12);
   CHECK(detail::rel_max_err(r.h0, ref.h0) < 1e-12);
@@ -511,7 +517,7 @@ TEST_CASE("Naive forward mode: one tangent pass per parameter, O(P·L) jvps",
     for (std::size_t i = 0; i < L; ++i) chain.add(Linear<S>(3, 3, {.seed = 40 + i}));
     const Matrix<S> x3 = gaussian<S>(3, 2, 3), t3 = gaussian<S>(3, 2, 4);
     const auto c = gradient(NaiveForward{}, chain, x3, MSE<S>{}, t3);
-    const auto cref = gradient(Backprop{}, chain, x3, MSE<S>{}, t3);
+    const auto cref = gradient(Backprop{.input_gradient = true}, chain, x3, MSE<S>{}, t3);
     const std::size_t P = 12 * L;
     CHECK(c.stats.counts.jvp == P * (L - 1) / 2 + 3 * L);
     CHECK(c.stats.counts.forward == L + P * (L - 1) + 3 * (L - 1));
@@ -541,7 +547,7 @@ TEST_CASE("ProjForward with k = 4·D directions points along the gradient",
   // by concentration for every seed. And it is no exact gradient: cos ≤ 0.99
   // (cos² ≥ 0.98) would be 5 sd above the mean.
   ProjSetup s;
-  const auto truth = gradient(Backprop{}, s.net, s.x, MSE<double>{}, s.t);
+  const auto truth = gradient(Backprop{.input_gradient = true}, s.net, s.x, MSE<double>{}, s.t);
   const Vector<double> g = joint(truth);
   REQUIRE(static_cast<std::size_t>(g.size()) == ProjSetup::D);
   double sum = 0;
@@ -572,7 +578,7 @@ TEST_CASE("ProjForward is unbiased: the mean over seeds converges like 1/√runs
   // (k = 8). A bias b would stall the error of the mean at ‖b‖/‖g‖: one of
   // 10% fails the second check.
   ProjSetup s;
-  const auto truth = gradient(Backprop{}, s.net, s.x, MSE<double>{}, s.t);
+  const auto truth = gradient(Backprop{.input_gradient = true}, s.net, s.x, MSE<double>{}, s.t);
   const Vector<double> g = joint(truth);
   const std::size_t k = 8;
   auto predicted = [&](double runs) {
@@ -616,5 +622,6 @@ TEST_CASE("ProjForward reports an estimate, its directions and its cost",
   CHECK(again.gradient == r.gradient);
   CHECK(other.gradient != r.gradient);
   CHECK_THROWS_AS(gradient(ProjForward{.directions = 0}, s.net, s.x, MSE<double>{}, s.t), ScheduleError);
-  CHECK_FALSE(gradient(Checkpointing{}, s.net, s.x, MSE<double>{}, s.t).stats.is_estimate);
+  CHECK_FALSE(
+      gradient(Checkpointing{.input_gradient = true}, s.net, s.x, MSE<double>{}, s.t).stats.is_estimate);
 }

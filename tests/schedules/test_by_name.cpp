@@ -14,7 +14,7 @@ TEST_CASE("with_schedule: every name runs its schedule and agrees with backprop"
   const Matrix<double> x = gaussian<double>(12, 6, 9);
   const Matrix<double> t = gaussian<double>(4, 6, 10);
   const MSE<double> loss;
-  const auto bp = gradient(Backprop{}, net, x, loss, t);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, loss, t);
   std::set<std::string> seen;
   for (const std::string& name : schedule_names()) {
     INFO(name);

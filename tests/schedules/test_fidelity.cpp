@@ -38,11 +38,13 @@ Checked check_float(const Sch& schedule, Network<float>& net, Network<double>& t
   const Matrix<double> x = gaussian<double>(net.in_features(), batch, seed + 1);
   const Matrix<double> t = gaussian<double>(net.out_features(), batch, seed + 2);
   const Matrix<float> xs = x.cast<float>(), ts = t.cast<float>();
-  const auto truth = gradient(Backprop{}, twin, xs.cast<double>(), MSE<double>{}, ts.cast<double>());
+  const auto truth =
+      gradient(Backprop{.input_gradient = true}, twin, xs.cast<double>(), MSE<double>{}, ts.cast<double>());
   Checked c;
   c.r = gradient(schedule, net, xs, MSE<float>{}, ts);
   c.err = max_rel_err_per_tensor(c.r.gradient, truth.gradient, parameter_offsets(net));
-  c.backprop_bytes = gradient(Backprop{}, net, xs, MSE<float>{}, ts).stats.residual_bytes;
+  c.backprop_bytes =
+      gradient(Backprop{.input_gradient = true}, net, xs, MSE<float>{}, ts).stats.residual_bytes;
   return c;
 }
 
@@ -76,7 +78,7 @@ TEST_CASE("Default policy holds the float tolerance on deep MLPs where the ungua
     Network<float> net = mlp<float>(depth, 24, slope, Init::orthogonal, 40);
     Network<double> twin = mlp<double>(depth, 24, slope, Init::orthogonal, 40);
     const Checked none = check_float(MixedMoonwalk{.fidelity = Fidelity::none()}, net, twin, 16, 5);
-    const Checked held = check_float(MixedMoonwalk{}, net, twin, 16, 5);
+    const Checked held = check_float(MixedMoonwalk{.input_gradient = true}, net, twin, 16, 5);
     const Stats& st = held.r.stats;
     INFO("slope " << slope << " depth " << depth << ": unguarded err " << none.err << " est "
                   << none.r.stats.error_estimate << "; policy err " << held.err << " est "
@@ -105,7 +107,7 @@ TEST_CASE("Gaussian initialisation: the policy escalates (anchors, double cotang
   Network<float> net = mlp<float>(12, 24, 0.1, Init::gaussian, 70);
   Network<double> twin = mlp<double>(12, 24, 0.1, Init::gaussian, 70);
   const Checked none = check_float(MixedMoonwalk{.fidelity = Fidelity::none()}, net, twin, 16, 9);
-  const Checked held = check_float(MixedMoonwalk{}, net, twin, 16, 9);
+  const Checked held = check_float(MixedMoonwalk{.input_gradient = true}, net, twin, 16, 9);
   const Checked dbl = check_float(MixedMoonwalk{.fidelity = Fidelity::double_cotangents()}, net, twin, 16, 9);
   INFO("unguarded err " << none.err << "; policy err " << held.err << " est " << held.r.stats.error_estimate
                         << " precision " << held.r.stats.precision << " fallbacks " << held.r.stats.fallbacks
@@ -234,7 +236,7 @@ TEST_CASE("Double cotangents through a static Sequential (layers cast at compile
   Seq net(Linear<float>(8, 8, {.seed = 1}), LeakyReLU<float>(8, 0.2f), Linear<float>(8, 8, {.seed = 2}),
           LeakyReLU<float>(8, 0.2f), Linear<float>(8, 3, {.seed = 3}));
   const Matrix<float> x = gaussian<float>(8, 5, 4), t = gaussian<float>(3, 5, 5);
-  const auto bp = gradient(Backprop{}, net, x, MSE<float>{}, t);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<float>{}, t);
   const auto dbl =
       gradient(MixedMoonwalk{.fidelity = Fidelity::double_cotangents()}, net, x, MSE<float>{}, t);
   CHECK(dbl.stats.precision == "double");
@@ -245,7 +247,7 @@ TEST_CASE("Double cotangents through a static Sequential (layers cast at compile
 TEST_CASE("The saved-residual report carries the fidelity figures", "[fidelity][report]") {
   Network<double> net = mlp<double>(3, 6, 0.3, Init::orthogonal, 2);
   const Matrix<double> x = gaussian<double>(6, 4, 1), t = gaussian<double>(4, 4, 2);
-  const auto r = gradient(MixedMoonwalk{}, net, x, MSE<double>{}, t);
+  const auto r = gradient(MixedMoonwalk{.input_gradient = true}, net, x, MSE<double>{}, t);
   const std::string json = report_json(r.stats);
   CHECK(json.find("\"fidelity\":{") != std::string::npos);
   CHECK(json.find("\"precision\":\"double\"") != std::string::npos);

@@ -32,15 +32,19 @@ Outcome run_against_truth(const RandomArch& a, const Sch& schedule, std::string&
   if (a.xent) {
     const auto t = moonwalk_test::random_labels(a.out, a.batch, a.seed + 11);
     r = gradient(schedule, net, xs, SoftmaxCrossEntropy<S>{}, t);
-    ref = gradient(Backprop{}, truth_net, x, SoftmaxCrossEntropy<double>{}, t);
+    ref = gradient(Backprop{.input_gradient = true}, truth_net, x, SoftmaxCrossEntropy<double>{}, t);
   } else {
     const Matrix<double> t = moonwalk_test::random_batch<double>(a.out, a.batch, a.seed + 13);
     r = gradient(schedule, net, xs, MSE<S>{}, Matrix<S>(t.cast<S>()));
-    ref = gradient(Backprop{}, truth_net, x, MSE<double>{}, t);
+    ref = gradient(Backprop{.input_gradient = true}, truth_net, x, MSE<double>{}, t);
   }
+  // h_0 exactly when asked for (schedules without the option always return it).
+  bool asked = true;
+  if constexpr (requires { schedule.input_gradient; }) asked = schedule.input_gradient;
+  CHECK(r.h0.size() == (asked ? ref.h0.size() : 0));
   Outcome o;
-  o.err = std::max(max_rel_err_per_tensor(r.gradient, ref.gradient, offsets),
-                   detail::rel_max_err(r.h0.template cast<double>(), ref.h0));
+  o.err = max_rel_err_per_tensor(r.gradient, ref.gradient, offsets);
+  if (asked) o.err = std::max(o.err, detail::rel_max_err(r.h0.template cast<double>(), ref.h0));
   o.estimate = r.stats.error_estimate;
   return o;
 }
@@ -50,10 +54,13 @@ void property_sweep(std::uint64_t first_seed, std::uint64_t count) {
   for (std::uint64_t seed = first_seed; seed < first_seed + count; ++seed) {
     const RandomArch a(seed);
     std::string desc;
-    const Outcome mixed = run_against_truth<S>(a, MixedMoonwalk{}, desc);
-    const Outcome anchored = run_against_truth<S>(a, MixedMoonwalk{.anchors = {.every = 2}}, desc);
+    // Every other seed without h_0: the sweep then starts from h_1.
+    const bool with_h0 = seed % 2 == 0;
+    const Outcome mixed = run_against_truth<S>(a, MixedMoonwalk{.input_gradient = with_h0}, desc);
+    const Outcome anchored =
+        run_against_truth<S>(a, MixedMoonwalk{.anchors = {.every = 2}, .input_gradient = !with_h0}, desc);
     const Outcome pure = run_against_truth<S>(a, PureMoonwalk{}, desc);
-    const Outcome bp = run_against_truth<S>(a, Backprop{}, desc);
+    const Outcome bp = run_against_truth<S>(a, Backprop{.input_gradient = with_h0}, desc);
     const std::size_t L = a.build<S>().size();
     INFO(desc << " [" << (sizeof(S) == 4 ? "float" : "double") << "] backprop err " << bp.err
               << "; mixed err " << mixed.err << " est " << mixed.estimate << "; anchored err " << anchored.err
@@ -91,9 +98,10 @@ TEST_CASE("Static Sequential and runtime Network give the same Moonwalk gradient
       .add(Linear<S>(12, 4, {.seed = 3}))
       .add(Tanh<S>(4));
   const Matrix<S> x = gaussian<S>(10, 9, 5), t = gaussian<S>(4, 9, 6);
-  const auto ref = gradient(Backprop{}, st, x, MSE<S>{}, t);
+  const auto ref = gradient(Backprop{.input_gradient = true}, st, x, MSE<S>{}, t);
   for (const auto& g :
-       {gradient(MixedMoonwalk{}, st, x, MSE<S>{}, t), gradient(MixedMoonwalk{}, rt, x, MSE<S>{}, t),
+       {gradient(MixedMoonwalk{.input_gradient = true}, st, x, MSE<S>{}, t),
+        gradient(MixedMoonwalk{.input_gradient = true}, rt, x, MSE<S>{}, t),
         gradient(PureMoonwalk{}, st, x, MSE<S>{}, t), gradient(PureMoonwalk{}, rt, x, MSE<S>{}, t)}) {
     INFO(g.stats.schedule);
     CHECK(detail::rel_max_err(g.gradient, ref.gradient) < 1e-12);
@@ -116,9 +124,9 @@ TEST_CASE("Mixed Moonwalk keeps at most 1/16 of backprop's bytes on a contractin
                  Linear<S>(64, 10, {.seed = 4}));
   const Matrix<S> x = gaussian<S>(256, 64, 9);
   const auto t = moonwalk_test::random_labels(10, 64, 3);
-  const auto bp = gradient(Backprop{}, net, x, SoftmaxCrossEntropy<S>{}, t);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, SoftmaxCrossEntropy<S>{}, t);
   const auto mw = gradient(MixedMoonwalk{.fidelity = Fidelity::none()}, net, x, SoftmaxCrossEntropy<S>{}, t);
-  const auto held = gradient(MixedMoonwalk{}, net, x, SoftmaxCrossEntropy<S>{}, t);
+  const auto held = gradient(MixedMoonwalk{.input_gradient = true}, net, x, SoftmaxCrossEntropy<S>{}, t);
   INFO("backprop " << bp.stats.residual_bytes << " bytes, mixed " << mw.stats.residual_bytes
                    << " bytes unguarded, " << held.stats.residual_bytes << " under the default policy");
   CHECK(mw.stats.residual_bytes * 16 <= bp.stats.residual_bytes);
@@ -148,7 +156,7 @@ TEST_CASE("Cotangent anchors: every-k policy stores h_i and checks the sweep aga
   }
   net.add(Linear<S>(12, 3, {.seed = 99}));
   const Matrix<S> x = gaussian<S>(12, 7, 1), t = gaussian<S>(3, 7, 2);
-  const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
   const auto plain = gradient(MixedMoonwalk{.fidelity = Fidelity::none()}, net, x, MSE<S>{}, t);
   const auto anch =
       gradient(MixedMoonwalk{.anchors = {.every = 4}, .fidelity = Fidelity::none()}, net, x, MSE<S>{}, t);
@@ -161,10 +169,139 @@ TEST_CASE("Cotangent anchors: every-k policy stores h_i and checks the sweep aga
   CHECK(anch.stats.error_estimate < 1e-12);
 
   const auto expl =
-      gradient(MixedMoonwalk{.anchors = {.at = {0, 5}}, .fidelity = Fidelity::none()}, net, x, MSE<S>{}, t);
+      gradient(MixedMoonwalk{.anchors = {.at = {0, 5}}, .fidelity = Fidelity::none(), .input_gradient = true},
+               net, x, MSE<S>{}, t);
   CHECK(expl.stats.figures.at("anchors") == 2);
   CHECK(detail::rel_max_err(expl.gradient, ref.gradient) < 1e-12);
+  // Without h_0 the sweep starts from h_1, the reverse pass's own value: an
+  // anchor at layer 0 would hold nothing new.
+  const auto lean =
+      gradient(MixedMoonwalk{.anchors = {.at = {0, 5}}, .fidelity = Fidelity::none()}, net, x, MSE<S>{}, t);
+  CHECK(lean.stats.figures.at("anchors") == 1);
+  CHECK(lean.stats.anchor_layers == std::vector<std::size_t>{5});
+  CHECK(detail::rel_max_err(lean.gradient, ref.gradient) < 1e-12);
   CHECK_THROWS_AS(gradient(MixedMoonwalk{.anchors = {.at = {13}}}, net, x, MSE<S>{}, t), ScheduleError);
+}
+
+TEST_CASE("Without input_gradient no schedule crosses the first layer to h_0, and the gradient is the same",
+          "[schedules][input-gradient]") {
+  // Fashion-like: the first Linear is the widest, so skipping its input-vjp
+  // and (Moonwalk) its vijp is most of the saving; float, default policy.
+  using S = float;
+  Network<S> net;
+  net.add(Linear<S>(40, 24, {.seed = 1}))
+      .add(LeakyReLU<S>(24, 0.1f))
+      .add(Linear<S>(24, 16, {.seed = 2}))
+      .add(LeakyReLU<S>(16, 0.1f))
+      .add(Linear<S>(16, 5, {.seed = 3}));
+  const Matrix<S> x = gaussian<S>(40, 12, 7);
+  const auto t = moonwalk_test::random_labels(5, 12, 8);
+  const SoftmaxCrossEntropy<S> loss;
+  const auto bp_h0 = gradient(Backprop{.input_gradient = true}, net, x, loss, t);
+  const auto bp = gradient(Backprop{}, net, x, loss, t);
+  CHECK(bp.h0.size() == 0);
+  CHECK(bp.gradient == bp_h0.gradient);  // the same arithmetic, one input-vjp fewer
+  CHECK(bp.stats.counts.vjp + 1 == bp_h0.stats.counts.vjp);
+  CHECK(bp_h0.h0.rows() == 40);
+
+  const auto mw_h0 = gradient(MixedMoonwalk{.input_gradient = true}, net, x, loss, t);
+  const auto mw = gradient(MixedMoonwalk{}, net, x, loss, t);
+  INFO("mixed err " << detail::rel_max_err(mw.gradient, bp.gradient) << " est " << mw.stats.error_estimate
+                    << "; with h0 err " << detail::rel_max_err(mw_h0.gradient, bp.gradient));
+  CHECK(mw.h0.size() == 0);
+  CHECK(mw.stats.within_tolerance);
+  CHECK(mw.stats.counts.vjp + 1 == mw_h0.stats.counts.vjp);
+  CHECK(mw.stats.counts.vijp + 1 == mw_h0.stats.counts.vijp);
+  CHECK(detail::rel_max_err(mw.gradient, bp.gradient) < 1e-4);
+  CHECK(mw_h0.h0.rows() == 40);
+  CHECK(detail::rel_max_err(mw_h0.h0, bp_h0.h0) < 1e-5);
+  // The first layer's residual is not kept (a Linear keeps none; its
+  // amplification is not asked for).
+  REQUIRE(mw.stats.amplification.size() == net.size());
+  CHECK_FALSE(mw.stats.amplification[0].known);
+
+  for (const std::size_t slots : {std::size_t{0}, std::size_t{2}}) {
+    const auto ck = gradient(Checkpointing{.slots = slots}, net, x, loss, t);
+    CHECK(ck.h0.size() == 0);
+    CHECK(ck.gradient == bp.gradient);
+  }
+  // The by-name choice passes the option on.
+  for (const std::string name : {"backprop", "mixed", "checkpoint", "binomial"}) {
+    INFO(name);
+    for (const bool want : {false, true}) {
+      const ScheduleChoice c{.name = name, .input_gradient = want};
+      const auto r =
+          with_schedule(c, net.size(), [&](const auto& s) { return gradient(s, net, x, loss, t); });
+      CHECK(r.h0.size() == (want ? bp_h0.h0.size() : 0));
+    }
+  }
+}
+
+TEST_CASE("Stats::working_bytes: the engine-accounted peak of a step, next to the bytes kept",
+          "[schedules][working-bytes]") {
+  // Activation-dominated (batch 256 ≫ width 32): backprop's working set is
+  // its kept inputs plus a few buffers; mixed Moonwalk's is its bit masks,
+  // anchors and a few layer-sized buffers.
+  using S = float;
+  Network<S> net;
+  for (int i = 0; i < 16; ++i) {
+    net.add(Linear<S>(32, 32, {.seed = static_cast<std::uint64_t>(i + 1)}));
+    net.add(LeakyReLU<S>(32, 0.5f));
+  }
+  net.add(Linear<S>(32, 4, {.seed = 99}));
+  const Index B = 256;
+  const Matrix<S> x = gaussian<S>(32, B, 1);
+  const auto t = moonwalk_test::random_labels(4, B, 2);
+  const SoftmaxCrossEntropy<S> loss;
+  // This thread's product scratch is counted too and grows to the largest
+  // product seen: one step of each first, so it no longer grows below.
+  (void)gradient(Backprop{}, net, x, loss, t);
+  (void)gradient(MixedMoonwalk{.fidelity = Fidelity::none()}, net, x, loss, t);
+  const std::size_t scratch = thread_scratch_bytes();
+  const auto bp = gradient(Backprop{}, net, x, loss, t);
+  const auto mw = gradient(MixedMoonwalk{.fidelity = Fidelity::none()}, net, x, loss, t);
+  const auto dense =
+      gradient(MixedMoonwalk{.anchors = {.every = 1}, .fidelity = Fidelity::none()}, net, x, loss, t);
+  INFO("backprop kept " << bp.stats.residual_bytes << " working " << bp.stats.working_bytes << "; mixed kept "
+                        << mw.stats.residual_bytes << " working " << mw.stats.working_bytes
+                        << "; anchored everywhere kept " << dense.stats.residual_bytes << " working "
+                        << dense.stats.working_bytes << "; scratch " << scratch);
+  REQUIRE(thread_scratch_bytes() == scratch);
+  const std::size_t layer_buffer = 32 * B * sizeof(S);
+  // Backprop's working set holds every kept input and two cotangent buffers.
+  CHECK(bp.stats.working_bytes >= bp.stats.residual_bytes + 2 * layer_buffer);
+  for (const auto* r : {&mw, &dense}) {
+    CHECK(r->stats.working_bytes >= r->stats.residual_bytes);
+    // ... and a handful of layer-sized buffers beyond them, not one per layer.
+    CHECK(r->stats.working_bytes <= r->stats.residual_bytes + 8 * layer_buffer + scratch);
+  }
+  CHECK(bp.stats.working_bytes >= scratch);
+  CHECK(mw.stats.working_bytes >= scratch);
+  CHECK((mw.stats.working_bytes - scratch) * 4 < bp.stats.working_bytes - scratch);
+  // Anchors are part of the working set.
+  CHECK(dense.stats.working_bytes >= mw.stats.working_bytes + 16 * layer_buffer);
+  CHECK(report_text(mw.stats).find(std::to_string(mw.stats.working_bytes) + " working bytes") !=
+        std::string::npos);
+  CHECK(report_json(mw.stats).find("\"working_bytes\":" + std::to_string(mw.stats.working_bytes)) !=
+        std::string::npos);
+  // Schedules that do not account their working set say 0, never a guess.
+  CHECK(gradient(Checkpointing{}, net, x, loss, t).stats.working_bytes == 0);
+}
+
+TEST_CASE("Without input_gradient RevBackprop still checks its drift at x_0", "[schedules][input-gradient]") {
+  using S = double;
+  Network<S> net;
+  net.add(Linear<S>(6, 6, {.seed = 1})).add(LeakyReLU<S>(6, 0.5)).add(Linear<S>(6, 6, {.seed = 2}));
+  const Matrix<S> x = gaussian<S>(6, 5, 3), t = gaussian<S>(6, 5, 4);
+  const auto bp = gradient(Backprop{}, net, x, MSE<S>{}, t);
+  const auto rb = gradient(RevBackprop{}, net, x, MSE<S>{}, t);
+  const auto rb_h0 = gradient(RevBackprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  CHECK(rb.h0.size() == 0);
+  CHECK(rb.gradient == rb_h0.gradient);
+  CHECK(rb.stats.error_estimate == rb_h0.stats.error_estimate);
+  CHECK(rb.stats.counts.inverse == 3);  // x_0 rebuilt all the same, and compared
+  CHECK(rb.stats.counts.vjp + 1 == rb_h0.stats.counts.vjp);
+  CHECK(detail::rel_max_err(rb.gradient, bp.gradient) < 1e-12);
 }
 
 TEST_CASE("Anchors restart the sweep: an anchor bounds the error a bad stretch would carry",
@@ -188,7 +325,7 @@ TEST_CASE("Anchors restart the sweep: an anchor bounds the error a bad stretch w
   twin.add(Linear<double>(32, 4, {.seed = 7}));
   set_parameters(twin, get_parameters(net).cast<double>());
   const Matrix<double> x = gaussian<double>(32, 16, 3), t = gaussian<double>(4, 16, 4);
-  const auto truth = gradient(Backprop{}, twin, x, MSE<double>{}, t);
+  const auto truth = gradient(Backprop{.input_gradient = true}, twin, x, MSE<double>{}, t);
   const auto offs = parameter_offsets(net);
   const auto plain = gradient(MixedMoonwalk{.fidelity = Fidelity::none()}, net, x.cast<S>(), MSE<S>{},
                               Matrix<S>(t.cast<S>()));
@@ -213,8 +350,8 @@ TEST_CASE("A layer with only vjp becomes an anchor under mixed Moonwalk; pure re
       .add(moonwalk_test::CubicVjpOnly<S>{5})
       .add(Linear<S>(5, 2, {.seed = 2}));
   const Matrix<S> x = gaussian<S>(6, 4, 1), t = gaussian<S>(2, 4, 2);
-  const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
-  const auto mw = gradient(MixedMoonwalk{}, net, x, MSE<S>{}, t);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  const auto mw = gradient(MixedMoonwalk{.input_gradient = true}, net, x, MSE<S>{}, t);
   CHECK(detail::rel_max_err(mw.gradient, ref.gradient) < 1e-12);
   CHECK(mw.stats.figures.at("fallback_anchors") == 1);
   bool anchored = false, activation = false;
@@ -233,7 +370,7 @@ TEST_CASE("A layer with only vjp becomes an anchor under mixed Moonwalk; pure re
   // Static networks: the same schedule is a compile-time error (compile_fail.pure_needs_sweep).
   Sequential st(Linear<S>(6, 5, {.seed = 1}), moonwalk_test::CubicVjpOnly<S>{5},
                 Linear<S>(5, 2, {.seed = 2}));
-  const auto ms = gradient(MixedMoonwalk{}, st, x, MSE<S>{}, t);
+  const auto ms = gradient(MixedMoonwalk{.input_gradient = true}, st, x, MSE<S>{}, t);
   CHECK(detail::rel_max_err(ms.gradient, ref.gradient) < 1e-12);
 }
 
@@ -252,7 +389,7 @@ TEST_CASE("Saved-residual report lists every kept value as text and JSON", "[sch
   Sequential net(Linear<S>(8, 6, {.seed = 1}), LeakyReLU<S>(6, 0.1f), Linear<S>(6, 9, {.seed = 2}),
                  ReLU<S>(9), Linear<S>(9, 3, {.seed = 3}), Sigmoid<S>(3));
   const Matrix<S> x = gaussian<S>(8, 5, 1), t = gaussian<S>(3, 5, 2);
-  const auto mw = gradient(MixedMoonwalk{}, net, x, MSE<S>{}, t);
+  const auto mw = gradient(MixedMoonwalk{.input_gradient = true}, net, x, MSE<S>{}, t);
   const std::string text = report_text(mw.stats), json = report_json(mw.stats);
   for (const char* needle : {"mask", "fragment", "derivative", "linear(6->9)", "relu(9)"}) {
     INFO(needle);

@@ -51,7 +51,8 @@ void every_schedule_on(const std::string& spec, std::uint64_t seed, Tally& tally
   const Matrix<double> x = gaussian<double>(net.in_features(), B, seed + 1000);
   const auto t = moonwalk_test::random_labels(net.out_features(), B, seed + 2000);
   const SoftmaxCrossEntropy<S> loss;
-  const auto truth = gradient(Backprop{}, truth_net, x, SoftmaxCrossEntropy<double>{}, t);
+  const auto truth =
+      gradient(Backprop{.input_gradient = true}, truth_net, x, SoftmaxCrossEntropy<double>{}, t);
   const Matrix<S> xs = x.cast<S>();
   const auto offs = parameter_offsets(net);
   const std::size_t L = net.size();
@@ -61,9 +62,10 @@ void every_schedule_on(const std::string& spec, std::uint64_t seed, Tally& tally
   };
   INFO(spec << " [" << (sizeof(S) == 4 ? "float" : "double") << ", batch " << B << "]");
   // Exact reorganisations of backprop: at backprop's rounding floor.
-  for (const auto& r :
-       {gradient(Backprop{}, net, xs, loss, t), gradient(Checkpointing{}, net, xs, loss, t),
-        gradient(Checkpointing{.slots = 2}, net, xs, loss, t), gradient(NaiveForward{}, net, xs, loss, t)}) {
+  for (const auto& r : {gradient(Backprop{.input_gradient = true}, net, xs, loss, t),
+                        gradient(Checkpointing{.input_gradient = true}, net, xs, loss, t),
+                        gradient(Checkpointing{.slots = 2, .input_gradient = true}, net, xs, loss, t),
+                        gradient(NaiveForward{}, net, xs, loss, t)}) {
     INFO(r.stats.schedule << " err " << err(r));
     CHECK(within_error_model<S>(err(r), 0.0, L));
   }
@@ -73,9 +75,9 @@ void every_schedule_on(const std::string& spec, std::uint64_t seed, Tally& tally
   // on the network: tanh saturated after affine blocks makes the sweep divide
   // by a tiny σ', and the estimate says so; see the tally.)
   std::vector<GradientResult<S>> drifting = {
-      gradient(MixedMoonwalk{}, net, xs, loss, t),
-      gradient(MixedMoonwalk{.rebuild_inputs = true}, net, xs, loss, t),
-      gradient(RevBackprop{}, net, xs, loss, t)};
+      gradient(MixedMoonwalk{.input_gradient = true}, net, xs, loss, t),
+      gradient(MixedMoonwalk{.rebuild_inputs = true, .input_gradient = true}, net, xs, loss, t),
+      gradient(RevBackprop{.input_gradient = true}, net, xs, loss, t)};
   // Pure-forward cannot cross a layer that is neither submersive nor
   // fragmental (a general convolution); it says so, and is skipped there.
   bool sweepable = true;
@@ -117,10 +119,10 @@ TEST_CASE("On a RevNet, RevBackprop and rebuilding mixed Moonwalk keep only the 
   const Matrix<S> x = gaussian<S>(32, 16, 7);
   const auto t = moonwalk_test::random_labels(10, 16, 8);
   const SoftmaxCrossEntropy<S> loss;
-  const auto bp = gradient(Backprop{}, net, x, loss, t);
-  const auto rb = gradient(RevBackprop{}, net, x, loss, t);
-  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true}, net, x, loss, t);
-  const auto plain = gradient(MixedMoonwalk{}, net, x, loss, t);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, loss, t);
+  const auto rb = gradient(RevBackprop{.input_gradient = true}, net, x, loss, t);
+  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true, .input_gradient = true}, net, x, loss, t);
+  const auto plain = gradient(MixedMoonwalk{.input_gradient = true}, net, x, loss, t);
   const std::size_t head_input = 64 * 16 * sizeof(S), branch_bits = 64 * 16 / 8;
   // The input of linear(64->10), and the LeakyReLU's branches (one bit each).
   CHECK(rb.stats.residual_bytes == head_input + branch_bits);
@@ -172,8 +174,8 @@ TEST_CASE("On a conv RevNet, rebuilding mixed Moonwalk keeps a fraction of backp
   const Matrix<S> x = gaussian<S>(net.in_features(), 16, 7);
   const auto t = moonwalk_test::random_labels(10, 16, 8);
   const SoftmaxCrossEntropy<S> loss;
-  const auto bp = gradient(Backprop{}, net, x, loss, t);
-  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true}, net, x, loss, t);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, loss, t);
+  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true, .input_gradient = true}, net, x, loss, t);
   INFO(report_text(mw.stats));
   CHECK(mw.stats.within_tolerance);
   CHECK(mw.stats.residual_bytes * 3 <= bp.stats.residual_bytes);

@@ -19,13 +19,13 @@ namespace {
 /// Calls f(schedule) for every schedule of the library, named.
 template <class F>
 void for_every_schedule(F&& f) {
-  f(Backprop{});
-  f(MixedMoonwalk{});
-  f(MixedMoonwalk{.rebuild_inputs = true});
+  f(Backprop{.input_gradient = true});
+  f(MixedMoonwalk{.input_gradient = true});
+  f(MixedMoonwalk{.rebuild_inputs = true, .input_gradient = true});
   f(PureMoonwalk{});
-  f(Checkpointing{});
-  f(Checkpointing{.slots = 2});
-  f(RevBackprop{});
+  f(Checkpointing{.input_gradient = true});
+  f(Checkpointing{.slots = 2, .input_gradient = true});
+  f(RevBackprop{.input_gradient = true});
   f(NaiveForward{});
   f(ProjForward{.directions = 4});
 }
@@ -94,8 +94,9 @@ TEST_CASE("A finite loss with an overflowing cotangent is reported as a non-fini
   const Matrix<S> x = gaussian<S>(4, 3, 3) * 1e-35f;
   const auto t = moonwalk_test::random_labels(3, 3, 4);
   for (const bool mixed : {false, true}) {
-    const auto r = mixed ? gradient(MixedMoonwalk{}, net, x, SoftmaxCrossEntropy<S>{}, t)
-                         : gradient(Backprop{}, net, x, SoftmaxCrossEntropy<S>{}, t);
+    const auto r = mixed
+                       ? gradient(MixedMoonwalk{.input_gradient = true}, net, x, SoftmaxCrossEntropy<S>{}, t)
+                       : gradient(Backprop{.input_gradient = true}, net, x, SoftmaxCrossEntropy<S>{}, t);
     INFO(r.stats.schedule << ": loss " << r.loss);
     REQUIRE(std::isfinite(r.loss));
     CHECK_FALSE(r.h0.allFinite());
@@ -115,20 +116,21 @@ TEST_CASE("RevBackprop judges its reconstruction drift against the tolerance", "
   const Matrix<S> x = gaussian<S>(16, 8, 6);
   const auto t = moonwalk_test::random_labels(4, 8, 7);
   const SoftmaxCrossEntropy<S> loss;
-  const auto bp = gradient(Backprop{}, net, x, loss, t);
-  const auto rb = gradient(RevBackprop{}, net, x, loss, t);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, loss, t);
+  const auto rb = gradient(RevBackprop{.input_gradient = true}, net, x, loss, t);
   const double err = detail::rel_max_err(rb.gradient, bp.gradient);
   INFO("estimate " << rb.stats.error_estimate << ", error against backprop " << err);
   REQUIRE(rb.stats.error_estimate > 1e-6);  // the network does drift
   CHECK_FALSE(rb.stats.within_tolerance);
   CHECK(rb.stats.tolerance == default_target<S>());
   // A tolerance of its own, looser than the drift, accepts the same gradient.
-  const auto loose = gradient(RevBackprop{.tolerance = 2 * rb.stats.error_estimate}, net, x, loss, t);
+  const auto loose = gradient(RevBackprop{.tolerance = 2 * rb.stats.error_estimate, .input_gradient = true},
+                              net, x, loss, t);
   CHECK(loose.stats.within_tolerance);
   // On a well-conditioned network it is trusted.
   Network<S> ok = parse_network<S>("in:8,linear:8,leaky_relu:0.5,linear:8,linear:3", 5);
-  const auto good =
-      gradient(RevBackprop{}, ok, gaussian<S>(8, 4, 1), loss, moonwalk_test::random_labels(3, 4, 2));
+  const auto good = gradient(RevBackprop{.input_gradient = true}, ok, gaussian<S>(8, 4, 1), loss,
+                             moonwalk_test::random_labels(3, 4, 2));
   CHECK(good.stats.within_tolerance);
 }
 
@@ -164,9 +166,9 @@ TEST_CASE("Schedules that rebuild inputs keep piecewise-linear branches from the
   Matrix<S> pre = x;
   for (std::size_t i = 0; i < 3; ++i) pre = net[i].forward(pre);
   REQUIRE((pre.array() == 0).count() > 0);
-  const auto bp = gradient(Backprop{}, net, x, loss, y);
-  const auto rb = gradient(RevBackprop{}, net, x, loss, y);
-  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true}, net, x, loss, y);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, loss, y);
+  const auto rb = gradient(RevBackprop{.input_gradient = true}, net, x, loss, y);
+  const auto mw = gradient(MixedMoonwalk{.rebuild_inputs = true, .input_gradient = true}, net, x, loss, y);
   for (const auto* r : {&rb, &mw}) {
     INFO(r->stats.schedule << "\n" << report_text(r->stats));
     CHECK(detail::rel_max_err(r->gradient, bp.gradient) < 1e-12);

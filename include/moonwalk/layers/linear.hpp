@@ -36,8 +36,9 @@ namespace moonwalk {
 /// weight version meets one or two vijps, so the explicit right inverse
 /// P = R⁻¹ Q₁ᵀ (k × in: forming Q₁ and a solve with `in` right-hand sides,
 /// about 5 · in · k² flops) is formed only for a batch of at least
-/// `kExplicitBatch · k` columns, where it costs under a third of the product
-/// it serves; the vijp is then the one product h_y = P h_x. For out > in it is
+/// `kExplicitBatch · k` columns, where forming it costs less than applying
+/// the reflectors and R⁻¹ to the batch (≈ 3 products of W with the batch);
+/// the vijp is then the one product h_y = P h_x. For out > in it is
 /// fragmental: the fragment is the component of h_y in null(Wᵀ), `out − in`
 /// numbers per sample.
 ///
@@ -308,7 +309,7 @@ class Linear {
 
   /// A vijp on at least kExplicitBatch · out columns applies the explicit
   /// right inverse (class comment).
-  static constexpr Index kExplicitBatch = 8;
+  static constexpr Index kExplicitBatch = 2;
 
   /// Frees the cached QR (moonwalk::release_derived); the next use rebuilds it.
   void release_derived() const noexcept { cache_.reset(); }

@@ -4,13 +4,15 @@
 #include <memory>
 #include <vector>
 
+#include "moonwalk/core/dense.hpp"
 #include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
 namespace moonwalk {
 
 /// Reverse-mode reference. Forward: x_i = f_i(x_{i−1}), keeping x_{i−1}.
-/// Backward: g_i += J_{θ,i}ᵀ h_i, h_{i−1} = J_iᵀ h_i from the kept inputs.
+/// Backward: g_i += J_{θ,i}ᵀ h_i, h_{i−1} = J_iᵀ h_i from the kept inputs,
+/// down to h_1, or to h_0 = ∂ℓ/∂x_0 with `input_gradient` (GradientResult::h0).
 ///
 /// The kept inputs and the cotangents live in `workspace`, reused from step
 /// to step (schedules/detail/workspace.hpp): between steps it still holds
@@ -18,6 +20,8 @@ namespace moonwalk {
 /// (or a fresh Backprop) gives it back.
 struct Backprop {
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
+  /// Also return h_0 = ∂ℓ/∂x_0 (one more input-vjp, through the first layer).
+  bool input_gradient = false;
   /// Its slots: the layer outputs x_1..x_L (a std::vector), ∂ℓ/∂x_L, the
   /// two buffers the cotangents alternate between, the store that accounts
   /// for the kept inputs, and the layer names its report lists.
@@ -76,13 +80,20 @@ struct Backprop {
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
       const CRef<S> xi = input(i);
       moonwalk::accumulate_vjp_params(l, xi, h.current());
-      moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch));
-      h.flip();
-      store.drop(i, SavedStore::activation);
       out.stats.counts.vjp_params += 1;
-      out.stats.counts.vjp += 1;
+      if (i > 0 || input_gradient) {
+        moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch));
+        h.flip();
+        out.stats.counts.vjp += 1;
+      }
+      store.drop(i, SavedStore::activation);
     });
-    out.h0 = h.current();
+    // (The peak: every kept input, ∂ℓ/∂x_L and both cotangent buffers.)
+    out.stats.working_bytes = ws->bytes() + thread_scratch_bytes();
+    if (input_gradient)
+      out.h0 = h.current();
+    else
+      out.h0.resize(0, 0);
     store.report_to(out.stats);
     if (!detail::keep_across_steps(net, batch))  // (before the gradient's copy is made)
       ws->clear_except({store_slot, names_slot});

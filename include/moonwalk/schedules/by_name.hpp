@@ -50,6 +50,9 @@ struct ScheduleChoice {
   std::size_t slots = 0;          ///< binomial: held inputs (0: max(1, round(√L)))
   std::size_t directions = 16;    ///< projforward
   std::uint64_t seed = 0;         ///< projforward
+  /// backprop, mixed, checkpoint, binomial, revbackprop: also return h_0 =
+  /// ∂ℓ/∂x_0 (GradientResult::h0; the others always do).
+  bool input_gradient = false;
   /// backprop, mixed: the buffers kept across steps (schedules/detail/workspace.hpp),
   /// shared by every schedule with_schedule makes from this choice.
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
@@ -80,13 +83,14 @@ decltype(auto) with_schedule(const ScheduleChoice& c, std::size_t layers, F&& f)
   // (Designated initialisers: the choice's workspace and fidelity are shared,
   // never a default one made and dropped, so a step allocates none of them.)
   if (c.name == "backprop") {
-    Backprop b{.workspace = c.workspace};
+    Backprop b{.workspace = c.workspace, .input_gradient = c.input_gradient};
     return f(b);
   }
   if (c.name == "mixed") {
     MixedMoonwalk m{.anchors = {.every = c.anchors_every},
                     .fidelity = c.fidelity,
                     .rebuild_inputs = c.rebuild_inputs,
+                    .input_gradient = c.input_gradient,
                     .workspace = c.workspace};
     return f(m);
   }
@@ -98,14 +102,16 @@ decltype(auto) with_schedule(const ScheduleChoice& c, std::size_t layers, F&& f)
   if (c.name == "checkpoint") {
     Checkpointing k;
     k.every = c.every;
+    k.input_gradient = c.input_gradient;
     return f(k);
   }
   if (c.name == "binomial") {
     Checkpointing k;
     k.slots = c.slots > 0 ? c.slots : sqrt_l;
+    k.input_gradient = c.input_gradient;
     return f(k);
   }
-  if (c.name == "revbackprop") return f(RevBackprop{});
+  if (c.name == "revbackprop") return f(RevBackprop{.input_gradient = c.input_gradient});
   if (c.name == "forward") return f(NaiveForward{});
   if (c.name == "projforward") {
     ProjForward p;

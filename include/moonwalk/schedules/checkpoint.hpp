@@ -75,6 +75,8 @@ inline std::size_t revolve_split(std::size_t n, std::size_t c) {
 struct Checkpointing {
   std::size_t every = 0;  ///< segment length k; 0: round(√L)
   std::size_t slots = 0;  ///< > 0: binomial checkpointing with this many held inputs
+  /// Also return h_0 = ∂ℓ/∂x_0 (one more input-vjp, through the first layer).
+  bool input_gradient = false;
 
   [[nodiscard]] static std::string name() { return "checkpoint"; }
 
@@ -103,16 +105,18 @@ struct Checkpointing {
   }
 
  private:
-  /// g_j += J_{θ,j}ᵀ h, h = J_jᵀ h, from the input x_j of layer j.
+  /// g_j += J_{θ,j}ᵀ h, h = J_jᵀ h, from the input x_j of layer j (at the
+  /// first layer only with input_gradient).
   template <Net N>
-  static void back_step(N& net, std::size_t j, const CRef<typename N::scalar_type>& xj,
-                        Matrix<typename N::scalar_type>& h, Stats& st) {
+  void back_step(N& net, std::size_t j, const CRef<typename N::scalar_type>& xj,
+                 Matrix<typename N::scalar_type>& h, Stats& st) const {
+    const bool to_input = j > 0 || input_gradient;
     net.visit(j, [&](auto& l) {
       moonwalk::accumulate_vjp_params(l, xj, h);
-      h = l.vjp(xj, h);
+      if (to_input) h = l.vjp(xj, h);
     });
     ++st.counts.vjp_params;
-    ++st.counts.vjp;
+    st.counts.vjp += to_input;
   }
 
   template <Net N, class L>
@@ -161,7 +165,7 @@ struct Checkpointing {
       }
       if (s == 0) break;
     }
-    out.h0 = std::move(h);
+    if (input_gradient) out.h0 = std::move(h);
     st.figures["every"] = static_cast<double>(len);
     st.figures["checkpoints"] = static_cast<double>(n_checkpoints);
   }
@@ -227,7 +231,7 @@ struct Checkpointing {
     hold(0, Matrix<S>(x0));
     treeverse(treeverse, 0, n, slots - 1);
     release(0);
-    out.h0 = std::move(h);
+    if (input_gradient) out.h0 = std::move(h);
     st.figures["slots"] = static_cast<double>(slots);
     st.figures["checkpoints"] = static_cast<double>(max_held);
     st.figures["predicted_forwards"] = static_cast<double>(detail::revolve_forward_steps(n, slots) + 1);

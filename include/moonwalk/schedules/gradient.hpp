@@ -46,9 +46,10 @@ void check_gradient_input(const Sch& schedule, const N& net, const CRef<typename
 }
 
 /// A step whose loss is not finite has no gradient: ∂ℓ/∂θ (flat and in the
-/// layers' storage) and h_0 are NaN; judge() names the cause.
+/// layers' storage) and h_0, when asked for (`with_h0`), are NaN; judge()
+/// names the cause.
 template <Net N>
-void no_gradient(N& net, Index batch, GradientResult<typename N::scalar_type>& out) {
+void no_gradient(N& net, Index batch, GradientResult<typename N::scalar_type>& out, bool with_h0 = true) {
   using S = typename N::scalar_type;
   const S nan = std::numeric_limits<S>::quiet_NaN();
   for (std::size_t i = 0; i < net.size(); ++i)
@@ -56,7 +57,10 @@ void no_gradient(N& net, Index batch, GradientResult<typename N::scalar_type>& o
       for (auto s : gradient_blocks(l)) std::fill(s.begin(), s.end(), nan);
     });
   gradients_into(net, out.gradient);
-  out.h0.setConstant(net.in_features(), batch, nan);
+  if (with_h0)
+    out.h0.setConstant(net.in_features(), batch, nan);
+  else
+    out.h0.resize(0, 0);
 }
 
 /// The verdict every gradient carries, whatever its schedule:
@@ -93,7 +97,8 @@ void judge(const N& net, const CRef<typename N::scalar_type>& x,
 
 /// Runs `schedule` on `net` for input batch x (in_features × batch) and
 /// `loss` against `target`; returns the loss, ∂ℓ/∂θ (flat, also left in the
-/// layers' gradient storage), h_0 = ∂ℓ/∂x_0 and the schedule's stats, with
+/// layers' gradient storage), h_0 = ∂ℓ/∂x_0 where the schedule was asked for
+/// it (GradientResult::h0) and the schedule's stats, with
 /// the trust verdict (stats.within_tolerance, stats.non_finite: detail::judge).
 template <Net N, class Sch, class L>
 requires ScheduleFor<Sch, N, L> GradientResult<typename N::scalar_type> gradient(

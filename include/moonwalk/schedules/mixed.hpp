@@ -35,10 +35,18 @@ namespace moonwalk {
 /// where the layer above cannot be inverted). Inversion drift reaches h_0 and
 /// so the end-of-sweep estimate; `figures["reconstruction_error"]` is the
 /// mismatch of the rebuilt x_0, in the same form as RevBackprop's.
+///
+/// Without `input_gradient` the reverse pass stops at h_1 = ∂ℓ/∂x_1, the
+/// first layer's output cotangent, and the sweep starts from it: the first
+/// layer keeps no residual and costs no input-vjp and no vijp (on an MLP whose
+/// first layer is its widest, as on Fashion-MNIST's 784 → 256, most of the
+/// step). With it, both passes run to h_0 and the result holds h_0 (GradientResult::h0).
 struct MixedMoonwalk {
   Anchors anchors{};
   Fidelity fidelity{};
   bool rebuild_inputs = false;
+  /// Also return h_0 = ∂ℓ/∂x_0 (struct comment).
+  bool input_gradient = false;
   /// Buffers kept across steps, shared by copies (schedules/detail/workspace.hpp):
   /// the working activations and cotangents, residuals and anchor buffers.
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
@@ -64,7 +72,7 @@ struct MixedMoonwalk {
       throw ScheduleError("mixed: double cotangents asked for, but a layer offers no cast<double>()");
     double scale = 1;  // multiplies the calibration constant: > 1 places anchors more densely
     bool rebuild = rebuild_inputs;
-    std::size_t fallbacks = 0, peak = 0;
+    std::size_t fallbacks = 0, peak = 0, working = 0;
     const detail::WorkspaceLease ws(workspace);
     const bool keep = detail::keep_across_steps(net, x0.cols());
     // Layers cast for double cotangents: once per gradient, shared by every
@@ -95,6 +103,7 @@ struct MixedMoonwalk {
         attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate, out);
       }
       peak = std::max(peak, out.stats.residual_bytes);
+      working = std::max(working, out.stats.working_bytes);
       // A non-finite input or loss is no rounding that denser anchors, double
       // cotangents or backprop could repair: the step returns it as it is
       // (gradient() reports it, Stats::non_finite).
@@ -116,6 +125,7 @@ struct MixedMoonwalk {
         out.stats.precision = "backprop";
         out.stats.figures["backprop_fallback"] = 1;
         peak = std::max(peak, out.stats.residual_bytes);
+        working = std::max(working, out.stats.working_bytes);
         break;
       }
       // Inputs rebuilt by inversion drifted: keep them instead (the sweep
@@ -151,13 +161,14 @@ struct MixedMoonwalk {
         detail::release_cotangent_buffers<double>(*ws, net.size());
     }
     gradients_into(net, out.gradient);  // (after the workspace is given back)
-    if (!std::isfinite(out.loss)) detail::no_gradient(net, x0.cols(), out);
+    if (!std::isfinite(out.loss)) detail::no_gradient(net, x0.cols(), out, input_gradient);
     Stats& st = out.stats;
     if (remembered) st.figures["precision_remembered"] = 1;
     st.tolerance = tol;
     st.within_tolerance = st.error_estimate <= (fidelity.verify ? fidelity.accept : 1.0) * tol;
     st.fallbacks = fallbacks;
     st.residual_bytes = peak;
+    st.working_bytes = working;
   }
 
  private:
@@ -224,8 +235,11 @@ struct MixedMoonwalk {
     detail::PingPong<S> x = detail::activation_buffers<S>(ws);
     detail::Buffer<C>& xbuf = ws.get<detail::Buffer<C>>(detail::kXc + c);
     x.assign(x0);
+    // The reverse pass crosses layer i (needs its residual) for i ≥ 1, and the
+    // first layer only when h_0 is asked for.
+    const auto crossed = [&](std::size_t i) { return i > 0 || input_gradient; };
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      if (!rebuilt[i] || branches_kept[i]) {
+      if ((!rebuilt[i] || branches_kept[i]) && crossed(i)) {
         decltype(auto) lc = casts(i, l);
         auto& r = ws.get<residual_t<std::remove_cvref_t<decltype(lc)>>>(detail::residual_slot<C>(i));
         moonwalk::save_residual_into(lc, detail::in_scalar<C>(x.current(), xbuf), r);
@@ -242,8 +256,11 @@ struct MixedMoonwalk {
       if (rebuilt[i] && (i + 1 == net.size() || !rebuilt[i + 1]))
         store.put(i, SavedStore::activation, names(i, l), Matrix<S>(x.current()), "checkpoint");
     });
+    // Casts held outside the workspace (a step whose buffers do not outlive it).
+    const detail::CastLayers<C>* own_casts = keep ? nullptr : &casts;
     Matrix<S>& g_out = ws.get<Matrix<S>>(detail::kLossGrad);
     out.loss = detail::loss_into<L, S>(loss, x.current(), target, g_out);
+    detail::note_working_bytes(st, ws, store, own_casts);
     if (!std::isfinite(out.loss)) {  // (no gradient to recover: run_into stops)
       store.report_to(st);
       return;
@@ -269,19 +286,33 @@ struct MixedMoonwalk {
     bool gave_up = false;
     Matrix<S> x_carried;  // x_i rebuilt by inversion, when the layer above was rebuilt
     st.amplification.resize(net.size());
+    // Layer i's input x_i rebuilt by inversion from x_{i+1} (held or carried).
+    const auto rebuild_input = [&](std::size_t i, const auto& l) {
+      Matrix<S> y = store.has(i, SavedStore::activation) ? store.take<Matrix<S>>(i, SavedStore::activation)
+                                                         : std::move(x_carried);
+      x_carried = l.inverse(y);
+      ++st.counts.inverse;
+    };
     detail::for_each_layer_reverse(net, [&](std::size_t i, auto& l) {
       if (gave_up) return;
       using Lyr = std::remove_cvref_t<decltype(l)>;
+      if (!crossed(i)) {  // the sweep starts from h_1: nothing to cross here
+        // (Layer 0's input is rebuilt all the same: the drift check at x_0.)
+        if constexpr (Invertible<Lyr>)
+          if (rebuilt[i]) rebuild_input(i, l);
+        LayerFidelity& lf = st.amplification[i];
+        lf.layer = i;
+        lf.layer_name = names(i, l);
+        lf.known = false;
+        lf.anchored = false;
+        return;
+      }
       decltype(auto) lc = casts(i, l);
       using Lc = std::remove_cvref_t<decltype(lc)>;
       residual_t<Lc>& r = ws.get<residual_t<Lc>>(detail::residual_slot<C>(i));
-      if (rebuilt[i]) {
-        if constexpr (Invertible<Lyr>) {
-          Matrix<S> y = store.has(i, SavedStore::activation)
-                            ? store.take<Matrix<S>>(i, SavedStore::activation)
-                            : std::move(x_carried);
-          x_carried = l.inverse(y);
-          ++st.counts.inverse;
+      if constexpr (Invertible<Lyr>) {
+        if (rebuilt[i]) {
+          rebuild_input(i, l);
           if (!branches_kept[i])
             moonwalk::save_residual_into(
                 lc, detail::in_scalar<C>(x_carried, ws.get<detail::Buffer<C>>(detail::kXc + c)), r);
@@ -333,6 +364,8 @@ struct MixedMoonwalk {
           store.put(i, SavedStore::fragment, names(i, l), lc.save_fragment(r, h.current()));
       }
       moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch));
+      detail::note_working_bytes(st, ws, store, own_casts,
+                                 static_cast<std::size_t>(x_carried.size()) * sizeof(S));
       h.flip();
       // r's last use: a step whose buffers will not outlive it frees it now.
       if (!keep) ws.release(detail::residual_slot<C>(i));
@@ -352,11 +385,15 @@ struct MixedMoonwalk {
       return;
     }
     if (rebuilt[0]) st.figures["reconstruction_error"] = detail::rel_max_err(x_carried, x0);
-    out.h0 = h.current().template cast<S>();
+    if (input_gradient)
+      out.h0 = h.current().template cast<S>();
+    else
+      out.h0.resize(0, 0);
     if (!fidelity.tolerance_anchors) st.amplification.clear();
     st.predicted_error = planner.worst() * uc;
 
-    st.error_estimate = detail::forward_sweep<C>(net, casts, ws, keep, x0, h, store, modes, loss, target, st);
+    st.error_estimate = detail::forward_sweep<C>(net, casts, keep, ws, keep, x0, h, !input_gradient, store,
+                                                 modes, loss, target, st);
     // The sweep gave every anchor buffer back: keep as many as this step used.
     auto& pool = ws.get<std::vector<Matrix<C>>>(detail::kAnchors + c);
     if (pool.size() > st.anchor_layers.size()) pool.resize(st.anchor_layers.size());

@@ -164,8 +164,8 @@ struct PureMoonwalk {
     detail::Workspace ws;  // (pure Moonwalk's tail jvps dominate its cost: buffers are not kept across steps)
     detail::PingPong<C> h = detail::cotangent_buffers<C>(ws);
     h.assign(h0);
-    st.error_estimate =
-        detail::forward_sweep<C>(net, casts, ws, false, x0, h, store, modes, loss, target, st);
+    st.error_estimate = detail::forward_sweep<C>(net, casts, /*casts_in_ws=*/false, ws, false, x0, h,
+                                                 /*from_h1=*/false, store, modes, loss, target, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

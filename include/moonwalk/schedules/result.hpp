@@ -145,6 +145,14 @@ struct Stats {
   std::string schedule;
   /// Peak bytes held by the engine's store between passes (accounted, not estimated).
   std::size_t residual_bytes = 0;
+  /// Peak bytes of the step's working set as the engine accounts it (0 where a
+  /// schedule does not: Backprop and MixedMoonwalk do): every buffer of its
+  /// workspace (activations, cotangents and their conversions, residuals,
+  /// anchors, the casts' parameters and gradients), the values its store owns,
+  /// and this thread's product scratch (thread_scratch_bytes()). Not counted:
+  /// what layers derive from their weights (a Linear's factorisation), the
+  /// result itself, the allocator's slack. Includes residual_bytes' values.
+  std::size_t working_bytes = 0;
   /// Bytes stored per kind, summed over the step.
   detail::FlatMap<std::size_t> bytes_by_kind;
   /// Every saved value, in the order stored (the saved-residual report).
@@ -200,6 +208,7 @@ struct Stats {
   void restart() {
     schedule.clear();
     residual_bytes = 0;
+    working_bytes = 0;
     bytes_by_kind.clear();
     counts = Counts{};
     error_estimate = 0;
@@ -220,6 +229,11 @@ template <class S>
 struct GradientResult {
   S loss = 0;
   Vector<S> gradient;
+  /// h_0 = ∂ℓ/∂x_0 (in_features × batch) when the schedule was asked for it
+  /// (`input_gradient` of Backprop, MixedMoonwalk, Checkpointing, RevBackprop
+  /// and ScheduleChoice), else empty: a gradient for training needs none, and
+  /// h_0 costs one more input-vjp (Moonwalk: also a vijp) through the first
+  /// layer. PureMoonwalk, NaiveForward and ProjForward always return it.
   Matrix<S> h0;
   Stats stats;
 };
@@ -241,7 +255,7 @@ class SavedStore {
       for (Held& s : layer) s = Held{};
     n_entries_ = 0;
     bytes_by_kind_.clear();
-    current_ = peak_ = 0;
+    current_ = peak_ = owned_ = 0;
   }
 
   /// Keeps `value` for layer i; `kind` defaults to the value's own kind.
@@ -250,7 +264,10 @@ class SavedStore {
     const char* k = kind ? kind : residual_kind(value);
     const std::size_t b = nbytes(value);
     hold(i, slot, layer_name, b, k);
-    slots_[i][slot].value = std::move(value);
+    Held& s = slots_[i][slot];
+    s.value = std::move(value);
+    s.owned = true;
+    owned_ += b;
   }
 
   /// Accounts `bytes` of `kind` for layer i's slot as kept, for a value the
@@ -266,7 +283,9 @@ class SavedStore {
     bytes_by_kind_[kind] += bytes;
     auto& s = slots_[i][slot];
     if (s.present) current_ -= s.bytes;
+    if (s.owned) owned_ -= s.bytes;
     s.value.reset();
+    s.owned = false;
     s.present = true;
     s.bytes = bytes;
     current_ += bytes;
@@ -295,11 +314,14 @@ class SavedStore {
     auto& s = slots_[i][slot];
     s.value.reset();
     if (s.present) current_ -= s.bytes;
-    s.present = false;
+    if (s.owned) owned_ -= s.bytes;
+    s.present = s.owned = false;
     s.bytes = 0;
   }
 
   [[nodiscard]] std::size_t current_bytes() const { return current_; }
+  /// Bytes of the values the store holds itself (put(), not hold()).
+  [[nodiscard]] std::size_t owned_bytes() const { return owned_; }
   /// Bytes stored so far under `kind` (every put counted, released or not).
   [[nodiscard]] std::size_t bytes_put(std::string_view kind) const {
     const auto it = bytes_by_kind_.find(kind);
@@ -322,12 +344,13 @@ class SavedStore {
     std::any value;  // empty for a held() value
     std::size_t bytes = 0;
     bool present = false;
+    bool owned = false;  // put(): value is the store's
   };
   std::vector<std::array<Held, 4>> slots_;
   std::vector<SavedEntry> entries_;  // [0, n_entries_) this step, then spares
   std::size_t n_entries_ = 0;
   detail::FlatMap<std::size_t> bytes_by_kind_;
-  std::size_t current_ = 0, peak_ = 0;
+  std::size_t current_ = 0, peak_ = 0, owned_ = 0;
 };
 
 namespace detail {
@@ -371,7 +394,9 @@ inline std::string json_escape(const std::string& s) {
 /// passes, per layer, with kind and bytes.
 inline std::string report_text(const Stats& st) {
   std::ostringstream s;
-  s << "schedule " << st.schedule << ": peak " << st.residual_bytes << " bytes kept between passes\n";
+  s << "schedule " << st.schedule << ": peak " << st.residual_bytes << " bytes kept between passes";
+  if (st.working_bytes > 0) s << ", peak " << st.working_bytes << " working bytes";
+  s << "\n";
   s << "  layer  " << std::left;
   s.width(30);
   s << "name";
@@ -427,7 +452,7 @@ inline std::string report_text(const Stats& st) {
 inline std::string report_json(const Stats& st) {
   std::ostringstream s;
   s << "{\"schedule\":\"" << detail::json_escape(st.schedule) << "\",\"residual_bytes\":" << st.residual_bytes
-    << ",\"by_kind\":{";
+    << ",\"working_bytes\":" << st.working_bytes << ",\"by_kind\":{";
   bool first = true;
   for (const auto& [k, b] : st.bytes_by_kind) {
     s << (first ? "" : ",") << "\"" << detail::json_escape(k) << "\":" << b;

@@ -31,6 +31,9 @@ namespace moonwalk {
 struct RevBackprop {
   /// The largest reconstruction drift a trusted gradient may carry (0: default_target<S>()).
   double tolerance = 0;
+  /// Also return h_0 = ∂ℓ/∂x_0 (one more input-vjp, through the first layer;
+  /// the first layer's input is rebuilt all the same, for the check at x_0).
+  bool input_gradient = false;
 
   [[nodiscard]] static std::string name() { return "revbackprop"; }
 
@@ -62,7 +65,7 @@ struct RevBackprop {
     auto vg = loss.value_and_gradient(x, target);  // (no structured binding: lambdas capture h)
     out.loss = vg.first;
     if (!std::isfinite(out.loss)) {  // (no gradient to rebuild towards)
-      detail::no_gradient(net, x0.cols(), out);
+      detail::no_gradient(net, x0.cols(), out, input_gradient);
       store.report_to(st);
       return out;
     }
@@ -87,14 +90,18 @@ struct RevBackprop {
       }
       moonwalk::accumulate_vjp_params(l, xin, h);
       ++st.counts.vjp_params;
-      if (branches[i])
-        h = moonwalk::vjp_residual(l, store.take<residual_t<Lyr>>(i, SavedStore::residual), h);
-      else
-        h = l.vjp(xin, h);
-      ++st.counts.vjp;
+      if (i == 0 && !input_gradient) {
+        if (branches[i]) store.drop(i, SavedStore::residual);
+      } else {
+        if (branches[i])
+          h = moonwalk::vjp_residual(l, store.take<residual_t<Lyr>>(i, SavedStore::residual), h);
+        else
+          h = l.vjp(xin, h);
+        ++st.counts.vjp;
+      }
       x = std::move(xin);
     });
-    out.h0 = std::move(h);
+    if (input_gradient) out.h0 = std::move(h);
     if (rebuilt) drift = std::max(drift, detail::rel_max_err(x, x0));
 
     st.error_estimate = drift;

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "moonwalk/core/amplification.hpp"
+#include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/gradient.hpp"
@@ -180,13 +181,14 @@ PingPong<C> cotangent_buffers(Workspace& ws) {
 template <class C>
 class CastLayers {
  public:
-  explicit CastLayers(std::size_t layers = 0) : cast_(layers), fresh_(layers, false) {}
+  explicit CastLayers(std::size_t layers = 0) : cast_(layers), fresh_(layers, false), bytes_(layers, 0) {}
 
   /// Starts a step on a network of `layers` layers: every held cast is stale
   /// until its first use. With `persistent`, release() keeps the casts (the
   /// buffers outlive the step).
   void restart(std::size_t layers, bool persistent) {
     cast_.resize(layers);
+    bytes_.resize(layers, 0);
     fresh_.assign(layers, false);
     persistent_ = persistent;
   }
@@ -195,12 +197,24 @@ class CastLayers {
   void clear() {
     cast_.clear();
     fresh_.clear();
+    bytes_.clear();
   }
 
   /// Drops layer i's cast (and what it derived from its weights); the next
   /// use makes it again. Not while the casts are kept across steps.
   void release(std::size_t i) {
-    if (!persistent_ && i < cast_.size()) cast_[i].reset();
+    if (!persistent_ && i < cast_.size()) {
+      cast_[i].reset();
+      bytes_[i] = 0;
+    }
+  }
+
+  /// Bytes the held casts' parameters and gradients take (their
+  /// factorisations not counted: Stats::working_bytes).
+  [[nodiscard]] std::size_t storage_bytes() const {
+    std::size_t b = 0;
+    for (const std::size_t x : bytes_) b += x;
+    return b;
   }
 
   /// Layer i (`l`) in C: `l` itself when C is its scalar type, else its
@@ -214,6 +228,7 @@ class CastLayers {
       Lc* held = std::any_cast<Lc>(&cast_.at(i));
       if (!held) {
         held = &cast_[i].template emplace<Lc>(moonwalk::cast<C>(l));
+        bytes_[i] = 2 * static_cast<std::size_t>(l.num_params()) * sizeof(C);  // θ and its gradient
       } else if (!fresh_[i]) {
         moonwalk::cast_into<C>(l, *held);
       }
@@ -229,7 +244,8 @@ class CastLayers {
 
  private:
   std::vector<std::any> cast_;
-  std::vector<bool> fresh_;  // cast_[i] was made or refreshed in this step
+  std::vector<bool> fresh_;         // cast_[i] was made or refreshed in this step
+  std::vector<std::size_t> bytes_;  // storage of cast_[i]
   bool persistent_ = false;
 };
 
@@ -272,6 +288,18 @@ std::uint64_t shape_key(N& net, Index batch, std::uint64_t variant) {
   return h == 0 ? 1 : h;
 }
 
+/// The step's working set as the engine accounts it (Stats::working_bytes):
+/// the workspace's buffers, the values the store owns, casts held outside the
+/// workspace (`casts`, when not one of its slots), `extra` bytes of locals and
+/// this thread's product scratch. Raises st.working_bytes to it.
+template <class C>
+void note_working_bytes(Stats& st, const Workspace& ws, const SavedStore& store, const CastLayers<C>* casts,
+                        std::size_t extra = 0) {
+  const std::size_t b = ws.bytes() + store.owned_bytes() + (casts ? casts->storage_bytes() : 0) + extra +
+                        moonwalk::thread_scratch_bytes();
+  st.working_bytes = std::max(st.working_bytes, b);
+}
+
 /// Name of a scalar type, for the stats.
 template <class C>
 const char* scalar_name() {
@@ -290,12 +318,13 @@ const char* scalar_name() {
 ///   g_i += J_{θ,i}ᵀ h_i;  drop x_{i−1}.
 /// Ends with the a-posteriori check: h_L against ∂ℓ/∂x_L computed from x_L.
 /// Returns the largest relative mismatch seen (the error estimate). `h`
-/// holds h_0 on entry and h_L on return; every buffer is a slot of `ws`.
+/// holds h_0 on entry (h_1 with `from_h1`: the first layer is then not
+/// crossed, only its ∂ℓ/∂θ read) and h_L on return; every buffer is a slot of `ws`.
 /// With `keep` false the step's buffers will not outlive it (workspace.hpp),
 /// and an anchor's buffer is freed as soon as the sweep has read it.
 template <class C, Net N, class L>
-double forward_sweep(N& net, CastLayers<C>& casts, Workspace& ws, bool keep,
-                     const CRef<typename N::scalar_type>& x0, PingPong<C>& h, SavedStore& store,
+double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& ws, bool keep,
+                     const CRef<typename N::scalar_type>& x0, PingPong<C>& h, bool from_h1, SavedStore& store,
                      const std::vector<SweepMode>& modes, const L& loss,
                      const typename L::target_type& target, Stats& st) {
   using S = typename N::scalar_type;
@@ -306,9 +335,8 @@ double forward_sweep(N& net, CastLayers<C>& casts, Workspace& ws, bool keep,
   Buffer<S>& h_s = ws.get<Buffer<S>>(kCotangentS);
   double estimate = 0;
   x.assign(x0);
-  for_each_layer(net, [&](std::size_t i, auto& l) {
-    moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
-    ++st.counts.forward;
+  // h_{i+1} from h_i across layer i, whose input is x.current().
+  const auto cross = [&](std::size_t i, auto& l) {
     decltype(auto) lc = casts(i, l);
     using Lc = std::remove_cvref_t<decltype(lc)>;
     const CRef<C> xc = in_scalar<C>(x.current(), xbuf);
@@ -339,6 +367,12 @@ double forward_sweep(N& net, CastLayers<C>& casts, Workspace& ws, bool keep,
       }
       ++st.counts.vijp;
     }
+  };
+  for_each_layer(net, [&](std::size_t i, auto& l) {
+    moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
+    ++st.counts.forward;
+    const Index out = l.out_features();
+    if (i > 0 || !from_h1) cross(i, l);
     if constexpr (std::is_same_v<C, S>) {
       moonwalk::accumulate_vjp_params(l, x.current(), h.current());
     } else if (l.num_params() > 0) {
@@ -352,6 +386,7 @@ double forward_sweep(N& net, CastLayers<C>& casts, Workspace& ws, bool keep,
       }
     }
     ++st.counts.vjp_params;
+    note_working_bytes(st, ws, store, casts_in_ws ? nullptr : &casts);
     x.flip();
     casts.release(i);  // the sweep is its last user
   });

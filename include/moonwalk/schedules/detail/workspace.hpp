@@ -34,9 +34,36 @@
 #include <utility>
 #include <vector>
 
+#include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
 
 namespace moonwalk::detail {
+
+template <class T>
+struct is_std_vector : std::false_type {};
+template <class T, class A>
+struct is_std_vector<std::vector<T, A>> : std::true_type {};
+
+/// Bytes of storage a workspace value holds: `storage_bytes()` where it has
+/// one (Buffer, CastLayers), a dense matrix's coefficients, the sum over a
+/// vector of such values, a residual's nbytes(); 0 for bookkeeping (names,
+/// plans, accounts).
+template <class T>
+std::size_t storage_bytes(const T& t) {
+  if constexpr (requires { t.storage_bytes(); }) {
+    return t.storage_bytes();
+  } else if constexpr (std::is_base_of_v<Eigen::DenseBase<T>, T>) {
+    return static_cast<std::size_t>(t.size()) * sizeof(typename T::Scalar);
+  } else if constexpr (is_std_vector<T>::value) {
+    std::size_t b = 0;
+    for (const auto& e : t) b += storage_bytes(e);
+    return b;
+  } else if constexpr (requires { t.bytes(); }) {
+    return moonwalk::nbytes(t);
+  } else {
+    return 0;
+  }
+}
 
 /// Typed buffers by slot number, kept until clear(). A reference get()
 /// returns stays valid while other slots are added (a deque never moves its
@@ -48,8 +75,18 @@ class Workspace {
   template <class T>
   T& get(std::size_t k) {
     if (k >= slots_.size()) slots_.resize(k + 1);
-    if (T* p = std::any_cast<T>(&slots_[k])) return *p;
-    return slots_[k].template emplace<T>();
+    Slot& s = slots_[k];
+    if (T* p = std::any_cast<T>(&s.value)) return *p;
+    s.bytes = [](const std::any& a) { return storage_bytes(*std::any_cast<T>(&a)); };
+    return s.value.template emplace<T>();
+  }
+
+  /// Bytes of storage every slot holds now (storage_bytes).
+  [[nodiscard]] std::size_t bytes() const {
+    std::size_t b = 0;
+    for (const Slot& s : slots_)
+      if (s.value.has_value()) b += s.bytes(s.value);
+    return b;
   }
 
   /// A spare buffer from pool k (empty when none is spare); give it back with
@@ -71,7 +108,7 @@ class Workspace {
 
   /// Frees slot k's buffer.
   void release(std::size_t k) {
-    if (k < slots_.size()) slots_[k].reset();
+    if (k < slots_.size()) slots_[k].value.reset();
   }
   /// Frees every buffer.
   void clear() { slots_.clear(); }
@@ -79,11 +116,15 @@ class Workspace {
   /// bookkeeping, a few entries per layer, kept where its buffers are not).
   void clear_except(std::initializer_list<std::size_t> kept) {
     for (std::size_t k = 0; k < slots_.size(); ++k)
-      if (std::find(kept.begin(), kept.end(), k) == kept.end()) slots_[k].reset();
+      if (std::find(kept.begin(), kept.end(), k) == kept.end()) slots_[k].value.reset();
   }
 
  private:
-  std::deque<std::any> slots_;
+  struct Slot {
+    std::any value;
+    std::size_t (*bytes)(const std::any&) = nullptr;  // storage_bytes of the value's type
+  };
+  std::deque<Slot> slots_;
 };
 
 /// Storage for matrices whose shape changes from layer to layer: it grows to
@@ -100,6 +141,9 @@ class Buffer {
     return {storage_.data(), rows, cols};
   }
   [[nodiscard]] const S* data() const { return storage_.data(); }
+  [[nodiscard]] std::size_t storage_bytes() const {
+    return static_cast<std::size_t>(storage_.size()) * sizeof(S);
+  }
 
  private:
   Vector<S> storage_;
