@@ -3,7 +3,8 @@
 // and, for Linear, the parameter-gradient product vjp_params — so the price
 // of vijp against the vjp it replaces is visible.
 //
-//   Linear 1024→1024 and 1024→512, batch 256 (Args: in, out).
+//   Linear 1024→1024 and 1024→512 at batch 256, 256→256 at batch 512 and
+//   1024 (Args: in, out, batch).
 //     vijp_warm  the right-inverse cache is valid (same weight version): one
 //                GEMM with the cached out × in right inverse of Wᵀ.
 //     vijp_cold  the weights are written through a freshly fetched parameter
@@ -46,28 +47,29 @@ constexpr Index kFeatures = 4096;  // elementwise layers: kFeatures × kBatch = 
 
 template <class S>
 struct LinearSetup {
-  Index in, out;
+  Index in, out, batch;
   moonwalk::Linear<S> layer;
   Mat<S> x, dx, h, hx;
   explicit LinearSetup(const benchmark::State& state)
       : in(state.range(0)),
         out(state.range(1)),
+        batch(state.range(2)),
         layer(in, out, {.seed = 1}),
-        x(moonwalk::gaussian<S>(in, kBatch, 2)),
-        dx(moonwalk::gaussian<S>(in, kBatch, 3)),
-        h(moonwalk::gaussian<S>(out, kBatch, 4)),
-        hx(moonwalk::gaussian<S>(in, kBatch, 5)) {
+        x(moonwalk::gaussian<S>(in, batch, 2)),
+        dx(moonwalk::gaussian<S>(in, batch, 3)),
+        h(moonwalk::gaussian<S>(out, batch, 4)),
+        hx(moonwalk::gaussian<S>(in, batch, 5)) {
     layer.b().setConstant(S(0.1));
   }
   [[nodiscard]] double gemm_flops() const {
-    return 2.0 * static_cast<double>(kBatch) * static_cast<double>(in) * static_cast<double>(out);
+    return 2.0 * static_cast<double>(batch) * static_cast<double>(in) * static_cast<double>(out);
   }
 };
 
 /// items = samples; bytes = `matrix_elems` scalars per iteration; flop/s.
 template <class S>
 void report_linear(benchmark::State& state, const LinearSetup<S>& st, Index matrix_elems) {
-  state.SetItemsProcessed(state.iterations() * kBatch);
+  state.SetItemsProcessed(state.iterations() * st.batch);
   state.SetBytesProcessed(state.iterations() * matrix_elems * static_cast<Index>(sizeof(S)));
   state.counters["flop/s"] = benchmark::Counter(
       st.gemm_flops(), benchmark::Counter::kIsIterationInvariantRate, benchmark::Counter::kIs1000);
@@ -77,19 +79,19 @@ template <class S>
 void BM_linear_forward(benchmark::State& state) {
   LinearSetup<S> st(state);
   for (auto _ : state) benchmark::DoNotOptimize(st.layer.forward(st.x));
-  report_linear(state, st, st.in * st.out + st.out + (st.in + st.out) * kBatch);
+  report_linear(state, st, st.in * st.out + st.out + (st.in + st.out) * st.batch);
 }
 template <class S>
 void BM_linear_jvp(benchmark::State& state) {
   LinearSetup<S> st(state);
   for (auto _ : state) benchmark::DoNotOptimize(st.layer.jvp(st.x, st.dx));
-  report_linear(state, st, st.in * st.out + (st.in + st.out) * kBatch);
+  report_linear(state, st, st.in * st.out + (st.in + st.out) * st.batch);
 }
 template <class S>
 void BM_linear_vjp(benchmark::State& state) {
   LinearSetup<S> st(state);
   for (auto _ : state) benchmark::DoNotOptimize(st.layer.vjp(st.x, st.h));
-  report_linear(state, st, st.in * st.out + (st.in + st.out) * kBatch);
+  report_linear(state, st, st.in * st.out + (st.in + st.out) * st.batch);
 }
 template <class S>
 void BM_linear_vjp_params(benchmark::State& state) {
@@ -101,7 +103,7 @@ void BM_linear_vjp_params(benchmark::State& state) {
     benchmark::DoNotOptimize(g.data());
     benchmark::ClobberMemory();
   }
-  report_linear(state, st, 2 * (st.in * st.out + st.out) + (st.in + st.out) * kBatch);
+  report_linear(state, st, 2 * (st.in * st.out + st.out) + (st.in + st.out) * st.batch);
 }
 template <class S>
 void BM_linear_vijp_warm(benchmark::State& state) {
@@ -109,7 +111,7 @@ void BM_linear_vijp_warm(benchmark::State& state) {
   const moonwalk::Linear<S>& layer = st.layer;        // const: no weight-version bump
   benchmark::DoNotOptimize(layer.vijp(st.x, st.hx));  // factorise once, outside the timing
   for (auto _ : state) benchmark::DoNotOptimize(layer.vijp(st.x, st.hx));
-  report_linear(state, st, st.in * st.out + (st.in + st.out) * kBatch);
+  report_linear(state, st, st.in * st.out + (st.in + st.out) * st.batch);
 }
 template <class S>
 void BM_linear_vijp_cold(benchmark::State& state) {
@@ -123,7 +125,7 @@ void BM_linear_vijp_cold(benchmark::State& state) {
     sign = -sign;
     benchmark::DoNotOptimize(st.layer.vijp(st.x, st.hx));
   }
-  report_linear(state, st, st.in * st.out + (st.in + st.out) * kBatch);
+  report_linear(state, st, st.in * st.out + (st.in + st.out) * st.batch);
 }
 
 // ---- elementwise
@@ -215,9 +217,21 @@ bool agree() {
 
 }  // namespace
 
-#define MOONWALK_LINEAR(fn)                                                                            \
-  BENCHMARK_TEMPLATE(fn, float)->Args({1024, 1024})->Args({1024, 512})->Unit(benchmark::kMicrosecond); \
-  BENCHMARK_TEMPLATE(fn, double)->Args({1024, 1024})->Args({1024, 512})->Unit(benchmark::kMicrosecond)
+// Args: in, out, batch. The 256 × 256 rows at batch 512 and 1024 straddle the
+// batch (2 · out) from which Linear forms its explicit right inverse.
+#define MOONWALK_LINEAR(fn)            \
+  BENCHMARK_TEMPLATE(fn, float)        \
+      ->Args({1024, 1024, 256})        \
+      ->Args({1024, 512, 256})         \
+      ->Args({256, 256, 512})          \
+      ->Args({256, 256, 1024})         \
+      ->Unit(benchmark::kMicrosecond); \
+  BENCHMARK_TEMPLATE(fn, double)       \
+      ->Args({1024, 1024, 256})        \
+      ->Args({1024, 512, 256})         \
+      ->Args({256, 256, 512})          \
+      ->Args({256, 256, 1024})         \
+      ->Unit(benchmark::kMicrosecond)
 
 MOONWALK_LINEAR(BM_linear_forward);
 MOONWALK_LINEAR(BM_linear_jvp);

@@ -7,7 +7,7 @@
 # x = median peak RSS above the baseline (MiB, log), y = median seconds per
 # step (log); one labelled point per schedule that ran (filled: on the Pareto
 # front, open: dominated), the binomial points (slots 2 … 16) joined as a
-# curve, the front as a dashed line. A peak of 0 or less (below the RSS
+# curve (the front: the filled points). A peak of 0 or less (below the RSS
 # resolution) is drawn at XFLOOR MiB.
 if (!exists("csv")) csv = 'pareto-summary.csv'
 if (!exists("net")) net = 'mlp16'
@@ -60,12 +60,11 @@ colour(s) = s eq "backprop" ? 0x000000 : \
             s eq "revbackprop" ? 0x2ca02c : \
             s eq "mixed-rebuild" ? 0x9467bd : 0x7f7f7f
 
-# The front joined in order of memory (smooth unique sorts by x); the binomial
+# The front is the filled points (a line through them, sorted with the other
+# networks' rows as undefined points, skipped some of them); the binomial
 # points in the summary's row order, which is the slots' (2, 4, 8, 16).
 # Labels: binomial ones under their points (the curve's), the others above right.
-plot csv every ::1 using (here(0) && strcol(19) eq "yes" ? @xv : NaN):6 \
-       smooth unique with lines dt 2 lw 1.5 lc rgb "#888888" title "Pareto front", \
-     csv every ::1 using (here(0) && is_binomial(strcol(2)) ? @xv : NaN):6 \
+plot csv every ::1 using (here(0) && is_binomial(strcol(2)) ? @xv : NaN):6 \
        with lines lw 2.5 lc rgb "#1f77b4" title "binomial, slots 2 … 16", \
      csv every ::1 using (here(0) && strcol(19) eq "yes" ? @xv : NaN):6:(colour(strcol(2))) \
        with points pt 7 ps 1.6 lc rgb variable notitle, \

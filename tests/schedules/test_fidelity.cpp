@@ -121,8 +121,9 @@ TEST_CASE("Gaussian initialisation: the policy escalates (anchors, double cotang
   CHECK(dbl.err < none.err * 1e-3);
 }
 
-TEST_CASE("Precision memory: a step on an escalated shape starts in double, and every 16th probes float",
-          "[fidelity][schedules]") {
+TEST_CASE(
+    "Precision memory: a step on an escalated shape starts in double, and probes float ever more rarely",
+    "[fidelity][schedules]") {
   Network<float> net = mlp<float>(12, 24, 0.1, Init::gaussian, 70);
   Network<double> twin = mlp<double>(12, 24, 0.1, Init::gaussian, 70);
   const MixedMoonwalk mixed{};
@@ -150,9 +151,17 @@ TEST_CASE("Precision memory: a step on an escalated shape starts in double, and 
   CHECK(probe.r.stats.figures.count("precision_remembered") == 0);
   CHECK(probe.r.stats.fallbacks == first.r.stats.fallbacks);
   CHECK(check_float(mixed, net, twin, 16, 9).r.stats.figures.count("precision_remembered") == 1);
+  // The probe escalated again: the shape's interval doubles (31 remembered steps, then a probe).
+  for (std::uint32_t step = 2; step < 2 * PrecisionMemory::kProbeEvery; ++step)
+    CHECK(check_float(mixed, net, twin, 16, 9).r.stats.figures.count("precision_remembered") == 1);
+  CHECK(check_float(mixed, net, twin, 16, 9).r.stats.figures.count("precision_remembered") == 0);
 
-  // Another batch width is another shape; no memory, no remembering.
+  // Another batch width is another shape: not remembered at first; once it
+  // has escalated both are (an epoch's short last batch does not make the
+  // next epoch's full batches start over).
   CHECK(check_float(mixed, net, twin, 8, 9).r.stats.figures.count("precision_remembered") == 0);
+  CHECK(check_float(mixed, net, twin, 8, 9).r.stats.figures.count("precision_remembered") == 1);
+  CHECK(check_float(mixed, net, twin, 16, 9).r.stats.figures.count("precision_remembered") == 1);
   MixedMoonwalk forgetful{};
   forgetful.fidelity.memory = nullptr;
   for (int k = 0; k < 2; ++k) {

@@ -146,7 +146,65 @@ struct LiveCounted : L {
   bool counted_ = false;
 };
 
+/// A Linear that counts the layers holding what they derived from their
+/// weights (its factorisation: made by the first vijp or amplification of a
+/// weight version, freed by release_derived), and the most held at once.
+struct TrackedLinear : Linear<float> {
+  static inline int held = 0;
+  static inline int peak = 0;
+  using Linear<float>::Linear;
+  TrackedLinear(const TrackedLinear& o) : Linear<float>(o) {}
+  TrackedLinear& operator=(const TrackedLinear& o) {
+    release_derived();
+    Linear<float>::operator=(o);
+    return *this;
+  }
+  ~TrackedLinear() { release_derived(); }
+  void vijp_into(const CRef<float>& x, const CRef<float>& hx, MatRef<float> hy) const {
+    derive();
+    Linear<float>::vijp_into(x, hx, hy);
+  }
+  [[nodiscard]] Amplification amplification(const Empty& e) const {
+    derive();
+    return Linear<float>::amplification(e);
+  }
+  void release_derived() const noexcept {
+    if (derived_) --held;
+    derived_ = false;
+    Linear<float>::release_derived();
+  }
+
+ private:
+  void derive() const {
+    if (!derived_) peak = std::max(peak, ++held);
+    derived_ = true;
+  }
+  mutable bool derived_ = false;
+};
+
 }  // namespace
+
+TEST_CASE(
+    "Workspace: where buffers do not outlive the step, mixed Moonwalk frees each layer's factorisation "
+    "once a pass has crossed it",
+    "[workspace][schedules]") {
+  // Activation-dominated (batch 64 > width 8): not kept across steps.
+  Sequential net(
+      TrackedLinear(8, 8, {.seed = 1}), LeakyReLU<float>(8, 0.5F), TrackedLinear(8, 8, {.seed = 2}),
+      LeakyReLU<float>(8, 0.5F), TrackedLinear(8, 8, {.seed = 3}), LeakyReLU<float>(8, 0.5F),
+      TrackedLinear(8, 8, {.seed = 4}), LeakyReLU<float>(8, 0.5F), TrackedLinear(8, 3, {.seed = 5}));
+  const Matrix<float> x = gaussian<float>(8, 64, 1), t = gaussian<float>(3, 64, 2);
+  REQUIRE_FALSE(detail::keep_across_steps(net, 64));
+  TrackedLinear::peak = 0;
+  const auto r = gradient(MixedMoonwalk{}, net, x, MSE<float>{}, t);
+  REQUIRE(r.stats.precision == "float");
+  CHECK(r.stats.within_tolerance);
+  CHECK(TrackedLinear::held == 0);
+  // One layer's at a time in each pass (the first is never crossed without h_0).
+  CHECK(TrackedLinear::peak == 1);
+  const auto bp = gradient(Backprop{}, net, x, MSE<float>{}, t);
+  CHECK((r.gradient - bp.gradient).cwiseAbs().maxCoeff() <= 1e-4F * bp.gradient.cwiseAbs().maxCoeff());
+}
 
 TEST_CASE("Workspace: backprop reuses its kept inputs and cotangents across steps",
           "[workspace][schedules]") {

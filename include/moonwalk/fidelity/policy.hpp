@@ -36,11 +36,13 @@
 // fall back.
 #pragma once
 
-#include <atomic>
+#include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
+#include <mutex>
 
 #include "moonwalk/fidelity/tolerance.hpp"
 
@@ -53,34 +55,73 @@ enum class Precision {
   automatic,          ///< working, escalating to double when anchors would cost more than backprop
 };
 
-/// What the automatic precision learned from earlier gradients: the shape of
-/// the last network (layer widths, batch) whose step ended in double
-/// cotangents. A later step on the same shape starts in double, skipping the
-/// working-precision attempt it would discard, except every kProbeEvery-th,
-/// which tries the working precision again (and forgets the shape when that
-/// holds the tolerance). Thread-safe.
+/// What the automatic precision learned from earlier gradients: the shapes
+/// (layer widths, batch) of the last kShapes networks whose steps ended in
+/// double cotangents. A later step on a remembered shape starts in double,
+/// skipping the working-precision attempt it would discard, except one probe
+/// per interval, which tries the working precision again: a probe that holds
+/// the tolerance forgets the shape; one that escalates again doubles the
+/// shape's interval (kProbeEvery, 2 kProbeEvery, … up to kProbeEveryMax), so
+/// a network that needs double keeps paying less for asking. Several shapes
+/// are kept so that a training loop's short last batch does not make the next
+/// epoch's full batches start over. Thread-safe.
 class PrecisionMemory {
  public:
   static constexpr std::uint32_t kProbeEvery = 16;
+  static constexpr std::uint32_t kProbeEveryMax = 256;
+  static constexpr std::size_t kShapes = 4;
 
   /// Whether a step on `shape` starts in double (counts the step).
   bool starts_in_double(std::uint64_t shape) {
-    if (shape == 0 || shape_.load(std::memory_order_relaxed) != shape) return false;
-    return (since_probe_.fetch_add(1, std::memory_order_relaxed) + 1) % kProbeEvery != 0;
+    if (shape == 0) return false;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    Entry* e = find(shape);
+    if (!e) return false;
+    e->used = ++clock_;
+    if (++e->since_probe < e->interval) return true;
+    e->since_probe = 0;
+    e->probing = true;
+    return false;
   }
   /// The precision a step on `shape` ended in.
   void settled(std::uint64_t shape, bool in_double) {
-    if (in_double) {
-      if (shape_.exchange(shape, std::memory_order_relaxed) != shape)
-        since_probe_.store(0, std::memory_order_relaxed);
-    } else {
-      shape_.compare_exchange_strong(shape, 0, std::memory_order_relaxed);
+    if (shape == 0) return;
+    const std::lock_guard<std::mutex> lock(mutex_);
+    Entry* e = find(shape);
+    if (!in_double) {
+      if (e) *e = Entry{};
+      return;
     }
+    if (!e) {
+      e = &entries_[0];  // a free entry, else the least recently used
+      for (Entry& x : entries_)
+        if (x.shape == 0 || x.used < e->used) {
+          e = &x;
+          if (x.shape == 0) break;
+        }
+      *e = Entry{.shape = shape, .interval = kProbeEvery};
+    } else if (e->probing) {
+      e->interval = std::min(2 * e->interval, kProbeEveryMax);
+    }
+    e->probing = false;
+    e->used = ++clock_;
   }
 
  private:
-  std::atomic<std::uint64_t> shape_{0};
-  std::atomic<std::uint32_t> since_probe_{0};
+  struct Entry {
+    std::uint64_t shape = 0;  // 0: free
+    std::uint32_t interval = kProbeEvery, since_probe = 0;
+    bool probing = false;  // the last step on it probed the working precision
+    std::uint64_t used = 0;
+  };
+  Entry* find(std::uint64_t shape) {
+    for (Entry& e : entries_)
+      if (e.shape == shape) return &e;
+    return nullptr;
+  }
+  std::mutex mutex_;
+  std::array<Entry, kShapes> entries_{};
+  std::uint64_t clock_ = 0;
 };
 
 namespace detail {
@@ -113,7 +154,7 @@ struct Fidelity {
   /// the estimate was measured at 0.4–13× the true error (BENCHMARKS.md,
   /// "Fidelity"), so a factor 4 below the tolerance holds the true error under it.
   double accept = 0.25;
-  /// Precision::automatic remembers the precision of the last step
+  /// Precision::automatic remembers the shapes whose steps needed double
   /// (PrecisionMemory); copies of a Fidelity share it, so a schedule rebuilt
   /// every step from one ScheduleChoice, or one schedule object reused, skips
   /// the discarded float attempt. nullptr: every step starts afresh.

@@ -234,15 +234,16 @@ struct MixedMoonwalk {
     const Index batch = x0.cols();
     detail::PingPong<S> x = detail::activation_buffers<S>(ws);
     detail::Buffer<C>& xbuf = ws.get<detail::Buffer<C>>(detail::kXc + c);
-    x.assign(x0);
     // The reverse pass crosses layer i (needs its residual) for i ≥ 1, and the
     // first layer only when h_0 is asked for.
     const auto crossed = [&](std::size_t i) { return i > 0 || input_gradient; };
     detail::for_each_layer(net, [&](std::size_t i, auto& l) {
+      // Layer i's input: x_0 itself for the first layer (no copy), else the last output.
+      const CRef<S> xi = i == 0 ? CRef<S>(x0) : CRef<S>(x.current());
       if ((!rebuilt[i] || branches_kept[i]) && crossed(i)) {
         decltype(auto) lc = casts(i, l);
         auto& r = ws.get<residual_t<std::remove_cvref_t<decltype(lc)>>>(detail::residual_slot<C>(i));
-        moonwalk::save_residual_into(lc, detail::in_scalar<C>(x.current(), xbuf), r);
+        moonwalk::save_residual_into(lc, detail::in_scalar<C>(xi, xbuf), r);
         store.hold(i, SavedStore::residual, names(i, l), nbytes(r), residual_kind(r));
         // Only the residual waits for the backward half, not the cast: a
         // double Linear cast is 1 MiB at width 256 (W and its gradient
@@ -250,7 +251,7 @@ struct MixedMoonwalk {
         // layers were the bulk of the peak. The backward half casts again.
         casts.release(i);
       }
-      moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
+      moonwalk::forward_into(l, xi, x.next(l.out_features(), batch));
       x.flip();
       ++st.counts.forward;
       if (rebuilt[i] && (i + 1 == net.size() || !rebuilt[i + 1]))
@@ -367,8 +368,14 @@ struct MixedMoonwalk {
       detail::note_working_bytes(st, ws, store, own_casts,
                                  static_cast<std::size_t>(x_carried.size()) * sizeof(S));
       h.flip();
-      // r's last use: a step whose buffers will not outlive it frees it now.
-      if (!keep) ws.release(detail::residual_slot<C>(i));
+      // r's last use: a step whose buffers will not outlive it frees it now,
+      // and what the layer derived from its weights (the sweep derives it
+      // again: held between the passes, the factorisations of every float
+      // Linear were 16 MiB of the depth-64 peak at width 256).
+      if (!keep) {
+        ws.release(detail::residual_slot<C>(i));
+        moonwalk::release_derived(l);
+      }
       ++st.counts.vjp;
       // A cast layer is rebuilt for the sweep, not held between the passes:
       // a double Linear cast with its QR and gradient storage is ~6× the

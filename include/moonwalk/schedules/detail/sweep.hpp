@@ -320,8 +320,9 @@ const char* scalar_name() {
 /// Returns the largest relative mismatch seen (the error estimate). `h`
 /// holds h_0 on entry (h_1 with `from_h1`: the first layer is then not
 /// crossed, only its ∂ℓ/∂θ read) and h_L on return; every buffer is a slot of `ws`.
-/// With `keep` false the step's buffers will not outlive it (workspace.hpp),
-/// and an anchor's buffer is freed as soon as the sweep has read it.
+/// With `keep` false the step's buffers will not outlive it (workspace.hpp):
+/// an anchor's buffer is freed as soon as the sweep has read it, and a
+/// layer's factorisation as soon as the sweep has crossed it.
 template <class C, Net N, class L>
 double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& ws, bool keep,
                      const CRef<typename N::scalar_type>& x0, PingPong<C>& h, bool from_h1, SavedStore& store,
@@ -334,12 +335,13 @@ double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& 
   Buffer<C>& xbuf = ws.get<Buffer<C>>(kXc + c);
   Buffer<S>& h_s = ws.get<Buffer<S>>(kCotangentS);
   double estimate = 0;
-  x.assign(x0);
-  // h_{i+1} from h_i across layer i, whose input is x.current().
-  const auto cross = [&](std::size_t i, auto& l) {
+  // Layer i's input: x_0 itself for the first layer (no copy), else the last output.
+  const auto input = [&](std::size_t i) { return i == 0 ? CRef<S>(x0) : CRef<S>(x.current()); };
+  // h_{i+1} from h_i across layer i, whose input is xi.
+  const auto cross = [&](std::size_t i, auto& l, const CRef<S>& xi) {
     decltype(auto) lc = casts(i, l);
     using Lc = std::remove_cvref_t<decltype(lc)>;
-    const CRef<C> xc = in_scalar<C>(x.current(), xbuf);
+    const CRef<C> xc = in_scalar<C>(xi, xbuf);
     const Index out = l.out_features();
     if (store.has(i, SavedStore::anchor)) {
       Matrix<C>& a = ws.get<std::vector<Matrix<C>>>(held_anchors_slot<C>).at(i);
@@ -369,12 +371,13 @@ double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& 
     }
   };
   for_each_layer(net, [&](std::size_t i, auto& l) {
-    moonwalk::forward_into(l, x.current(), x.next(l.out_features(), batch));
+    const CRef<S> xi = input(i);
+    moonwalk::forward_into(l, xi, x.next(l.out_features(), batch));
     ++st.counts.forward;
     const Index out = l.out_features();
-    if (i > 0 || !from_h1) cross(i, l);
+    if (i > 0 || !from_h1) cross(i, l, xi);
     if constexpr (std::is_same_v<C, S>) {
-      moonwalk::accumulate_vjp_params(l, x.current(), h.current());
+      moonwalk::accumulate_vjp_params(l, xi, h.current());
     } else if (l.num_params() > 0) {
       // g += J_θᵀ h, a sum over samples: h converted to S a block of columns
       // at a time (no batch-sized copy).
@@ -382,13 +385,17 @@ double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& 
         const Index n = std::min(kConvertColumns, batch - c0);
         auto hs = h_s.view(out, n);
         hs = h.current().middleCols(c0, n).template cast<S>();
-        moonwalk::accumulate_vjp_params(l, x.current().middleCols(c0, n), hs);
+        moonwalk::accumulate_vjp_params(l, xi.middleCols(c0, n), hs);
       }
     }
     ++st.counts.vjp_params;
     note_working_bytes(st, ws, store, casts_in_ws ? nullptr : &casts);
     x.flip();
     casts.release(i);  // the sweep is its last user
+    // ... and of what the layer derived from its weights: held to the step's
+    // end, a width-256 Linear's factorisation and right inverse are 512 KiB,
+    // more than the activation it stands for at batch 512.
+    if (!keep) moonwalk::release_derived(l);
   });
   Matrix<S>& gL = ws.get<Matrix<S>>(kLossGrad);
   (void)loss_into<L, S>(loss, x.current(), target, gL);
