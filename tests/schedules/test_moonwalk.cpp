@@ -286,6 +286,31 @@ TEST_CASE("Stats::working_bytes: the engine-accounted peak of a step, next to th
         std::string::npos);
   // Schedules that do not account their working set say 0, never a guess.
   CHECK(gradient(Checkpointing{}, net, x, loss, t).stats.working_bytes == 0);
+  CHECK(gradient(PureMoonwalk{}, net, x, loss, t).stats.working_bytes == 0);
+}
+
+TEST_CASE("Mixed Moonwalk's last resort, backprop, returns h_0 when it was asked for",
+          "[schedules][input-gradient]") {
+  // A tolerance below float rounding, no anchors, no double: every attempt
+  // misses, and the step ends in reference backprop.
+  using S = float;
+  Network<S> net;
+  net.add(Linear<S>(6, 6, {.seed = 1})).add(LeakyReLU<S>(6, 0.1f)).add(Linear<S>(6, 3, {.seed = 2}));
+  const Matrix<S> x = gaussian<S>(6, 5, 3), t = gaussian<S>(3, 5, 4);
+  Fidelity f;
+  f.tolerance = 1e-30;
+  f.precision = Precision::working;
+  f.tolerance_anchors = false;
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  for (const bool want : {false, true}) {
+    const auto r = gradient(MixedMoonwalk{.fidelity = f, .input_gradient = want}, net, x, MSE<S>{}, t);
+    REQUIRE(r.stats.figures.count("backprop_fallback") == 1);
+    CHECK(r.gradient == bp.gradient);
+    if (want)
+      CHECK(r.h0 == bp.h0);
+    else
+      CHECK(r.h0.size() == 0);
+  }
 }
 
 TEST_CASE("Without input_gradient RevBackprop still checks its drift at x_0", "[schedules][input-gradient]") {

@@ -120,7 +120,7 @@ struct MixedMoonwalk {
       ++fallbacks;
       if (fallbacks > 4) {
         // Last resort: reference backprop cannot drift.
-        Backprop{}.run_into(net, x0, loss, target, out);
+        Backprop{.input_gradient = input_gradient}.run_into(net, x0, loss, target, out);
         out.stats.schedule = name();
         out.stats.precision = "backprop";
         out.stats.figures["backprop_fallback"] = 1;

@@ -166,6 +166,7 @@ struct PureMoonwalk {
     h.assign(h0);
     st.error_estimate = detail::forward_sweep<C>(net, casts, /*casts_in_ws=*/false, ws, false, x0, h,
                                                  /*from_h1=*/false, store, modes, loss, target, st);
+    st.working_bytes = 0;  // (the sweep's figure would leave out the jvp phase: not accounted here)
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;
