@@ -62,6 +62,16 @@ noise_seeds=${NOISE_SEEDS:-1 2}
 wide_slopes=${WIDE_SLOPES:-0.1}
 parts=("$@")
 [ ${#parts[@]} -gt 0 ] || parts=(grid reference noise wide)
+mixed_run() {  # mixed_run KIND SLOPE: the gradcheck probe (when asked), then the mixed training
+  local s
+  s=$(spec "$1" "$2")
+  if [ "$probe" = 1 ]; then
+    "${pin[@]}" "$bin/moonwalk-gradcheck" --net "$s" --loss xent --batch 128 --dtype float --fd off \
+      --seed 0 --schedules backprop,mixed >"$out/gradcheck-$1-$2.json" || true
+  fi
+  run "mixed-$1-$2" 0 --net "$s" --schedule mixed
+}
+
 for part in "${parts[@]}"; do
   case $part in
     grid | reference | noise | wide) ;;
@@ -115,12 +125,7 @@ for part in "${parts[@]}"; do
     grid)
       for a in $slopes; do
         for k in $kinds; do
-          s=$(spec "$k" "$a")
-          if [ "$probe" = 1 ]; then
-            "${pin[@]}" "$bin/moonwalk-gradcheck" --net "$s" --loss xent --batch 128 --dtype float --fd off \
-              --seed 0 --schedules backprop,mixed >"$out/gradcheck-$k-$a.json" || true
-          fi
-          run "mixed-$k-$a" 0 --net "$s" --schedule mixed
+          mixed_run "$k" "$a"
         done
       done
       ;;
@@ -132,12 +137,7 @@ for part in "${parts[@]}"; do
       ;;
     wide)
       for a in $wide_slopes; do
-        s=$(spec orthogonal784 "$a")
-        if [ "$probe" = 1 ]; then
-          "${pin[@]}" "$bin/moonwalk-gradcheck" --net "$s" --loss xent --batch 128 --dtype float --fd off \
-            --seed 0 --schedules backprop,mixed >"$out/gradcheck-orthogonal784-$a.json" || true
-        fi
-        run "mixed-orthogonal784-$a" 0 --net "$s" --schedule mixed
+        mixed_run orthogonal784 "$a"
       done
       ;;
   esac
