@@ -28,6 +28,10 @@
 //                     the stack grown by 1 MiB before the limit is set.
 //                     An allocation that fails under the limit ends the run: the JSON line is
 //                     still printed (over the steps completed) and the exit status is 3.
+//                     For planned it is also the planner's budget, less the bytes of the
+//                     flat gradient the steps fill (above the baseline, outside the working set).
+//   --plan-budget BYTES  planned only: the planner's working-set budget, not enforced
+//                     (overrides what --budget gives it)
 //
 // Output (stdout, one line):
 //   {"schedule", "net", "batch", "params", "steps", "seconds_per_step" (median over steps),
@@ -43,7 +47,8 @@
 //    kernels' per-thread scratch holds after the run, moonwalk::thread_scratch_bytes(): part of
 //    the peak, not of the baseline), "slots" (binomial: the held inputs it ran with, --slots or
 //    its default; null for other schedules), "every" (checkpoint: the segment length it ran with,
-//    --every or its default, at most L; null for other schedules)},
+//    --every or its default, at most L; null for other schedules), "predicted_working_bytes"
+//    (planned: its plan's working set, which --budget also bounds; null for other schedules)},
 //    and with --budget also
 //    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
 //    "steps_completed" (steps that finished; the figures above are over those)
@@ -111,9 +116,10 @@ struct Options {
   std::uint64_t seed = 1;
   std::string loss = "xent";
   bool rebuild_inputs = false;
-  std::size_t budget = 0;  // bytes; 0: no budget
-  std::size_t slots = 0;   // binomial's held inputs; 0: its default
-  std::size_t every = 0;   // checkpoint's segment length; 0: its default
+  std::size_t budget = 0;       // bytes; 0: no budget
+  std::size_t plan_budget = 0;  // planned: bytes of its working set; 0: from --budget
+  std::size_t slots = 0;        // binomial's held inputs; 0: its default
+  std::size_t every = 0;        // checkpoint's segment length; 0: its default
 };
 
 const char* kUsage =
@@ -125,13 +131,15 @@ const char* kUsage =
     "  --depth D         equal-width LeakyReLU(0.1) MLP: in:W, D x (linear:W, leaky_relu:0.1),\n"
     "  --width W         linear:10 (defaults 8 and 256)\n"
     "  --batch B         samples per step (default 128)\n"
-    "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, forward,\n"
-    "                    projforward\n"
+    "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, planned,\n"
+    "                    forward, projforward\n"
     "  --steps N         gradient steps, each followed by an SGD update (default 10)\n"
     "  --dtype           float (default) or double; --threads T Eigen threads; --seed S (default 1)\n"
     "  --loss            xent (default) or mse; --rebuild-inputs: mixed rebuilds invertible inputs\n"
     "  --budget BYTES    address space the steps may add (suffix K, M, G: binary), enforced with\n"
     "                    RLIMIT_AS once the parameters, optimizer state and batch exist\n"
+    "  --plan-budget BYTES  planned: the working set the planner may plan for (not enforced;\n"
+    "                    default: --budget less the gradient's bytes, else unlimited)\n"
     "  --slots K         binomial: layer inputs held at once, K >= 1 (default round(sqrt(L)))\n"
     "  --every K         checkpoint: segment length in layers, K >= 1 (default round(sqrt(L)))\n"
     "\n"
@@ -146,44 +154,13 @@ T parse_number(const std::string& opt, const std::string& v) {
   return x;
 }
 
-/// "--budget" value: a positive integer of bytes, optionally with a binary
-/// suffix K, M or G (case-insensitive).
+/// "--budget" value: moonwalk::parse_bytes, as a usage error.
 std::size_t parse_bytes(const std::string& opt, const std::string& v) {
-  const auto bad = [&](const char* why) { return UsageError(cat(opt, ": ", why, ": '", v, "'")); };
-  std::size_t i = 0, n = 0;
-  const std::size_t max = std::numeric_limits<std::size_t>::max();
-  if (v.empty()) throw bad("expected a number of bytes (suffix K, M or G)");
-  for (; i < v.size() && v[i] >= '0' && v[i] <= '9'; ++i) {
-    const auto d = static_cast<std::size_t>(v[i] - '0');
-    if (n > (max - d) / 10) throw bad("too large");
-    n = n * 10 + d;
+  try {
+    return moonwalk::parse_bytes(opt, v);
+  } catch (const moonwalk::Error& e) {
+    throw UsageError(e.what());
   }
-  if (i == 0) throw bad("expected a number of bytes (suffix K, M or G)");
-  int shift = 0;
-  if (i + 1 == v.size()) {
-    switch (v[i]) {
-      case 'K':
-      case 'k':
-        shift = 10;
-        break;
-      case 'M':
-      case 'm':
-        shift = 20;
-        break;
-      case 'G':
-      case 'g':
-        shift = 30;
-        break;
-      default:
-        throw bad("unknown suffix (expected K, M or G)");
-    }
-  } else if (i != v.size()) {
-    throw bad("expected a number of bytes (suffix K, M or G)");
-  }
-  if (n > (max >> shift)) throw bad("too large");
-  n <<= shift;
-  if (n == 0) throw bad("must be > 0");
-  return n;
 }
 
 Options parse_options(int argc, char** argv) {
@@ -200,9 +177,9 @@ Options parse_options(int argc, char** argv) {
       continue;
     }
     if (a.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", a, "'"));
-    static const std::vector<std::string> valued{"--net",    "--depth", "--width",   "--batch", "--schedule",
-                                                 "--steps",  "--dtype", "--threads", "--seed",  "--loss",
-                                                 "--budget", "--slots", "--every"};
+    static const std::vector<std::string> valued{
+        "--net",     "--depth", "--width", "--batch",  "--schedule", "--steps", "--dtype",
+        "--threads", "--seed",  "--loss",  "--budget", "--slots",    "--every", "--plan-budget"};
     if (std::find(valued.begin(), valued.end(), a) == valued.end())
       throw UsageError(cat("unknown option '", a, "'"));
     if (i + 1 >= argc) throw UsageError(cat(a, ": missing value"));
@@ -246,6 +223,8 @@ Options parse_options(int argc, char** argv) {
       o.loss = v;
     } else if (a == "--budget") {
       o.budget = parse_bytes(a, v);
+    } else if (a == "--plan-budget") {
+      o.plan_budget = parse_bytes(a, v);
     } else if (a == "--slots" || a == "--every") {
       // (Read signed: istream would wrap "-1" into a huge std::size_t.)
       const auto k = parse_number<long long>(a, v);
@@ -352,11 +331,19 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   rlimit unlimited{};
   if (o.budget > 0) unlimited = set_budget(o.budget);
 
+  // planned: the enforced budget is also the planner's, less the flat
+  // gradient (the product scratch and the allocator's overhead come on top).
+  const std::size_t gradient_bytes = static_cast<std::size_t>(params) * sizeof(S);
+  const std::size_t plan_budget = o.plan_budget > 0           ? o.plan_budget
+                                  : o.budget > gradient_bytes ? o.budget - gradient_bytes
+                                  : o.budget > 0              ? 1
+                                                              : 0;
   const moonwalk::ScheduleChoice choice{.name = o.schedule,
                                         .rebuild_inputs = o.rebuild_inputs,
                                         .every = o.every,
                                         .slots = o.slots,
-                                        .seed = o.seed};
+                                        .seed = o.seed,
+                                        .budget = plan_budget};
   std::vector<double> seconds;
   std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
   std::vector<std::uint64_t> alloc_bytes;  // and the bytes they asked for
@@ -364,6 +351,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   double error_estimate = 0;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   double slots_used = nan, every_used = nan;  // as the schedule reports them (stats.figures)
+  double predicted_working = nan;             // planned: the plan's predicted working bytes
   bool within_tolerance = true;
   bool out_of_memory = false;
   seconds.reserve(static_cast<std::size_t>(o.steps));
@@ -392,6 +380,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
         slots_used = r.stats.figures["slots"];
       if (o.schedule == "checkpoint" && r.stats.figures.contains("every"))
         every_used = r.stats.figures["every"];
+      if (r.stats.figures.contains("predicted_working_bytes"))
+        predicted_working = r.stats.figures["predicted_working_bytes"];
     }
   } catch (const std::bad_alloc&) {
     if (o.budget == 0) throw;
@@ -428,7 +418,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << ",\"allocations_per_step\":" << json_number(allocs_per_step)
             << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step)
             << ",\"scratch_bytes\":" << moonwalk::thread_scratch_bytes()
-            << ",\"slots\":" << json_number(slots_used) << ",\"every\":" << json_number(every_used);
+            << ",\"slots\":" << json_number(slots_used) << ",\"every\":" << json_number(every_used)
+            << ",\"predicted_working_bytes\":" << json_number(predicted_working);
   if (o.budget > 0)
     std::cout << ",\"budget_bytes\":" << o.budget
               << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")

@@ -14,8 +14,11 @@
 #   revnet64    additive RevNet: in:256, 64 × coupling:additive:256, linear:10, batch 1024
 # Schedules per network: backprop, checkpoint (every round(√L), L = the
 # network's layers), binomial:2, binomial:4, binomial:8, binomial:16 (binomial
-# checkpointing holding that many layer inputs: --slots), mixed; revnet64 also
-# revbackprop and mixed-rebuild (mixed --rebuild-inputs).
+# checkpointing holding that many layer inputs: --slots), mixed, and the
+# planner's curve: planned:BYTES (--schedule planned --plan-budget BYTES, the
+# working set it plans for) at budgets from backprop's working set down to
+# near the smallest feasible one; revnet64 also revbackprop and mixed-rebuild
+# (mixed --rebuild-inputs).
 #
 # Environment:
 #   REPEATS   interleaved repeats (default 3): each repeat runs every network's
@@ -92,6 +95,11 @@ net_args() {  # net_args NETWORK: moonwalk-memory's network options, one per lin
 
 net_schedules() {  # net_schedules NETWORK: the schedule labels, in the report's order
   local s=(backprop checkpoint binomial:2 binomial:4 binomial:8 binomial:16 mixed) keep=() x
+  case $1 in  # (values of 1 MiB at width 256, batch 1024; 128 KiB for the Fashion MLP's widest)
+    fashion) s+=(planned:1M planned:768K planned:600K) ;;
+    mlp16 | mlp16-0.5) s+=(planned:24M planned:16M planned:8M planned:6M) ;;
+    *) s+=(planned:64M planned:32M planned:16M planned:8M planned:6M) ;;
+  esac
   [ "$1" = revnet64 ] && s+=(revbackprop mixed-rebuild)
   if [ -n "${SCHEDULES:-}" ]; then
     for x in "${s[@]}"; do [[ " $SCHEDULES " == *" $x "* ]] && keep+=("$x"); done
@@ -104,6 +112,7 @@ schedule_args() {  # schedule_args LABEL: moonwalk-memory's schedule options, on
   case $1 in
     binomial:*) printf '%s\n' --schedule binomial --slots "${1#binomial:}" ;;
     mixed-rebuild) printf '%s\n' --schedule mixed --rebuild-inputs ;;
+    planned:*) printf '%s\n' --schedule planned --plan-budget "${1#planned:}" ;;
     *) printf '%s\n' --schedule "$1" ;;
   esac
 }

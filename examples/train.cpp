@@ -9,6 +9,7 @@
 //                  [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype float|double]
 //                  [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]
 //                  [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]
+//                  [--budget BYTES]   (planned: the working set a step may use; K, M, G suffixes)
 //
 // While it runs, a progress bar on stderr (epoch, batch, loss, samples/s,
 // bytes kept between passes by the schedule, the step's gradient error
@@ -95,7 +96,8 @@ struct Options {
   std::string data = moonwalk::data::default_fashion_mnist_dir;
   Index train_limit = 0, test_limit = 0;
   bool rebuild_inputs = false;
-  std::string augment;  // none | flip; empty: the model's default (revnet: flip, others: none)
+  std::size_t budget = 0;  // planned: bytes of a step's working set; 0: unlimited
+  std::string augment;     // none | flip; empty: the model's default (revnet: flip, others: none)
   std::string save, resume, log, step_log;
   bool quiet = false;
 };
@@ -106,14 +108,16 @@ const char* kUsage =
     "                      [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype "
     "float|double]\n"
     "                      [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]\n"
-    "                      [--augment none|flip]\n"
+    "                      [--augment none|flip] [--budget BYTES]\n"
     "                      [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]\n"
     "\n"
     "  --model           mlp (784-256-128-100-10, LeakyReLU) or revnet (conv RevNet); default mlp\n"
     "  --net SPEC        any network in moonwalk-gradcheck's grammar instead (784 inputs, 10 outputs)\n"
-    "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, forward,\n"
-    "                    projforward; Moonwalk schedules hold the default fidelity policy\n"
+    "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, planned,\n"
+    "                    forward, projforward; Moonwalk schedules hold the default fidelity policy\n"
     "  --rebuild-inputs  mixed: rebuild invertible layers' inputs instead of keeping residuals\n"
+    "  --budget BYTES    planned: the working set a step may use (suffix K, M, G: binary); the\n"
+    "                    planner picks the fastest plan that fits (default: unlimited)\n"
     "  --epochs N        passes over the training set (default 5); --batch B (default 128; a batch\n"
     "                    larger than the training set is the whole set)\n"
     "  --optimizer       adam (default, lr 1e-3) or sgd (lr 0.05, --momentum 0.9); --weight-decay WD >= 0\n"
@@ -231,6 +235,12 @@ Options parse_options(int argc, char** argv) {
       if (v != "none" && v != "flip")
         throw UsageError(cat("--augment: expected none or flip, got '", v, "'"));
       o.augment = v;
+    } else if (a == "--budget") {
+      try {
+        o.budget = moonwalk::parse_bytes(a, v);
+      } catch (const moonwalk::Error& e) {
+        throw UsageError(e.what());
+      }
     } else if (a == "--save") {
       o.save = v;
     } else if (a == "--resume") {
@@ -243,6 +253,9 @@ Options parse_options(int argc, char** argv) {
       throw UsageError(cat("unknown option '", a, "'"));
     }
   }
+  if (o.budget > 0 && o.schedule != "planned")
+    throw UsageError(
+        cat("--budget: only the planned schedule takes a budget (the schedule is ", o.schedule, ")"));
   if (!net_given) o.spec = o.model == "mlp" ? kMlpSpec : kRevnetSpec;
   if (net_given) o.model = "custom";
   if (o.augment.empty()) o.augment = o.model == "revnet" ? "flip" : "none";
@@ -374,6 +387,7 @@ struct EpochTotals {
   double loss_sum = 0;
   Index batches = 0;
   std::size_t residual_bytes = 0, working_bytes = 0;
+  double predicted_working_bytes = 0;  // planned: its plan's working set
   double max_error = 0;
   std::size_t fallbacks = 0, untrusted = 0;
 };
@@ -513,7 +527,8 @@ int train(const Options& o) {
     start_epoch = static_cast<int>(ck.integer("epoch", o.resume, 0, std::numeric_limits<int>::max()));
   }
 
-  moonwalk::ScheduleChoice choice{.name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed};
+  moonwalk::ScheduleChoice choice{
+      .name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed, .budget = o.budget};
   const moonwalk::SoftmaxCrossEntropy<S> loss;
 
   if (o.schedule == "forward" || o.schedule == "pure")
@@ -596,6 +611,8 @@ int train(const Options& o) {
       ++ep.batches;
       ep.residual_bytes = std::max(ep.residual_bytes, st.residual_bytes);
       ep.working_bytes = std::max(ep.working_bytes, st.working_bytes);
+      if (const auto it = st.figures.find("predicted_working_bytes"); it != st.figures.end())
+        ep.predicted_working_bytes = std::max(ep.predicted_working_bytes, it->second);
       ep.max_error = max_or_nan(ep.max_error, st.error_estimate);
       ep.fallbacks += st.fallbacks;
       // Untrusted: the schedule says its estimate missed the tolerance, or it has no usable estimate.
@@ -623,6 +640,7 @@ int train(const Options& o) {
     last_train_loss = ep.loss_sum / static_cast<double>(std::max<Index>(1, ep.batches));
     run.residual_bytes = std::max(run.residual_bytes, ep.residual_bytes);
     run.working_bytes = std::max(run.working_bytes, ep.working_bytes);
+    run.predicted_working_bytes = std::max(run.predicted_working_bytes, ep.predicted_working_bytes);
     run.max_error = max_or_nan(run.max_error, ep.max_error);
     run.fallbacks += ep.fallbacks;
     run.untrusted += ep.untrusted;
@@ -680,6 +698,12 @@ int train(const Options& o) {
                    "peak working bytes per step (engine-accounted): %s; peak RSS of the process: %s\n",
                    human_bytes(static_cast<double>(run.working_bytes)).c_str(),
                    human_bytes(static_cast<double>(peak_rss_bytes())).c_str());
+    if (run.predicted_working_bytes > 0)
+      std::fprintf(stderr,
+                   "plan: predicted working bytes %s (measured %s, product scratch included), budget %s\n",
+                   human_bytes(run.predicted_working_bytes).c_str(),
+                   human_bytes(static_cast<double>(run.working_bytes)).c_str(),
+                   o.budget > 0 ? human_bytes(static_cast<double>(o.budget)).c_str() : "unlimited");
   }
   std::cout << "{\"model\":\"" << o.model << "\",\"schedule\":\"" << o.schedule
             << "\",\"epochs\":" << o.epochs << ",\"test_accuracy\":" << json_number(eval.accuracy)
@@ -687,11 +711,15 @@ int train(const Options& o) {
             << ",\"train_loss\":" << json_number(last_train_loss) << ",\"seconds\":" << json_number(seconds)
             << ",\"peak_rss_bytes\":" << peak_rss_bytes() << ",\"residual_bytes\":" << run.residual_bytes
             << ",\"backprop_residual_bytes\":" << backprop_bytes << ",\"working_bytes\":" << run.working_bytes
-            << ",\"max_error_estimate\":" << json_number(run.max_error) << ",\"fallbacks\":" << run.fallbacks
-            << ",\"untrusted_steps\":" << run.untrusted << ",\"parameters\":" << params
-            << ",\"batch\":" << batch << ",\"train_samples\":" << train_set.count
-            << ",\"test_samples\":" << test_set.count << ",\"threads\":" << threads << ",\"dtype\":\""
-            << o.dtype << "\",\"augment\":\"" << o.augment << "\"}" << std::endl;
+            << ",\"predicted_working_bytes\":"
+            << (run.predicted_working_bytes > 0 ? json_number(run.predicted_working_bytes)
+                                                : std::string("null"))
+            << ",\"budget_bytes\":" << o.budget << ",\"max_error_estimate\":" << json_number(run.max_error)
+            << ",\"fallbacks\":" << run.fallbacks << ",\"untrusted_steps\":" << run.untrusted
+            << ",\"parameters\":" << params << ",\"batch\":" << batch
+            << ",\"train_samples\":" << train_set.count << ",\"test_samples\":" << test_set.count
+            << ",\"threads\":" << threads << ",\"dtype\":\"" << o.dtype << "\",\"augment\":\"" << o.augment
+            << "\"}" << std::endl;
   check_stream(std::cout, "standard output (the result line)");
   return 0;
 }

@@ -147,7 +147,8 @@ constexpr const char* kUsage =
     "  --seed S          seed of parameters and data, unsigned integer; default 0\n"
     "  --dtype NAME      float or double; default double\n"
     "  --schedules LIST  comma-separated subset of backprop, mixed, pure, checkpoint, binomial,\n"
-    "                    revbackprop, forward, projforward, or all; default all\n"
+    "                    revbackprop, planned, forward, projforward, or all; default all (planned\n"
+    "                    runs at three budgets: unlimited, halfway, the smallest; the worst is reported)\n"
     "  --anchors K       mixed anchors every K layers (0 = none), on top of the policy; default 0\n"
     "  --init NAME       Linear initialisation: orthogonal or gaussian; default orthogonal\n"
     "  --policy P        Moonwalk fidelity policy: none, every:K, tolerance or double; default tolerance\n"
@@ -166,8 +167,8 @@ class UsageError : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
-const std::vector<std::string> kAllSchedules = {"backprop", "mixed",       "pure",    "checkpoint",
-                                                "binomial", "revbackprop", "forward", "projforward"};
+const std::vector<std::string> kAllSchedules = {"backprop",    "mixed",   "pure",    "checkpoint", "binomial",
+                                                "revbackprop", "planned", "forward", "projforward"};
 
 struct Options {
   std::string net;
@@ -217,9 +218,10 @@ std::vector<std::string> parse_schedules(const std::string& value) {
     const std::size_t comma = value.find(',', start);
     const std::string name = value.substr(start, comma == std::string::npos ? comma : comma - start);
     if (std::find(kAllSchedules.begin(), kAllSchedules.end(), name) == kAllSchedules.end())
-      throw UsageError(
-          "--schedules: unknown schedule '" + name +
-          "' (known: backprop, mixed, pure, checkpoint, binomial, revbackprop, forward, projforward, all)");
+      throw UsageError("--schedules: unknown schedule '" + name +
+                       "' (known: backprop, mixed, pure, checkpoint, binomial, revbackprop, planned, "
+                       "forward, projforward, "
+                       "all)");
     if (std::find(out.begin(), out.end(), name) == out.end()) out.push_back(name);
     if (comma == std::string::npos) break;
     start = comma + 1;
@@ -669,6 +671,25 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
         g = timed_gradient(binomial, net, x, loss, target, r.seconds);
       } else if (name == "revbackprop") {
         g = timed_gradient(moonwalk::RevBackprop{}, net, x, loss, target, r.seconds);
+      } else if (name == "planned") {
+        // Unlimited, halfway, and the smallest budget (the most recomputation);
+        // the gradient furthest from backprop's is the one judged.
+        moonwalk::Planned planned{.calibration = moonwalk::Calibration::estimate};
+        const std::size_t least = planned.smallest_budget(net, x);
+        std::size_t full = 0;  // backprop's plan's working set, from the unlimited run
+        double worst = -1;
+        for (int k = 0; k < 3; ++k) {
+          planned.budget = k == 0 ? 0 : k == 1 ? least + (full > least ? (full - least) / 2 : 0) : least;
+          double seconds = 0;
+          auto candidate = timed_gradient(planned, net, x, loss, target, seconds);
+          if (k == 0) full = static_cast<std::size_t>(candidate.stats.figures.at("predicted_working_bytes"));
+          const double err = max_rel_err(candidate.gradient.template cast<double>(), g_bp, offsets);
+          if (!(err <= worst)) {
+            worst = err;
+            g = std::move(candidate);
+            r.seconds = seconds;
+          }
+        }
       } else if (name == "forward") {
         g = timed_gradient(moonwalk::NaiveForward{}, net, x, loss, target, r.seconds);
       } else {
@@ -698,7 +719,8 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
       r.residual_bytes = g.stats.residual_bytes;
       const double norms = gd.norm() * g_bp.norm();
       r.cosine = norms > 0 ? gd.dot(g_bp) / norms : (gd.norm() == g_bp.norm() ? 1.0 : 0.0);
-      if (name == "backprop" || name == "checkpoint" || name == "binomial" || name == "forward") {
+      if (name == "backprop" || name == "checkpoint" || name == "binomial" || name == "planned" ||
+          name == "forward") {
         // Exact schedules: judged against finite differences like backprop.
         r.tolerance = fd_tolerance<S>(L);
         if (o.fd) {

@@ -29,9 +29,9 @@ TEST_CASE("with_schedule: every name runs its schedule and agrees with backprop"
       CHECK(mwtest::rel_err(r.gradient, bp.gradient) < 1e-9);
     }
   }
-  // Eight names, and binomial is the slotted Checkpointing (same reported schedule name or not,
+  // Nine names, and binomial is the slotted Checkpointing (same reported schedule name or not,
   // every one ran: at least the distinct schedule types).
-  CHECK(schedule_names().size() == 8);
+  CHECK(schedule_names().size() == 9);
   CHECK(seen.count("mixed") == 1);
   CHECK(seen.count("pure") == 1);
   CHECK(seen.count("revbackprop") == 1);

@@ -142,9 +142,9 @@ TEST_CASE("gradcheck: the issue example passes every schedule, double and float"
     check_document(doc, kIssueNet, dtype, 16);
     CHECK(doc["params"].number == 64 * 48 + 48 + 48 * 32 + 32 + 32 * 10 + 10);
     const auto res = results_by_schedule(doc);
-    REQUIRE(doc["results"].array.size() == 8);
-    for (const std::string s :
-         {"backprop", "mixed", "pure", "checkpoint", "binomial", "revbackprop", "forward", "projforward"}) {
+    REQUIRE(doc["results"].array.size() == 9);
+    for (const std::string s : {"backprop", "mixed", "pure", "checkpoint", "binomial", "revbackprop",
+                                "planned", "forward", "projforward"}) {
       INFO("schedule " << s);
       REQUIRE(res.count(s) == 1);
       CHECK(res.at(s)["pass"].boolean);
@@ -219,7 +219,7 @@ TEST_CASE("gradcheck: every grammar token appears in a passing run", "[tools][gr
     REQUIRE(r.exit_code == 0);
     const auto res = results_by_schedule(r.json());
     // A general convolution is neither submersive nor fragmental: pure is left out there.
-    CHECK(res.size() == (args[1].find(",conv:") != std::string::npos ? 7u : 8u));
+    CHECK(res.size() == (args[1].find(",conv:") != std::string::npos ? 8u : 9u));
     for (const auto& [name, result] : res) {
       INFO("schedule " << name);
       CHECK(result["pass"].boolean);
@@ -303,7 +303,7 @@ TEST_CASE("gradcheck: an ill-conditioned float network fails the error model ung
   INFO("stdout: " << r.out);
   CHECK(r.exit_code == 1);
   const auto res = results_by_schedule(r.json());
-  REQUIRE(res.size() == 8);
+  REQUIRE(res.size() == 9);
   CHECK(res.at("backprop")["pass"].boolean);
   for (const std::string s : {"mixed", "pure"}) {
     INFO("schedule " << s);

@@ -201,6 +201,26 @@ TEST_CASE("train: a resumed run continues exactly where the checkpoint left off"
   CHECK_THAT(corrupt.err, Contains(t / "b.ckpt") && Contains("corrupt"));
 }
 
+TEST_CASE("train: the planned schedule within --budget prints its predicted and measured working set",
+          "[tools][train][planned]") {
+  require_data();
+  const Json j = check_success(
+      train(with(kSlice, {"--model", "mlp", "--schedule", "planned", "--budget", "1M", "--batch", "64"})));
+  CHECK(j["schedule"].string == "planned");
+  CHECK(j["budget_bytes"].number == 1 << 20);
+  CHECK(j["predicted_working_bytes"].number > 0);
+  CHECK(j["predicted_working_bytes"].number <= 1 << 20);
+  CHECK(j["working_bytes"].number >= j["predicted_working_bytes"].number);  // (+ the product scratch)
+  // --budget belongs to planned; a malformed one names the option.
+  for (const auto& args : std::vector<std::vector<std::string>>{
+           {"--budget", "1M"}, {"--schedule", "planned", "--budget", "12Q"}}) {
+    const Run r = train(args);
+    INFO("stderr: " << r.err);
+    CHECK(r.exit_code == 2);
+    CHECK_THAT(r.err, Contains("--budget"));
+  }
+}
+
 TEST_CASE("train: bad command lines exit 2 naming the option; missing data exits 1 naming the path",
           "[tools][train]") {
   for (const auto& args : std::vector<std::vector<std::string>>{{"--schedule", "nope"},

@@ -175,4 +175,45 @@ void check_batch(const Named& layer, const char* a, Index ca, const char* b, Ind
 }
 
 }  // namespace detail
+/// A byte count as command lines write it: a positive integer, optionally
+/// with a binary suffix K, M or G (case-insensitive): "512M" = 512 · 2^20.
+/// Throws Error naming `option` and the text when it is not one.
+inline std::size_t parse_bytes(const std::string& option, const std::string& text) {
+  const auto bad = [&](const char* why) { return Error(detail::cat(option, ": ", why, ": '", text, "'")); };
+  constexpr const char* expected = "expected a number of bytes (suffix K, M or G)";
+  std::size_t i = 0, n = 0;
+  const std::size_t max = static_cast<std::size_t>(-1);
+  for (; i < text.size() && text[i] >= '0' && text[i] <= '9'; ++i) {
+    const auto d = static_cast<std::size_t>(text[i] - '0');
+    if (n > (max - d) / 10) throw bad("too large");
+    n = n * 10 + d;
+  }
+  if (i == 0) throw bad(expected);
+  int shift = 0;
+  if (i + 1 == text.size()) {
+    switch (text[i]) {
+      case 'K':
+      case 'k':
+        shift = 10;
+        break;
+      case 'M':
+      case 'm':
+        shift = 20;
+        break;
+      case 'G':
+      case 'g':
+        shift = 30;
+        break;
+      default:
+        throw bad("unknown suffix (expected K, M or G)");
+    }
+  } else if (i != text.size()) {
+    throw bad(expected);
+  }
+  if (n > (max >> shift)) throw bad("too large");
+  n <<= shift;
+  if (n == 0) throw bad("must be > 0");
+  return n;
+}
+
 }  // namespace moonwalk

@@ -14,6 +14,7 @@
 //   checkpoint   Checkpointing{.every} (0: round(√L))
 //   binomial     Checkpointing{.slots} (0: max(1, round(√L)))
 //   revbackprop  RevBackprop{}
+//   planned      Planned{.budget, .calibration} (0: unlimited)
 //   forward      NaiveForward{} (one jvp pass per parameter)
 //   projforward  ProjForward{.directions, .seed} (an estimate)
 #pragma once
@@ -33,6 +34,7 @@
 #include "moonwalk/schedules/checkpoint.hpp"
 #include "moonwalk/schedules/forward_mode.hpp"
 #include "moonwalk/schedules/mixed.hpp"
+#include "moonwalk/schedules/planned.hpp"
 #include "moonwalk/schedules/projforward.hpp"
 #include "moonwalk/schedules/pure.hpp"
 #include "moonwalk/schedules/revbackprop.hpp"
@@ -50,18 +52,20 @@ struct ScheduleChoice {
   std::size_t slots = 0;          ///< binomial: held inputs (0: max(1, round(√L)))
   std::size_t directions = 16;    ///< projforward
   std::uint64_t seed = 0;         ///< projforward
-  /// backprop, mixed, checkpoint, binomial, revbackprop: also return h_0 =
+  std::size_t budget = 0;         ///< planned: bytes of a step's working set (0: unlimited)
+  Calibration calibration = Calibration::cached;  ///< planned: where layer costs come from
+  /// backprop, mixed, checkpoint, binomial, revbackprop, planned: also return h_0 =
   /// ∂ℓ/∂x_0 (GradientResult::h0; the others always do).
   bool input_gradient = false;
-  /// backprop, mixed: the buffers kept across steps (schedules/detail/workspace.hpp),
-  /// shared by every schedule with_schedule makes from this choice.
+  /// backprop, mixed, checkpoint, binomial, planned: the buffers kept across steps
+  /// (schedules/detail/workspace.hpp), shared by every schedule with_schedule makes from this choice.
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
 };
 
 /// Every name with_schedule() accepts, in the order tools list them.
 inline const std::vector<std::string>& schedule_names() {
-  static const std::vector<std::string> names{"backprop", "mixed",       "pure",    "checkpoint",
-                                              "binomial", "revbackprop", "forward", "projforward"};
+  static const std::vector<std::string> names{"backprop",    "mixed",   "pure",    "checkpoint", "binomial",
+                                              "revbackprop", "planned", "forward", "projforward"};
   return names;
 }
 
@@ -100,18 +104,23 @@ decltype(auto) with_schedule(const ScheduleChoice& c, std::size_t layers, F&& f)
     return f(p);
   }
   if (c.name == "checkpoint") {
-    Checkpointing k;
-    k.every = c.every;
-    k.input_gradient = c.input_gradient;
+    Checkpointing k{.every = c.every, .input_gradient = c.input_gradient, .workspace = c.workspace};
     return f(k);
   }
   if (c.name == "binomial") {
-    Checkpointing k;
-    k.slots = c.slots > 0 ? c.slots : sqrt_l;
-    k.input_gradient = c.input_gradient;
+    Checkpointing k{.slots = c.slots > 0 ? c.slots : sqrt_l,
+                    .input_gradient = c.input_gradient,
+                    .workspace = c.workspace};
     return f(k);
   }
   if (c.name == "revbackprop") return f(RevBackprop{.input_gradient = c.input_gradient});
+  if (c.name == "planned") {
+    Planned p{.budget = c.budget,
+              .calibration = c.calibration,
+              .input_gradient = c.input_gradient,
+              .workspace = c.workspace};
+    return f(p);
+  }
   if (c.name == "forward") return f(NaiveForward{});
   if (c.name == "projforward") {
     ProjForward p;

@@ -39,6 +39,15 @@ class FlatMap {
     if (static_cast<std::size_t>(pos) < n_ && items_[static_cast<std::size_t>(pos)].first == key)
       return items_[static_cast<std::size_t>(pos)].second;
     if (n_ == items_.size()) items_.emplace_back();
+    // The spare whose string fits the key most tightly (best fit: once the
+    // spares have held a set of keys, they hold it again in any order).
+    std::size_t fit = n_;
+    for (std::size_t k = n_; k < items_.size(); ++k) {
+      const std::size_t c = items_[k].first.capacity();
+      if (c >= key.size() && (items_[fit].first.capacity() < key.size() || c < items_[fit].first.capacity()))
+        fit = k;
+    }
+    if (fit != n_) std::swap(items_[fit], items_[n_]);
     value_type& spare = items_[n_];  // (its string keeps its capacity)
     spare.first.assign(key.data(), key.size());
     spare.second = V{};

@@ -1,0 +1,235 @@
+// Moonwalk — what each layer of a chain costs, for the planner.
+//
+// chain_costs(net, x0, how) gives the planner's ChainCosts at x0's batch:
+// the bytes of every value x_i (rows_i × batch × sizeof(S)) and the seconds
+// of each layer's forward step x_{i+1} = f_i(x_i) and backward step
+// (g_i += J_{θ,i}ᵀ h, h ← J_iᵀ h), and of the loss.
+//
+//   Calibration::cached    timed on this machine once per layer (by its name,
+//                          which carries its widths), batch and scalar type,
+//                          kept in a small file under the user's cache
+//                          directory and read back by later runs.
+//   Calibration::measure   timed now (the file neither read nor written).
+//   Calibration::estimate  no timing: forward ∝ (parameters + in + out) ·
+//                          batch, backward twice that; deterministic.
+//
+// The file: ${MOONWALK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/moonwalk}/
+// layer-costs-v1.tsv, one line per (machine, build, scalar, batch, layer):
+// tab-separated key fields, then forward and backward seconds. It is
+// rewritten whole (a temporary file renamed over it, so a reader never sees
+// half of it); lines it cannot read are dropped. MOONWALK_COST_CACHE=0
+// turns it off (cached then measures every time). A cache that cannot be
+// written costs only the timing next run; it never fails a step.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <system_error>
+#include <vector>
+
+#include "moonwalk/core/dense.hpp"
+#include "moonwalk/core/ops.hpp"
+#include "moonwalk/nets/parameters.hpp"
+#include "moonwalk/plan/planner.hpp"
+#include "moonwalk/schedules/detail/workspace.hpp"
+
+namespace moonwalk {
+
+/// Where the planner's layer costs come from (see the top of this file).
+enum class Calibration : std::uint8_t { cached, measure, estimate };
+
+[[nodiscard]] inline const char* to_string(Calibration c) {
+  switch (c) {
+    case Calibration::cached:
+      return "cached";
+    case Calibration::measure:
+      return "measure";
+    case Calibration::estimate:
+      return "estimate";
+  }
+  return "?";
+}
+
+namespace detail {
+
+/// The cost file's path, or empty when MOONWALK_COST_CACHE=0 or no
+/// directory is known.
+inline std::filesystem::path cost_cache_file() {
+  if (const char* off = std::getenv("MOONWALK_COST_CACHE"); off && std::string(off) == "0") return {};
+  std::filesystem::path dir;
+  if (const char* d = std::getenv("MOONWALK_CACHE_DIR"); d && *d) {
+    dir = d;
+  } else if (const char* x = std::getenv("XDG_CACHE_HOME"); x && *x) {
+    dir = std::filesystem::path(x) / "moonwalk";
+  } else if (const char* h = std::getenv("HOME"); h && *h) {
+    dir = std::filesystem::path(h) / ".cache" / "moonwalk";
+  } else {
+    return {};
+  }
+  return dir / "layer-costs-v1.tsv";
+}
+
+/// This machine and build, as the cost file keys them: the CPU's model name,
+/// the compiler and Eigen's instruction sets.
+inline const std::string& machine_key() {
+  static const std::string key = [] {
+    std::string cpu = "unknown cpu";
+    std::ifstream info("/proc/cpuinfo");
+    for (std::string line; std::getline(info, line);)
+      if (line.rfind("model name", 0) == 0) {
+        const auto colon = line.find(':');
+        const auto start = colon == std::string::npos ? colon : line.find_first_not_of(' ', colon + 1);
+        if (start != std::string::npos) cpu = line.substr(start);
+        break;
+      }
+    std::string k = cat(cpu, " | ", __VERSION__, " | ", Eigen::SimdInstructionSetsInUse());
+    std::replace(k.begin(), k.end(), '\t', ' ');
+    return k;
+  }();
+  return key;
+}
+
+/// The cost file as a map from its key (every field but the last two,
+/// tab-joined) to (forward, backward) seconds; unreadable lines are skipped.
+using CostTable = std::map<std::string, std::pair<double, double>>;
+
+inline CostTable read_cost_file(const std::filesystem::path& file) {
+  CostTable t;
+  std::ifstream in(file);
+  for (std::string line; std::getline(in, line);) {
+    const auto b = line.rfind('\t');
+    if (b == std::string::npos || b == 0) continue;
+    const auto f = line.rfind('\t', b - 1);
+    if (f == std::string::npos) continue;
+    char* end = nullptr;
+    const std::string fs = line.substr(f + 1, b - f - 1), bs = line.substr(b + 1);
+    const double fw = std::strtod(fs.c_str(), &end);
+    if (end == fs.c_str() || *end) continue;
+    const double bw = std::strtod(bs.c_str(), &end);
+    if (end == bs.c_str() || *end || !std::isfinite(fw) || !std::isfinite(bw) || fw < 0 || bw < 0) continue;
+    t[line.substr(0, f)] = {fw, bw};
+  }
+  return t;
+}
+
+/// Writes the table whole: to a temporary file beside it, renamed over it.
+/// Returns false (and leaves the old file) when it cannot.
+inline bool write_cost_file(const std::filesystem::path& file, const CostTable& t) {
+  static std::mutex one_writer;  // (threads of one process; processes have their own temporary files)
+  static std::atomic<unsigned> serial{0};
+  const std::lock_guard lock(one_writer);
+  std::error_code ec;
+  std::filesystem::create_directories(file.parent_path(), ec);
+  const std::filesystem::path tmp = file.string() + cat(".tmp.", ::getpid(), ".", serial++);
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!out) return false;
+    out.precision(9);
+    for (const auto& [k, v] : t) out << k << '\t' << v.first << '\t' << v.second << '\n';
+    out.close();
+    if (!out) {
+      std::filesystem::remove(tmp, ec);
+      return false;
+    }
+  }
+  std::filesystem::rename(tmp, file, ec);
+  if (!ec) return true;
+  std::error_code ignored;
+  std::filesystem::remove(tmp, ignored);
+  return false;
+}
+
+/// The least of `reps` timings of f(), in seconds.
+template <class F>
+double least_seconds(int reps, F&& f) {
+  double best = std::numeric_limits<double>::infinity();
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = std::chrono::steady_clock::now();
+    f();
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best;
+}
+
+}  // namespace detail
+
+/// The planner's view of `net` at x0's batch (see the top of this file).
+/// Timing runs each layer's operations on x0 propagated through the chain;
+/// the backward step accumulates into the layers' gradient storage, which
+/// the caller zeroes before a step. The loss's time is not measured (one
+/// pass over x_L, small next to any layer): 0.
+template <Net N>
+ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibration how) {
+  using S = typename N::scalar_type;
+  const Index batch = x0.cols();
+  ChainCosts c;
+  c.value_bytes.push_back(static_cast<std::size_t>(x0.size()) * sizeof(S));
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      c.value_bytes.push_back(static_cast<std::size_t>(l.out_features() * batch) * sizeof(S));
+    });
+  c.forward.assign(net.size(), 0);
+  c.backward.assign(net.size(), 0);
+  if (how == Calibration::estimate) {
+    for (std::size_t i = 0; i < net.size(); ++i)
+      net.visit(i, [&](const auto& l) {
+        c.forward[i] =
+            1e-9 * static_cast<double>((l.num_params() + l.in_features() + l.out_features()) * batch);
+        c.backward[i] = 2 * c.forward[i];
+      });
+    return c;
+  }
+  const std::filesystem::path file =
+      how == Calibration::cached ? detail::cost_cache_file() : std::filesystem::path{};
+  detail::CostTable table = file.empty() ? detail::CostTable{} : detail::read_cost_file(file);
+  const std::string prefix =
+      detail::cat(detail::machine_key(), '\t', sizeof(S) == 4 ? "float" : "double", '\t', batch, '\t');
+  bool added = false;
+  // x_i and x_{i+1} alternate between two buffers; h and J_iᵀ h between two more.
+  detail::Buffer<S> xb[2], hb[2];
+  xb[0].view(x0.rows(), batch) = x0;
+  int cur = 0;
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](auto& l) {
+      std::string name = l.name();
+      std::replace(name.begin(), name.end(), '\t', ' ');
+      std::replace(name.begin(), name.end(), '\n', ' ');
+      const std::string key = prefix + name;
+      const CRef<S> x = xb[cur].view(l.in_features(), batch);
+      auto y = xb[1 - cur].view(l.out_features(), batch);
+      if (const auto it = table.find(key); it != table.end()) {
+        moonwalk::forward_into(l, x, y);
+        c.forward[i] = it->second.first;
+        c.backward[i] = it->second.second;
+      } else {
+        c.forward[i] = detail::least_seconds(3, [&] { moonwalk::forward_into(l, x, y); });
+        auto h = hb[0].view(l.out_features(), batch);
+        h = y;  // (any cotangent of the right shape times the same)
+        const CRef<S> hc = h;
+        auto hin = hb[1].view(l.in_features(), batch);
+        c.backward[i] = detail::least_seconds(3, [&] {
+          moonwalk::accumulate_vjp_params(l, x, hc);
+          moonwalk::vjp_into(l, x, hc, hin);
+        });
+        table[key] = {c.forward[i], c.backward[i]};
+        added = true;
+      }
+      cur = 1 - cur;
+    });
+  if (added && !file.empty()) (void)detail::write_cost_file(file, table);
+  return c;
+}
+
+}  // namespace moonwalk

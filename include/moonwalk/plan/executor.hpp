@@ -1,0 +1,309 @@
+// Moonwalk — the executor: runs any plan (plan/plan.hpp) on a network.
+//
+// Size, then bind, then run: a plan bound to a chain's shapes (PlanRun::bind)
+// knows, before the step, where in one arena each forward step writes. In
+// the plans the generators and the planner make, the values kept past the
+// next step (checkpoints, activations, operands) are freed in the reverse
+// order of their making — a stack — and the others live for one step; so
+// the kept values are stacked from the arena's bottom and an advance's
+// values alternate between the free space's two ends, its last value landing
+// on the stack: the arena is exactly the plan's peak of held bytes. A plan
+// that breaks the stack order is laid out first-fit instead (an arena that
+// may exceed its peak). A warm step on the same shapes allocates nothing:
+// the arena, the two cotangent buffers and the store's lists are reused.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <limits>
+#include <vector>
+
+#include "moonwalk/core/dense.hpp"
+#include "moonwalk/core/ops.hpp"
+#include "moonwalk/nets/parameters.hpp"
+#include "moonwalk/plan/plan.hpp"
+#include "moonwalk/schedules/detail/workspace.hpp"
+#include "moonwalk/schedules/gradient.hpp"
+
+namespace moonwalk {
+
+/// A plan bound to the shapes of one chain at one batch size, with its buffers.
+template <class S>
+class PlanRun {
+ public:
+  static constexpr std::size_t none = std::numeric_limits<std::size_t>::max();
+
+  /// Binds `plan` (checked by check_plan) to values of rows[i] × batch
+  /// (i = 0..L), allocating the buffers it needs; `input_gradient`: the
+  /// backward step of layer 0 also gives h_0.
+  /// `allocate` false: the layout only (buffers allocated by the first run).
+  void bind(Plan plan, std::vector<Index> rows, Index batch, bool input_gradient, bool allocate = true) {
+    std::vector<std::size_t> bytes(rows.size());
+    for (std::size_t i = 0; i < rows.size(); ++i)
+      bytes[i] = static_cast<std::size_t>(rows[i] * batch) * sizeof(S);
+    check_plan(plan, bytes);
+    plan_ = std::move(plan);
+    rows_ = std::move(rows);
+    batch_ = batch;
+    input_gradient_ = input_gradient;
+    assign();
+    if (allocate) this->allocate();
+  }
+
+  /// True when bound to these shapes (and input_gradient).
+  [[nodiscard]] bool bound_to(const std::vector<Index>& rows, Index batch, bool input_gradient) const {
+    return batch_ == batch && rows_ == rows && input_gradient_ == input_gradient;
+  }
+  [[nodiscard]] const Plan& plan() const { return plan_; }
+
+  /// Bytes of the values' arena (what the layout needs, allocated or not).
+  [[nodiscard]] std::size_t value_bytes() const { return arena_size_ * sizeof(S); }
+  /// Bytes of a step's working set: the value buffers, two cotangent buffers
+  /// of the widest cotangent and ∂ℓ/∂x_L.
+  [[nodiscard]] std::size_t working_bytes() const {
+    return value_bytes() + cotangent_bytes(rows_, batch_, input_gradient_);
+  }
+  /// Bytes of the two cotangent buffers (the widest cotangent: of x_1 … x_L,
+  /// or x_0 … x_L with input_gradient) and of ∂ℓ/∂x_L.
+  [[nodiscard]] static std::size_t cotangent_bytes(const std::vector<Index>& rows, Index batch,
+                                                   bool input_gradient) {
+    return (2 * widest(rows, batch, input_gradient) + static_cast<std::size_t>(rows.back() * batch)) *
+           sizeof(S);
+  }
+  /// Bytes allocated now (workspace accounting: storage_bytes()).
+  [[nodiscard]] std::size_t storage_bytes() const {
+    return h_[0].storage_bytes() + h_[1].storage_bytes() +
+           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S);
+  }
+  /// Frees the buffers (the layout stays; the next run allocates them again).
+  void release() {
+    arena_ = Vector<S>();
+    h_[0] = detail::Buffer<S>();
+    h_[1] = detail::Buffer<S>();
+    g_ = Matrix<S>();
+  }
+
+  /// Runs the plan: out.loss, ∂ℓ/∂θ accumulated in the layers' storage (the
+  /// caller zeroes it first), out.h0 with input_gradient, and the step's
+  /// counts, the saved-value accounting (checkpoints and activations, by
+  /// role) and working_bytes in out.stats.
+  template <Net N, class L>
+  void run(N& net, const CRef<S>& x0, const L& loss, const typename L::target_type& target,
+           GradientResult<S>& out) {
+    allocate();
+    Stats& st = out.stats;
+    store_.restart(net.size());
+    std::fill(at_.begin(), at_.end(), none);
+    const std::size_t n = plan_.layers;
+    role_[0] = plan_.input_role;
+    auto value = [&](std::size_t i) -> CRef<S> {
+      if (i == 0) return x0;
+      return Eigen::Map<const Matrix<S>>(arena_.data() + at_[i], rows_[i], batch_);
+    };
+    auto slot = [](ValueRole r) {
+      return r == ValueRole::checkpoint ? SavedStore::residual : SavedStore::activation;
+    };
+    auto account = [&](std::size_t i, ValueRole r, auto& l) {
+      if (i < n && detail::accounted(r))
+        store_.hold(i, slot(r), names_(i, l), static_cast<std::size_t>(rows_[i] * batch_) * sizeof(S),
+                    to_string(r));
+    };
+    auto free_value = [&](std::size_t i) {
+      if (i < n && detail::accounted(role_[i])) store_.drop(i, slot(role_[i]));
+      if (i > 0) at_[i] = none;
+    };
+    if (detail::accounted(role_[0])) net.visit(0, [&](const auto& l) { account(0, role_[0], l); });
+    detail::PingPong<S> h(h_[0], h_[1]);
+    for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
+      const PlanStep& s = plan_.steps[k];
+      const std::size_t i = s.layer;
+      switch (s.op) {
+        case PlanOp::forward: {
+          const std::size_t o = offset_of_[k];
+          net.visit(i, [&](const auto& l) {
+            moonwalk::forward_into(l, value(i),
+                                   Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i + 1], batch_));
+          });
+          ++st.counts.forward;
+          at_[i + 1] = o;
+          role_[i + 1] = s.output;
+          if (i + 1 < n) net.visit(i + 1, [&](const auto& l) { account(i + 1, s.output, l); });
+          if (i > 0 && role_[i] == ValueRole::temporary) free_value(i);
+          break;
+        }
+        case PlanOp::loss:
+          out.loss = detail::loss_into<L, S>(loss, value(n), target, g_);
+          h.assign(g_);
+          free_value(n);
+          break;
+        case PlanOp::backward:
+          net.visit(i, [&](auto& l) {
+            const CRef<S> xi = value(i);
+            moonwalk::accumulate_vjp_params(l, xi, h.current());
+            ++st.counts.vjp_params;
+            if (i > 0 || input_gradient_) {
+              moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch_));
+              h.flip();
+              ++st.counts.vjp;
+            }
+          });
+          free_value(i);
+          break;
+      }
+    }
+    if (detail::accounted(role_[0])) store_.drop(0, slot(role_[0]));
+    st.working_bytes = storage_bytes() + thread_scratch_bytes();
+    if (input_gradient_)
+      out.h0 = h.current();
+    else
+      out.h0.resize(0, 0);
+    store_.report_to(st);
+  }
+
+ private:
+  [[nodiscard]] static std::size_t widest(const std::vector<Index>& rows, Index batch, bool input_gradient) {
+    Index w = 0;
+    for (std::size_t i = input_gradient ? 0 : 1; i < rows.size(); ++i) w = std::max(w, rows[i]);
+    return static_cast<std::size_t>(w * batch);
+  }
+  [[nodiscard]] std::size_t widest_cotangent() const { return widest(rows_, batch_, input_gradient_); }
+
+  /// The layout: the arena offset each forward step writes at (the top of
+  /// this file), stacked where the plan allows, else first-fit.
+  void assign() {
+    if (!stacked()) first_fit();
+    at_.assign(plan_.layers + 1, none);
+    role_.assign(plan_.layers + 1, ValueRole::temporary);
+  }
+
+  /// The values live while the layout is made: offset and size of x_i
+  /// (offset none: not in the arena).
+  struct Live {
+    std::vector<std::size_t> offset, size;
+    explicit Live(std::size_t values) : offset(values, none), size(values, 0) {}
+    [[nodiscard]] bool overlaps(std::size_t o, std::size_t n) const {
+      for (std::size_t i = 0; i < offset.size(); ++i)
+        if (offset[i] != none && o < offset[i] + size[i] && offset[i] < o + n) return true;
+      return false;
+    }
+  };
+
+  /// Walks the plan as check_plan does, asking place(k, size, live) for the
+  /// offset of each forward step k's value (none: give up) and freeing
+  /// values as the plan frees them. True when every value was placed.
+  template <class Place>
+  bool walk(Place&& place) {
+    const std::size_t n = plan_.layers;
+    Live live(n + 1);
+    std::vector<ValueRole> role(n + 1, ValueRole::temporary);
+    offset_of_.assign(plan_.steps.size(), none);
+    auto release = [&](std::size_t i) {
+      if (i > 0) live.offset[i] = none;
+    };
+    for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
+      const PlanStep& st = plan_.steps[k];
+      if (st.op == PlanOp::forward) {
+        const std::size_t j = st.layer + 1;
+        const auto size = static_cast<std::size_t>(rows_[j] * batch_);
+        const std::size_t o = place(k, size, live);
+        if (o == none) return false;
+        offset_of_[k] = o;
+        live.offset[j] = o;
+        live.size[j] = size;
+        role[j] = st.output;
+        if (st.layer > 0 && role[st.layer] == ValueRole::temporary) release(st.layer);
+      } else {
+        release(st.layer);
+      }
+    }
+    return true;
+  }
+
+  /// The stacked layout in an arena of the plan's peak; false when the plan
+  /// breaks the stack order (a value would overlap another or leave the arena).
+  bool stacked() {
+    std::vector<std::size_t> sizes(rows_.size());
+    for (std::size_t i = 0; i < rows_.size(); ++i) sizes[i] = static_cast<std::size_t>(rows_[i] * batch_);
+    const std::size_t peak = check_plan(plan_, sizes).peak_held_bytes;  // (in scalars here)
+    // ahead[k]: how many forward steps follow step k in its advance, each
+    // reading the previous one's temporary output right after it.
+    std::vector<std::size_t> ahead(plan_.steps.size(), 0);
+    for (std::size_t k = plan_.steps.size(); k-- > 0;) {
+      const PlanStep& st = plan_.steps[k];
+      if (st.op != PlanOp::forward || st.output != ValueRole::temporary || k + 1 == plan_.steps.size())
+        continue;
+      const PlanStep& next = plan_.steps[k + 1];
+      if (next.op == PlanOp::forward && next.layer == st.layer + 1) ahead[k] = ahead[k + 1] + 1;
+    }
+    const bool ok = walk([&](std::size_t k, std::size_t size, const Live& live) -> std::size_t {
+      if (size > peak) return none;
+      // The stack's top: the end of the highest live value at the bottom
+      // end (values at the top end leave room for this one below them).
+      std::size_t top = 0;
+      for (std::size_t i = 0; i < live.offset.size(); ++i)
+        if (live.offset[i] != none && live.offset[i] + live.size[i] + size <= peak)
+          top = std::max(top, live.offset[i] + live.size[i]);
+      const std::size_t o = ahead[k] % 2 == 0 ? top : peak - size;
+      return o + size > peak || live.overlaps(o, size) ? none : o;
+    });
+    if (ok) arena_size_ = peak;
+    return ok;
+  }
+
+  /// First fit: the lowest offset where the value overlaps no live one.
+  void first_fit() {
+    arena_size_ = 0;
+    (void)walk([&](std::size_t, std::size_t size, const Live& live) {
+      std::vector<std::pair<std::size_t, std::size_t>> used;
+      for (std::size_t i = 0; i < live.offset.size(); ++i)
+        if (live.offset[i] != none) used.emplace_back(live.offset[i], live.offset[i] + live.size[i]);
+      std::sort(used.begin(), used.end());
+      std::size_t o = 0;
+      for (const auto& [begin, end] : used) {
+        if (begin >= o + size) break;
+        o = std::max(o, end);
+      }
+      arena_size_ = std::max(arena_size_, o + size);
+      return o;
+    });
+  }
+
+  /// Gives the arena and the cotangent buffers their sizes (nothing when they have them).
+  void allocate() {
+    detail::safe_resize(arena_, static_cast<Index>(arena_size_));
+    const auto w = static_cast<Index>(widest_cotangent());
+    for (auto& h : h_) {
+      if (h.storage_bytes() != static_cast<std::size_t>(w) * sizeof(S))
+        h = detail::Buffer<S>();  // (exact: it never shrinks)
+      h.view(w, 1);
+    }
+    detail::safe_resize(g_, rows_.back(), batch_);
+  }
+
+  Plan plan_;
+  std::vector<Index> rows_;
+  Index batch_ = -1;
+  bool input_gradient_ = false;
+  std::vector<std::size_t> offset_of_;  ///< per step: where a forward step writes (scalars into the arena)
+  std::size_t arena_size_ = 0;          ///< scalars
+  Vector<S> arena_;
+  std::vector<std::size_t> at_;  ///< where x_i is now (none: not held, or x_0)
+  std::vector<ValueRole> role_;
+  detail::Buffer<S> h_[2];
+  Matrix<S> g_;
+  SavedStore store_;
+  detail::LayerNames names_;
+};
+
+/// The value shapes of a chain: rows of x_0 … x_L.
+template <Net N>
+std::vector<Index> value_rows(N& net) {
+  std::vector<Index> rows;
+  rows.reserve(net.size() + 1);
+  rows.push_back(net.in_features());
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) { rows.push_back(l.out_features()); });
+  return rows;
+}
+
+}  // namespace moonwalk

@@ -1,0 +1,328 @@
+// Moonwalk — a plan: the passes of a gradient step as data.
+//
+// A chain of L layers maps x_0 → x_1 → … → x_L, then the loss gives h_L =
+// ∂ℓ/∂x_L, and layer i's backward step reads its input x_i and its output
+// cotangent h_{i+1}:  g_i += J_{θ,i}ᵀ h_{i+1},  h_i = J_iᵀ h_{i+1}.
+// A plan lists the steps in order:
+//
+//   forward(i)   x_{i+1} = f_i(x_i); x_i must be held; x_{i+1} is held after
+//                it, with the role the step gives it; x_i is freed when its
+//                role is `temporary`.
+//   loss         ℓ and h_L from x_L (held; freed after).
+//   backward(i)  as above, from x_i (held; freed after) and h_{i+1}.
+//
+// Which values are held when is the whole difference between backprop (every
+// input kept), checkpointing (some kept, the rest recomputed from them) and
+// the plans the planner finds (plan/planner.hpp); one executor runs them all
+// (plan/executor.hpp). x_0 is the caller's and never freed.
+#pragma once
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <limits>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "moonwalk/core/types.hpp"
+
+namespace moonwalk {
+
+/// Why a value is held (the saved-residual report lists checkpoints and
+/// activations; every held value counts in the working set).
+enum class ValueRole : std::uint8_t {
+  temporary,   ///< freed by the forward step that reads it
+  operand,     ///< read next by its own layer's backward step (the last layer's: after the forward to x_L)
+  activation,  ///< kept for its layer's backward step after one forward step from it
+  checkpoint,  ///< forward steps recompute other values from it more than once
+};
+
+[[nodiscard]] inline const char* to_string(ValueRole r) {
+  switch (r) {
+    case ValueRole::temporary:
+      return "temporary";
+    case ValueRole::operand:
+      return "operand";
+    case ValueRole::activation:
+      return "activation";
+    case ValueRole::checkpoint:
+      return "checkpoint";
+  }
+  return "?";
+}
+
+enum class PlanOp : std::uint8_t { forward, loss, backward };
+
+/// One step of a plan. `layer` is i of forward(i) / backward(i) (L for the
+/// loss); `output` is the role of x_{i+1} after forward(i).
+struct PlanStep {
+  PlanOp op = PlanOp::forward;
+  std::size_t layer = 0;
+  ValueRole output = ValueRole::temporary;
+  bool operator==(const PlanStep&) const = default;
+};
+
+/// The steps of one gradient, for a chain of `layers` layers.
+struct Plan {
+  std::size_t layers = 0;
+  ValueRole input_role = ValueRole::activation;  ///< x_0's role (the report's)
+  std::vector<PlanStep> steps;
+  std::string origin;  ///< what made it: "backprop", "every-k", "binomial", "planner"
+
+  [[nodiscard]] std::size_t forward_steps() const {
+    return static_cast<std::size_t>(
+        std::count_if(steps.begin(), steps.end(), [](const PlanStep& s) { return s.op == PlanOp::forward; }));
+  }
+};
+
+/// What a plan costs on a chain whose value x_i takes value_bytes[i] bytes
+/// (i = 0..L): the peak of the bytes held at once (x_0 excluded: the
+/// caller's) and of the accounted roles (checkpoints and activations, x_0
+/// included), the forward steps, and the time when step times are given.
+struct PlanFigures {
+  std::size_t peak_held_bytes = 0;
+  std::size_t peak_kept_bytes = 0;
+  std::size_t peak_checkpoints = 0;  ///< values held as checkpoints at once, x_0 included
+  std::size_t forward_steps = 0;
+  double seconds = 0;
+};
+
+namespace detail {
+[[noreturn]] inline void bad_plan(const Plan& p, std::size_t k, const std::string& why) {
+  throw ScheduleError(detail::cat("plan (", p.origin.empty() ? std::string("?") : p.origin, ", ", p.layers,
+                                  " layers): step ", k, ": ", why));
+}
+inline bool accounted(ValueRole r) { return r == ValueRole::activation || r == ValueRole::checkpoint; }
+}  // namespace detail
+
+/// Checks that `p` is a gradient of its chain — every forward step reads a
+/// held value and writes one not held, the loss comes once from a held x_L
+/// before any backward step, the backward steps run L−1, …, 0 each from a
+/// held input, and nothing but x_0 is held at the end — and returns its
+/// figures. Throws ScheduleError naming the first wrong step.
+/// `value_bytes` (L + 1 entries) and `forward_s`/`backward_s` (L entries) may
+/// be empty (then bytes or time are 0); `loss_s` is the loss's time.
+inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& value_bytes = {},
+                              const std::vector<double>& forward_s = {},
+                              const std::vector<double>& backward_s = {}, double loss_s = 0) {
+  const std::size_t n = p.layers;
+  if (n == 0) detail::bad_plan(p, 0, "a chain of no layers has no gradient");
+  if (!value_bytes.empty() && value_bytes.size() != n + 1)
+    detail::bad_plan(p, 0, detail::cat(value_bytes.size(), " value sizes for ", n + 1, " values"));
+  auto bytes = [&](std::size_t i) { return value_bytes.empty() ? std::size_t{0} : value_bytes[i]; };
+  std::vector<char> held(n + 1, 0);
+  std::vector<ValueRole> role(n + 1, ValueRole::temporary);
+  held[0] = 1;
+  role[0] = p.input_role;
+  std::size_t now = 0, kept = detail::accounted(p.input_role) ? bytes(0) : 0;
+  std::size_t checkpoints = p.input_role == ValueRole::checkpoint ? 1 : 0;
+  PlanFigures f;
+  f.peak_kept_bytes = kept;
+  f.peak_checkpoints = checkpoints;
+  std::size_t cotangent = n + 1;  // h_c is the current cotangent; n + 1: none yet
+  auto free_value = [&](std::size_t i) {
+    held[i] = 0;
+    if (role[i] == ValueRole::checkpoint) --checkpoints;
+    if (i == 0) return;
+    now -= bytes(i);
+    if (detail::accounted(role[i])) kept -= bytes(i);
+  };
+  for (std::size_t k = 0; k < p.steps.size(); ++k) {
+    const PlanStep& s = p.steps[k];
+    const std::size_t i = s.layer;
+    switch (s.op) {
+      case PlanOp::forward: {
+        if (i >= n) detail::bad_plan(p, k, detail::cat("forward(", i, ") past the last layer"));
+        if (!held[i])
+          detail::bad_plan(p, k, detail::cat("forward(", i, ") reads x_", i, ", which is not held"));
+        if (held[i + 1])
+          detail::bad_plan(p, k, detail::cat("forward(", i, ") writes x_", i + 1, ", which is held"));
+        if (i + 1 >= cotangent)
+          detail::bad_plan(p, k,
+                           detail::cat("forward(", i, ") writes x_", i + 1, ", which is no longer needed (h_",
+                                       cotangent, " is reached)"));
+        if (i + 1 == n && detail::accounted(s.output))
+          detail::bad_plan(
+              p, k, detail::cat("x_", n, " is read by the loss alone: its role is operand or temporary"));
+        held[i + 1] = 1;
+        role[i + 1] = s.output;
+        now += bytes(i + 1);
+        if (detail::accounted(s.output)) kept += bytes(i + 1);
+        if (s.output == ValueRole::checkpoint)
+          f.peak_checkpoints = std::max(f.peak_checkpoints, ++checkpoints);
+        f.peak_held_bytes = std::max(f.peak_held_bytes, now);
+        f.peak_kept_bytes = std::max(f.peak_kept_bytes, kept);
+        ++f.forward_steps;
+        if (!forward_s.empty()) f.seconds += forward_s[i];
+        if (i > 0 && role[i] == ValueRole::temporary) free_value(i);
+        break;
+      }
+      case PlanOp::loss:
+        if (cotangent != n + 1) detail::bad_plan(p, k, "a second loss");
+        if (!held[n]) detail::bad_plan(p, k, detail::cat("the loss reads x_", n, ", which is not held"));
+        f.seconds += loss_s;
+        free_value(n);
+        cotangent = n;
+        break;
+      case PlanOp::backward:
+        if (cotangent == n + 1) detail::bad_plan(p, k, detail::cat("backward(", i, ") before the loss"));
+        if (i + 1 != cotangent)
+          detail::bad_plan(
+              p, k, detail::cat("backward(", i, ") needs h_", i + 1, "; the cotangent is h_", cotangent));
+        if (!held[i])
+          detail::bad_plan(p, k, detail::cat("backward(", i, ") reads x_", i, ", which is not held"));
+        if (!backward_s.empty()) f.seconds += backward_s[i];
+        if (i > 0) free_value(i);
+        cotangent = i;
+        break;
+    }
+  }
+  if (cotangent != 0) detail::bad_plan(p, p.steps.size(), detail::cat("ends at h_", cotangent, ", not h_0"));
+  for (std::size_t i = 1; i <= n; ++i)
+    if (held[i]) detail::bad_plan(p, p.steps.size(), detail::cat("x_", i, " is still held at the end"));
+  return f;
+}
+
+/// Backprop: every input kept, each value computed once.
+inline Plan backprop_plan(std::size_t layers) {
+  if (layers == 0) throw ScheduleError("backprop plan: a chain of no layers");
+  Plan p{.layers = layers, .input_role = ValueRole::activation, .steps = {}, .origin = "backprop"};
+  p.steps.reserve(2 * layers + 1);
+  for (std::size_t i = 0; i < layers; ++i)
+    p.steps.push_back({PlanOp::forward, i, i + 1 < layers ? ValueRole::activation : ValueRole::operand});
+  p.steps.push_back({PlanOp::loss, layers});
+  for (std::size_t i = layers; i-- > 0;) p.steps.push_back({PlanOp::backward, i});
+  return p;
+}
+
+/// Every-k checkpointing: the forward pass keeps x_s for s = 0, k, 2k, …;
+/// then segment by segment from the last, the segment's other inputs are
+/// recomputed from its checkpoint and kept, and its layers reversed.
+/// Peak: ⌈L/k⌉ checkpoints + k − 1 recomputed inputs.
+inline Plan every_k_plan(std::size_t layers, std::size_t k) {
+  if (layers == 0) throw ScheduleError("every-k plan: a chain of no layers");
+  k = std::clamp<std::size_t>(k, 1, std::max<std::size_t>(layers, 1));
+  Plan p{.layers = layers, .input_role = ValueRole::checkpoint, .steps = {}, .origin = "every-k"};
+  for (std::size_t i = 0; i < layers; ++i)
+    p.steps.push_back({PlanOp::forward, i,
+                       (i + 1) % k == 0 && i + 1 < layers ? ValueRole::checkpoint : ValueRole::temporary});
+  p.steps.push_back({PlanOp::loss, layers});
+  for (std::size_t s = (layers - 1) / k * k;; s -= k) {
+    const std::size_t e = std::min(layers, s + k);
+    for (std::size_t i = s; i + 1 < e; ++i) p.steps.push_back({PlanOp::forward, i, ValueRole::activation});
+    for (std::size_t j = e; j-- > s;) p.steps.push_back({PlanOp::backward, j});
+    if (s == 0) break;
+  }
+  return p;
+}
+
+namespace detail {
+
+/// β(c, r) = C(c + r, c): the most steps c checkpoints reverse with r
+/// repetitions (Griewank's binomial bound); 0 for r < 0, saturating at the
+/// largest std::size_t.
+inline std::size_t revolve_beta(std::size_t c, std::ptrdiff_t r) {
+  if (r < 0) return 0;
+  constexpr std::size_t top = std::numeric_limits<std::size_t>::max();
+  std::size_t b = 1;  // C(c + i, i), exact at every i
+  for (std::size_t i = 1; i <= static_cast<std::size_t>(r); ++i) {
+    if (b > top / (c + i)) return top;
+    b = b * (c + i) / i;
+  }
+  return b;
+}
+
+/// The least r with β(c, r) ≥ n: how often the worst step is evaluated.
+inline std::ptrdiff_t revolve_repetitions(std::size_t n, std::size_t c) {
+  std::ptrdiff_t r = 0;
+  while (revolve_beta(c, r) < n) ++r;
+  return r;
+}
+
+/// Griewank's minimal number of forward steps (advances) that reverse n steps
+/// holding at most c states, the start included: t(n, c) = r·n − β(c + 1, r − 1),
+/// β(c, r − 1) < n ≤ β(c, r). (Treeverse, Griewank 1992; Revolve, Griewank &
+/// Walther 2000.)
+inline std::size_t revolve_forward_steps(std::size_t n, std::size_t c) {
+  const std::ptrdiff_t r = revolve_repetitions(n, c);
+  return static_cast<std::size_t>(r) * n - revolve_beta(c + 1, r - 1);
+}
+
+/// Where to place the next checkpoint, as an offset 1..n−1 from the held state,
+/// when n ≥ 2 steps are to be reversed with c ≥ 2 states (the held one
+/// included): the left part (m steps, c states) then takes ≤ r − 1 repetitions
+/// and the right part (n − m steps, c − 1 states) ≤ r, which attains t(n, c).
+inline std::size_t revolve_split(std::size_t n, std::size_t c) {
+  const std::ptrdiff_t r = revolve_repetitions(n, c);
+  const std::size_t right = revolve_beta(c - 1, r);
+  const std::size_t lo = n > right ? n - right : 0;
+  const std::size_t m = std::max(lo, revolve_beta(c, r - 2));
+  return std::clamp<std::size_t>(m, 1, n - 1);
+}
+
+}  // namespace detail
+
+/// Binomial checkpointing (Griewank's treeverse): at most `slots` ≥ 1 layer
+/// inputs held at once as checkpoints, x_0 included, placed by the split
+/// from binomial numbers, so the forward steps are the minimum t(L, c) + 1
+/// (the + 1: x_L for the loss; detail::revolve_forward_steps). The input a
+/// backward step reads is computed right before it (an operand).
+inline Plan binomial_plan(std::size_t layers, std::size_t slots) {
+  if (slots == 0) throw ScheduleError("binomial plan: slots must be >= 1");
+  if (layers == 0) throw ScheduleError("binomial plan: a chain of no layers");
+  Plan p{.layers = layers, .input_role = ValueRole::checkpoint, .steps = {}, .origin = "binomial"};
+  bool have_h = false;
+  auto advance = [&](std::size_t a, std::size_t j, ValueRole last) {
+    for (std::size_t i = a; i < j; ++i)
+      p.steps.push_back({PlanOp::forward, i, i + 1 == j ? last : ValueRole::temporary});
+  };
+  auto turn = [&](std::size_t j) {
+    if (!have_h) {
+      p.steps.push_back({PlanOp::forward, j, ValueRole::operand});
+      p.steps.push_back({PlanOp::loss, layers});
+      have_h = true;
+    }
+    p.steps.push_back({PlanOp::backward, j});
+  };
+  // Reverses layers a … b−1 holding x_a and `free` more slots: split,
+  // reverse the right part with one slot fewer, continue on the left part.
+  auto treeverse = [&](auto& self, std::size_t a, std::size_t b, std::size_t free) -> void {
+    while (b - a > 1 && free > 0) {
+      const std::size_t m = a + detail::revolve_split(b - a, free + 1);
+      advance(a, m, ValueRole::checkpoint);
+      self(self, m, b, free - 1);
+      b = m;
+    }
+    for (std::size_t j = b; j-- > a;) {
+      advance(a, j, ValueRole::operand);
+      turn(j);
+    }
+  };
+  treeverse(treeverse, 0, layers, slots - 1);
+  return p;
+}
+
+/// The plan as text, one step per line ("forward 3 -> x_4 checkpoint",
+/// "loss", "backward 3"), for reports and failing tests.
+inline std::string plan_text(const Plan& p) {
+  std::ostringstream s;
+  s << "plan (" << p.origin << ", " << p.layers << " layers, " << p.steps.size() << " steps; x_0 "
+    << to_string(p.input_role) << ")\n";
+  for (const PlanStep& st : p.steps) {
+    switch (st.op) {
+      case PlanOp::forward:
+        s << "  forward " << st.layer << " -> x_" << st.layer + 1 << ' ' << to_string(st.output) << '\n';
+        break;
+      case PlanOp::loss:
+        s << "  loss\n";
+        break;
+      case PlanOp::backward:
+        s << "  backward " << st.layer << '\n';
+        break;
+    }
+  }
+  return s.str();
+}
+
+}  // namespace moonwalk
