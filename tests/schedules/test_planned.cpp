@@ -251,3 +251,25 @@ TEST_CASE("parse_bytes reads K, M, G suffixes and names the option in its errors
   CHECK_THROWS_WITH(parse_bytes("--budget", "99999999999999999999"), Catch::Contains("too large"));
   CHECK_THROWS_WITH(parse_bytes("--budget", "1.5G"), Catch::Contains("'1.5G'"));
 }
+
+TEST_CASE("planned on a static Sequential: backprop's gradient at every budget down to the smallest",
+          "[schedules][planned]") {
+  using S = double;
+  Sequential net(Linear<S>(6, 8, {.seed = 1}), Tanh<S>(8), Linear<S>(8, 8, {.seed = 2}), Tanh<S>(8),
+                 Linear<S>(8, 8, {.seed = 3}), Tanh<S>(8), Linear<S>(8, 3, {.seed = 4}));
+  const Matrix<S> x = gaussian<S>(6, 5, 1), t = gaussian<S>(3, 5, 2);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  const Planned tightest{.calibration = Calibration::estimate, .input_gradient = true};
+  const std::size_t least = tightest.smallest_budget(net, x);
+  for (const std::size_t budget : {std::size_t{0}, 2 * least, least}) {
+    INFO("budget " << budget);
+    const auto r =
+        gradient(Planned{.budget = budget, .calibration = Calibration::estimate, .input_gradient = true}, net,
+                 x, MSE<S>{}, t);
+    CHECK(r.gradient == ref.gradient);
+    CHECK(r.h0 == ref.h0);
+  }
+  CHECK(gradient(Planned{.budget = least, .calibration = Calibration::estimate, .input_gradient = true}, net,
+                 x, MSE<S>{}, t)
+            .stats.figures.at("recomputed_forwards") > 0);
+}

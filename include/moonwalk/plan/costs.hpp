@@ -196,39 +196,49 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
   detail::CostTable table = file.empty() ? detail::CostTable{} : detail::read_cost_file(file);
   const std::string prefix =
       detail::cat(detail::machine_key(), '\t', sizeof(S) == 4 ? "float" : "double", '\t', batch, '\t');
-  bool added = false;
-  // x_i and x_{i+1} alternate between two buffers; h and J_iᵀ h between two more.
-  detail::Buffer<S> xb[2], hb[2];
-  xb[0].view(x0.rows(), batch) = x0;
-  int cur = 0;
+  std::vector<std::string> keys(net.size());
+  std::size_t last_missing = net.size();  // the last layer to time (net.size(): none)
   for (std::size_t i = 0; i < net.size(); ++i)
-    net.visit(i, [&](auto& l) {
+    net.visit(i, [&](const auto& l) {
       std::string name = l.name();
       std::replace(name.begin(), name.end(), '\t', ' ');
       std::replace(name.begin(), name.end(), '\n', ' ');
-      const std::string key = prefix + name;
-      const CRef<S> x = xb[cur].view(l.in_features(), batch);
-      auto y = xb[1 - cur].view(l.out_features(), batch);
-      if (const auto it = table.find(key); it != table.end()) {
-        moonwalk::forward_into(l, x, y);
+      keys[i] = prefix + name;
+      if (const auto it = table.find(keys[i]); it != table.end()) {
         c.forward[i] = it->second.first;
         c.backward[i] = it->second.second;
       } else {
-        c.forward[i] = detail::least_seconds(3, [&] { moonwalk::forward_into(l, x, y); });
-        auto h = hb[0].view(l.out_features(), batch);
-        h = y;  // (any cotangent of the right shape times the same)
-        const CRef<S> hc = h;
-        auto hin = hb[1].view(l.in_features(), batch);
-        c.backward[i] = detail::least_seconds(3, [&] {
-          moonwalk::accumulate_vjp_params(l, x, hc);
-          moonwalk::vjp_into(l, x, hc, hin);
-        });
-        table[key] = {c.forward[i], c.backward[i]};
-        added = true;
+        last_missing = i;
       }
-      cur = 1 - cur;
     });
-  if (added && !file.empty()) (void)detail::write_cost_file(file, table);
+  if (last_missing == net.size()) return c;  // (every layer known: nothing run, nothing allocated)
+  // Up to the last layer to time: x_i (x_0 the caller's) and x_{i+1}
+  // alternate between two buffers; h and J_iᵀ h between two more.
+  detail::Buffer<S> xb[2], hb[2];
+  for (std::size_t i = 0; i <= last_missing; ++i)
+    net.visit(i, [&](auto& l) {
+      const CRef<S> x = i == 0 ? CRef<S>(x0) : CRef<S>(xb[(i + 1) % 2].view(l.in_features(), batch));
+      auto y = xb[i % 2].view(l.out_features(), batch);
+      if (table.contains(keys[i])) {
+        if (i < last_missing) moonwalk::forward_into(l, x, y);
+        return;
+      }
+      c.forward[i] = detail::least_seconds(3, [&] { moonwalk::forward_into(l, x, y); });
+      auto h = hb[0].view(l.out_features(), batch);
+      h = y;  // (any cotangent of the right shape times the same)
+      const CRef<S> hc = h;
+      auto hin = hb[1].view(l.in_features(), batch);
+      c.backward[i] = detail::least_seconds(3, [&] {
+        moonwalk::accumulate_vjp_params(l, x, hc);
+        moonwalk::vjp_into(l, x, hc, hin);
+      });
+      table[keys[i]] = {c.forward[i], c.backward[i]};
+    });
+  for (std::size_t i = 0; i <= last_missing; ++i) {  // (a layer whose twin was timed above it)
+    c.forward[i] = table.at(keys[i]).first;
+    c.backward[i] = table.at(keys[i]).second;
+  }
+  if (!file.empty()) (void)detail::write_cost_file(file, table);
   return c;
 }
 
