@@ -10,6 +10,15 @@
 //                  [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]
 //                  [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]
 //                  [--budget BYTES]   (planned: the working set a step may use; K, M, G suffixes)
+//                  [--deterministic] [--bucket BYTES]   (under mpirun)
+//
+// Under `mpirun -np N` (built with MOONWALK_MPI) it trains data-parallel:
+// each rank computes the gradient of its N-th of every global batch (--batch
+// is the global batch and must divide by N), the gradients are all-reduced
+// in buckets while the step runs (distributed/mpi.hpp), and every rank takes
+// the same optimizer step. The data order is a single process's for the same
+// seed; rank 0 alone prints, logs and writes checkpoints, which resume under
+// any N. A rank that fails ends the whole job with a message naming it.
 //
 // While it runs, a progress bar on stderr (epoch, batch, loss, samples/s,
 // bytes kept between passes by the schedule, the step's gradient error
@@ -48,7 +57,11 @@
 #include <moonwalk/data/idx.hpp>
 #include <moonwalk/io/checkpoint.hpp>
 #include <moonwalk/moonwalk.hpp>
+#if MOONWALK_TRAIN_MPI
+#include <moonwalk/distributed/mpi.hpp>
+#endif
 #include <optional>
+#include <span>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -100,6 +113,8 @@ struct Options {
   std::string augment;     // none | flip; empty: the model's default (revnet: flip, others: none)
   std::string save, resume, log, step_log;
   bool quiet = false;
+  bool deterministic = false;                       // under mpirun: gradients added in rank order
+  std::size_t bucket_bytes = std::size_t{1} << 20;  // under mpirun: all-reduce buckets
 };
 
 const char* kUsage =
@@ -110,6 +125,7 @@ const char* kUsage =
     "                      [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]\n"
     "                      [--augment none|flip] [--budget BYTES]\n"
     "                      [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]\n"
+    "                      [--deterministic] [--bucket BYTES]\n"
     "\n"
     "  --model           mlp (784-256-128-100-10, LeakyReLU) or revnet (conv RevNet); default mlp\n"
     "  --net SPEC        any network in moonwalk-gradcheck's grammar instead (784 inputs, 10 outputs)\n"
@@ -131,6 +147,11 @@ const char* kUsage =
     "  --save PATH       checkpoint after every epoch (atomic); --resume PATH continues one\n"
     "  --log FILE.csv    one row per epoch; --step-log FILE.csv one row per step\n"
     "  --quiet           no progress bar\n"
+    "\n"
+    "Under mpirun -np N (a build with MOONWALK_MPI): data-parallel, --batch is the global batch (a\n"
+    "multiple of N), --threads defaults to the cores per rank on each host; rank 0 prints and writes.\n"
+    "  --deterministic   add the ranks' gradients in rank order: bitwise reproducible for a given N\n"
+    "  --bucket BYTES    gradient bytes per all-reduce message (default 1M; suffix K, M, G)\n"
     "\n"
     "Prints one JSON line on stdout. Exit: 0 trained, 1 run-time error (data, checkpoint, a loss,\n"
     "gradient or parameter that is not finite, a failed write), 2 bad command line.\n";
@@ -172,6 +193,10 @@ Options parse_options(int argc, char** argv) {
     }
     if (a == "--quiet") {
       o.quiet = true;
+      continue;
+    }
+    if (a == "--deterministic") {
+      o.deterministic = true;
       continue;
     }
     if (i + 1 >= argc) throw UsageError(cat(a, ": missing value (or unknown option)"));
@@ -241,6 +266,13 @@ Options parse_options(int argc, char** argv) {
       } catch (const moonwalk::Error& e) {
         throw UsageError(e.what());
       }
+    } else if (a == "--bucket") {
+      try {
+        o.bucket_bytes = moonwalk::parse_bytes(a, v);
+      } catch (const moonwalk::Error& e) {
+        throw UsageError(e.what());
+      }
+      if (o.bucket_bytes == 0) throw UsageError("--bucket: must be > 0 bytes");
     } else if (a == "--save") {
       o.save = v;
     } else if (a == "--resume") {
@@ -381,7 +413,80 @@ class CsvLog {
   std::vector<std::string> rows_;
 };
 
+// ---- the ranks of a data-parallel job -------------------------------------------------
+
+/// This process's place in the job: one rank and no MPI unless mpirun started it.
+struct Job {
+  int rank = 0, ranks = 1;
+  [[nodiscard]] bool root() const { return rank == 0; }
+  [[nodiscard]] bool parallel() const { return ranks > 1; }
+};
+Job job;
+
+#if MOONWALK_TRAIN_MPI
+/// A 64-bit hash of bytes (what the ranks compare).
+std::uint64_t hash_of(const void* data, std::size_t bytes, std::uint64_t h = moonwalk::mpi::kHashSeed) {
+  return moonwalk::mpi::hash_bytes(data, bytes, h);
+}
+#else
+/// One process: nothing to compare with.
+std::uint64_t hash_of(const void*, std::size_t, std::uint64_t = 0) { return 0; }
+#endif
+
+/// Throws, on every rank, naming the first rank whose `value` is not rank 0's.
+/// `mine` says what this rank read, for the message.
+void same_on_every_rank([[maybe_unused]] std::uint64_t value, [[maybe_unused]] const std::string& what,
+                        [[maybe_unused]] const std::string& mine = {}) {
+#if MOONWALK_TRAIN_MPI
+  if (!job.parallel()) return;
+  if (const int r = moonwalk::mpi::first_rank_differing(MPI_COMM_WORLD, value); r >= 0)
+    throw moonwalk::Error(cat("rank ", r, "'s ", what, " differs from rank 0's",
+                              mine.empty() ? std::string() : cat(" (rank ", job.rank, " read ", mine, ")")));
+#endif
+}
+
+/// Rank 0's values on every rank.
+void broadcast([[maybe_unused]] moonwalk::Vector<double>& v) {
+#if MOONWALK_TRAIN_MPI
+  if (job.parallel()) moonwalk::mpi::broadcast(v, MPI_COMM_WORLD);
+#endif
+}
+
+/// v ← Σ over ranks, added in rank order (the same bits on every rank).
+void sum_over_ranks([[maybe_unused]] std::span<double> v) {
+#if MOONWALK_TRAIN_MPI
+  if (job.parallel()) moonwalk::mpi::sum_in_rank_order(MPI_COMM_WORLD, v);
+#endif
+}
+
+/// Samples [lo, hi) of n: rank q's share of a batch (or of the test set).
+std::pair<Index, Index> share(Index n, int q) { return {n * q / job.ranks, n * (q + 1) / job.ranks}; }
+
+/// A hash of a data set's samples and labels (every rank must read the same).
+std::uint64_t hash_of(const moonwalk::data::LabelledImages& set) {
+  std::uint64_t h = hash_of(&set.count, sizeof set.count);
+  h = hash_of(set.pixels.data(), set.pixels.size() * sizeof(set.pixels[0]), h);
+  return hash_of(set.labels.data(), set.labels.size() * sizeof(set.labels[0]), h);
+}
+
+/// The options every rank must share (paths excepted: each host may keep its own copy of the data).
+std::string shared_options(const Options& o) {
+  return cat(o.spec, '|', o.schedule, '|', o.epochs, '|', o.batch, '|', o.optimizer, '|', o.lr, '|',
+             o.momentum, '|', o.weight_decay, '|', o.lr_schedule, '|', o.seed, '|', o.dtype, '|',
+             o.train_limit, '|', o.test_limit, '|', o.rebuild_inputs, '|', o.budget, '|', o.augment, '|',
+             o.deterministic, '|', o.bucket_bytes, '|', o.resume.empty());
+}
+
 // ---- training -------------------------------------------------------------------------
+
+/// Under mpirun: what the gradient all-reduce did over the run.
+struct CommTotals {
+  double seconds = 0;       // in finish(): not hidden behind the steps' computation
+  double step_seconds = 0;  // the steps' computation (begin() to finish())
+  double window = 0;        // of which after the first bucket started: what communication can hide behind
+  std::size_t buckets = 0, started_early = 0, resent = 0, bucket_count = 0;
+  std::size_t parameter_resyncs = 0;  // epochs whose ranks' parameters had drifted apart
+};
 
 struct EpochTotals {
   double loss_sum = 0;
@@ -397,6 +502,8 @@ struct Evaluation {
   double loss = 0, accuracy = 0;
 };
 
+/// Test loss and accuracy over the set; under mpirun each rank evaluates its
+/// share of the set and the sums are added over the ranks.
 template <class S>
 Evaluation<S> evaluate(const Network<S>& net, const moonwalk::data::LabelledImages& set,
                        const moonwalk::data::Normalization& norm) {
@@ -407,8 +514,9 @@ Evaluation<S> evaluate(const Network<S>& net, const moonwalk::data::LabelledImag
   double loss = 0;
   Index correct = 0;
   const moonwalk::SoftmaxCrossEntropy<S> xent;
-  for (Index start = 0; start < set.count; start += chunk) {
-    const Index n = std::min(chunk, set.count - start);
+  const auto [first, last] = share(set.count, job.rank);
+  for (Index start = first; start < last; start += chunk) {
+    const Index n = std::min(chunk, last - start);
     idx.resize(static_cast<std::size_t>(n));
     for (Index j = 0; j < n; ++j) idx[static_cast<std::size_t>(j)] = start + j;
     moonwalk::data::gather<S>(set, idx, norm, x, y);
@@ -420,8 +528,10 @@ Evaluation<S> evaluate(const Network<S>& net, const moonwalk::data::LabelledImag
       correct += arg == y[static_cast<std::size_t>(j)];
     }
   }
+  double sums[2] = {loss, static_cast<double>(correct)};
+  sum_over_ranks(sums);
   const double count = static_cast<double>(std::max<Index>(1, set.count));
-  return {loss / count, static_cast<double>(correct) / count};
+  return {sums[0] / count, sums[1] / count};
 }
 
 /// Adam or SGD behind one interface (state() / load_state() for checkpoints).
@@ -443,10 +553,23 @@ template <class S>
 int train(const Options& o) {
   const auto t_start = std::chrono::steady_clock::now();
   if (o.threads > 0) Eigen::setNbThreads(o.threads);
+#if MOONWALK_TRAIN_MPI
+  // Ranks sharing a host share its cores.
+  if (job.parallel()) {
+    const int here = moonwalk::mpi::ranks_on_this_host(MPI_COMM_WORLD);  // (collective: every rank asks)
+    if (o.threads == 0)
+      Eigen::setNbThreads(std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / here));
+  }
+#endif
   const int threads = Eigen::nbThreads();
+  if (o.batch % job.ranks != 0)
+    throw UsageError(cat("--batch ", o.batch, " does not divide among ", job.ranks,
+                         " ranks: the global batch must be a multiple of the number of ranks"));
+  same_on_every_rank(hash_of(shared_options(o).data(), shared_options(o).size()),
+                     "command line (options other than paths)");
   // Outputs written only after an epoch: refuse an unwritable path now, not after the training.
-  if (!o.save.empty()) check_writable("--save", o.save);
-  if (!o.log.empty()) check_writable("--log", o.log);
+  if (job.root() && !o.save.empty()) check_writable("--save", o.save);
+  if (job.root() && !o.log.empty()) check_writable("--log", o.log);
 
   // Data.
   auto data = moonwalk::data::load_fashion_mnist(o.data);
@@ -466,6 +589,9 @@ int train(const Options& o) {
   const moonwalk::data::LabelledImages train_set = moonwalk::data::head(data.train, o.train_limit);
   const moonwalk::data::LabelledImages test_set = moonwalk::data::head(data.test, o.test_limit);
   data = {};
+  // Every rank must train on the same samples (a damaged or other copy of the files is refused here).
+  same_on_every_rank(hash_of(train_set), "training data", train_set.source);
+  same_on_every_rank(hash_of(test_set), "test data", test_set.source);
   const moonwalk::data::Normalization norm = moonwalk::data::normalization_of(train_set);
 
   // Model.
@@ -487,7 +613,7 @@ int train(const Options& o) {
   opt.sgd.weight_decay = o.weight_decay;
   // A batch larger than the training set is the whole set (so at least one step per epoch).
   const Index batch = std::min(o.batch, train_set.count);
-  if (batch < o.batch)
+  if (batch < o.batch && job.root())
     std::fprintf(stderr,
                  "moonwalk-train: note: --batch %lld is larger than the training set: batches of %lld\n",
                  static_cast<long long>(o.batch), static_cast<long long>(batch));
@@ -507,7 +633,7 @@ int train(const Options& o) {
 
   // Resume.
   int start_epoch = 0;
-  if (!o.resume.empty()) {
+  if (!o.resume.empty() && job.root()) {
     const auto ck = moonwalk::io::load_checkpoint(o.resume);
     auto expect = [&](const char* key, const std::string& want) {
       const std::string& have = ck.at(key, o.resume);
@@ -526,12 +652,26 @@ int train(const Options& o) {
     moonwalk::io::load_optimizer_state(o.resume, opt, net, ck.optimizer_state);  // errors name the file
     start_epoch = static_cast<int>(ck.integer("epoch", o.resume, 0, std::numeric_limits<int>::max()));
   }
+  // Rank 0's parameters, optimizer state and epoch on every rank (initialised from
+  // the same seed, or read from the checkpoint, which rank 0 alone reads).
+  if (job.parallel()) {
+    moonwalk::Vector<double> theta = moonwalk::get_parameters(net).template cast<double>();
+    moonwalk::Vector<double> epoch_and_state = opt.state();
+    epoch_and_state.conservativeResize(epoch_and_state.size() + 1);
+    epoch_and_state[epoch_and_state.size() - 1] = start_epoch;
+    broadcast(theta);
+    broadcast(epoch_and_state);
+    moonwalk::set_parameters(net, theta.cast<S>());
+    start_epoch = static_cast<int>(epoch_and_state[epoch_and_state.size() - 1]);
+    if (!o.resume.empty() && !job.root())
+      opt.load_state(net, epoch_and_state.head(epoch_and_state.size() - 1));
+  }
 
   moonwalk::ScheduleChoice choice{
       .name = o.schedule, .rebuild_inputs = o.rebuild_inputs, .seed = o.seed, .budget = o.budget};
   const moonwalk::SoftmaxCrossEntropy<S> loss;
 
-  if (o.schedule == "forward" || o.schedule == "pure")
+  if ((o.schedule == "forward" || o.schedule == "pure") && job.root())
     std::fprintf(
         stderr,
         "moonwalk-train: note: %s costs %lld jvp passes per step (one per %s): expect it to be slow\n",
@@ -542,7 +682,7 @@ int train(const Options& o) {
   // for the schedule's residual_bytes).
   std::size_t backprop_bytes = 0;
   {
-    std::vector<Index> idx(static_cast<std::size_t>(batch));
+    std::vector<Index> idx(static_cast<std::size_t>(std::max<Index>(1, batch / job.ranks)));
     for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<Index>(j);
     Matrix<S> x;
     std::vector<Index> y;
@@ -550,22 +690,34 @@ int train(const Options& o) {
     backprop_bytes = moonwalk::gradient(moonwalk::Backprop{}, net, x, loss, y).stats.residual_bytes;
   }
 
-  CsvLog log(o.log,
+  CsvLog log(job.root() ? o.log : std::string(),
              "epoch,schedule,train_loss,test_loss,test_accuracy,seconds,samples_per_second,residual_bytes,"
              "backprop_residual_bytes,peak_rss_bytes,max_error_estimate,fallbacks,untrusted_steps");
   if (!o.resume.empty()) log.keep_existing(start_epoch);
   std::ofstream step_log;
-  if (!o.step_log.empty()) {
+  if (!o.step_log.empty() && job.root()) {
     step_log.open(o.step_log, start_epoch > 0 ? std::ios::app : std::ios::trunc);
     if (!step_log) throw moonwalk::Error(cat(o.step_log, ": cannot open for writing"));
     if (start_epoch == 0) step_log << "step,epoch,schedule,loss,error_estimate,residual_bytes,fallbacks\n";
     check_stream(step_log, o.step_log);
   }
 
-  Progress progress(!o.quiet);
+  Progress progress(!o.quiet && job.root());
+#if MOONWALK_TRAIN_MPI
+  // Under mpirun: the gradients all-reduced in buckets as the step finishes layers.
+  std::optional<moonwalk::mpi::GradientAllreduce<Network<S>>> reduce;
+  if (job.parallel())
+    reduce.emplace(MPI_COMM_WORLD,
+                   moonwalk::mpi::AllreduceOptions{.bucket_bytes = o.bucket_bytes,
+                                                   .deterministic = o.deterministic,
+                                                   .order = moonwalk::mpi::fill_order(o.schedule)});
+#endif
+  CommTotals comm;
   Matrix<S> x;
   std::vector<Index> y;
-  EpochTotals run;  // over the whole run
+  EpochTotals run;           // over the whole run
+  double train_seconds = 0;  // the epochs' training loops (no loading, no evaluation)
+  Index steps_run = 0;
   double last_train_loss = std::numeric_limits<double>::quiet_NaN();
   Evaluation<S> eval{};
   bool evaluated = false;
@@ -577,16 +729,47 @@ int train(const Options& o) {
     EpochTotals ep;
     for (Index b = 0; b < steps_per_epoch; ++b) {
       const Index start = b * batch, n = std::min(batch, train_set.count - start);
-      moonwalk::data::gather<S>(
-          train_set, std::span<const Index>(order.data() + start, static_cast<std::size_t>(n)), norm, x, y);
-      if (o.augment == "flip")
-        moonwalk::data::random_flips(
-            x, train_set.shape,
-            (o.seed * 1000003u + static_cast<std::uint64_t>(epoch)) * 0x9e3779b97f4a7c15ULL +
-                static_cast<std::uint64_t>(b));
-      moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
-        moonwalk::gradient_into(schedule, net, x, loss, y, r);
-      });
+      // This rank's share of the global batch: samples [lo, hi) of it.
+      const auto [lo, hi] = share(n, job.rank);
+      if (hi > lo) {
+        moonwalk::data::gather<S>(
+            train_set, std::span<const Index>(order.data() + start + lo, static_cast<std::size_t>(hi - lo)),
+            norm, x, y);
+        if (o.augment == "flip")
+          moonwalk::data::random_flips(
+              x, train_set.shape,
+              (o.seed * 1000003u + static_cast<std::uint64_t>(epoch)) * 0x9e3779b97f4a7c15ULL +
+                  static_cast<std::uint64_t>(b),
+              lo);
+      }
+      auto local_step = [&] {
+        moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+          moonwalk::gradient_into(schedule, net, x, loss, y, r);
+        });
+      };
+#if MOONWALK_TRAIN_MPI
+      if (reduce) {
+        reduce->begin(net, static_cast<double>(hi - lo) / static_cast<double>(n));
+        if (hi > lo) {
+          moonwalk::ObserveGradients watch(*reduce);
+          local_step();
+        } else {  // (a last batch smaller than the number of ranks: nothing to add)
+          moonwalk::zero_gradients(net);
+          r.loss = 0;
+          r.stats = moonwalk::Stats{};
+        }
+        reduce->finish(r);
+        const auto& f = reduce->figures();
+        comm.seconds += f.finish_seconds;
+        comm.step_seconds += f.step_seconds;
+        comm.window += f.started_early > 0 ? f.step_seconds - f.first_start_seconds : 0.0;
+        comm.buckets += f.buckets;
+        comm.started_early += f.started_early;
+        comm.resent += f.resent;
+        comm.bucket_count = f.buckets;
+      } else
+#endif
+        local_step();
       // Nothing non-finite reaches the parameters: the run stops at the step that produced it.
       const std::size_t step_number = opt.steps() + 1;
       const auto where = [&] {
@@ -617,7 +800,7 @@ int train(const Options& o) {
       ep.fallbacks += st.fallbacks;
       // Untrusted: the schedule says its estimate missed the tolerance, or it has no usable estimate.
       ep.untrusted += !st.within_tolerance || std::isnan(st.error_estimate) ? 1 : 0;
-      if (step_log.is_open()) {
+      if (step_log.is_open() && job.root()) {
         step_log << opt.steps() << ',' << epoch + 1 << ',' << o.schedule << ',' << full_precision(r.loss)
                  << ',' << json_number(st.error_estimate) << ',' << st.residual_bytes << ',' << st.fallbacks
                  << '\n';
@@ -631,6 +814,8 @@ int train(const Options& o) {
           human_bytes(static_cast<double>(st.residual_bytes)), "  err ", json_number(st.error_estimate)));
     }
     const double epoch_seconds = seconds_since(t_epoch);
+    train_seconds += epoch_seconds;
+    steps_run += steps_per_epoch;
     progress.finish();
     eval = evaluate(net, test_set, norm);
     evaluated = true;
@@ -644,7 +829,28 @@ int train(const Options& o) {
     run.max_error = max_or_nan(run.max_error, ep.max_error);
     run.fallbacks += ep.fallbacks;
     run.untrusted += ep.untrusted;
-    if (!o.quiet)
+    // Every rank must hold the same parameters: an MPI sum whose bits differ
+    // between ranks would let them drift apart. Rank 0's win, and it is said.
+    if (job.parallel()) {
+      const moonwalk::Vector<S> theta = moonwalk::get_parameters(net);
+      std::uint64_t h = hash_of(theta.data(), static_cast<std::size_t>(theta.size()) * sizeof(S));
+      double differs[1] = {0};
+#if MOONWALK_TRAIN_MPI
+      differs[0] = moonwalk::mpi::first_rank_differing(MPI_COMM_WORLD, h) >= 0 ? 1 : 0;
+#endif
+      if (differs[0] != 0) {
+        moonwalk::Vector<double> t = theta.template cast<double>();
+        broadcast(t);
+        moonwalk::set_parameters(net, t.cast<S>());
+        ++comm.parameter_resyncs;
+        if (job.root())
+          std::fprintf(stderr,
+                       "moonwalk-train: note: the ranks' parameters differed after epoch %d: rank 0's "
+                       "copied to every rank (--deterministic avoids it)\n",
+                       epoch + 1);
+      }
+    }
+    if (!o.quiet && job.root())
       std::fprintf(stderr,
                    "epoch %d/%d: train loss %.4f, test loss %.4f, test accuracy %.4f, %.1f s, kept %s "
                    "(backprop %s), working peak %s, max error estimate %s, fallbacks %zu\n",
@@ -663,7 +869,7 @@ int train(const Options& o) {
       step_log.flush();
       check_stream(step_log, o.step_log);
     }
-    if (!o.save.empty()) {
+    if (!o.save.empty() && job.root()) {
       moonwalk::io::Checkpoint ck;
       ck.meta = {{"model", o.model},
                  {"spec", o.spec},
@@ -685,6 +891,7 @@ int train(const Options& o) {
   }
 
   const double seconds = seconds_since(t_start);
+  if (!job.root()) return 0;
   if (!o.quiet) {
     std::fprintf(stderr, "test accuracy %.4f after %d epoch(s) with %s (%.1f s, %d thread(s)).\n",
                  eval.accuracy, o.epochs, o.schedule.c_str(), seconds, threads);
@@ -698,6 +905,15 @@ int train(const Options& o) {
                    "peak working bytes per step (engine-accounted): %s; peak RSS of the process: %s\n",
                    human_bytes(static_cast<double>(run.working_bytes)).c_str(),
                    human_bytes(static_cast<double>(peak_rss_bytes())).c_str());
+    if (job.parallel())
+      std::fprintf(stderr,
+                   "data parallel: %d ranks, %zu all-reduce bucket(s) per step, %.0f%% of them started while "
+                   "the step ran, %.2f s of communication not hidden (%s)\n",
+                   job.ranks, comm.bucket_count,
+                   comm.buckets > 0
+                       ? 100.0 * static_cast<double>(comm.started_early) / static_cast<double>(comm.buckets)
+                       : 0.0,
+                   comm.seconds, o.deterministic ? "deterministic" : "MPI's sum");
     if (run.predicted_working_bytes > 0)
       std::fprintf(stderr,
                    "plan: predicted working bytes %s (measured %s, product scratch included), budget %s\n",
@@ -719,7 +935,18 @@ int train(const Options& o) {
             << ",\"parameters\":" << params << ",\"batch\":" << batch
             << ",\"train_samples\":" << train_set.count << ",\"test_samples\":" << test_set.count
             << ",\"threads\":" << threads << ",\"dtype\":\"" << o.dtype << "\",\"augment\":\"" << o.augment
-            << "\"}" << std::endl;
+            << "\",\"ranks\":" << job.ranks << ",\"deterministic\":" << (o.deterministic ? "true" : "false")
+            << ",\"bucket_bytes\":" << o.bucket_bytes << ",\"allreduce_buckets\":" << comm.bucket_count
+            << ",\"buckets_started_early\":"
+            << json_number(comm.buckets > 0
+                               ? static_cast<double>(comm.started_early) / static_cast<double>(comm.buckets)
+                               : 0.0)
+            << ",\"exposed_communication_seconds\":" << json_number(comm.seconds)
+            << ",\"step_compute_seconds\":" << json_number(comm.step_seconds)
+            << ",\"communication_window_seconds\":" << json_number(comm.window)
+            << ",\"parameter_resyncs\":" << comm.parameter_resyncs
+            << ",\"train_seconds\":" << json_number(train_seconds) << ",\"steps\":" << steps_run << "}"
+            << std::endl;
   check_stream(std::cout, "standard output (the result line)");
   return 0;
 }
@@ -734,23 +961,40 @@ int main(int argc, char** argv) {
   // set the same, so every schedule runs under one allocator setting.
   mallopt(M_MMAP_THRESHOLD, 512 << 20);
   mallopt(M_TRIM_THRESHOLD, 1024 << 20);
+#if MOONWALK_TRAIN_MPI
+  // Started by mpirun: one rank of a data-parallel job. A rank that fails
+  // prints its error and ends the job (MPI_Abort): no rank is left waiting.
+  std::optional<moonwalk::mpi::Session> mpi;
+  if (moonwalk::mpi::launched()) {
+    mpi.emplace(argc, argv);
+    job.rank = moonwalk::mpi::rank(MPI_COMM_WORLD);
+    job.ranks = moonwalk::mpi::size(MPI_COMM_WORLD);
+  }
+  // `line` is what a single process prints; a rank of a job names itself.
+  const auto fail = [&](const std::string& line, const std::string& message, int code) {
+    if (job.parallel()) moonwalk::mpi::abort_job(MPI_COMM_WORLD, "moonwalk-train", message, code);
+    std::cerr << line;
+    return code;
+  };
+#else
+  const auto fail = [](const std::string& line, const std::string&, int code) {
+    std::cerr << line;
+    return code;
+  };
+#endif
   Options o;
   try {
     o = parse_options(argc, argv);
   } catch (const UsageError& e) {
-    std::cerr << "moonwalk-train: " << e.what() << "\n\n" << kUsage;
-    return 2;
+    return fail(cat("moonwalk-train: ", e.what(), "\n\n", kUsage), e.what(), 2);
   }
   try {
     return o.dtype == "float" ? train<float>(o) : train<double>(o);
   } catch (const moonwalk::SpecError& e) {
-    std::cerr << "moonwalk-train: bad --net: " << e.what() << "\n";
-    return 2;
+    return fail(cat("moonwalk-train: bad --net: ", e.what(), "\n"), cat("bad --net: ", e.what()), 2);
   } catch (const UsageError& e) {
-    std::cerr << "moonwalk-train: " << e.what() << "\n";
-    return 2;
+    return fail(cat("moonwalk-train: ", e.what(), "\n"), e.what(), 2);
   } catch (const std::exception& e) {
-    std::cerr << "\nmoonwalk-train: error: " << e.what() << "\n";
-    return 1;
+    return fail(cat("\nmoonwalk-train: error: ", e.what(), "\n"), e.what(), 1);
   }
 }

@@ -449,6 +449,13 @@ TEST_CASE("random_flips: each image mirrored left-right or kept, about half of t
   moonwalk::data::random_flips(again, shape, 8);
   CHECK(again != x);
 
+  // A shard of columns k.. with first_column = k flips as those columns of the whole batch.
+  for (const Index k : {Index(0), Index(1), Index(137), n - 1}) {
+    moonwalk::Matrix<double> shard = x0.middleCols(k, n - k);
+    moonwalk::data::random_flips(shard, shape, 7, k);
+    CHECK(shard == x.middleCols(k, n - k));
+  }
+
   moonwalk::Matrix<double> wrong(5, 2);
   REQUIRE_THROWS_WITH(moonwalk::data::random_flips(wrong, shape, 1), Contains("2x3x4") && Contains("5 rows"));
 }

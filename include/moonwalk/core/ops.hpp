@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/gradient_observer.hpp"
 
 namespace moonwalk {
 

@@ -535,14 +535,18 @@ inline std::vector<Index> shuffled_indices(Index n, std::uint64_t seed) {
 /// `shape` (C×H×W, row-major), is mirrored, x(c, i, k) ← x(c, i, W−1−k), when
 /// bit 0 of splitmix64 draw j from `seed` is set (probability 1/2). The draws
 /// depend only on the seed and the column, so a run resumed from a checkpoint
-/// flips exactly as a straight run. ShapeError if x.rows() != shape.size().
+/// flips exactly as a straight run. With `first_column` = k, x holds columns
+/// k, k+1, … of a larger batch and column j draws as column k + j would: a
+/// data-parallel rank flips its shard exactly as one process flips the whole
+/// batch. ShapeError if x.rows() != shape.size().
 template <class S>
-void random_flips(Matrix<S>& x, const ImageShape& shape, std::uint64_t seed) {
+void random_flips(Matrix<S>& x, const ImageShape& shape, std::uint64_t seed, Index first_column = 0) {
   using detail::cat;
   if (x.rows() != shape.size())
     throw ShapeError(cat("random_flips: images of ", shape.str(), " have ", shape.size(), " numbers, x has ",
                          x.rows(), " rows"));
-  std::uint64_t state = seed;
+  // (splitmix64 advances its state by a constant per draw: skipping k draws is one multiply)
+  std::uint64_t state = seed + static_cast<std::uint64_t>(first_column) * 0x9e3779b97f4a7c15ULL;
   for (Index j = 0; j < x.cols(); ++j) {
     if ((detail::splitmix64(state) & 1U) == 0) continue;
     S* col = x.data() + j * x.rows();

@@ -141,6 +141,7 @@ class PlanRun {
             const CRef<S> xi = value(i);
             moonwalk::accumulate_vjp_params(l, xi, h.current());
             ++st.counts.vjp_params;
+            detail::gradient_ready(i);
             if (i > 0 || input_gradient_) {
               moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch_));
               h.flip();

@@ -81,6 +81,7 @@ struct Backprop {
       const CRef<S> xi = input(i);
       moonwalk::accumulate_vjp_params(l, xi, h.current());
       out.stats.counts.vjp_params += 1;
+      detail::gradient_ready(i);
       if (i > 0 || input_gradient) {
         moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch));
         h.flip();

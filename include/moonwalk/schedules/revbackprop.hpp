@@ -90,6 +90,7 @@ struct RevBackprop {
       }
       moonwalk::accumulate_vjp_params(l, xin, h);
       ++st.counts.vjp_params;
+      detail::gradient_ready(i);
       if (i == 0 && !input_gradient) {
         if (branches[i]) store.drop(i, SavedStore::residual);
       } else {

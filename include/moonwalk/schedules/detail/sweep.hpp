@@ -389,6 +389,7 @@ double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& 
       }
     }
     ++st.counts.vjp_params;
+    gradient_ready(i);
     note_working_bytes(st, ws, store, casts_in_ws ? nullptr : &casts);
     x.flip();
     casts.release(i);  // the sweep is its last user
