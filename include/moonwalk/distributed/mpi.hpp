@@ -54,7 +54,6 @@
 #include <mpi.h>
 
 #include <algorithm>
-#include <bit>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -512,10 +511,13 @@ class GradientAllreduce final : public GradientObserver {
     if (b.request == MPI_REQUEST_NULL) return;
     check(MPI_Wait(&b.request, MPI_STATUS_IGNORE),
           options_.deterministic ? "MPI_Iallgather" : "MPI_Iallreduce");
-    if (options_.deterministic) {  // Σ_r in rank order
-      b.sum = b.gathered.head(b.count);
-      for (int q = 1; q < ranks_; ++q) b.sum += b.gathered.segment(static_cast<Index>(q) * b.count, b.count);
-    }
+    if (options_.deterministic) add_in_rank_order(b);
+  }
+
+  /// Deterministic mode, once every rank's w·g has arrived: sum = Σ_r w_r g_r, added r = 0, 1, …
+  void add_in_rank_order(Bucket& b) const {
+    b.sum = b.gathered.head(b.count);
+    for (int q = 1; q < ranks_; ++q) b.sum += b.gathered.segment(static_cast<Index>(q) * b.count, b.count);
   }
 
   /// Lets MPI move the started reductions along (MPI progresses only inside its calls).
@@ -525,11 +527,7 @@ class GradientAllreduce final : public GradientObserver {
       if (b.request == MPI_REQUEST_NULL) continue;
       int done = 0;
       check(MPI_Test(&b.request, &done, MPI_STATUS_IGNORE), "MPI_Test");
-      if (done && options_.deterministic) {
-        b.sum = b.gathered.head(b.count);
-        for (int q = 1; q < ranks_; ++q)
-          b.sum += b.gathered.segment(static_cast<Index>(q) * b.count, b.count);
-      }
+      if (done && options_.deterministic) add_in_rank_order(b);
     }
   }
 
