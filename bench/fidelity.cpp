@@ -1,5 +1,5 @@
 // moonwalk-fidelity — how accurate is a Moonwalk gradient, and what does
-// holding its error cost in memory? (DESIGN §5–6; BENCHMARKS.md "Fidelity")
+// holding its error cost in memory? (docs/design.md §5–6; BENCHMARKS.md "Fidelity")
 //
 //   moonwalk-fidelity [--families mlp,revnet] [--depths 4,16,64,256] [--dtypes float,double]
 //                     [--policies none,every:4,every:16,tolerance,double,rebuild,revbackprop,backprop]

@@ -2,7 +2,7 @@
 # LibTorch side by side (issue 8 item 5): LibTorch autograd (moonwalk-bench-torch)
 # next to our backprop and mixed Moonwalk (moonwalk-memory) on the same MLPs,
 # one process per run, interleaved and rotated per repeat so drift in the
-# machine's state hits all three alike (DESIGN §6: a timing claim is a ratio).
+# machine's state hits all three alike (docs/design.md §6: a timing claim is a ratio).
 #
 #   bench/torch_compare.sh BUILD_DIR OUT_DIR
 #

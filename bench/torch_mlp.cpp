@@ -1,5 +1,5 @@
 // moonwalk-bench-torch — the LibTorch autograd counterpart of moonwalk-memory
-// (DESIGN §6, issue 8 item 5): the same MLP shapes trained for N steps with
+// (docs/design.md §6, issue 8 item 5): the same MLP shapes trained for N steps with
 // plain backprop (forward, backward, one SGD update per step) on a fixed
 // seeded batch, then one JSON line with moonwalk-memory's keys where they mean
 // something for autograd.

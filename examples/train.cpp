@@ -1,10 +1,11 @@
 // moonwalk-train — trains a Fashion-MNIST classifier with any gradient
 // schedule: the MLP 784-256-128-100-10 (LeakyReLU, every layer contracting,
-// so the whole network is submersive) or a convolutional RevNet (additive
+// so the whole network is submersive), a convolutional RevNet (additive
 // conv coupling blocks, invertible downsampling, global average pooling,
-// linear head).
+// linear head) or a small convolutional ResNet (BatchNorm, residual conv
+// blocks x + F(x), average pooling, global average pooling, linear head).
 //
-//   moonwalk-train [--model mlp|revnet] [--net SPEC] [--schedule NAME] [--epochs N] [--batch B]
+//   moonwalk-train [--model mlp|revnet|resnet] [--net SPEC] [--schedule NAME] [--epochs N] [--batch B]
 //                  [--optimizer adam|sgd] [--lr LR] [--momentum M] [--weight-decay WD]
 //                  [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype float|double]
 //                  [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]
@@ -82,6 +83,13 @@ constexpr const char* kMlpSpec =
     "in:784,linear:256,leaky_relu:0.1,linear:128,leaky_relu:0.1,linear:100,leaky_relu:0.1,linear:10";
 /// 1×28×28 → squeeze 4×14×14 → 16 channels (zero padded) → 2 additive conv
 /// couplings → squeeze 64×7×7 → 2 couplings → global average pool → 64 → 10.
+/// 1×28×28 → conv 16 → BatchNorm, ReLU → residual block → avgpool 16×14×14 →
+/// conv 32 → BatchNorm, ReLU → residual block → avgpool 32×7×7 → residual
+/// block → BatchNorm → global average pooling → 32 → 10. Each residual block
+/// is x + F(x), F = conv 3×3, ReLU, conv 3×3 (gain 1/2).
+constexpr const char* kResnetSpec =
+    "in:1x28x28,conv:16:3:1:1,batchnorm,relu,residual_conv:16:relu,avgpool,conv:32:3:1:1,batchnorm,relu,"
+    "residual_conv:32:relu,avgpool,residual_conv:32:relu,batchnorm,relu,gap,linear:10";
 constexpr const char* kRevnetSpec =
     "in:1x28x28,squeeze,pad_channels:16,coupling:additive_conv:32,coupling:additive_conv:32,squeeze,"
     "coupling:additive_conv:64,coupling:additive_conv:64,gap,linear:10";
@@ -118,7 +126,8 @@ struct Options {
 };
 
 const char* kUsage =
-    "usage: moonwalk-train [--model mlp|revnet] [--net SPEC] [--schedule NAME] [--epochs N] [--batch B]\n"
+    "usage: moonwalk-train [--model mlp|revnet|resnet] [--net SPEC] [--schedule NAME] [--epochs N] [--batch "
+    "B]\n"
     "                      [--optimizer adam|sgd] [--lr LR] [--momentum M] [--weight-decay WD]\n"
     "                      [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype "
     "float|double]\n"
@@ -127,7 +136,8 @@ const char* kUsage =
     "                      [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]\n"
     "                      [--deterministic] [--bucket BYTES]\n"
     "\n"
-    "  --model           mlp (784-256-128-100-10, LeakyReLU) or revnet (conv RevNet); default mlp\n"
+    "  --model           mlp (784-256-128-100-10, LeakyReLU), revnet (conv RevNet) or resnet\n"
+    "                    (conv ResNet with BatchNorm); default mlp\n"
     "  --net SPEC        any network in moonwalk-gradcheck's grammar instead (784 inputs, 10 outputs)\n"
     "  --schedule NAME   backprop, mixed (default), pure, checkpoint, binomial, revbackprop, planned,\n"
     "                    forward, projforward; Moonwalk schedules hold the default fidelity policy\n"
@@ -143,7 +153,7 @@ const char* kUsage =
     "  --data DIR        IDX files (default /usr/share/datasets/fashion-mnist, Debian's\n"
     "                    dataset-fashion-mnist); --train-limit/--test-limit N: the first N samples\n"
     "  --augment         flip: mirror each training image left-right with probability 1/2\n"
-    "                    (default for revnet); none (default for mlp and --net)\n"
+    "                    (default for revnet and resnet); none (default for mlp and --net)\n"
     "  --save PATH       checkpoint after every epoch (atomic); --resume PATH continues one\n"
     "  --log FILE.csv    one row per epoch; --step-log FILE.csv one row per step\n"
     "  --quiet           no progress bar\n"
@@ -202,8 +212,8 @@ Options parse_options(int argc, char** argv) {
     if (i + 1 >= argc) throw UsageError(cat(a, ": missing value (or unknown option)"));
     const std::string v = argv[++i];
     if (a == "--model") {
-      if (v != "mlp" && v != "revnet")
-        throw UsageError(cat("--model: expected mlp or revnet, got '", v, "'"));
+      if (v != "mlp" && v != "revnet" && v != "resnet")
+        throw UsageError(cat("--model: expected mlp, revnet or resnet, got '", v, "'"));
       o.model = v;
     } else if (a == "--net") {
       o.spec = v;
@@ -288,9 +298,9 @@ Options parse_options(int argc, char** argv) {
   if (o.budget > 0 && o.schedule != "planned")
     throw UsageError(
         cat("--budget: only the planned schedule takes a budget (the schedule is ", o.schedule, ")"));
-  if (!net_given) o.spec = o.model == "mlp" ? kMlpSpec : kRevnetSpec;
+  if (!net_given) o.spec = o.model == "mlp" ? kMlpSpec : o.model == "revnet" ? kRevnetSpec : kResnetSpec;
   if (net_given) o.model = "custom";
-  if (o.augment.empty()) o.augment = o.model == "revnet" ? "flip" : "none";
+  if (o.augment.empty()) o.augment = o.model == "revnet" || o.model == "resnet" ? "flip" : "none";
   if (o.lr < 0) o.lr = o.optimizer == "adam" ? 1e-3 : 0.05;
   return o;
 }
@@ -502,11 +512,13 @@ struct Evaluation {
   double loss = 0, accuracy = 0;
 };
 
-/// Test loss and accuracy over the set; under mpirun each rank evaluates its
-/// share of the set and the sums are added over the ranks.
+/// Test loss and accuracy over the set, in evaluation mode (core/step.hpp);
+/// under mpirun each rank evaluates its share of the set and the sums are
+/// added over the ranks.
 template <class S>
-Evaluation<S> evaluate(const Network<S>& net, const moonwalk::data::LabelledImages& set,
+Evaluation<S> evaluate(Network<S>& net, const moonwalk::data::LabelledImages& set,
                        const moonwalk::data::Normalization& norm) {
+  const moonwalk::Evaluating<Network<S>> evaluation_mode(net);  // dropout off, BatchNorm's running statistics
   const Index chunk = 1000;
   Matrix<S> x;
   std::vector<Index> y;
@@ -546,6 +558,7 @@ struct AnyOptimizer {
   moonwalk::Vector<double> state() const { return name == "adam" ? adam.state() : sgd.state(); }
   void load_state(Network<S>& net, const moonwalk::Vector<double>& s) {
     name == "adam" ? adam.load_state(net, s) : sgd.load_state(net, s);
+    moonwalk::set_step(net, steps());  // a resumed run continues the dropout stream where it stopped
   }
 };
 
@@ -649,6 +662,11 @@ int train(const Options& o) {
       throw moonwalk::io::CheckpointError(
           cat(o.resume, ": checkpoint has ", ck.parameters.size(), " parameters, the network has ", params));
     moonwalk::set_parameters(net, ck.parameters.template cast<S>());
+    if (const auto want = moonwalk::get_buffers(net).size(); ck.buffers.size() != want)
+      throw moonwalk::io::CheckpointError(cat(o.resume, ": checkpoint has ", ck.buffers.size(),
+                                              " layer buffer values (running statistics), the network has ",
+                                              want));
+    moonwalk::set_buffers(net, ck.buffers);
     moonwalk::io::load_optimizer_state(o.resume, opt, net, ck.optimizer_state);  // errors name the file
     start_epoch = static_cast<int>(ck.integer("epoch", o.resume, 0, std::numeric_limits<int>::max()));
   }
@@ -656,12 +674,15 @@ int train(const Options& o) {
   // the same seed, or read from the checkpoint, which rank 0 alone reads).
   if (job.parallel()) {
     moonwalk::Vector<double> theta = moonwalk::get_parameters(net).template cast<double>();
+    moonwalk::Vector<double> running = moonwalk::get_buffers(net);
     moonwalk::Vector<double> epoch_and_state = opt.state();
     epoch_and_state.conservativeResize(epoch_and_state.size() + 1);
     epoch_and_state[epoch_and_state.size() - 1] = start_epoch;
     broadcast(theta);
+    broadcast(running);
     broadcast(epoch_and_state);
     moonwalk::set_parameters(net, theta.cast<S>());
+    moonwalk::set_buffers(net, running);
     start_epoch = static_cast<int>(epoch_and_state[epoch_and_state.size() - 1]);
     if (!o.resume.empty() && !job.root())
       opt.load_state(net, epoch_and_state.head(epoch_and_state.size() - 1));
@@ -679,15 +700,17 @@ int train(const Options& o) {
         o.schedule == "forward" ? "parameter" : "input feature");
 
   // What backprop would keep between its passes on one batch (the yardstick
-  // for the schedule's residual_bytes).
+  // for the schedule's residual_bytes), measured on a copy: a training-mode
+  // pass folds BatchNorm's batch statistics into its running ones.
   std::size_t backprop_bytes = 0;
   {
+    Network<S> probe = net;
     std::vector<Index> idx(static_cast<std::size_t>(std::max<Index>(1, batch / job.ranks)));
     for (std::size_t j = 0; j < idx.size(); ++j) idx[j] = static_cast<Index>(j);
     Matrix<S> x;
     std::vector<Index> y;
     moonwalk::data::gather<S>(train_set, idx, norm, x, y);
-    backprop_bytes = moonwalk::gradient(moonwalk::Backprop{}, net, x, loss, y).stats.residual_bytes;
+    backprop_bytes = moonwalk::gradient(moonwalk::Backprop{}, probe, x, loss, y).stats.residual_bytes;
   }
 
   CsvLog log(job.root() ? o.log : std::string(),
@@ -880,6 +903,7 @@ int train(const Options& o) {
                  {"epoch", std::to_string(epoch + 1)},
                  {"seed", std::to_string(o.seed)}};
       ck.parameters = moonwalk::get_parameters(net).template cast<double>();
+      ck.buffers = moonwalk::get_buffers(net);
       ck.optimizer_state = opt.state();
       moonwalk::io::save_checkpoint(o.save, ck);
     }

@@ -69,6 +69,35 @@ TEST_CASE("checkpoint: round trip keeps metadata and every bit of the payload", 
   CHECK(files == 1);
 }
 
+TEST_CASE("checkpoint: layer buffers round trip between parameters and optimizer state", "[io]") {
+  TempDir t;
+  auto c = sample();
+  c.buffers = moonwalk::Vector<double>::LinSpaced(6, 0.5, 3.0);
+  c.buffers[2] = 1.0 / 7.0;
+  save_checkpoint(t / "b.ckpt", c);
+  const std::string bytes = read_all(t / "b.ckpt");
+  CHECK(bytes.find("\nparameters 10\nbuffers 6\noptimizer_state 21\n") != std::string::npos);
+  const auto d = load_checkpoint(t / "b.ckpt");
+  CHECK((d.parameters.array() == c.parameters.array()).all());
+  REQUIRE(d.buffers.size() == 6);
+  CHECK((d.buffers.array() == c.buffers.array()).all());
+  CHECK((d.optimizer_state.array() == c.optimizer_state.array()).all());
+  // A flipped bit in the buffers is caught by the CRC.
+  std::string flipped = bytes;
+  const std::size_t at = bytes.size() - 21 * sizeof(double) - 3 * sizeof(double);
+  flipped[at] = static_cast<char>(flipped[at] ^ 0x04);
+  write_all(t / "c.ckpt", flipped);
+  CHECK_THROWS_WITH(load_checkpoint(t / "c.ckpt"), Contains("corrupt"));
+  // A non-finite buffer is refused before anything is written.
+  c.buffers[4] = std::numeric_limits<double>::quiet_NaN();
+  CHECK_THROWS_WITH(save_checkpoint(t / "d.ckpt", c), Contains("non-finite layer buffer (entry 4"));
+  CHECK_FALSE(std::filesystem::exists(t / "d.ckpt"));
+  // 'buffers' is reserved, not metadata.
+  c.buffers[4] = 0.0;
+  c.meta["buffers"] = "2";
+  CHECK_THROWS_WITH(save_checkpoint(t / "d.ckpt", c), Contains("'buffers' is reserved"));
+}
+
 TEST_CASE("checkpoint: the CRC matches zlib's crc32 check value", "[io]") {
   const std::string s = "123456789";
   CHECK(moonwalk::io::detail::crc32(reinterpret_cast<const unsigned char*>(s.data()), s.size()) ==
@@ -105,12 +134,12 @@ TEST_CASE("checkpoint: every malformed file is a CheckpointError naming the path
   fails_with("", "not a Moonwalk checkpoint");
   fails_with("hello\n", "not a Moonwalk checkpoint");
   {
-    std::string v3 = good;
-    v3.replace(v3.find("version 2"), 9, "version 3");
-    fails_with(v3, "format version 3");
+    std::string v4 = good;
+    v4.replace(v4.find("version 3"), 9, "version 4");
+    fails_with(v4, "format version 4");
     // Version 1's CRC did not cover the header: refused, saying so.
     std::string v1 = good;
-    v1.replace(v1.find("version 2"), 9, "version 1");
+    v1.replace(v1.find("version 3"), 9, "version 1");
     fails_with(v1, "version 1 is no longer read");
   }
   fails_with(good.substr(0, good.find("crc32")), "truncated checkpoint header");
@@ -254,6 +283,9 @@ TEST_CASE("checkpoint: sizes in the header are checked against the file before a
   CHECK_THROWS_WITH(load_checkpoint(p), Contains(p) && Contains("expected 24 bytes") && Contains("after 16"));
   write_all(p, craft("", "1", "0", doubles({1.0, 2.0})));
   CHECK_THROWS_WITH(load_checkpoint(p), Contains(p) && Contains("8 trailing bytes"));
+  // Version 2 has no buffers: it loads with none, and a 'buffers' line in it is refused.
+  write_all(p, craft("buffers 1\n", "1", "0", doubles({1.0, 2.0})));
+  CHECK_THROWS_WITH(load_checkpoint(p), Contains(p) && Contains("version 2 has no 'buffers' line"));
   // The crafted format itself is right: the same parts with the right sizes load.
   write_all(p, craft("epoch 7\n", "2", "1", doubles({1.0, 2.0, 3.0})));
   const Checkpoint c = load_checkpoint(p);
@@ -262,6 +294,7 @@ TEST_CASE("checkpoint: sizes in the header are checked against the file before a
   CHECK(c.parameters[1] == 2.0);
   REQUIRE(c.optimizer_state.size() == 1);
   CHECK(c.optimizer_state[0] == 3.0);
+  CHECK(c.buffers.size() == 0);
 }
 
 TEST_CASE("checkpoint: empty parameters and state round trip", "[io]") {
@@ -333,7 +366,7 @@ TEST_CASE("checkpoint: the header is read with length limits, and only from regu
   write_all(p, twice);
   CHECK_THROWS_WITH(load_checkpoint(p), Contains(p) && Contains("two 'epoch' lines"));
   std::string no_version = good;
-  no_version.erase(no_version.find("version 2\n"), 10);
+  no_version.erase(no_version.find("version 3\n"), 10);
   write_all(p, no_version);
   CHECK_THROWS_WITH(load_checkpoint(p), Contains(p) && Contains("no version"));
 }

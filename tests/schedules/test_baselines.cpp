@@ -412,7 +412,7 @@ TEST_CASE("Binomial checkpointing: the treeverse minimum of forward calls within
 TEST_CASE("RevBackprop's reconstruction estimate: tiny in double, larger in float, tracking the error",
           "[schedules][baselines][revbackprop]") {
   // 16 layers: 8 × (orthogonal Linear(32, 32), LeakyReLU(0.1)). Inverting the
-  // small slope stretches rounding by 10 per layer (DESIGN §5).
+  // small slope stretches rounding by 10 per layer (docs/design.md §5).
   auto build = [](auto scalar, std::uint64_t base) {
     using T = decltype(scalar);
     Network<T> net;

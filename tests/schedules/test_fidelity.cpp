@@ -71,7 +71,7 @@ TEST_CASE("Anchor planner: anchors where the predicted Σ Π γ would pass the b
 
 TEST_CASE("Default policy holds the float tolerance on deep MLPs where the unguarded sweep fails",
           "[fidelity][schedules]") {
-  // DESIGN §5: orthogonal + LeakyReLU(0.1) in float is 1e-5 at depth 4 and
+  // docs/design.md §5: orthogonal + LeakyReLU(0.1) in float is 1e-5 at depth 4 and
   // 4e+3 at depth 16 unguarded.
   for (const double slope : {0.1, 0.3}) {
     const int depth = slope < 0.2 ? 16 : 32;

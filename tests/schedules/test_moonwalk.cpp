@@ -4,6 +4,7 @@
 #include <moonwalk/fidelity/tolerance.hpp>
 #include <moonwalk/moonwalk.hpp>
 
+#include "support/check_util.hpp"
 #include "support/random_net.hpp"
 #include "support/user_layers.hpp"
 
@@ -337,7 +338,7 @@ TEST_CASE("Without input_gradient RevBackprop still checks its drift at x_0", "[
 TEST_CASE("Anchors restart the sweep: an anchor bounds the error a bad stretch would carry",
           "[schedules][anchors]") {
   // Deep orthogonal + LeakyReLU(0.1) in float: the plain (unguarded) sweep
-  // amplifies rounding (DESIGN §5); anchoring every layer pins every h_i to the
+  // amplifies rounding (docs/design.md §5); anchoring every layer pins every h_i to the
   // reverse pass, so the error falls to backprop's level and the estimate
   // follows it.
   using S = float;
@@ -436,4 +437,20 @@ TEST_CASE("Saved-residual report lists every kept value as text and JSON", "[sch
   std::size_t sum = 0;
   for (const auto& [k, b] : mw.stats.bytes_by_kind) sum += b;
   CHECK(sum >= mw.stats.residual_bytes);
+}
+
+TEST_CASE("batchnorm under double cotangents sees the whole batch (no column blocks)",
+          "[layers][normalization][schedules]") {
+  using namespace moonwalk;
+  // Batch 1100 > the sweep's 1024-column conversion block.
+  auto net = parse_network<float>("in:4,linear:5,batchnorm,tanh,linear:2", 31);
+  const Matrix<float> x = gaussian<float>(4, 1100, 32);
+  const Matrix<float> t = gaussian<float>(2, 1100, 33);
+  const MSE<float> loss;
+  const auto bp = gradient(Backprop{}, net, x, loss, t);
+  MixedMoonwalk mixed;
+  mixed.fidelity.precision = Precision::double_cotangents;
+  const auto r = gradient(mixed, net, x, loss, t);
+  CHECK(mwtest::rel_err(r.gradient, bp.gradient) < 1e-4);
+  CHECK(r.stats.within_tolerance);
 }

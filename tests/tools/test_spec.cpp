@@ -82,16 +82,13 @@ TEMPLATE_TEST_CASE("spec: every token parses and widths chain", "[tools][spec]",
   CHECK(y.allFinite());
 }
 
-TEST_CASE("spec: the grammar table holds exactly the documented layers", "[tools][spec]") {
-  std::set<std::string> names;
+TEST_CASE("spec: every grammar entry names itself and builds something", "[tools][spec]") {
+  // (tests/tools/test_grammar_docs.cpp checks the docs against the same table.)
   for (const auto& [name, rule] : moonwalk::spec_layers<double>()) {
-    names.insert(name);
     CHECK(rule.syntax.rfind(name, 0) == 0);  // the syntax starts with the name
     CHECK((static_cast<bool>(rule.build) || static_cast<bool>(rule.build_image)));
+    if (rule.activation) CHECK(static_cast<bool>(rule.build));
   }
-  CHECK(names == std::set<std::string>{"linear", "orthogonal", "leaky_relu", "relu", "tanh", "sigmoid",
-                                       "softplus", "elu", "pad", "coupling", "identity", "conv", "conv_valid",
-                                       "squeeze", "avgpool", "gap", "flatten", "pad_channels", "triangular"});
 }
 
 TEST_CASE("spec: whitespace around tokens and arguments is ignored", "[tools][spec]") {

@@ -186,6 +186,19 @@ TEST_CASE("train: a resumed run continues exactly where the checkpoint left off"
   CHECK(log.find("\n1,backprop,") != std::string::npos);
   CHECK(log.find("\n2,backprop,") != std::string::npos);
 
+  // BatchNorm's running statistics travel in the checkpoint: the resumed run
+  // evaluates (with them) exactly as the straight one.
+  const std::vector<std::string> bn = {
+      "--net",         "in:784,linear:32,batchnorm,relu,dropout:0.2,linear:10",
+      "--schedule",    "backprop",
+      "--lr-schedule", "constant"};
+  const auto bn_straight = check_success(train(with(with(kSlice, bn), {"--epochs", "2"})));
+  check_success(train(with(with(kSlice, bn), {"--epochs", "1", "--save", t / "bn.ckpt"})));
+  const auto bn_resumed =
+      check_success(train(with(with(kSlice, bn), {"--epochs", "2", "--resume", t / "bn.ckpt"})));
+  CHECK(bn_resumed["test_loss"].number == bn_straight["test_loss"].number);
+  CHECK(bn_resumed["test_accuracy"].number == bn_straight["test_accuracy"].number);
+
   // Another model, or a damaged file: exit 1 naming the file and the problem.
   const Run other = train(with(kSlice, {"--model", "revnet", "--resume", t / "a.ckpt"}));
   CHECK(other.exit_code == 1);

@@ -87,6 +87,21 @@ decltype(auto) cast(const L& l) {
   }
 }
 
+/// Whether `l` can be carried in double now: CastableTo<L, double>, and its
+/// own castable_to_double() where it has one (a type-erased layer, or a
+/// composite holding one, knows only at run time).
+template <Layer L>
+bool castable_to_double(const L& l) {
+  if constexpr (std::is_same_v<typename L::scalar_type, double>)
+    return true;
+  else if constexpr (!CastableTo<L, double>)
+    return false;
+  else if constexpr (HasDoubleCastQuery<L>)
+    return l.castable_to_double();
+  else
+    return true;
+}
+
 /// The type `cast<T>(l)` makes (T differs from L's scalar type).
 template <class T, class L>
 using cast_t = decltype(std::declval<const L&>().template cast<T>());

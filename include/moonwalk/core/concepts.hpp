@@ -160,6 +160,121 @@ concept Fragmental = Layer<L> &&
     } -> std::convertible_to<Matrix<detail::scalar_of<L>>>;
 };
 
+// ---- optional hooks, one named concept each. core/ops.hpp calls a hook
+//      where the layer has it and falls back otherwise; check_hooks<L>() makes
+//      a member with a hook's name and another signature a compile error that
+//      names the hook, never a silent fallback.
+
+/// out = f(x) into a caller's buffer: `void forward_into(const CRef<S>& x, MatRef<S> out) const`.
+/// (Each *_into hook is matched by its exact signature: one that merely accepts
+/// the arguments, e.g. `out` by value, would write into a copy.)
+template <class L>
+concept HasForwardInto = Layer<L> && requires {
+  static_cast<void (L::*)(const CRef<detail::scalar_of<L>>&, MatRef<detail::scalar_of<L>>) const>(
+      &L::forward_into);
+};
+/// out = Jᵀ h: `void vjp_into(const CRef<S>& x, const CRef<S>& h, MatRef<S> out) const`.
+template <class L>
+concept HasVjpInto = Layer<L> && requires {
+  static_cast<void (L::*)(const CRef<detail::scalar_of<L>>&, const CRef<detail::scalar_of<L>>&,
+                          MatRef<detail::scalar_of<L>>) const>(&L::vjp_into);
+};
+/// out = h_y: `void vijp_into(const CRef<S>& x, const CRef<S>& h_x, MatRef<S> out) const`.
+template <class L>
+concept HasVijpInto = Submersive<L> && requires {
+  static_cast<void (L::*)(const CRef<detail::scalar_of<L>>&, const CRef<detail::scalar_of<L>>&,
+                          MatRef<detail::scalar_of<L>>) const>(&L::vijp_into);
+};
+/// r = save_residual(x) in r's storage: `void save_residual_into(const CRef<S>& x, residual_type& r) const`.
+template <class L>
+concept HasSaveResidualInto = Layer<L> && requires {
+  static_cast<void (L::*)(const CRef<detail::scalar_of<L>>&, residual_t<L>&) const>(&L::save_residual_into);
+};
+/// out = Jᵀ h from a residual:
+/// `void vjp_residual_into(const residual_type& r, const CRef<S>& h, MatRef<S> out) const`.
+template <class L>
+concept HasVjpResidualInto = Layer<L> && requires {
+  static_cast<void (L::*)(const residual_t<L>&, const CRef<detail::scalar_of<L>>&,
+                          MatRef<detail::scalar_of<L>>) const>(&L::vjp_residual_into);
+};
+/// Frees what the layer derived from its weights (rebuilt on next use).
+template <class L>
+concept HasReleaseDerived = requires(const L& l) {
+  l.release_derived();
+};
+/// Run-time refinements of Submersive, Fragmental, Invertible (a Linear
+/// layer is submersive only when out ≤ in; a type-erased layer only knows at
+/// run time).
+template <class L>
+concept HasSubmersiveQuery = requires(const L& l) {
+  { l.is_submersive() } -> std::same_as<bool>;
+};
+template <class L>
+concept HasFragmentalQuery = requires(const L& l) {
+  { l.is_fragmental() } -> std::same_as<bool>;
+};
+template <class L>
+concept HasInvertibleQuery = requires(const L& l) {
+  { l.is_invertible() } -> std::same_as<bool>;
+};
+/// The residual is a piecewise-linear branch pattern (core/ops.hpp, keeps_branches).
+template <class L>
+concept HasBranchResidualQuery = requires(const L& l) {
+  { l.is_branch_residual() } -> std::same_as<bool>;
+};
+/// Whether cast<double>() works for this value (a type-erased or composite layer).
+template <class L>
+concept HasDoubleCastQuery = requires(const L& l) {
+  { l.castable_to_double() } -> std::same_as<bool>;
+};
+
+/// Every optional hook L declares has the contract's signature (a hook named
+/// right with another signature would otherwise be silently skipped).
+template <class L>
+consteval bool check_hooks() {
+  using S = detail::scalar_of<L>;
+  (void)sizeof(S);
+  static_assert(
+      HasForwardInto<L> || !requires { &L::forward_into; },
+      "Moonwalk layer contract: forward_into must be `void forward_into(const CRef<S>& x, MatRef<S> out) "
+      "const`");
+  static_assert(
+      HasVjpInto<L> || !requires { &L::vjp_into; },
+      "Moonwalk layer contract: vjp_into must be `void vjp_into(const CRef<S>& x, const CRef<S>& h, "
+      "MatRef<S> out) const`");
+  static_assert(
+      HasVijpInto<L> || !requires { &L::vijp_into; },
+      "Moonwalk layer contract: vijp_into must be `void vijp_into(const CRef<S>& x, const CRef<S>& h_x, "
+      "MatRef<S> out) const`, next to vijp(x, h_x)");
+  static_assert(
+      HasSaveResidualInto<L> || !requires { &L::save_residual_into; },
+      "Moonwalk layer contract: save_residual_into must be `void save_residual_into(const CRef<S>& x, "
+      "residual_type& r) const`");
+  static_assert(
+      HasVjpResidualInto<L> || !requires { &L::vjp_residual_into; },
+      "Moonwalk layer contract: vjp_residual_into must be `void vjp_residual_into(const residual_type& r, "
+      "const CRef<S>& h, MatRef<S> out) const`");
+  static_assert(
+      HasReleaseDerived<L> || !requires { &L::release_derived; },
+      "Moonwalk layer contract: release_derived must be `void release_derived() const noexcept`");
+  static_assert(
+      HasSubmersiveQuery<L> || !requires { &L::is_submersive; },
+      "Moonwalk layer contract: is_submersive must be `bool is_submersive() const`");
+  static_assert(
+      HasFragmentalQuery<L> || !requires { &L::is_fragmental; },
+      "Moonwalk layer contract: is_fragmental must be `bool is_fragmental() const`");
+  static_assert(
+      HasInvertibleQuery<L> || !requires { &L::is_invertible; },
+      "Moonwalk layer contract: is_invertible must be `bool is_invertible() const`");
+  static_assert(
+      HasBranchResidualQuery<L> || !requires { &L::is_branch_residual; },
+      "Moonwalk layer contract: is_branch_residual must be `bool is_branch_residual() const`");
+  static_assert(
+      HasDoubleCastQuery<L> || !requires { &L::castable_to_double; },
+      "Moonwalk layer contract: castable_to_double must be `bool castable_to_double() const`");
+  return true;
+}
+
 /// Checks a layer type against the contract with one sentence per missing
 /// operation: `static_assert(moonwalk::check_layer<MyLayer>());`
 template <class L>
@@ -172,6 +287,7 @@ consteval bool check_layer() {
   static_assert(HasParameters<L>,
                 "Moonwalk layer contract: missing num_params(), and parameters()/gradients() or "
                 "parameter_blocks()/gradient_blocks()");
+  static_assert(check_hooks<L>());
   return Layer<L>;
 }
 

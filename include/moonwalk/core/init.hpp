@@ -12,7 +12,7 @@ namespace moonwalk {
 /// How a dense layer's weights start: (semi-)orthogonal (every singular value
 /// `gain`: condition number 1, the default) or i.i.d. N(0, gain² / in)
 /// (LeCun-scaled Gaussian, whose small singular values make deep sweeps
-/// amplify rounding error, DESIGN §5).
+/// amplify rounding error, docs/design.md §5).
 enum class Init { orthogonal, gaussian };
 
 /// A `rows × cols` matrix of independent N(0, 1) draws from a seeded generator.
@@ -29,7 +29,7 @@ Matrix<S> gaussian(Index rows, Index cols, std::uint64_t seed) {
 /// Haar-distributed (semi-)orthogonal `rows × cols` matrix times `gain`:
 /// orthonormal rows when rows ≤ cols, orthonormal columns otherwise. Built as
 /// the Q factor of a Gaussian matrix with the signs of diag(R) folded in, so
-/// every singular value equals `gain` (condition number 1, DESIGN §5).
+/// every singular value equals `gain` (condition number 1, docs/design.md §5).
 template <class S>
 Matrix<S> orthogonal(Index rows, Index cols, std::uint64_t seed, S gain = S(1)) {
   const bool wide = rows <= cols;

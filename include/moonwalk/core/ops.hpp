@@ -16,6 +16,7 @@
 
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/gradient_observer.hpp"
+#include "moonwalk/core/step.hpp"
 
 namespace moonwalk {
 
@@ -145,14 +146,16 @@ Matrix<typename L::scalar_type> vjp_residual(const L& l, const residual_t<L>& r,
 /// the next use rebuilds it, with the same results.
 template <Layer L>
 void release_derived(const L& l) noexcept {
-  if constexpr (requires { l.release_derived(); }) l.release_derived();
+  static_assert(check_hooks<L>());
+  if constexpr (HasReleaseDerived<L>) l.release_derived();
 }
 
 /// out = f(x), out_features × batch
 template <Layer L>
 void forward_into(const L& l, const CRef<typename L::scalar_type>& x, MatRef<typename L::scalar_type> out) {
+  static_assert(check_hooks<L>());
   detail::check_rows(l, "forward output buffer", out, l.out_features(), x.cols());
-  if constexpr (requires { l.forward_into(x, out); })
+  if constexpr (HasForwardInto<L>)
     l.forward_into(x, out);
   else
     out = l.forward(x);
@@ -162,8 +165,9 @@ void forward_into(const L& l, const CRef<typename L::scalar_type>& x, MatRef<typ
 template <Layer L>
 void vjp_into(const L& l, const CRef<typename L::scalar_type>& x, const CRef<typename L::scalar_type>& h,
               MatRef<typename L::scalar_type> out) {
+  static_assert(check_hooks<L>());
   detail::check_rows(l, "vjp output buffer", out, l.in_features(), h.cols());
-  if constexpr (requires { l.vjp_into(x, h, out); })
+  if constexpr (HasVjpInto<L>)
     l.vjp_into(x, h, out);
   else
     out = l.vjp(x, h);
@@ -174,7 +178,8 @@ void vjp_into(const L& l, const CRef<typename L::scalar_type>& x, const CRef<typ
 /// copies x into r).
 template <Layer L>
 void save_residual_into(const L& l, const CRef<typename L::scalar_type>& x, residual_t<L>& r) {
-  if constexpr (requires { l.save_residual_into(x, r); })
+  static_assert(check_hooks<L>());
+  if constexpr (HasSaveResidualInto<L>)
     l.save_residual_into(x, r);
   else if constexpr (HasResidual<L>)
     r = l.save_residual(x);
@@ -189,7 +194,7 @@ template <Layer L>
 void vjp_residual_into(const L& l, const residual_t<L>& r, const CRef<typename L::scalar_type>& h,
                        MatRef<typename L::scalar_type> out) {
   detail::check_rows(l, "vjp output buffer", out, l.in_features(), h.cols());
-  if constexpr (requires { l.vjp_residual_into(r, h, out); })
+  if constexpr (HasVjpResidualInto<L>)
     l.vjp_residual_into(r, h, out);
   else
     out = moonwalk::vjp_residual(l, r, h);
@@ -200,7 +205,7 @@ template <Submersive L>
 void vijp_into(const L& l, const CRef<typename L::scalar_type>& x, const CRef<typename L::scalar_type>& hx,
                MatRef<typename L::scalar_type> out) {
   detail::check_rows(l, "vijp output buffer", out, l.out_features(), hx.cols());
-  if constexpr (requires { l.vijp_into(x, hx, out); })
+  if constexpr (HasVijpInto<L>)
     l.vijp_into(x, hx, out);
   else
     out = l.vijp(x, hx);
@@ -211,7 +216,7 @@ template <Layer L>
 bool can_vijp(const L& l) {
   if constexpr (!Submersive<L>)
     return false;
-  else if constexpr (requires { l.is_submersive(); })
+  else if constexpr (HasSubmersiveQuery<L>)
     return l.is_submersive();
   else
     return true;
@@ -222,7 +227,7 @@ template <Layer L>
 bool can_fragment(const L& l) {
   if constexpr (!Fragmental<L>)
     return false;
-  else if constexpr (requires { l.is_fragmental(); })
+  else if constexpr (HasFragmentalQuery<L>)
     return l.is_fragmental();
   else
     return true;
@@ -233,7 +238,7 @@ template <Layer L>
 bool can_invert(const L& l) {
   if constexpr (!Invertible<L>)
     return false;
-  else if constexpr (requires { l.is_invertible(); })
+  else if constexpr (HasInvertibleQuery<L>)
     return l.is_invertible();
   else
     return true;
@@ -247,7 +252,7 @@ bool can_invert(const L& l) {
 /// picks the other one-sided derivative.
 template <Layer L>
 bool keeps_branches(const L& l) {
-  if constexpr (requires { l.is_branch_residual(); })
+  if constexpr (HasBranchResidualQuery<L>)
     return l.is_branch_residual();
   else
     return std::is_same_v<residual_t<L>, BitMask>;

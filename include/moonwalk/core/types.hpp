@@ -3,17 +3,19 @@
 
 #include <Eigen/Core>
 #include <cstddef>
+#include <cstdint>
 #include <span>
 #include <sstream>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 namespace moonwalk {
 
 using Index = Eigen::Index;
 
-/// A batch: one column per sample (`features × batch`), DESIGN §2.
+/// A batch: one column per sample (`features × batch`), docs/design.md §2.
 template <class S>
 using Matrix = Eigen::Matrix<S, Eigen::Dynamic, Eigen::Dynamic>;
 template <class S>
@@ -98,6 +100,45 @@ class Gradient {
 };
 
 }  // namespace detail
+
+/// θ stored as one vector, with its gradient and a weight version: the
+/// parameter members of the layer contract (num_params, parameters,
+/// gradients, stores_gradient) written once, for a layer to derive from.
+/// Mutable access to θ starts a new weight version (`weight_version()`): a
+/// layer that caches what it derives from θ (a factorisation, an amplification
+/// bound) rebuilds it when the version has moved. Write through a view
+/// obtained after the last use of the cache; optimizers re-fetch views each
+/// step.
+template <class S>
+class FlatParameters {
+ public:
+  [[nodiscard]] Index num_params() const { return theta_.size(); }
+  std::span<S> parameters() {
+    ++version_;
+    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
+  }
+  [[nodiscard]] std::span<const S> parameters() const {
+    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
+  }
+  std::span<S> gradients() { return grad_.span(); }
+  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
+  /// Whether the gradient is stored yet (a cast stores it on first access).
+  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
+  /// Incremented by every mutable access to θ.
+  [[nodiscard]] std::uint64_t weight_version() const noexcept { return version_; }
+
+ protected:
+  FlatParameters() = default;
+  /// n zeros, gradient stored (a constructed layer).
+  explicit FlatParameters(Index n) : theta_(Vector<S>::Zero(n)), grad_(detail::Gradient<S>::stored(n)) {}
+  /// θ given, gradient stored on first use (a cast: detail::Gradient).
+  explicit FlatParameters(Vector<S> theta)
+      : theta_(std::move(theta)), grad_(detail::Gradient<S>::on_first_use(theta_.size())) {}
+
+  Vector<S> theta_;
+  detail::Gradient<S> grad_;
+  std::uint64_t version_ = 0;
+};
 
 /// Base of every error Moonwalk throws.
 class Error : public std::runtime_error {

@@ -41,6 +41,7 @@
 #include <vector>
 
 #include "moonwalk/core/image.hpp"
+#include "moonwalk/core/random.hpp"
 #include "moonwalk/core/types.hpp"
 
 namespace moonwalk::data {
@@ -501,18 +502,6 @@ void gather(const LabelledImages& set, std::span<const Index> idx, const Normali
   }
 }
 
-namespace detail {
-
-/// splitmix64 (Steele, Lea, Flood 2014): the next 64-bit output of state.
-inline std::uint64_t splitmix64(std::uint64_t& state) {
-  std::uint64_t z = (state += 0x9e3779b97f4a7c15ULL);
-  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  z = (z ^ (z >> 27)) * 0x94d049bb133111ebULL;
-  return z ^ (z >> 31);
-}
-
-}  // namespace detail
-
 /// 0..n−1 in a seeded random order: Fisher–Yates driven by splitmix64, with
 /// an unbiased bounded draw by rejection. Unlike std::shuffle this does not
 /// depend on the standard library, so a seed gives the same order everywhere.
@@ -524,8 +513,8 @@ inline std::vector<Index> shuffled_indices(Index n, std::uint64_t seed) {
   for (std::size_t i = v.size(); i > 1; --i) {
     const std::uint64_t bound = i;                        // draw j uniformly in [0, i)
     const std::uint64_t threshold = (0 - bound) % bound;  // 2^64 mod bound
-    std::uint64_t r = detail::splitmix64(state);
-    while (r < threshold) r = detail::splitmix64(state);
+    std::uint64_t r = moonwalk::detail::splitmix64(state);
+    while (r < threshold) r = moonwalk::detail::splitmix64(state);
     std::swap(v[i - 1], v[static_cast<std::size_t>(r % bound)]);
   }
   return v;
@@ -548,7 +537,7 @@ void random_flips(Matrix<S>& x, const ImageShape& shape, std::uint64_t seed, Ind
   // (splitmix64 advances its state by a constant per draw: skipping k draws is one multiply)
   std::uint64_t state = seed + static_cast<std::uint64_t>(first_column) * 0x9e3779b97f4a7c15ULL;
   for (Index j = 0; j < x.cols(); ++j) {
-    if ((detail::splitmix64(state) & 1U) == 0) continue;
+    if ((moonwalk::detail::splitmix64(state) & 1U) == 0) continue;
     S* col = x.data() + j * x.rows();
     for (Index c = 0; c < shape.c; ++c)
       for (Index i = 0; i < shape.h; ++i) {

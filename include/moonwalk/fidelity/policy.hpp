@@ -1,5 +1,5 @@
 // Moonwalk — the fidelity policy: how a Moonwalk schedule holds its gradient's
-// error under a tolerance (DESIGN §5).
+// error under a tolerance (docs/design.md §5).
 //
 // Error model. The sweep from a cotangent anchor (or from h_0) up to layer m
 // adds a relative rounding error of about u per layer, and every later vijp
@@ -31,7 +31,7 @@
 //
 // Calibration (BENCHMARKS.md, "Fidelity"): c was measured with
 // `bench/fidelity.sh` as the ratio of the estimated error to u·Σ Π γ over the
-// MLP and RevNet rows of DESIGN §5 (float and double, depth 4–64, policy
+// MLP and RevNet rows of docs/design.md §5 (float and double, depth 4–64, policy
 // none); c = 4 sits above that ratio for every row, so the policy rarely has to
 // fall back.
 #pragma once

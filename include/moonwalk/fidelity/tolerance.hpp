@@ -3,7 +3,7 @@
 //
 // A Moonwalk sweep recovers h_i = J_i⁻ᵀ h_{i−1} layer by layer, so its error is
 // not a constant: it grows with depth and with how much each layer shrank the
-// cotangent in the reverse pass (DESIGN §5). A fixed tolerance would be either
+// cotangent in the reverse pass (docs/design.md §5). A fixed tolerance would be either
 // too loose for shallow networks or fail healthy deep ones. Instead the
 // gradient is judged against the engine's own error model, the a-posteriori
 // estimate `stats.error_estimate` (the end-of-sweep mismatch between the
@@ -24,7 +24,7 @@
 //                    sweep and the same again in backprop.
 //
 // (1) says the true error is within 10× of what the engine predicted (the
-// estimate was measured to sit 1–10× above the worst error; DESIGN §5), so the
+// estimate was measured to sit 1–10× above the worst error; docs/design.md §5), so the
 // estimate can be trusted; (2) says the prediction itself is good enough: a
 // gradient whose own estimate exceeds the library's fidelity target fails even
 // when it happens to be accurate, because a user could not have known. Any

@@ -1,24 +1,27 @@
-// Moonwalk — checkpoints: parameters and optimizer state in one versioned
-// file, written atomically.
+// Moonwalk — checkpoints: parameters, layer buffers and optimizer state in
+// one versioned file, written atomically.
 //
-// File format (version 2): a text header, then the payload.
+// File format (version 3): a text header, then the payload.
 //
 //   moonwalk-checkpoint
-//   version 2
+//   version 3
 //   KEY VALUE            (any number: model, spec, dtype, epoch, …; VALUE is
 //   ...                   the rest of the line)
 //   parameters P
+//   buffers B            (the layers' untrained state: BatchNorm's running
+//                         statistics; core/step.hpp)
 //   optimizer_state K
 //   crc32 XXXXXXXX       (of every byte of the file but this line: the header
 //   end                   lines above, "end\n" and the payload; IEEE 802.3)
-//   P + K doubles, little-endian IEEE 754 (parameters, then optimizer state)
+//   P + B + K doubles, little-endian IEEE 754 (parameters, buffers, then
+//   optimizer state)
 //
 // Parameters are stored as double whatever the network's scalar: exact for
 // float. Every value is finite (save and load refuse NaN and infinities).
-// Version 1 (whose CRC covered only the payload, so a flipped bit in the
-// header, e.g. in the epoch, went unnoticed) is refused with a message saying
-// so. The header is at most checkpoint_max_header_bytes, each line at most
-// checkpoint_max_line_bytes.
+// Version 2 (the same without buffers) is read as holding none. Version 1
+// (whose CRC covered only the payload, so a flipped bit in the header, e.g.
+// in the epoch, went unnoticed) is refused with a message saying so. The header is at most
+// checkpoint_max_header_bytes, each line at most checkpoint_max_line_bytes.
 //
 // write_file_atomically() writes a temporary file `TARGET.tmp.XXXXXX` next
 // to the target, fsyncs it, renames it over the target and fsyncs the
@@ -72,11 +75,13 @@ inline constexpr std::size_t checkpoint_max_header_bytes = std::size_t{1} << 20;
 inline constexpr std::size_t checkpoint_max_line_bytes = std::size_t{1} << 16;
 
 /// What a checkpoint holds: free-form metadata (keys without spaces, values
-/// without newlines), the flat parameters and the optimizer's flat state.
+/// without newlines), the flat parameters, the layers' flat buffers and the
+/// optimizer's flat state.
 struct Checkpoint {
-  static constexpr int format_version = 2;
+  static constexpr int format_version = 3;
   std::map<std::string, std::string> meta;
   Vector<double> parameters;
+  Vector<double> buffers;
   Vector<double> optimizer_state;
 
   /// meta[key], or CheckpointError naming `path` when absent.
@@ -277,6 +282,9 @@ inline std::string serialize(const Checkpoint& c, const std::string& path = "che
   if (const Index i = detail::first_non_finite(c.parameters); i >= 0)
     throw CheckpointError(
         cat(path, ": refusing to save a non-finite parameter (entry ", i, " is ", c.parameters[i], ")"));
+  if (const Index i = detail::first_non_finite(c.buffers); i >= 0)
+    throw CheckpointError(
+        cat(path, ": refusing to save a non-finite layer buffer (entry ", i, " is ", c.buffers[i], ")"));
   if (const Index i = detail::first_non_finite(c.optimizer_state); i >= 0)
     throw CheckpointError(cat(path, ": refusing to save a non-finite optimizer state (entry ", i, " is ",
                               c.optimizer_state[i], ")"));
@@ -286,14 +294,16 @@ inline std::string serialize(const Checkpoint& c, const std::string& path = "che
     if (k.empty() || k.find_first_of(" \n") != std::string::npos || v.find('\n') != std::string::npos)
       throw CheckpointError(
           cat(path, ": bad metadata entry '", k, "' (keys need no spaces or newlines, values no newlines)"));
-    if (k == "version" || k == "parameters" || k == "optimizer_state" || k == "crc32" || k == "end")
+    if (k == "version" || k == "parameters" || k == "buffers" || k == "optimizer_state" || k == "crc32" ||
+        k == "end")
       throw CheckpointError(cat(path, ": metadata key '", k, "' is reserved"));
     if (k.size() + v.size() + 2 > checkpoint_max_line_bytes)
       throw CheckpointError(
           cat(path, ": metadata entry '", k, "' is longer than ", checkpoint_max_line_bytes, " bytes"));
     h << k << ' ' << v << '\n';
   }
-  h << "parameters " << c.parameters.size() << "\noptimizer_state " << c.optimizer_state.size() << "\n";
+  h << "parameters " << c.parameters.size() << "\nbuffers " << c.buffers.size() << "\noptimizer_state "
+    << c.optimizer_state.size() << "\n";
   const std::string head = h.str();
   if (head.size() + 64 > checkpoint_max_header_bytes)
     throw CheckpointError(
@@ -302,14 +312,15 @@ inline std::string serialize(const Checkpoint& c, const std::string& path = "che
   std::uint32_t crc = detail::crc32(head);
   crc = detail::crc32(tail, crc);
   crc = detail::crc32(c.parameters, crc);
+  crc = detail::crc32(c.buffers, crc);
   crc = detail::crc32(c.optimizer_state, crc);
   std::string out = head + "crc32 " + detail::hex8(crc) + "\n" + tail;
-  const std::size_t np = static_cast<std::size_t>(c.parameters.size()) * sizeof(double);
-  const std::size_t ns = static_cast<std::size_t>(c.optimizer_state.size()) * sizeof(double);
-  const std::size_t at = out.size();
-  out.resize(at + np + ns);
-  if (np > 0) std::memcpy(out.data() + at, c.parameters.data(), np);
-  if (ns > 0) std::memcpy(out.data() + at + np, c.optimizer_state.data(), ns);
+  for (const Vector<double>* v : {&c.parameters, &c.buffers, &c.optimizer_state}) {
+    const std::size_t n = static_cast<std::size_t>(v->size()) * sizeof(double);
+    const std::size_t at = out.size();
+    out.resize(at + n);
+    if (n > 0) std::memcpy(out.data() + at, v->data(), n);
+  }
   return out;
 }
 
@@ -325,7 +336,7 @@ inline void save_checkpoint(const std::string& path, const Checkpoint& c) {
 
 /// Reads a checkpoint written by save_checkpoint. CheckpointError (naming
 /// `path`) when the file cannot be read or is not a regular file, is not a
-/// checkpoint, has another format version (version 1 included), a malformed
+/// checkpoint, has another format version than 2 or 3, a malformed
 /// or over-long header, sizes the file cannot hold (checked before anything
 /// is allocated), a payload of the wrong length (short or trailing bytes), a
 /// CRC mismatch (header or payload) or a non-finite value.
@@ -353,7 +364,7 @@ inline Checkpoint load_checkpoint(const std::string& path) {
     throw CheckpointError(cat(path, ": not a Moonwalk checkpoint (first line is not 'moonwalk-checkpoint')"));
 
   Checkpoint c;
-  long long params = -1, state = -1;
+  long long params = -1, buffers = -1, state = -1, version = 0;
   std::string crc;
   bool version_seen = false, ended = false;
   std::size_t pos = magic.size(), crc_line_begin = 0, crc_line_end = 0;
@@ -393,12 +404,16 @@ inline Checkpoint load_checkpoint(const std::string& path) {
                                   "the header, so a corrupt epoch or size would go unnoticed); this build "
                                   "reads version ",
                                   Checkpoint::format_version, ": save the checkpoint again with this build"));
-      if (v != Checkpoint::format_version)
-        throw CheckpointError(cat(path, ": checkpoint format version ", v, ", this build reads version ",
-                                  Checkpoint::format_version));
+      if (v != 2 && v != Checkpoint::format_version)
+        throw CheckpointError(cat(path, ": checkpoint format version ", v,
+                                  ", this build reads versions 2 and ", Checkpoint::format_version));
+      version = v;
       version_seen = true;
-    } else if (key == "parameters" || key == "optimizer_state") {
-      long long& slot = key == "parameters" ? params : state;
+    } else if (key == "buffers" && version == 2) {
+      throw CheckpointError(
+          cat(path, ": checkpoint format version 2 has no 'buffers' line (corrupt header?)"));
+    } else if (key == "parameters" || key == "buffers" || key == "optimizer_state") {
+      long long& slot = key == "parameters" ? params : key == "buffers" ? buffers : state;
       if (slot >= 0) throw CheckpointError(cat(path, ": checkpoint header has two '", key, "' lines"));
       slot = count(value);
     } else if (key == "crc32") {
@@ -420,27 +435,31 @@ inline Checkpoint load_checkpoint(const std::string& path) {
       throw CheckpointError(cat(path, ": checkpoint header longer than ", checkpoint_max_header_bytes,
                                 " bytes (no 'end' line; corrupt header?)"));
   }
-  if (!ended || params < 0 || state < 0 || crc.empty())
+  if (version == 2 && buffers < 0) buffers = 0;  // (version 2 has none)
+  if (!ended || params < 0 || buffers < 0 || state < 0 || crc.empty())
     throw CheckpointError(
-        cat(path, ": truncated checkpoint header (needs parameters, optimizer_state, crc32, end)"));
+        cat(path, ": truncated checkpoint header (needs parameters, buffers, optimizer_state, crc32, end)"));
 
   // The payload's size, in checked arithmetic, against the bytes the file holds.
   const std::uint64_t available = file_size - pos;
-  const auto p = static_cast<std::uint64_t>(params), k = static_cast<std::uint64_t>(state);
+  const auto p = static_cast<std::uint64_t>(params), b = static_cast<std::uint64_t>(buffers),
+             k = static_cast<std::uint64_t>(state);
   const std::uint64_t limit = std::numeric_limits<std::uint64_t>::max() / sizeof(double);
-  if (p > limit || k > limit - p)
-    throw CheckpointError(cat(path, ": checkpoint header claims ", params, " parameters and ", state,
+  if (p > limit || b > limit - p || k > limit - p - b)
+    throw CheckpointError(cat(path, ": checkpoint header claims ", params, " parameters, ", buffers,
+                              " buffer values and ", state,
                               " optimizer state values, more than any file holds (corrupt header?)"));
-  const std::uint64_t want = (p + k) * sizeof(double);
+  const std::uint64_t want = (p + b + k) * sizeof(double);
   if (want > available)
     throw CheckpointError(cat(path, ": truncated checkpoint: expected ", want, " bytes of data (", params,
-                              " parameters + ", state, " optimizer state values), file ends after ",
-                              available));
+                              " parameters + ", buffers, " buffer values + ", state,
+                              " optimizer state values), file ends after ", available));
   if (want < available)
     throw CheckpointError(cat(path, ": ", available - want, " trailing bytes after the checkpoint data"));
 
   // Allocated now: at most the file's own size.
   c.parameters.resize(static_cast<Index>(params));
+  c.buffers.resize(static_cast<Index>(buffers));
   c.optimizer_state.resize(static_cast<Index>(state));
   // The header holds the start of the payload already; the rest is read from the file.
   std::size_t from_head = head.size() - pos;
@@ -460,11 +479,13 @@ inline Checkpoint load_checkpoint(const std::string& path) {
     }
   };
   fill(c.parameters);
+  fill(c.buffers);
   fill(c.optimizer_state);
 
   std::uint32_t have = detail::crc32(std::string_view(head).substr(0, crc_line_begin));
   have = detail::crc32(std::string_view(head).substr(crc_line_end, pos - crc_line_end), have);
   have = detail::crc32(c.parameters, have);
+  have = detail::crc32(c.buffers, have);
   have = detail::crc32(c.optimizer_state, have);
   if (crc != detail::hex8(have))
     throw CheckpointError(cat(path, ": checkpoint is corrupt (crc32 of header and data ", detail::hex8(have),
@@ -472,6 +493,9 @@ inline Checkpoint load_checkpoint(const std::string& path) {
   if (const Index i = detail::first_non_finite(c.parameters); i >= 0)
     throw CheckpointError(cat(path, ": checkpoint parameter ", i, " is ", c.parameters[i],
                               " (a checkpoint holds finite parameters)"));
+  if (const Index i = detail::first_non_finite(c.buffers); i >= 0)
+    throw CheckpointError(cat(path, ": checkpoint layer buffer entry ", i, " is ", c.buffers[i],
+                              " (a checkpoint holds finite values)"));
   if (const Index i = detail::first_non_finite(c.optimizer_state); i >= 0)
     throw CheckpointError(cat(path, ": checkpoint optimizer state entry ", i, " is ", c.optimizer_state[i],
                               " (a checkpoint holds finite values)"));

@@ -3,7 +3,7 @@
 // A rule gives value σ(x), derivative σ'(x) and, where it exists, inverse σ⁻¹(y).
 // A rule with `piecewise_linear = true` has σ'(x) ∈ {slope_on, slope_off}
 // decided by `on(x)`: its reverse pass keeps one bit per element. A smooth
-// rule keeps σ'(x) (one number per element; DESIGN §4 — the report shows it).
+// rule keeps σ'(x) (one number per element; docs/design.md §4 — the report shows it).
 // With σ' ≠ 0 everywhere the layer is submersive: vijp is h_y = h_x / σ'(x).
 //
 // Amplification (core/amplification.hpp) of the diagonal J = diag σ'(x), per

@@ -57,9 +57,11 @@ namespace moonwalk {
 /// rank), so it offers no vijp: use it inside coupling blocks, whose branches
 /// need only the layer contract.
 template <class S>
-class Conv2d {
+class Conv2d : public FlatParameters<S> {
   template <class>
   friend class Conv2d;
+  using FlatParameters<S>::theta_;
+  using FlatParameters<S>::grad_;
 
  public:
   using scalar_type = S;
@@ -83,9 +85,9 @@ class Conv2d {
         pad_(opt.pad),
         dil_(opt.dilation),
         bias_(opt.bias),
-        out_(checked_out_shape(in, c_out, k, opt)),
-        theta_(c_out * kk() + (opt.bias ? c_out : 0)),
-        grad_(detail::Gradient<S>::stored(theta_.size())) {
+        out_(checked_out_shape(in, c_out, k, opt)) {
+    theta_.setZero(c_out * kk() + (opt.bias ? c_out : 0));
+    grad_ = detail::Gradient<S>::stored(theta_.size());
     if (opt.init == Init::orthogonal)
       W() = orthogonal<S>(c_out, kk(), opt.seed, opt.gain);
     else
@@ -115,16 +117,7 @@ class Conv2d {
     return Conv2d<T>(typename Conv2d<T>::Uninitialised{}, *this);
   }
 
-  // ---- parameters
-  [[nodiscard]] Index num_params() const { return theta_.size(); }
-  std::span<S> parameters() { return {theta_.data(), static_cast<std::size_t>(theta_.size())}; }
-  [[nodiscard]] std::span<const S> parameters() const {
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  std::span<S> gradients() { return grad_.span(); }
-  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
-  /// Whether the gradient is stored yet (a cast stores it on first access).
-  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
+  // ---- parameters θ = [vec W; b] (FlatParameters)
   /// C' × K, column (c·k + a)·k + e = tap (a, e) of input channel c.
   Eigen::Map<Matrix<S>> W() { return {theta_.data(), out_.c, kk()}; }
   [[nodiscard]] Eigen::Map<const Matrix<S>> W() const { return {theta_.data(), out_.c, kk()}; }
@@ -153,7 +146,7 @@ class Conv2d {
   /// J_θ dθ = dW im2col(x) + db
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "parameter tangent", dtheta, num_params(), 1);
+    detail::check_rows(*this, "parameter tangent", dtheta, this->num_params(), 1);
     Eigen::Map<const Matrix<S>> dW(dtheta.data(), out_.c, kk());
     Matrix<S> t = apply(dW, x);
     if (bias_) add_bias(t, dtheta.segment(out_.c * kk(), out_.c));
@@ -169,7 +162,7 @@ class Conv2d {
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
     detail::check_rows(*this, "input", x, in_features());
     detail::check_rows(*this, "cotangent", h, out_features(), x.cols());
-    detail::check_rows(*this, "gradient", g, num_params(), 1);
+    detail::check_rows(*this, "gradient", g, this->num_params(), 1);
     const Index P = pixels(), C = out_.c;
     Eigen::Map<Matrix<S>> gW(g.data(), C, kk());
     Matrix<S> cols(P, kk());
@@ -242,15 +235,14 @@ class Conv2d {
   /// first use): for cast().
   template <class T>
   Conv2d(Uninitialised, const Conv2d<T>& o)
-      : in_(o.in_),
+      : FlatParameters<S>(o.theta_.template cast<S>()),
+        in_(o.in_),
         k_(o.k_),
         stride_(o.stride_),
         pad_(o.pad_),
         dil_(o.dil_),
         bias_(o.bias_),
-        out_(o.out_),
-        theta_(o.theta_.template cast<S>()),
-        grad_(detail::Gradient<S>::on_first_use(o.theta_.size())) {}
+        out_(o.out_) {}
 
   static ImageShape checked_out_shape(ImageShape in, Index c_out, Index k, const Options& o) {
     const auto config = [&] {
@@ -326,8 +318,6 @@ class Conv2d {
   Index k_, stride_, pad_, dil_;
   bool bias_;
   ImageShape out_;
-  Vector<S> theta_;
-  detail::Gradient<S> grad_;
 };
 
 }  // namespace moonwalk

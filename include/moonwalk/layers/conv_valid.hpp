@@ -1,6 +1,6 @@
 // Moonwalk — submersive "valid" convolutions (stride 1, no padding): the
 // output is smaller than the input, and the Jacobian's transpose is solved by
-// substitution over the output positions (DESIGN §3, "Conv1d, valid").
+// substitution over the output positions (docs/design.md §3, "Conv1d, valid").
 //
 // Layout (core/image.hpp): one column per sample, channel-major. A 2-D sample
 // is C × H × W with index (c·H + i)·W + j; a 1-D sample is C × N with index
@@ -87,10 +87,13 @@ namespace moonwalk {
 ///            Σ_t ‖W_t‖_F² exact and ‖M‖_F² by Hutchinson (16 Gaussian probes).
 /// A rank-deficient W_0 gives +∞ for both.
 template <class S, int Dim>
-class ConvValid {
+class ConvValid : public FlatParameters<S> {
   static_assert(Dim == 1 || Dim == 2, "ConvValid: Dim is 1 or 2");
   template <class, int>
   friend class ConvValid;
+  using FlatParameters<S>::theta_;
+  using FlatParameters<S>::grad_;
+  using FlatParameters<S>::version_;
 
  public:
   using scalar_type = S;
@@ -137,21 +140,9 @@ class ConvValid {
     return out;
   }
 
-  // ---- parameters (mutable access starts a new weight version: the cached
-  //      factorisation is rebuilt on the next vijp; re-fetch views after it,
-  //      as for Linear)
-  [[nodiscard]] Index num_params() const { return theta_.size(); }
-  std::span<S> parameters() {
-    ++version_;
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  [[nodiscard]] std::span<const S> parameters() const {
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  std::span<S> gradients() { return grad_.span(); }
-  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
-  /// Whether the gradient is stored yet (a cast stores it on first access).
-  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
+  // ---- parameters θ = [W_0; …; W_{taps−1}; b] (FlatParameters: mutable
+  //      access starts a new weight version, so the cached factorisation is
+  //      rebuilt on the next vijp; re-fetch views after it, as for Linear)
   /// Tap t (flat index, t = ti·k + tj in 2-D): the C_out × C_in channel matrix W_t.
   Eigen::Map<Matrix<S>> tap(Index t) {
     check_tap(t);
@@ -191,7 +182,7 @@ class ConvValid {
   /// J_θ dθ = Σ_t dW_t x[:, p + t] + db
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "parameter tangent", dtheta, num_params(), 1);
+    detail::check_rows(*this, "parameter tangent", dtheta, this->num_params(), 1);
     Matrix<S> t = Matrix<S>::Zero(out_features(), x.cols());
     conv_add(x, dtheta.data(), t);
     if (bias_) add_bias(dtheta.segment(g_.taps() * tap_size(), g_.cout), t);
@@ -207,7 +198,7 @@ class ConvValid {
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
     detail::check_rows(*this, "input", x, in_features());
     detail::check_rows(*this, "cotangent", h, out_features(), x.cols());
-    detail::check_rows(*this, "gradient", g, num_params(), 1);
+    detail::check_rows(*this, "gradient", g, this->num_params(), 1);
     const Index hw = g_.h * g_.w, po = g_.ho() * g_.wo(), wo = g_.wo();
     for (Index s = 0; s < x.cols(); ++s) {
       Eigen::Map<const Matrix<S>> X(x.col(s).data(), hw, g_.cin);   // X(q, c) = x[c, q]
@@ -503,9 +494,6 @@ class ConvValid {
 
   Geometry g_;
   bool bias_ = true;
-  Vector<S> theta_;
-  detail::Gradient<S> grad_;
-  std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };
 

@@ -35,6 +35,8 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <span>
 #include <sstream>
 #include <string>
 #include <type_traits>
@@ -76,6 +78,29 @@ class Coupling {
   G& g() { return g_; }
   [[nodiscard]] const F& f() const { return f_; }
   [[nodiscard]] const G& g() const { return g_; }
+
+  // Step, mode and batch coupling (core/step.hpp): those of the branches.
+  void set_step(std::uint64_t k) {
+    moonwalk::set_step(f_, k);
+    moonwalk::set_step(g_, k);
+  }
+  void set_training(bool t) {
+    moonwalk::set_training(f_, t);
+    moonwalk::set_training(g_, t);
+  }
+  [[nodiscard]] bool couples_batch() const {
+    return moonwalk::couples_batch(f_) || moonwalk::couples_batch(g_);
+  }
+  /// The branches' buffers, F's then G's (core/step.hpp).
+  std::vector<std::span<double>> buffers() {
+    auto b = moonwalk::buffers(f_);
+    moonwalk::append_buffers(g_, b);
+    return b;
+  }
+  /// Both branches can be carried in double (core/amplification.hpp).
+  [[nodiscard]] bool castable_to_double() const {
+    return moonwalk::castable_to_double(f_) && moonwalk::castable_to_double(g_);
+  }
 
   [[nodiscard]] Index num_params() const { return f_.num_params() + g_.num_params(); }
   std::vector<std::span<S>> parameter_blocks() {

@@ -53,9 +53,12 @@ namespace moonwalk {
 /// computed once per weight version. An expanding W's fragment restores the
 /// null(Wᵀ) part exactly, so the same range-space figures apply.
 template <class S>
-class Linear {
+class Linear : public FlatParameters<S> {
   template <class>
   friend class Linear;
+  using FlatParameters<S>::theta_;
+  using FlatParameters<S>::grad_;
+  using FlatParameters<S>::version_;
 
  public:
   using scalar_type = S;
@@ -69,8 +72,7 @@ class Linear {
   };
 
   Linear(Index in, Index out) : Linear(in, out, Options{}) {}
-  Linear(Index in, Index out, Options opt)
-      : in_(in), out_(out), theta_(out * in + out), grad_(detail::Gradient<S>::stored(out * in + out)) {
+  Linear(Index in, Index out, Options opt) : FlatParameters<S>(out * in + out), in_(in), out_(out) {
     if (in <= 0 || out <= 0)
       throw ShapeError("Linear: sizes must be positive, got " + detail::shape_str(out, in));
     if (opt.init == Init::orthogonal)
@@ -107,22 +109,10 @@ class Linear {
     ++dst.version_;
   }
 
-  // ---- parameters (mutable access starts a new weight version: the cached
-  //      factorisation is rebuilt on the next vijp. Write through a view
-  //      obtained after the last vijp — a span kept across a vijp and written
-  //      later leaves the cache stale; optimizers re-fetch views each step.)
-  [[nodiscard]] Index num_params() const { return theta_.size(); }
-  std::span<S> parameters() {
-    ++version_;
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  [[nodiscard]] std::span<const S> parameters() const {
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  std::span<S> gradients() { return grad_.span(); }
-  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
-  /// Whether the gradient is stored yet (a cast stores it on first access).
-  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
+  // ---- parameters θ = [vec W; b] (FlatParameters: mutable access starts a
+  //      new weight version, so the cached factorisation is rebuilt on the
+  //      next vijp. A span kept across a vijp and written later leaves the
+  //      cache stale.)
   Eigen::Map<Matrix<S>> W() {
     ++version_;
     return {theta_.data(), out_, in_};
@@ -160,7 +150,7 @@ class Linear {
   /// J_θ dθ = dW x + db
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_);
-    detail::check_rows(*this, "parameter tangent", dtheta, num_params(), 1);
+    detail::check_rows(*this, "parameter tangent", dtheta, this->num_params(), 1);
     Eigen::Map<const Matrix<S>> dW(dtheta.data(), out_, in_);
     Matrix<S> t(out_, x.cols());
     t.noalias() = dW * x;
@@ -183,7 +173,7 @@ class Linear {
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
     detail::check_rows(*this, "input", x, in_);
     detail::check_rows(*this, "cotangent", h, out_, x.cols());
-    detail::check_rows(*this, "gradient", g, num_params(), 1);
+    detail::check_rows(*this, "gradient", g, this->num_params(), 1);
     Eigen::Map<Matrix<S>> gW(g.data(), out_, in_);
     detail::gemm<S>(gW, h, detail::Op::N, x, detail::Op::T, S(1), /*accumulate=*/true);
     g.segment(out_ * in_, out_) += h.rowwise().sum();
@@ -339,10 +329,7 @@ class Linear {
   struct Uninitialised {};
   /// Shapes only (θ uninitialised, gradient zero, stored on first use): for cast().
   Linear(Uninitialised, Index in, Index out)
-      : in_(in),
-        out_(out),
-        theta_(out * in + out),
-        grad_(detail::Gradient<S>::on_first_use(out * in + out)) {}
+      : FlatParameters<S>(Vector<S>(out * in + out)), in_(in), out_(out) {}
 
   /// √(κ₁(R) κ_∞(R)) with ‖R‖₁, ‖R‖_∞ exact and ‖R⁻¹‖₁ = ‖R⁻ᵀ‖_∞,
   /// ‖R⁻¹‖_∞ = ‖R⁻ᵀ‖₁ by the Hager–Higham estimator (solves with R and Rᵀ,
@@ -442,9 +429,6 @@ class Linear {
   }
 
   Index in_, out_;
-  Vector<S> theta_;
-  detail::Gradient<S> grad_;
-  std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };
 

@@ -18,7 +18,7 @@
 namespace moonwalk {
 
 /// Square dense layer `y = Q x + b` whose Q stays orthogonal under any update
-/// of its parameters (an orthogonal parametrisation, DESIGN §5 "Conditioning").
+/// of its parameters (an orthogonal parametrisation, docs/design.md §5 "Conditioning").
 ///
 /// Parametrisation (Cayley transform):
 ///

@@ -88,9 +88,12 @@ namespace moonwalk {
 /// Linear nothing throws RankError; a badly conditioned U shows up as a large
 /// bound instead.
 template <class S>
-class TriangularLinear {
+class TriangularLinear : public FlatParameters<S> {
   template <class>
   friend class TriangularLinear;
+  using FlatParameters<S>::theta_;
+  using FlatParameters<S>::grad_;
+  using FlatParameters<S>::version_;
 
  public:
   using scalar_type = S;
@@ -129,26 +132,15 @@ class TriangularLinear {
     return out;
   }
 
-  // ---- parameters (mutable access starts a new weight version: the cached
-  //      amplification is recomputed on next use. The operators read θ
-  //      directly, so writes through a kept span are always seen by them.)
-  [[nodiscard]] Index num_params() const { return theta_.size(); }
+  // ---- parameters θ = [packed U; vec V; b] (FlatParameters: mutable access
+  //      starts a new weight version, so the cached amplification is
+  //      recomputed on next use. The operators read θ directly, so writes
+  //      through a kept span are always seen by them.)
   /// Number of packed entries of U: out(out−1)/2.
   [[nodiscard]] Index num_upper() const { return out_ * (out_ - 1) / 2; }
   /// Position of U(i, j), i < j, in θ (column-major strict upper triangle).
   [[nodiscard]] static Index upper_index(Index i, Index j) { return j * (j - 1) / 2 + i; }
 
-  std::span<S> parameters() {
-    ++version_;
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  [[nodiscard]] std::span<const S> parameters() const {
-    return {theta_.data(), static_cast<std::size_t>(theta_.size())};
-  }
-  std::span<S> gradients() { return grad_.span(); }
-  [[nodiscard]] std::span<const S> gradients() const { return grad_.span(); }
-  /// Whether the gradient is stored yet (a cast stores it on first access).
-  [[nodiscard]] bool stores_gradient() const noexcept { return grad_.is_stored(); }
   /// The packed strict upper triangle of U (class comment).
   Eigen::Map<Vector<S>> u() {
     ++version_;
@@ -200,7 +192,7 @@ class TriangularLinear {
   /// J_θ dθ = dU x₁ + dV x₂ + db, dU strictly upper from the packed du.
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_);
-    detail::check_rows(*this, "parameter tangent", dtheta, num_params(), 1);
+    detail::check_rows(*this, "parameter tangent", dtheta, this->num_params(), 1);
     const Matrix<S> dU = unpack(dtheta.head(num_upper()));
     Eigen::Map<const Matrix<S>> dV(dtheta.data() + num_upper(), out_, in_ - out_);
     Matrix<S> t(out_, x.cols());
@@ -219,7 +211,7 @@ class TriangularLinear {
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
     detail::check_rows(*this, "input", x, in_);
     detail::check_rows(*this, "cotangent", h, out_, x.cols());
-    detail::check_rows(*this, "gradient", g, num_params(), 1);
+    detail::check_rows(*this, "gradient", g, this->num_params(), 1);
     Matrix<S> gU(out_, out_);
     gU.noalias() = h * x.topRows(out_).transpose();
     for (Index j = 1; j < out_; ++j)
@@ -376,9 +368,6 @@ class TriangularLinear {
   }
 
   Index in_, out_;
-  Vector<S> theta_;
-  detail::Gradient<S> grad_;
-  std::uint64_t version_ = 0;
   VersionCache<Cache> cache_;
 };
 

@@ -1,6 +1,7 @@
 // Moonwalk — a type-erased layer, for networks chosen at run time.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 #include <span>
 #include <string>
@@ -13,6 +14,7 @@
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/core/residuals.hpp"
+#include "moonwalk/core/step.hpp"
 
 namespace moonwalk {
 
@@ -122,6 +124,15 @@ class AnyLayer {
   /// Frees what the wrapped layer derived from its weights (moonwalk::release_derived).
   void release_derived() const noexcept { self_->release_derived(); }
 
+  // Step, mode and batch coupling (core/step.hpp), forwarded to the wrapped layer.
+  void set_step(std::uint64_t k) { self_->set_step(k); }
+  void set_training(bool t) { self_->set_training(t); }
+  [[nodiscard]] bool couples_batch() const { return self_->couples_batch(); }
+  /// The wrapped layer's buffers (core/step.hpp).
+  std::vector<std::span<double>> buffers() { return self_->buffers(); }
+  /// Whether the wrapped layer offers cast<double>() (here, at run time).
+  [[nodiscard]] bool castable_to_double() const { return self_->castable_to_double(); }
+
   /// The wrapped layer, or nullptr when it is not an L.
   template <class L>
   L* target() {
@@ -179,6 +190,11 @@ class AnyLayer {
     virtual void cast_double_into(AnyLayer<double>& dst) const = 0;
     virtual void release_derived() const noexcept = 0;
     virtual void cast_float_into(AnyLayer<float>& dst) const = 0;
+    virtual void set_step(std::uint64_t) = 0;
+    virtual void set_training(bool) = 0;
+    [[nodiscard]] virtual bool couples_batch() const = 0;
+    virtual std::vector<std::span<double>> buffers() = 0;
+    [[nodiscard]] virtual bool castable_to_double() const = 0;
   };
 
   template <class L>
@@ -274,6 +290,11 @@ class AnyLayer {
     void cast_double_into(AnyLayer<double>& dst) const override { cast_into_impl(dst); }
     void release_derived() const noexcept override { moonwalk::release_derived(layer); }
     void cast_float_into(AnyLayer<float>& dst) const override { cast_into_impl(dst); }
+    void set_step(std::uint64_t k) override { moonwalk::set_step(layer, k); }
+    void set_training(bool t) override { moonwalk::set_training(layer, t); }
+    [[nodiscard]] bool couples_batch() const override { return moonwalk::couples_batch(layer); }
+    std::vector<std::span<double>> buffers() override { return moonwalk::buffers(layer); }
+    [[nodiscard]] bool castable_to_double() const override { return moonwalk::castable_to_double(layer); }
     template <class T>
     void cast_into_impl(AnyLayer<T>& dst) const {
       if constexpr (!std::is_same_v<T, S> && CastableTo<L, T>) {

@@ -161,6 +161,13 @@ class ChainLayer {
       });
     return a;
   }
+  /// Every layer can be carried in double (core/amplification.hpp).
+  [[nodiscard]] bool castable_to_double() const {
+    bool ok = true;
+    for (std::size_t i = 0; i < self().size(); ++i)
+      self().visit(i, [&](const auto& l) { ok = ok && moonwalk::castable_to_double(l); });
+    return ok;
+  }
   std::vector<std::span<S>> parameter_blocks() {
     return detail::chain_blocks<Derived, std::span<S>>(self(), false);
   }

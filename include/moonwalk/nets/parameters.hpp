@@ -65,6 +65,42 @@ void set_parameters(N& net, const CVecRef<typename N::scalar_type>& v) {
     });
 }
 
+/// The layers' buffers (core/step.hpp: BatchNorm's running statistics) as one
+/// vector, layer by layer: what a checkpoint saves next to θ.
+template <Net N>
+Vector<double> get_buffers(N& net) {
+  const auto spans = moonwalk::buffers(net);
+  Index n = 0;
+  for (const auto& s : spans) n += static_cast<Index>(s.size());
+  Vector<double> v(n);
+  Index o = 0;
+  for (const auto& s : spans) {
+    std::copy(s.begin(), s.end(), v.data() + o);
+    o += static_cast<Index>(s.size());
+  }
+  return v;
+}
+
+/// Writes the layers' buffers from one vector laid out as get_buffers'
+/// (throws ShapeError naming both lengths otherwise).
+template <Net N>
+void set_buffers(N& net, const CVecRef<double>& v) {
+  const auto spans = moonwalk::buffers(net);
+  Index n = 0;
+  for (const auto& s : spans) n += static_cast<Index>(s.size());
+  if (v.size() != n) {
+    std::ostringstream m;
+    m << "set_buffers: vector has " << v.size() << " entries, the network's layers hold " << n
+      << " buffer values";
+    throw ShapeError(m.str());
+  }
+  Index o = 0;
+  for (const auto& s : spans) {
+    std::copy(v.data() + o, v.data() + o + static_cast<Index>(s.size()), s.begin());
+    o += static_cast<Index>(s.size());
+  }
+}
+
 /// ∂ℓ/∂θ written into v, resized to length P (no allocation when it has that length).
 template <Net N>
 void gradients_into(const N& net, Vector<typename N::scalar_type>& v) {

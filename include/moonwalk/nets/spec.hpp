@@ -24,13 +24,23 @@
 //   elu[:ALPHA]         ELU<S>, ALPHA finite and > 0 (default 1)
 //   identity            Identity<S>
 //   pad:N               ZeroPad<S>(width, N): zero rows appended (N ≥ width)
+//   batchnorm           BatchNorm<S>(width): per feature over the batch; on an
+//                       image per channel over the batch and H·W (image kept)
+//   layernorm           LayerNorm<S>(width): per sample over its features
+//   dropout:P           Dropout<S>(width, P, token seed), 0 ≤ P < 1
+//   residual:HIDDEN[:ACT[:SCALE]]
+//                       Residual<S> block y = x + F(x), F = linear:HIDDEN, ACT,
+//                       linear:width with gain SCALE (default 0.5: F starts a
+//                       contraction, so vijp and inverse converge); on an
+//                       image it acts on the C·H·W features
 //   coupling:KIND:HIDDEN[:ACT[:SCALE]]
 //                       additive or affine coupling block (on an image too;
 //                       additive_conv below is the convolutional one) (KIND = additive |
 //                       affine) over halves n1 = width/2, n2 = width − n1;
 //                       F: n2 → n1 and G: n1 → n2 are the MLPs
-//                       linear:HIDDEN, ACT, linear:half, ACT any activation
-//                       token without arguments (default tanh), SCALE the
+//                       linear:HIDDEN, ACT, linear:half, ACT an activation
+//                       (leaky_relu, relu, tanh, sigmoid, softplus, elu,
+//                       identity: Rule::activation; default tanh), SCALE the
 //                       gain of each branch's last Linear (default 1). The
 //                       branch Linears follow SpecOptions::init too (SCALE is
 //                       the gain either way: every singular value SCALE, or
@@ -51,6 +61,9 @@
 //   gap                 GlobalAvgPool<S>: C×H×W → C (submersive)
 //   flatten             Flatten<S>: the identity on the layout (C·H·W × 1 × 1)
 //   pad_channels:C      PadChannels<S>: zero channels appended up to C (fragmental)
+//   residual_conv:HIDDEN[:ACT[:SCALE]]
+//                       Residual<S> block, F = conv:HIDDEN:3:1:1, ACT,
+//                       conv:C:3:1:1 with gain SCALE (default 0.5)
 //   coupling:additive_conv:HIDDEN[:ACT[:SCALE]]
 //                       additive coupling over channel halves c1 = C/2,
 //                       c2 = C − c1 (the first c1 channels are x1): F and G
@@ -119,10 +132,13 @@
 #include "moonwalk/layers/conv.hpp"
 #include "moonwalk/layers/conv_valid.hpp"
 #include "moonwalk/layers/coupling.hpp"
+#include "moonwalk/layers/dropout.hpp"
 #include "moonwalk/layers/image.hpp"
 #include "moonwalk/layers/linear.hpp"
+#include "moonwalk/layers/normalization.hpp"
 #include "moonwalk/layers/orthogonal.hpp"
 #include "moonwalk/layers/pad.hpp"
+#include "moonwalk/layers/residual.hpp"
 #include "moonwalk/layers/triangular.hpp"
 #include "moonwalk/nets/any_layer.hpp"
 #include "moonwalk/nets/network.hpp"
@@ -371,13 +387,23 @@ using ImageBuilder = std::function<BuiltImage<S>(ImageShape in, const Token& tok
                                                  const SpecOptions& options)>;
 
 /// One grammar entry: its syntax (for messages and docs) and its builder —
-/// `build` for a layer on features, `build_image` for one that needs an image.
+/// `build` for a layer on features, `build_image` for one that needs an image
+/// (an entry with both uses `build_image` while the features are an image).
+/// `activation`: an elementwise activation without required arguments, which
+/// coupling blocks accept as their branches' ACT.
 template <class S>
 struct Rule {
   std::string syntax;
   Builder<S> build;
   ImageBuilder<S> build_image = {};
+  bool activation = false;
 };
+
+/// An activation's entry (Rule::activation).
+template <class S, class F>
+Rule<S> activation_rule(std::string syntax, F&& f) {
+  return Rule<S>{std::move(syntax), Builder<S>(std::forward<F>(f)), {}, true};
+}
 
 /// An image layer's entry: the builder gets the current image shape.
 template <class S, class F>
@@ -419,6 +445,14 @@ inline std::optional<ImageShape> parse_image_shape(const Token& t, const std::st
   return shape;
 }
 
+template <class S>
+std::string activations();
+
+/// The rule of a block's branch activation: argument k of `t` (default tanh),
+/// which must name an activation (Rule::activation).
+template <class S>
+const Rule<S>& branch_activation(const Token& t, std::size_t k);
+
 /// The grammar: every layer a spec can name. Add a layer here, nowhere else.
 template <class S>
 const std::map<std::string, Rule<S>>& layers() {
@@ -459,47 +493,47 @@ const std::map<std::string, Rule<S>>& layers() {
           return TriangularLinear<S>(w, out, options);
         }}},
       {"leaky_relu",
-       {"leaky_relu[:SLOPE]",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 1, "leaky_relu[:SLOPE]");
-          return LeakyReLU<S>(w, t.positive<S>(0, "leaky_relu slope", 0.01));
-        }}},
+       activation_rule<S>("leaky_relu[:SLOPE]",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 1, "leaky_relu[:SLOPE]");
+                            return LeakyReLU<S>(w, t.positive<S>(0, "leaky_relu slope", 0.01));
+                          })},
       {"relu",
-       {"relu",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 0, "relu");
-          return ReLU<S>(w);
-        }}},
+       activation_rule<S>("relu",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 0, "relu");
+                            return ReLU<S>(w);
+                          })},
       {"tanh",
-       {"tanh",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 0, "tanh");
-          return Tanh<S>(w);
-        }}},
+       activation_rule<S>("tanh",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 0, "tanh");
+                            return Tanh<S>(w);
+                          })},
       {"sigmoid",
-       {"sigmoid",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 0, "sigmoid");
-          return Sigmoid<S>(w);
-        }}},
+       activation_rule<S>("sigmoid",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 0, "sigmoid");
+                            return Sigmoid<S>(w);
+                          })},
       {"softplus",
-       {"softplus",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 0, "softplus");
-          return Softplus<S>(w);
-        }}},
+       activation_rule<S>("softplus",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 0, "softplus");
+                            return Softplus<S>(w);
+                          })},
       {"elu",
-       {"elu[:ALPHA]",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 1, "elu[:ALPHA]");
-          return ELU<S>(w, rules::ELU<S>{t.positive<S>(0, "elu alpha", 1.0)});
-        }}},
+       activation_rule<S>("elu[:ALPHA]",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 1, "elu[:ALPHA]");
+                            return ELU<S>(w, rules::ELU<S>{t.positive<S>(0, "elu alpha", 1.0)});
+                          })},
       {"identity",
-       {"identity",
-        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
-          t.expect_arity(0, 0, "identity");
-          return Identity<S>(w);
-        }}},
+       activation_rule<S>("identity",
+                          [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+                            t.expect_arity(0, 0, "identity");
+                            return Identity<S>(w);
+                          })},
       {"pad",
        {"pad:N",
         [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
@@ -507,6 +541,35 @@ const std::map<std::string, Rule<S>>& layers() {
           const Index n = t.width(0, "padded width");
           if (n < w) t.fail(detail::cat("pad:N must not shrink the width (", w, " -> ", n, ")"));
           return ZeroPad<S>(w, n);
+        }}},
+      {"batchnorm",
+       {"batchnorm",
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "batchnorm");
+          t.charge(t.mul(w, 2, "the parameter count"));
+          return BatchNorm<S>(w);
+        },
+        // On an image: per channel, over the batch and the channel's H·W pixels.
+        [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
+          t.expect_arity(0, 0, "batchnorm");
+          t.charge(t.mul(in.c, 2, "the parameter count"));
+          return {AnyLayer<S>(BatchNorm<S>(in.c, t.mul(in.h, in.w))), in};
+        }}},
+      {"layernorm",
+       {"layernorm",
+        [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
+          t.expect_arity(0, 0, "layernorm");
+          if (w < 2) t.fail("layernorm needs at least 2 features");
+          t.charge(t.mul(w, 2, "the parameter count"));
+          return LayerNorm<S>(w);
+        }}},
+      {"dropout",
+       {"dropout:P",
+        [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
+          t.expect_arity(1, 1, "dropout:P");
+          const double p = t.number(0, "drop probability", 0);
+          if (!(p >= 0 && p < 1)) t.fail(detail::cat("dropout:P needs 0 <= P < 1, got ", t.args()[0]));
+          return Dropout<S>(w, p, seed);
         }}},
       {"coupling",
        {"coupling:KIND:HIDDEN[:ACT[:SCALE]]",
@@ -523,9 +586,8 @@ const std::map<std::string, Rule<S>>& layers() {
           const S scale = t.positive<S>(3, "branch scale", 1.0);
           const auto& table = layers<S>();
           const auto it = table.find(act);
-          if (it == table.end() || !it->second.build || act == "linear" || act == "orthogonal" ||
-              act == "pad" || act == "coupling")
-            t.fail("unknown branch activation '" + act + "'");
+          if (it == table.end() || !it->second.activation)
+            t.fail("unknown branch activation '" + act + "' (known: " + activations<S>() + ")");
           const Index n1 = w / 2, n2 = w - n1;
           // F: n2 -> HIDDEN -> n1 and G: n1 -> HIDDEN -> n2, each Linear with its bias:
           // 2·HIDDEN·width + 2·HIDDEN + width parameters; 2·HIDDEN activations per branch.
@@ -555,9 +617,8 @@ const std::map<std::string, Rule<S>>& layers() {
           const S scale = t.positive<S>(3, "branch scale", 1.0);
           const auto& table = layers<S>();
           const auto it = table.find(act);
-          if (it == table.end() || !it->second.build || act == "linear" || act == "orthogonal" ||
-              act == "pad" || act == "coupling")
-            t.fail("unknown branch activation '" + act + "'");
+          if (it == table.end() || !it->second.activation)
+            t.fail("unknown branch activation '" + act + "' (known: " + activations<S>() + ")");
           const Index c1 = in.c / 2, c2 = in.c - c1;
           // Per branch 9·HIDDEN·C + HIDDEN + c_to parameters (C = c1 + c2), two HIDDEN x H x W activations.
           const Index h9c = t.product({hidden, 9, in.c}, "the parameter count");
@@ -589,6 +650,58 @@ const std::map<std::string, Rule<S>>& layers() {
           Network<S> f = branch(c2, c1, seed * 4 + 1), g = branch(c1, c2, seed * 4 + 3);
           return {AdditiveCoupling<Network<S>, Network<S>>(std::move(f), std::move(g)), in};
         }}},
+      {"residual",
+       {"residual:HIDDEN[:ACT[:SCALE]]",
+        [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
+          t.expect_arity(1, 3, "residual:HIDDEN[:ACT[:SCALE]]");
+          const Index hidden = t.width(0, "hidden width");
+          const auto& act = branch_activation<S>(t, 1);
+          const S scale = t.positive<S>(2, "branch scale", 0.5);
+          // F: linear:HIDDEN, ACT, linear:width with gain SCALE; 2·HIDDEN·width + HIDDEN + width parameters.
+          t.charge(t.add(t.add(t.mul(t.mul(hidden, w, "the parameter count"), 2), hidden), w),
+                   t.mul(hidden, 2));
+          Network<S> f;
+          f.add(Linear<S>(w, hidden, {.seed = seed * 4 + 1, .init = o.init}));
+          f.add(act.build(hidden, Token(t.args().size() > 1 ? t.args()[1] : "tanh", t.index()), seed, o));
+          f.add(Linear<S>(hidden, w, {.seed = seed * 4 + 2, .gain = scale, .init = o.init}));
+          return Residual<Network<S>>(std::move(f));
+        },
+        // On an image: acts on the C·H·W features and keeps the image shape.
+        [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
+          return {layers<S>().at("residual").build(in.size(), t, seed, o), in};
+        }}},
+      {"residual_conv",
+       image_rule<S>(
+           "residual_conv:HIDDEN[:ACT[:SCALE]]",
+           [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
+             t.expect_arity(1, 3, "residual_conv:HIDDEN[:ACT[:SCALE]]");
+             const Index hidden = t.width(0, "hidden channels");
+             const auto& act = branch_activation<S>(t, 1);
+             const S scale = t.positive<S>(2, "branch scale", 0.5);
+             // F: conv(C → HIDDEN, 3×3, pad 1), ACT, conv(HIDDEN → C, 3×3, pad 1, gain SCALE).
+             const Index h9c = t.product({hidden, 9, in.c}, "the parameter count");
+             const Index mid = t.product({hidden, in.h, in.w}, "the hidden image size");
+             t.charge(t.add(t.add(t.mul(h9c, 2), hidden), in.c), t.mul(mid, 2));
+             Network<S> f;
+             f.add(Conv2d<S>(in, hidden, 3,
+                             {.stride = 1,
+                              .pad = 1,
+                              .dilation = 1,
+                              .bias = true,
+                              .seed = seed * 4 + 1,
+                              .gain = S(1),
+                              .init = o.init}));
+             f.add(act.build(mid, Token(t.args().size() > 1 ? t.args()[1] : "tanh", t.index()), seed, o));
+             f.add(Conv2d<S>(ImageShape{hidden, in.h, in.w}, in.c, 3,
+                             {.stride = 1,
+                              .pad = 1,
+                              .dilation = 1,
+                              .bias = true,
+                              .seed = seed * 4 + 2,
+                              .gain = scale,
+                              .init = o.init}));
+             return {AnyLayer<S>(Residual<Network<S>>(std::move(f))), in};
+           })},
       // ---- image layers (need an image shape: in:CxHxW)
       {"conv",
        image_rule<S>(
@@ -650,6 +763,26 @@ std::string known_layers() {
   std::string s;
   for (const auto& [name, rule] : layers<S>()) s += (s.empty() ? "" : ", ") + rule.syntax;
   return s;
+}
+
+/// "elu, identity, …" — the names a coupling branch accepts as ACT.
+template <class S>
+std::string activations() {
+  std::string s;
+  for (const auto& [name, rule] : layers<S>())
+    if (rule.activation) s += (s.empty() ? "" : ", ") + name;
+  return s;
+}
+
+/// (declared above the table)
+template <class S>
+const Rule<S>& branch_activation(const Token& t, std::size_t k) {
+  const std::string act = t.args().size() > k ? t.args()[k] : std::string("tanh");
+  const auto& table = layers<S>();
+  const auto it = table.find(act);
+  if (it == table.end() || !it->second.activation)
+    t.fail("unknown branch activation '" + act + "' (known: " + activations<S>() + ")");
+  return it->second;
 }
 
 /// The seed of the layer built from token `token_index` (see header comment).

@@ -16,9 +16,11 @@
 //
 // Gradients are read from each layer's gradient storage (gradient_blocks),
 // exactly as a schedule such as `gradient(Backprop{}, ...)` left them; `step`
-// does not zero them. Parameters are written through parameter_blocks,
-// fetched afresh on every step: mutable access bumps a layer's weight version
-// (Linear's cached QR for vijp is keyed on it), so no view is kept across steps.
+// does not zero them. After the update, `step` sets the network's training
+// step to steps() (core/step.hpp: Dropout draws the next step's masks,
+// BatchNorm folds the next batch into its running statistics). Parameters are written through
+// parameter_blocks, fetched afresh on every step: mutable access bumps a layer's weight version (Linear's
+// cached QR for vijp is keyed on it), so no view is kept across steps.
 //
 // State (velocity / moments) is sized on the first step; a later step on a
 // network with a different parameter count throws ShapeError. `state()` and
@@ -177,6 +179,7 @@ struct Sgd {
       th -= a * (nesterov ? d + mu * v[j] : v[j]);
     });
     ++state_.t;
+    moonwalk::set_step(net, state_.t);  // the next step draws new dropout masks (core/step.hpp)
   }
 
   /// Steps taken so far (0 before the first).
@@ -261,6 +264,7 @@ struct Adam {
       th -= a * mh / (std::sqrt(vh) + e);
     });
     state_.t = t;
+    moonwalk::set_step(net, t);  // the next step draws new dropout masks (core/step.hpp)
   }
 
   /// Steps taken so far (0 before the first).

@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 
 #include "moonwalk/fidelity/tolerance.hpp"
@@ -105,7 +106,9 @@ requires ScheduleFor<Sch, N, L> GradientResult<typename N::scalar_type> gradient
     const Sch& schedule, N& net, const CRef<typename N::scalar_type>& x, const L& loss,
     const typename L::target_type& target) {
   detail::check_gradient_input(schedule, net, x);
+  const std::uint64_t solves = detail::solver_iterations;
   GradientResult<typename N::scalar_type> out = schedule.run(net, x, loss, target);
+  out.stats.counts.solver_iterations = static_cast<std::size_t>(detail::solver_iterations - solves);
   detail::judge(net, x, out);
   return out;
 }
@@ -134,10 +137,12 @@ void gradient_into(const Sch& schedule, N& net, const CRef<typename N::scalar_ty
     out.gradient = Vector<S>();
     out.h0 = Matrix<S>();
   }
+  const std::uint64_t solves = detail::solver_iterations;
   if constexpr (in_place)
     schedule.run_into(net, x, loss, target, out);
   else
     out = schedule.run(net, x, loss, target);
+  out.stats.counts.solver_iterations = static_cast<std::size_t>(detail::solver_iterations - solves);
   detail::judge(net, x, out);
 }
 

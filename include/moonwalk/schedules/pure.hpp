@@ -48,7 +48,8 @@ Matrix<C> cotangent_by_jvps(N& net, CastLayers<C>& casts, std::size_t start,
 /// feature, all batch columns together); at each fragmental layer i, h_i by
 /// n_i jvps of the tail, of which only the fragment is kept. Then the sweep.
 /// Every layer must be submersive or fragmental (there is nothing to anchor
-/// from): a compile-time error for Sequential, ScheduleError for Network.
+/// from): a compile-time error for Sequential, ScheduleError for Network; and
+/// no layer may couple the samples of its batch (core/step.hpp; ScheduleError).
 struct PureMoonwalk {
   /// Default: verify, escalating a float network's cotangents to double when
   /// the estimate is above the tolerance (no anchors: there is no reverse pass);
@@ -74,6 +75,16 @@ struct PureMoonwalk {
         s << " is neither submersive nor fragmental; pure-forward Moonwalk cannot cross it (use mixed)";
         throw ScheduleError(s.str());
       }
+    // A tangent e_k set in every column is one pass for the whole batch only
+    // while the samples do not interact.
+    for (std::size_t i = 0; i < net.size(); ++i)
+      net.visit(i, [&](const auto& l) {
+        if (moonwalk::couples_batch(l))
+          throw ScheduleError(
+              detail::cat("pure: layer ", i, " ", l.name(),
+                          " couples the samples of its batch (BatchNorm in training); pure-forward "
+                          "Moonwalk's batched tangents would mix them (use mixed)"));
+      });
 
     // Working precision, then (float networks) double cotangents; the
     // estimate is always reported, and `within_tolerance` says whether the

@@ -110,6 +110,9 @@ struct SavedEntry {
 /// Operator calls made by a schedule.
 struct Counts {
   std::size_t forward = 0, jvp = 0, jvp_params = 0, vjp = 0, vjp_params = 0, vijp = 0, inverse = 0;
+  /// Operator applications inside layers' iterative solves (a Residual block's
+  /// GMRES and Newton steps; core/step.hpp), set by gradient() and gradient_into().
+  std::size_t solver_iterations = 0;
 };
 
 /// A layer's amplification as the fidelity policy saw it (core/amplification.hpp).

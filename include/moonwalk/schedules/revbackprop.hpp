@@ -21,7 +21,7 @@ namespace moonwalk {
 /// are any: a rebuilt input of ±1e-17 where the forward pass had an exact 0
 /// would pick the other one-sided derivative).
 ///
-/// Inverting in floating point drifts (DESIGN §5), so every rebuilt stretch
+/// Inverting in floating point drifts (docs/design.md §5), so every rebuilt stretch
 /// ends with a check of the same form as Moonwalk's end-of-sweep one:
 /// at x_0 the rebuilt input against the true one, and at a kept input the
 /// rebuilt output above it against f(kept input);

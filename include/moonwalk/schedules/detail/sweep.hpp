@@ -96,8 +96,8 @@ bool castable_to_double(N& net) {
         using Lyr = std::remove_cvref_t<decltype(l)>;
         if constexpr (!CastableTo<Lyr, double>)
           ok = false;
-        else if constexpr (requires { l.castable_to_double(); })
-          ok = ok && l.castable_to_double();
+        else
+          ok = ok && moonwalk::castable_to_double(l);
       });
     return ok;
   }
@@ -306,7 +306,7 @@ const char* scalar_name() {
   return std::is_same_v<C, float> ? "float" : "double";
 }
 
-/// The forward sweep (DESIGN §1), with cotangents carried in scalar type C
+/// The forward sweep (docs/design.md §1), with cotangents carried in scalar type C
 /// (the network's S, or double for a float network: each layer is then cast,
 /// once, by `casts`, while x stays in S). From x_0 and h_0, for i = 1..L
 ///   x_i = f_i(x_{i−1});
@@ -380,9 +380,11 @@ double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& 
       moonwalk::accumulate_vjp_params(l, xi, h.current());
     } else if (l.num_params() > 0) {
       // g += J_θᵀ h, a sum over samples: h converted to S a block of columns
-      // at a time (no batch-sized copy).
-      for (Index c0 = 0; c0 < batch; c0 += kConvertColumns) {
-        const Index n = std::min(kConvertColumns, batch - c0);
+      // at a time (no batch-sized copy), unless the layer's samples interact
+      // (BatchNorm in training: its J_θ needs the whole batch).
+      const Index block = moonwalk::couples_batch(l) ? batch : kConvertColumns;
+      for (Index c0 = 0; c0 < batch; c0 += block) {
+        const Index n = std::min(block, batch - c0);
         auto hs = h_s.view(out, n);
         hs = h.current().middleCols(c0, n).template cast<S>();
         moonwalk::accumulate_vjp_params(l, xi.middleCols(c0, n), hs);
