@@ -32,6 +32,7 @@
 //                     flat gradient the steps fill (above the baseline, outside the working set).
 //   --plan-budget BYTES  planned only: the planner's working-set budget, not enforced
 //                     (overrides what --budget gives it)
+//   --no-invert       planned only: plans keep to storing and recomputing (Planned::invert)
 //
 // Output (stdout, one line):
 //   {"schedule", "net", "batch", "params", "steps", "seconds_per_step" (median over steps),
@@ -116,6 +117,7 @@ struct Options {
   std::uint64_t seed = 1;
   std::string loss = "xent";
   bool rebuild_inputs = false;
+  bool invert = true;  // planned: plans may rebuild by inversion
   std::size_t budget = 0;       // bytes; 0: no budget
   std::size_t plan_budget = 0;  // planned: bytes of its working set; 0: from --budget
   std::size_t slots = 0;        // binomial's held inputs; 0: its default
@@ -140,6 +142,7 @@ const char* kUsage =
     "                    RLIMIT_AS once the parameters, optimizer state and batch exist\n"
     "  --plan-budget BYTES  planned: the working set the planner may plan for (not enforced;\n"
     "                    default: --budget less the gradient's bytes, else unlimited)\n"
+    "  --no-invert       planned: plans store and recompute, never rebuild by inversion\n"
     "  --slots K         binomial: layer inputs held at once, K >= 1 (default round(sqrt(L)))\n"
     "  --every K         checkpoint: segment length in layers, K >= 1 (default round(sqrt(L)))\n"
     "\n"
@@ -174,6 +177,10 @@ Options parse_options(int argc, char** argv) {
     }
     if (a == "--rebuild-inputs") {
       o.rebuild_inputs = true;
+      continue;
+    }
+    if (a == "--no-invert") {
+      o.invert = false;
       continue;
     }
     if (a.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", a, "'"));
@@ -237,6 +244,8 @@ Options parse_options(int argc, char** argv) {
     throw UsageError(cat("--slots: only --schedule binomial reads it (schedule is '", o.schedule, "')"));
   if (o.every > 0 && o.schedule != "checkpoint")
     throw UsageError(cat("--every: only --schedule checkpoint reads it (schedule is '", o.schedule, "')"));
+  if (!o.invert && o.schedule != "planned")
+    throw UsageError(cat("--no-invert: only --schedule planned reads it (schedule is '", o.schedule, "')"));
   if (net_given && shape_given) throw UsageError("--net: give either --net or --depth/--width, not both");
   if (!net_given) {
     o.spec = cat("in:", o.width);
@@ -343,7 +352,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
                                         .every = o.every,
                                         .slots = o.slots,
                                         .seed = o.seed,
-                                        .budget = plan_budget};
+                                        .budget = plan_budget,
+                                        .invert = o.invert};
   std::vector<double> seconds;
   std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
   std::vector<std::uint64_t> alloc_bytes;  // and the bytes they asked for
@@ -415,6 +425,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
             << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false")
+            << ",\"invert\":" << (o.invert ? "true" : "false")
             << ",\"allocations_per_step\":" << json_number(allocs_per_step)
             << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step)
             << ",\"scratch_bytes\":" << moonwalk::thread_scratch_bytes()

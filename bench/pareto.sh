@@ -11,14 +11,17 @@
 #   mlp64       the same at depth 64
 #   mlp16-0.5   the same with LeakyReLU(0.5), depth 16
 #   mlp64-0.5   LeakyReLU(0.5), depth 64
-#   revnet64    additive RevNet: in:256, 64 × coupling:additive:256, linear:10, batch 1024
+#   revnet40    additive RevNet: in:256, 40 × coupling:additive:256, linear:10, batch 1024
+#   revnet64    the same with 64 blocks
 # Schedules per network: backprop, checkpoint (every round(√L), L = the
 # network's layers), binomial:2, binomial:4, binomial:8, binomial:16 (binomial
 # checkpointing holding that many layer inputs: --slots), mixed, and the
 # planner's curve: planned:BYTES (--schedule planned --plan-budget BYTES, the
 # working set it plans for) at budgets from backprop's working set down to
-# near the smallest feasible one; revnet64 also revbackprop and mixed-rebuild
-# (mixed --rebuild-inputs).
+# near the smallest feasible one (planned rebuilds by inversion where layers
+# have inverses); the RevNets also revbackprop, mixed-rebuild (mixed
+# --rebuild-inputs) and planned-exact:BYTES (planned --no-invert: store and
+# recompute only, the planner without its inversion move).
 #
 # Environment:
 #   REPEATS   interleaved repeats (default 3): each repeat runs every network's
@@ -56,7 +59,7 @@ build=${1:?$usage}
 out=${2:?$usage}
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
-all_networks=(fashion mlp16 mlp64 mlp16-0.5 mlp64-0.5 revnet64)
+all_networks=(fashion mlp16 mlp64 mlp16-0.5 mlp64-0.5 revnet40 revnet64)
 networks=("$@")
 if [ ${#networks[@]} -eq 0 ]; then
   if [ -n "${NETWORKS:-}" ]; then read -r -a networks <<<"$NETWORKS"; else networks=("${all_networks[@]}"); fi
@@ -86,9 +89,9 @@ net_args() {  # net_args NETWORK: moonwalk-memory's network options, one per lin
       s=in:256
       for ((i = 0; i < ${1:3:2}; ++i)); do s+=,linear:256,leaky_relu:0.5; done
       printf '%s\n' --net "$s,linear:10" ;;
-    revnet64)
+    revnet40 | revnet64)
       s=in:256
-      for ((i = 0; i < 64; ++i)); do s+=,coupling:additive:256; done
+      for ((i = 0; i < ${1#revnet}; ++i)); do s+=,coupling:additive:256; done
       printf '%s\n' --net "$s,linear:10" ;;
   esac
 }
@@ -100,7 +103,7 @@ net_schedules() {  # net_schedules NETWORK: the schedule labels, in the report's
     mlp16 | mlp16-0.5) s+=(planned:24M planned:16M planned:8M planned:6M) ;;
     *) s+=(planned:64M planned:32M planned:16M planned:8M planned:6M) ;;
   esac
-  [ "$1" = revnet64 ] && s+=(revbackprop mixed-rebuild)
+  [[ $1 == revnet* ]] && s+=(revbackprop mixed-rebuild planned-exact:16M planned-exact:8M planned-exact:6M)
   if [ -n "${SCHEDULES:-}" ]; then
     for x in "${s[@]}"; do [[ " $SCHEDULES " == *" $x "* ]] && keep+=("$x"); done
     s=("${keep[@]}")
@@ -113,6 +116,7 @@ schedule_args() {  # schedule_args LABEL: moonwalk-memory's schedule options, on
     binomial:*) printf '%s\n' --schedule binomial --slots "${1#binomial:}" ;;
     mixed-rebuild) printf '%s\n' --schedule mixed --rebuild-inputs ;;
     planned:*) printf '%s\n' --schedule planned --plan-budget "${1#planned:}" ;;
+    planned-exact:*) printf '%s\n' --schedule planned --no-invert --plan-budget "${1#planned-exact:}" ;;
     *) printf '%s\n' --schedule "$1" ;;
   esac
 }

@@ -74,6 +74,88 @@ double exhaustive_optimum(const ChainCosts& c, std::size_t budget) {
   return std::numeric_limits<double>::infinity();
 }
 
+/// exhaustive_optimum with inversion: every plan check_plan accepts on a
+/// chain whose layers may have inverses and branch bits — forward (either
+/// role; keeping its layer's bits or not; a check onto a rebuilt value),
+/// inverse, the loss, backward — whose checks read a value held since the
+/// stretch's first inverse step (the planner's family: a stretch is checked
+/// from the start of its segment, plan/planner.hpp), by Dijkstra over (held,
+/// temporary, rebuilt, bits kept, held since the stretch began, cotangent).
+/// Written from check_plan's rules, not the planner's recurrence.
+double exhaustive_with_inverse(const ChainCosts& c, std::size_t budget) {
+  const std::size_t L = c.layers();
+  using State = std::tuple<unsigned, unsigned, unsigned, unsigned, unsigned, std::size_t>;
+  std::map<State, double> best;
+  using Item = std::pair<double, State>;
+  std::priority_queue<Item, std::vector<Item>, std::greater<>> q;
+  auto bytes = [&](unsigned held, unsigned bits) {
+    std::size_t b = 0;
+    for (std::size_t i = 1; i <= L; ++i)
+      if (held >> i & 1U) b += c.value_bytes[i];
+    for (std::size_t i = 0; i < L; ++i)
+      if (bits >> i & 1U) b += c.branches(i);
+    return b;
+  };
+  auto push = [&](double t, State s) {
+    auto it = best.find(s);
+    if (it != best.end() && it->second <= t) return;
+    best[s] = t;
+    q.emplace(t, s);
+  };
+  push(0, {1U, 0U, 0U, 0U, 0U, L + 1});
+  while (!q.empty()) {
+    auto [t, s] = q.top();
+    q.pop();
+    if (best[s] < t) continue;
+    auto [held, temp, reb, bits, since, cot] = s;
+    if (cot == 0) return t;
+    auto has = [](unsigned set, std::size_t i) { return (set >> i & 1U) != 0; };
+    for (std::size_t i = 0; i < L; ++i) {  // forward(i)
+      if (!has(held, i) || has(reb, i) || i + 1 >= cot) continue;
+      const bool check = has(held, i + 1) && has(reb, i + 1);
+      if (has(held, i + 1) && !check) continue;
+      if (check && !has(since, i)) continue;
+      for (int keep_bits = 0; keep_bits < 2; ++keep_bits) {
+        if (keep_bits && c.branches(i) == 0) continue;
+        const unsigned nb = keep_bits ? bits | 1U << i : bits;
+        const unsigned h = held | 1U << (i + 1);
+        const std::size_t extra = check ? c.value_bytes[i + 1] : 0;
+        if (bytes(h, nb) + extra > budget) continue;
+        for (int temporary = 0; temporary < (check ? 1 : 2); ++temporary) {
+          unsigned nh = h, nt = temporary ? temp | 1U << (i + 1) : temp & ~(1U << (i + 1));
+          const unsigned nr = reb & ~(1U << (i + 1));
+          if (i > 0 && has(temp, i)) {
+            nh &= ~(1U << i);
+            nt &= ~(1U << i);
+          }
+          push(t + c.forward[i], {nh, nt, nr, nb, since & nh & ~(1U << (i + 1)), cot});
+        }
+      }
+    }
+    for (std::size_t i = 0; i < L; ++i) {  // inverse(i)
+      if (!c.invertible(i) || !has(held, i + 1) || has(held, i)) continue;
+      if (!(i + 1 == L ? cot == L + 1 : cot == i + 2)) continue;
+      const unsigned nh = held | 1U << i;
+      if (bytes(nh, bits) > budget) continue;
+      // (the stretch's first inverse: the values held now may check it)
+      const unsigned ns = has(reb, i + 1) ? since : held & ~(1U << (i + 1));
+      push(t + c.inverse[i], {nh, temp & ~(1U << i), reb | 1U << i, bits, ns, cot});
+    }
+    if (cot == L + 1 && has(held, L))
+      push(t + c.loss, {held & ~(1U << L), temp & ~(1U << L), reb, bits, since & ~(1U << L), L});
+    if (cot <= L && cot > 0 && has(held, cot - 1)) {
+      const std::size_t j = cot - 1;
+      bool ok = true;
+      if (has(reb, j))
+        ok = j > 0 && has(held, j - 1) && has(reb, j - 1) && (c.branches(j) == 0 || has(bits, j));
+      if (ok)
+        push(t + c.backward[j], {j > 0 ? held & ~(1U << j) : held, temp & ~(1U << j), reb & ~(1U << j),
+                                 bits & ~(1U << j), j > 0 ? since & ~(1U << j) : since, j});
+    }
+  }
+  return std::numeric_limits<double>::infinity();
+}
+
 ChainCosts random_chain(std::mt19937_64& rng, std::size_t L) {
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   ChainCosts c;
@@ -86,8 +168,35 @@ ChainCosts random_chain(std::mt19937_64& rng, std::size_t L) {
   return c;
 }
 
-PlanFigures figures(const Plan& p, const ChainCosts& c) {
-  return check_plan(p, c.value_bytes, c.forward, c.backward, c.loss);
+/// random_chain whose layers have inverses (most of them, timed 1..5) and,
+/// some of them, branch bits (0..2 bytes).
+ChainCosts random_invertible_chain(std::mt19937_64& rng, std::size_t L) {
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  ChainCosts c = random_chain(rng, L);
+  for (std::size_t i = 0; i < L; ++i) {
+    c.inverse.push_back(pick(0, 4) == 0 ? std::numeric_limits<double>::infinity() : 0.5 * pick(1, 3));
+    c.branch_bytes.push_back(static_cast<std::size_t>(pick(0, 3) == 0 ? pick(1, 2) : 0));
+  }
+  return c;
+}
+
+PlanFigures figures(const Plan& p, const ChainCosts& c) { return check_plan(p, c); }
+
+/// RevBackprop's plan: forward keeping nothing, then x_{i−1} rebuilt by
+/// inversion right before each backward step, checked at x_1 from x_0.
+Plan rebuild_all_plan(std::size_t L) {
+  Plan p{.layers = L, .input_role = ValueRole::checkpoint, .steps = {}, .origin = "rebuild"};
+  for (std::size_t i = 0; i < L; ++i)
+    p.steps.push_back({PlanOp::forward, i, i + 1 == L ? ValueRole::operand : ValueRole::temporary});
+  for (std::size_t j = L; j >= 2; --j) {
+    p.steps.push_back({PlanOp::inverse, j - 1, ValueRole::rebuilt});
+    p.steps.push_back(j == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, j});
+  }
+  p.steps.push_back({PlanOp::forward, 0, ValueRole::operand});
+  if (L == 1) p.steps.pop_back(), p.steps.push_back({PlanOp::loss, 1});
+  if (L > 1) p.steps.push_back({PlanOp::backward, 1});
+  p.steps.push_back({PlanOp::backward, 0});
+  return p;
 }
 
 }  // namespace
@@ -167,6 +276,83 @@ TEST_CASE("The planner's dynamic program finds the exhaustive optimum on small c
   CHECK(compared > 300);
 }
 
+TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
+  const std::size_t L = 4;
+  std::vector<std::size_t> bytes(L + 1, 10);
+  const Plan p = rebuild_all_plan(L);
+  INFO(plan_text(p));
+  const PlanFigures f = check_plan(p, bytes);
+  CHECK(f.inverse_steps == L - 1);
+  CHECK(f.checks == 1);
+  CHECK(f.forward_steps == L + 1);
+  CHECK(f.peak_held_bytes == 20);  // two values at a time (a check: the exact one beside the rebuilt one)
+  auto refused = [&](const Plan& bad, const ChainCosts& c, const char* why) {
+    CHECK_THROWS_WITH(check_plan(bad, c), Catch::Contains(why));
+  };
+  const ChainCosts plain{
+      .value_bytes = bytes, .forward = {}, .backward = {}, .loss = 0, .inverse = {}, .branch_bytes = {}};
+  // No check: x_1 is rebuilt by inverse(1) and read by backward(1).
+  Plan q = p;
+  q.steps.insert(q.steps.end() - 2, PlanStep{PlanOp::inverse, 0, ValueRole::rebuilt});
+  refused(q, plain, "inverse(0) writes x_0, which is held");
+  q = p;
+  q.steps.erase(q.steps.end() - 3);  // the check
+  refused(q, plain, "backward(1) reads x_1, rebuilt by inversion, and no inverse below it leads to a check");
+  // An inverse not right before the backward step that frees its source.
+  q = p;
+  q.steps.insert(q.steps.begin() + L + 1,
+                 PlanStep{PlanOp::inverse, 2, ValueRole::rebuilt});  // before the loss
+  refused(q, plain, "inverse(2) runs right before backward(3)");
+  // A layer without an inverse.
+  ChainCosts c = plain;
+  c.inverse.assign(L, 1.0);
+  c.inverse[2] = std::numeric_limits<double>::infinity();
+  refused(p, c, "inverse(2): layer 2 has no inverse");
+  // A layer with branch bits read from a rebuilt input without them; kept, they count.
+  c.inverse[2] = 1.0;
+  c.branch_bytes = {0, 0, 4, 0};
+  refused(p, c, "backward(2) reads x_2, rebuilt by inversion, without layer 2's branch bits");
+  q = p;
+  q.steps[2].branches = true;
+  const PlanFigures fb = check_plan(q, c);
+  CHECK(fb.peak_held_bytes == 24);
+  CHECK(fb.peak_kept_bytes == 10 + 4);  // x_0 (a checkpoint) and the bits
+  q.steps[1].branches = true;
+  refused(q, c, "forward(1) keeps branch bits of a layer that has none");
+  // A forward step from a rebuilt value.
+  q = p;
+  q.steps.insert(q.steps.begin() + L + 1, PlanStep{PlanOp::forward, 3, ValueRole::operand});
+  refused(q, plain, "forward(3) reads x_3, rebuilt by inversion");
+}
+
+TEST_CASE("The planner with inversion finds the exhaustive optimum on small chains", "[plan][planner]") {
+  std::mt19937_64 rng(11);
+  int compared = 0, inverting = 0;
+  for (int trial = 0; trial < 60; ++trial) {
+    const std::size_t L = 2 + static_cast<std::size_t>(trial % 5);
+    const ChainCosts c = random_invertible_chain(rng, L);
+    const std::size_t least = least_held_bytes(c);
+    std::size_t total = 0;
+    for (std::size_t i = 1; i <= L; ++i) total += c.value_bytes[i];
+    for (std::size_t budget = least; budget <= total + 1; ++budget) {
+      const Plan p = plan_within(c, budget);
+      INFO("trial " << trial << ", budget " << budget << "\n" << plan_text(p));
+      const PlanFigures f = figures(p, c);
+      CHECK(f.peak_held_bytes <= budget);
+      CHECK(f.seconds == Approx(exhaustive_with_inverse(c, budget)).epsilon(1e-9));
+      inverting += f.inverse_steps > 0;
+      ++compared;
+    }
+    // Without inverses, the search is the one without inversion.
+    ChainCosts none = c;
+    none.inverse.clear();
+    none.branch_bytes.clear();
+    CHECK(exhaustive_with_inverse(none, least) == Approx(exhaustive_optimum(none, least)).epsilon(1e-12));
+  }
+  CHECK(compared > 300);
+  CHECK(inverting > 20);  // (the comparison covers plans that invert)
+}
+
 TEST_CASE("The planner on longer chains: within budget, never slower than binomial checkpointing",
           "[plan][planner]") {
   // Equal sizes and times: the planner's forward steps at c slots' memory
@@ -244,4 +430,116 @@ TEMPLATE_TEST_CASE("The executor runs any plan: backprop's gradient, bit for bit
       CHECK(again.gradient == ref.gradient);
     }
   }
+}
+
+namespace {
+
+/// in:n0, pad:w, then 1..5 coupling blocks (additive or affine) with tanh,
+/// leaky_relu:0.5 or nothing between them, then linear:out, seeded (the
+/// RevNets of tests/schedules/test_revnets.cpp).
+std::string random_revnet(std::uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
+  const int n0 = pick(2, 8), w = 2 * pick(n0 / 2 + 1, 8), blocks = pick(1, 5);
+  std::ostringstream s;
+  s << "in:" << n0 << ",pad:" << w;
+  for (int b = 0; b < blocks; ++b) {
+    s << ",coupling:" << (pick(0, 1) ? "additive" : "affine") << ":" << pick(2, 12)
+      << ":tanh:" << 0.1 * pick(3, 10);
+    const int between = pick(0, 2);
+    if (between == 1) s << ",tanh";
+    if (between == 2) s << ",leaky_relu:0.5";
+  }
+  s << ",linear:" << pick(2, 5);
+  return s.str();
+}
+
+/// Unit costs in which inverting is cheap: the planner rebuilds what it can.
+template <class S>
+ChainCosts cheap_inverses(Network<S>& net, Index batch) {
+  const ChainCosts e = chain_costs(net, Matrix<S>::Zero(net.in_features(), batch), Calibration::estimate);
+  ChainCosts c = e;
+  c.forward.assign(net.size(), 1.0);
+  c.backward.assign(net.size(), 2.0);
+  for (std::size_t i = 0; i < net.size(); ++i)
+    if (e.invertible(i)) c.inverse[i] = 0.25;
+  return c;
+}
+
+}  // namespace
+
+TEST_CASE("The executor runs plans that invert: backprop's gradient up to the drift it measures",
+          "[plan][executor][property]") {
+  using S = double;
+  int inverting = 0;
+  for (std::uint64_t seed = 61; seed < 91; ++seed) {
+    const std::string spec = random_revnet(seed);
+    Network<S> net = parse_network<S>(spec, seed);
+    const Index B = 1 + static_cast<Index>(seed % 7);
+    const Matrix<S> x = gaussian<S>(net.in_features(), B, seed + 1);
+    const Matrix<S> t = gaussian<S>(net.out_features(), B, seed + 2);
+    const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+    const ChainCosts c = cheap_inverses(net, B);
+    std::size_t total = 0;
+    for (std::size_t i = 1; i < c.value_bytes.size(); ++i) total += c.value_bytes[i];
+    const std::size_t least = least_held_bytes(c);
+    for (const std::size_t budget : {least, (least + total) / 2, total}) {
+      PlanRun<S> run;
+      run.bind(plan_within(c, budget), value_rows(net), B, true);
+      const PlanFigures f = check_plan(run.plan(), c);
+      INFO(spec << ", batch " << B << ", budget " << budget << "\n" << plan_text(run.plan()));
+      CHECK(f.peak_held_bytes <= budget);
+      GradientResult<S> out;
+      zero_gradients(net);
+      run.run(net, x, MSE<S>{}, t, out);
+      gradients_into(net, out.gradient);
+      CHECK(out.loss == ref.loss);
+      CHECK(out.stats.counts.inverse == f.inverse_steps);
+      CHECK(out.stats.counts.forward == f.forward_steps);
+      inverting += f.inverse_steps > 0;
+      // Rebuilt stretches carry drift; the checks measure it, and the
+      // gradient is backprop's up to it (in double, both tiny).
+      CHECK(out.stats.error_estimate < 1e-10);
+      CHECK(detail::rel_max_err(out.gradient, ref.gradient) < 1e-8);
+      CHECK(detail::rel_max_err(out.h0, ref.h0) < 1e-8);
+      if (f.inverse_steps == 0) CHECK(out.gradient == ref.gradient);
+      // The working set: as bound (values, bits, cotangents), as predicted.
+      CHECK(out.stats.working_bytes == run.storage_bytes() + thread_scratch_bytes());
+      CHECK(run.storage_bytes() == run.working_bytes());
+    }
+  }
+  CHECK(inverting > 20);
+}
+
+TEST_CASE("A plan that inverts a LeakyReLU's input reads its branch bits, not the rebuilt input's",
+          "[plan][executor][trust]") {
+  using S = double;
+  // (tests/schedules/test_trust.cpp's network: the LeakyReLU, layer 3, sees exact zeros.)
+  const std::string spec =
+      "in:10,pad:24,coupling:additive:17:tanh,coupling:affine:9,leaky_relu:0.5,coupling:additive:31,linear:4";
+  Network<S> net = parse_network<S>(spec, 9);
+  const Matrix<S> x = gaussian<S>(10, 6, 10), y = gaussian<S>(4, 6, 11);
+  const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, y);
+  const ChainCosts c = cheap_inverses(net, 6);
+  REQUIRE(c.branches(3) == 3 * sizeof(std::uint64_t));  // 24 × 6 bits
+  PlanRun<S> run;
+  run.bind(plan_within(c, least_held_bytes(c) + c.branches(3)), value_rows(net), 6, true);
+  INFO(plan_text(run.plan()));
+  const Plan& p = run.plan();
+  REQUIRE(std::any_of(p.steps.begin(), p.steps.end(),
+                      [](const PlanStep& s) { return s.op == PlanOp::inverse && s.layer == 3; }));
+  REQUIRE(std::any_of(p.steps.begin(), p.steps.end(), [](const PlanStep& s) {
+    return s.op == PlanOp::forward && s.layer == 3 && s.branches;
+  }));
+  GradientResult<S> out;
+  zero_gradients(net);
+  run.run(net, x, MSE<S>{}, y, out);
+  gradients_into(net, out.gradient);
+  CHECK(detail::rel_max_err(out.gradient, bp.gradient) < 1e-12);
+  CHECK(detail::rel_max_err(out.h0, bp.h0) < 1e-12);
+  CHECK(out.stats.bytes_of("mask") == 3 * sizeof(std::uint64_t));
+  // Without the bits the plan is refused.
+  Plan bare = p;
+  for (PlanStep& s : bare.steps) s.branches = false;
+  CHECK_THROWS_WITH(check_plan(bare, c), Catch::Contains("without layer 3's branch bits"));
 }

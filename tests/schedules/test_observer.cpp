@@ -77,7 +77,7 @@ TEST_CASE("Schedules announce each layer's finished gradient, in the order they 
   check(Backprop{}, reverse);
   check(Checkpointing{.every = 3}, reverse);
   check(Checkpointing{.slots = 2}, reverse);
-  check(Planned{.calibration = Calibration::estimate}, reverse);
+  check(Planned{.calibration = Calibration::estimate, .invert = false}, reverse);
   check(MixedMoonwalk{}, forward);
 
   // Without an observer nothing is announced; scopes nest and restore.

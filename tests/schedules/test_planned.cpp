@@ -64,14 +64,15 @@ TEMPLATE_TEST_CASE(
     const Matrix<S> t = moonwalk_test::random_batch<S>(a.out, a.batch, seed + 2);
     const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
     const auto [full, least_values] = budget_range(net, a.batch, true);
-    const Planned tightest{.calibration = Calibration::estimate, .input_gradient = true};
+    const Planned tightest{.calibration = Calibration::estimate, .input_gradient = true, .invert = false};
     const std::size_t least = tightest.smallest_budget(net, x);
     CHECK(least >= least_values);
     CHECK(least <= full);
     for (const std::size_t budget :
          {std::size_t{0}, full, (full + least) / 2, least + (full - least) / 8, least}) {
       INFO("budget " << budget << " (backprop's plan " << full << ", least " << least << ")");
-      const Planned p{.budget = budget, .calibration = Calibration::estimate, .input_gradient = true};
+      const Planned p{
+          .budget = budget, .calibration = Calibration::estimate, .input_gradient = true, .invert = false};
       const auto r = gradient(p, net, x, MSE<S>{}, t);
       CHECK(r.gradient == ref.gradient);
       CHECK(r.h0 == ref.h0);
@@ -86,7 +87,8 @@ TEMPLATE_TEST_CASE(
       if (budget > 0) CHECK(predicted <= static_cast<double>(budget));
       if (budget == 0 || budget == full) CHECK(r.stats.figures.at("recomputed_forwards") == 0);
     }
-    const Planned below{.budget = least - 1, .calibration = Calibration::estimate, .input_gradient = true};
+    const Planned below{
+        .budget = least - 1, .calibration = Calibration::estimate, .input_gradient = true, .invert = false};
     CHECK_THROWS_WITH(gradient(below, net, x, MSE<S>{}, t),
                       Catch::Contains("planned: no plan") &&
                           Catch::Contains(detail::cat("the smallest budget is ", least, " bytes")));
@@ -117,9 +119,9 @@ TEST_CASE(
   const PlanFigures fb = check_plan(binomial_plan(L, 4), costs.value_bytes, costs.forward, costs.backward);
   const auto [full, least] = budget_range(net, B, false);
   const std::size_t fixed = least - 2 * 16 * B * sizeof(S);
-  const auto planned =
-      gradient(Planned{.budget = fixed + fb.peak_held_bytes, .calibration = Calibration::estimate}, net, x,
-               MSE<S>{}, t);
+  const auto planned = gradient(
+      Planned{.budget = fixed + fb.peak_held_bytes, .calibration = Calibration::estimate, .invert = false},
+      net, x, MSE<S>{}, t);
   CHECK(planned.gradient == bin.gradient);
   CHECK(planned.stats.figures.at("predicted_seconds") <= fb.seconds * (1 + 1e-6));
   CHECK(planned.stats.figures.at("recomputed_forwards") > 0);
@@ -136,7 +138,7 @@ TEST_CASE("planned: the layer-cost file is written once, read back, and can be t
   auto net = parse_network<S>("in:12,linear:20,tanh,linear:20,tanh,linear:20,tanh,linear:3", 4);
   const Matrix<S> x = gaussian<S>(12, 16, 1), t = gaussian<S>(3, 16, 2);
   const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
-  const std::filesystem::path file = dir.dir / "layer-costs-v1.tsv";
+  const std::filesystem::path file = dir.dir / "layer-costs-v2.tsv";
 
   const auto r = gradient(Planned{}, net, x, MSE<S>{}, t);  // Calibration::cached
   CHECK(r.gradient == ref.gradient);
@@ -190,6 +192,14 @@ TEST_CASE("planned: the layer-cost file is written once, read back, and can be t
   const ChainCosts e = chain_costs(net, x, Calibration::estimate);
   CHECK(e.forward[0] > e.forward[1]);  // a 12→20 Linear over a 20-wide tanh
   CHECK(e.backward[0] == 2 * e.forward[0]);
+  // Inverses: timed where the layer has one (tanh; the square Linear), +∞ where not.
+  CHECK_FALSE(m.invertible(0));
+  CHECK(m.invertible(1));
+  CHECK(m.inverse[1] > 0);
+  CHECK(m.invertible(2));
+  CHECK_FALSE(m.invertible(6));
+  CHECK(e.inverse[1] == 2 * e.forward[1]);
+  CHECK(c1.inverse == c2.inverse);
 }
 
 TEST_CASE("planned by name, with its budget; the plan is made once per shape",
@@ -199,7 +209,7 @@ TEST_CASE("planned by name, with its budget; the plan is made once per shape",
   const Matrix<S> x = gaussian<S>(8, 4, 1), t = gaussian<S>(2, 4, 2);
   const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
   const auto [full, least] = budget_range(net, 4, false);
-  ScheduleChoice c{.name = "planned", .budget = least, .calibration = Calibration::estimate};
+  ScheduleChoice c{.name = "planned", .budget = least, .calibration = Calibration::estimate, .invert = false};
   GradientResult<S> r;
   for (int step = 0; step < 3; ++step) {
     with_schedule(c, net.size(), [&](const auto& s) { gradient_into(s, net, x, MSE<S>{}, t, r); });
@@ -259,17 +269,77 @@ TEST_CASE("planned on a static Sequential: backprop's gradient at every budget d
                  Linear<S>(8, 8, {.seed = 3}), Tanh<S>(8), Linear<S>(8, 3, {.seed = 4}));
   const Matrix<S> x = gaussian<S>(6, 5, 1), t = gaussian<S>(3, 5, 2);
   const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
-  const Planned tightest{.calibration = Calibration::estimate, .input_gradient = true};
+  const Planned tightest{.calibration = Calibration::estimate, .input_gradient = true, .invert = false};
   const std::size_t least = tightest.smallest_budget(net, x);
   for (const std::size_t budget : {std::size_t{0}, 2 * least, least}) {
     INFO("budget " << budget);
-    const auto r =
-        gradient(Planned{.budget = budget, .calibration = Calibration::estimate, .input_gradient = true}, net,
-                 x, MSE<S>{}, t);
+    const auto r = gradient(
+        Planned{
+            .budget = budget, .calibration = Calibration::estimate, .input_gradient = true, .invert = false},
+        net, x, MSE<S>{}, t);
     CHECK(r.gradient == ref.gradient);
     CHECK(r.h0 == ref.h0);
   }
-  CHECK(gradient(Planned{.budget = least, .calibration = Calibration::estimate, .input_gradient = true}, net,
-                 x, MSE<S>{}, t)
-            .stats.figures.at("recomputed_forwards") > 0);
+  CHECK(
+      gradient(
+          Planned{
+              .budget = least, .calibration = Calibration::estimate, .input_gradient = true, .invert = false},
+          net, x, MSE<S>{}, t)
+          .stats.figures.at("recomputed_forwards") > 0);
+}
+
+TEST_CASE(
+    "planned on a RevNet: it rebuilds by inversion below every store-and-recompute plan's time, "
+    "checks the drift, and falls back when it is over the tolerance",
+    "[schedules][planned][revnet]") {
+  using S = double;
+  // 12 additive blocks at width 32, batch 16, a head; inversion is cheap.
+  std::string spec = "in:32";
+  for (int b = 0; b < 12; ++b) spec += ",coupling:additive:16:tanh:0.5";
+  spec += ",linear:4";
+  auto net = parse_network<S>(spec, 5);
+  const Matrix<S> x = gaussian<S>(32, 16, 1), t = gaussian<S>(4, 16, 2);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  const Planned exact{.calibration = Calibration::estimate, .input_gradient = true, .invert = false};
+  const std::size_t least = exact.smallest_budget(net, x);
+  const Planned inverting{.budget = least, .calibration = Calibration::estimate, .input_gradient = true};
+  const Planned recomputing{
+      .budget = least, .calibration = Calibration::estimate, .input_gradient = true, .invert = false};
+  const auto r = gradient(inverting, net, x, MSE<S>{}, t);
+  const auto k = gradient(recomputing, net, x, MSE<S>{}, t);
+  INFO(plan_text(inverting.plan(net, x)));
+  CHECK(r.stats.figures.at("inverses") > 0);
+  CHECK(r.stats.figures.at("predicted_seconds") < k.stats.figures.at("predicted_seconds"));
+  CHECK(r.stats.counts.forward < k.stats.counts.forward);
+  CHECK(r.stats.working_bytes - thread_scratch_bytes() <= least);
+  CHECK(r.stats.within_tolerance);
+  CHECK(r.stats.fallbacks == 0);
+  CHECK(r.stats.error_estimate == r.stats.figures.at("max_reconstruction_error"));
+  CHECK(r.stats.error_estimate < 1e-12);
+  CHECK(detail::rel_max_err(r.gradient, ref.gradient) < 1e-10);
+  CHECK(detail::rel_max_err(r.h0, ref.h0) < 1e-10);
+  CHECK(k.gradient == ref.gradient);
+  // A tolerance below the measured drift: the step is taken again by the
+  // plan without inversion, within the same budget.
+  REQUIRE(r.stats.error_estimate > 0);
+  const Planned strict{.budget = least,
+                       .calibration = Calibration::estimate,
+                       .input_gradient = true,
+                       .tolerance = r.stats.error_estimate / 2};
+  const auto f = gradient(strict, net, x, MSE<S>{}, t);
+  CHECK(f.stats.fallbacks == 1);
+  CHECK(f.stats.figures.at("inverses") == 0);
+  CHECK(f.gradient == ref.gradient);
+  CHECK(f.h0 == ref.h0);
+  CHECK(f.stats.error_estimate == 0);
+  CHECK(f.stats.within_tolerance);
+  CHECK(f.stats.working_bytes - thread_scratch_bytes() <= least);
+  // The next steps on that shape take the plan without inversion at once.
+  GradientResult<S> again;
+  for (int step = 0; step < 2; ++step) {
+    gradient_into(strict, net, x, MSE<S>{}, t, again);
+    CHECK(again.stats.fallbacks == 0);
+    CHECK(again.stats.counts.inverse == 0);
+    CHECK(again.gradient == ref.gradient);
+  }
 }

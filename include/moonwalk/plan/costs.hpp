@@ -2,8 +2,11 @@
 //
 // chain_costs(net, x0, how) gives the planner's ChainCosts at x0's batch:
 // the bytes of every value x_i (rows_i × batch × sizeof(S)) and the seconds
-// of each layer's forward step x_{i+1} = f_i(x_i) and backward step
-// (g_i += J_{θ,i}ᵀ h, h ← J_iᵀ h), and of the loss.
+// of each layer's forward step x_{i+1} = f_i(x_i), backward step
+// (g_i += J_{θ,i}ᵀ h, h ← J_iᵀ h) and inverse step x_i = f_i⁻¹(x_{i+1})
+// (+∞ where the layer has none), and of the loss; and the bytes of the
+// branch bits of each layer that keeps them (keeps_branches: one bit per
+// input element, in 64-bit words).
 //
 //   Calibration::cached    timed on this machine once per layer (by its name,
 //                          which carries its widths), batch and scalar type,
@@ -11,11 +14,13 @@
 //                          directory and read back by later runs.
 //   Calibration::measure   timed now (the file neither read nor written).
 //   Calibration::estimate  no timing: forward ∝ (parameters + in + out) ·
-//                          batch, backward twice that; deterministic.
+//                          batch, backward and inverse twice that;
+//                          deterministic.
 //
 // The file: ${MOONWALK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/moonwalk}/
-// layer-costs-v1.tsv, one line per (machine, build, scalar, batch, layer):
-// tab-separated key fields, then forward and backward seconds. It is
+// layer-costs-v2.tsv, one line per (machine, build, scalar, batch, layer):
+// tab-separated key fields, then forward, backward and inverse seconds
+// ("inf": no inverse). It is
 // rewritten whole (a temporary file renamed over it, so a reader never sees
 // half of it); lines it cannot read are dropped. MOONWALK_COST_CACHE=0
 // turns it off (cached then measures every time). A cache that cannot be
@@ -78,7 +83,7 @@ inline std::filesystem::path cost_cache_file() {
   } else {
     return {};
   }
-  return dir / "layer-costs-v1.tsv";
+  return dir / "layer-costs-v2.tsv";
 }
 
 /// This machine and build, as the cost file keys them: the CPU's model name,
@@ -101,25 +106,35 @@ inline const std::string& machine_key() {
   return key;
 }
 
-/// The cost file as a map from its key (every field but the last two,
-/// tab-joined) to (forward, backward) seconds; unreadable lines are skipped.
-using CostTable = std::map<std::string, std::pair<double, double>>;
+/// One layer's timed steps, in seconds (inverse: +∞ where it has none).
+struct LayerSeconds {
+  double forward = 0, backward = 0, inverse = std::numeric_limits<double>::infinity();
+};
+
+/// The cost file as a map from its key (every field but the last three,
+/// tab-joined) to the layer's seconds; unreadable lines are skipped.
+using CostTable = std::map<std::string, LayerSeconds>;
 
 inline CostTable read_cost_file(const std::filesystem::path& file) {
   CostTable t;
   std::ifstream in(file);
   for (std::string line; std::getline(in, line);) {
-    const auto b = line.rfind('\t');
-    if (b == std::string::npos || b == 0) continue;
-    const auto f = line.rfind('\t', b - 1);
-    if (f == std::string::npos) continue;
-    char* end = nullptr;
-    const std::string fs = line.substr(f + 1, b - f - 1), bs = line.substr(b + 1);
-    const double fw = std::strtod(fs.c_str(), &end);
-    if (end == fs.c_str() || *end) continue;
-    const double bw = std::strtod(bs.c_str(), &end);
-    if (end == bs.c_str() || *end || !std::isfinite(fw) || !std::isfinite(bw) || fw < 0 || bw < 0) continue;
-    t[line.substr(0, f)] = {fw, bw};
+    std::size_t cut = line.size();
+    double v[3];
+    bool ok = true;
+    for (int f = 2; f >= 0 && ok; --f) {
+      const auto tab = cut == 0 ? std::string::npos : line.rfind('\t', cut - 1);
+      if (tab == std::string::npos || tab == 0) {
+        ok = false;
+        break;
+      }
+      const std::string field = line.substr(tab + 1, cut - tab - 1);
+      char* end = nullptr;
+      v[f] = std::strtod(field.c_str(), &end);
+      ok = end != field.c_str() && !*end && v[f] >= 0 && (f == 2 || std::isfinite(v[f]));
+      cut = tab;
+    }
+    if (ok) t[line.substr(0, cut)] = {v[0], v[1], v[2]};
   }
   return t;
 }
@@ -137,7 +152,13 @@ inline bool write_cost_file(const std::filesystem::path& file, const CostTable& 
     std::ofstream out(tmp, std::ios::trunc);
     if (!out) return false;
     out.precision(9);
-    for (const auto& [k, v] : t) out << k << '\t' << v.first << '\t' << v.second << '\n';
+    for (const auto& [k, v] : t) {
+      out << k << '\t' << v.forward << '\t' << v.backward << '\t';
+      if (std::isfinite(v.inverse))
+        out << v.inverse << '\n';
+      else
+        out << "inf\n";
+    }
     out.close();
     if (!out) {
       std::filesystem::remove(tmp, ec);
@@ -182,12 +203,22 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
     });
   c.forward.assign(net.size(), 0);
   c.backward.assign(net.size(), 0);
+  c.inverse.assign(net.size(), std::numeric_limits<double>::infinity());
+  c.branch_bytes.assign(net.size(), 0);
+  std::vector<char> invertible(net.size(), 0);
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      invertible[i] = can_invert(l);
+      if (invertible[i] && keeps_branches(l))
+        c.branch_bytes[i] = static_cast<std::size_t>((l.in_features() * batch + 63) / 64) * 8;
+    });
   if (how == Calibration::estimate) {
     for (std::size_t i = 0; i < net.size(); ++i)
       net.visit(i, [&](const auto& l) {
         c.forward[i] =
             1e-9 * static_cast<double>((l.num_params() + l.in_features() + l.out_features()) * batch);
         c.backward[i] = 2 * c.forward[i];
+        if (invertible[i]) c.inverse[i] = 2 * c.forward[i];
       });
     return c;
   }
@@ -197,6 +228,10 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
   const std::string prefix =
       detail::cat(detail::machine_key(), '\t', sizeof(S) == 4 ? "float" : "double", '\t', batch, '\t');
   std::vector<std::string> keys(net.size());
+  // (an entry of an invertible layer without its inverse's time is timed again)
+  const auto known = [&](const detail::LayerSeconds& t, std::size_t i) {
+    return !invertible[i] || std::isfinite(t.inverse);
+  };
   std::size_t last_missing = net.size();  // the last layer to time (net.size(): none)
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) {
@@ -204,9 +239,10 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
       std::replace(name.begin(), name.end(), '\t', ' ');
       std::replace(name.begin(), name.end(), '\n', ' ');
       keys[i] = prefix + name;
-      if (const auto it = table.find(keys[i]); it != table.end()) {
-        c.forward[i] = it->second.first;
-        c.backward[i] = it->second.second;
+      if (const auto it = table.find(keys[i]); it != table.end() && known(it->second, i)) {
+        c.forward[i] = it->second.forward;
+        c.backward[i] = it->second.backward;
+        if (invertible[i]) c.inverse[i] = it->second.inverse;
       } else {
         last_missing = i;
       }
@@ -219,7 +255,7 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
     net.visit(i, [&](auto& l) {
       const CRef<S> x = i == 0 ? CRef<S>(x0) : CRef<S>(xb[(i + 1) % 2].view(l.in_features(), batch));
       auto y = xb[i % 2].view(l.out_features(), batch);
-      if (table.contains(keys[i])) {
+      if (const auto it = table.find(keys[i]); it != table.end() && known(it->second, i)) {
         if (i < last_missing) moonwalk::forward_into(l, x, y);
         return;
       }
@@ -232,11 +268,24 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
         moonwalk::accumulate_vjp_params(l, x, hc);
         moonwalk::vjp_into(l, x, hc, hin);
       });
-      table[keys[i]] = {c.forward[i], c.backward[i]};
+      using Lyr = std::remove_cvref_t<decltype(l)>;
+      if constexpr (Invertible<Lyr>)
+        if (invertible[i]) {
+          auto xr = hb[1].view(l.in_features(), batch);  // (hin's storage: its value is spent)
+          // (what the layer derives from its weights, a factorisation, is
+          // derived again each step in training: timed with the inverse)
+          c.inverse[i] = detail::least_seconds(3, [&] {
+            moonwalk::release_derived(l);
+            moonwalk::inverse_into(l, CRef<S>(y), xr);
+          });
+        }
+      table[keys[i]] = {c.forward[i], c.backward[i], c.inverse[i]};
     });
   for (std::size_t i = 0; i <= last_missing; ++i) {  // (a layer whose twin was timed above it)
-    c.forward[i] = table.at(keys[i]).first;
-    c.backward[i] = table.at(keys[i]).second;
+    const detail::LayerSeconds& t = table.at(keys[i]);
+    c.forward[i] = t.forward;
+    c.backward[i] = t.backward;
+    if (invertible[i]) c.inverse[i] = t.inverse;
   }
   if (!file.empty()) (void)detail::write_cost_file(file, table);
   return c;

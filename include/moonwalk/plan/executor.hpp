@@ -10,7 +10,14 @@
 // on the stack: the arena is exactly the plan's peak of held bytes. A plan
 // that breaks the stack order is laid out first-fit instead (an arena that
 // may exceed its peak). A warm step on the same shapes allocates nothing:
-// the arena, the two cotangent buffers and the store's lists are reused.
+// the arena, the two cotangent buffers and the store's lists are reused
+// (an inverse step still makes one temporary: layers offer inverse(y) only).
+//
+// Inverse steps rebuild values in the arena like forward steps; a check (a
+// forward step onto a rebuilt value) writes the exact value beside the
+// rebuilt one, records their relative difference max|x̂ − x| / max|x| as
+// the stretch's drift (Stats::error_estimate: the largest), and keeps the
+// exact one. Branch bits are layer residuals kept outside the arena.
 #pragma once
 
 #include <algorithm>
@@ -46,6 +53,14 @@ class PlanRun {
     rows_ = std::move(rows);
     batch_ = batch;
     input_gradient_ = input_gradient;
+    // Branch bits: one slot per layer that keeps them (a BitMask of its input).
+    std::vector<char> flagged(plan_.layers, 0);
+    bits_bytes_ = 0;
+    for (const PlanStep& st : plan_.steps)
+      if (st.op == PlanOp::forward && st.branches && !flagged[st.layer]) {
+        flagged[st.layer] = 1;
+        bits_bytes_ += static_cast<std::size_t>((rows_[st.layer] * batch_ + 63) / 64) * 8;
+      }
     assign();
     if (allocate) this->allocate();
   }
@@ -58,10 +73,10 @@ class PlanRun {
 
   /// Bytes of the values' arena (what the layout needs, allocated or not).
   [[nodiscard]] std::size_t value_bytes() const { return arena_size_ * sizeof(S); }
-  /// Bytes of a step's working set: the value buffers, two cotangent buffers
-  /// of the widest cotangent and ∂ℓ/∂x_L.
+  /// Bytes of a step's working set: the value buffers, the branch bits,
+  /// two cotangent buffers of the widest cotangent and ∂ℓ/∂x_L.
   [[nodiscard]] std::size_t working_bytes() const {
-    return value_bytes() + cotangent_bytes(rows_, batch_, input_gradient_);
+    return value_bytes() + bits_bytes_ + cotangent_bytes(rows_, batch_, input_gradient_);
   }
   /// Bytes of the two cotangent buffers (the widest cotangent: of x_1 … x_L,
   /// or x_0 … x_L with input_gradient) and of ∂ℓ/∂x_L.
@@ -73,10 +88,11 @@ class PlanRun {
   /// Bytes allocated now (workspace accounting: storage_bytes()).
   [[nodiscard]] std::size_t storage_bytes() const {
     return h_[0].storage_bytes() + h_[1].storage_bytes() +
-           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S);
+           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S) + bits_.bytes();
   }
   /// Frees the buffers (the layout stays; the next run allocates them again).
   void release() {
+    bits_.clear();
     arena_ = Vector<S>();
     h_[0] = detail::Buffer<S>();
     h_[1] = detail::Buffer<S>();
@@ -113,6 +129,8 @@ class PlanRun {
       if (i > 0) at_[i] = none;
     };
     if (detail::accounted(role_[0])) net.visit(0, [&](const auto& l) { account(0, role_[0], l); });
+    std::fill(bits_held_.begin(), bits_held_.end(), 0);
+    double drift = 0;
     detail::PingPong<S> h(h_[0], h_[1]);
     for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
       const PlanStep& s = plan_.steps[k];
@@ -120,15 +138,47 @@ class PlanRun {
       switch (s.op) {
         case PlanOp::forward: {
           const std::size_t o = offset_of_[k];
+          const bool check = at_[i + 1] != none && role_[i + 1] == ValueRole::rebuilt;
           net.visit(i, [&](const auto& l) {
+            using Lyr = std::remove_cvref_t<decltype(l)>;
+            if (s.branches) {  // (a slot no plan value uses: fragment)
+              auto& r = bits_.get<residual_t<Lyr>>(i);
+              moonwalk::save_residual_into(l, value(i), r);
+              store_.hold(i, SavedStore::fragment, names_(i, l), nbytes(r), residual_kind(r));
+              bits_held_[i] = 1;
+            }
             moonwalk::forward_into(l, value(i),
                                    Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i + 1], batch_));
           });
           ++st.counts.forward;
+          if (check) {  // the exact x_{i+1} against the rebuilt one, which it replaces
+            drift = std::max(
+                drift, detail::rel_max_err(value(i + 1), Eigen::Map<const Matrix<S>>(arena_.data() + o,
+                                                                                     rows_[i + 1], batch_)));
+          }
           at_[i + 1] = o;
           role_[i + 1] = s.output;
           if (i + 1 < n) net.visit(i + 1, [&](const auto& l) { account(i + 1, s.output, l); });
           if (i > 0 && role_[i] == ValueRole::temporary) free_value(i);
+          break;
+        }
+        case PlanOp::inverse: {
+          const std::size_t o = offset_of_[k];
+          net.visit(i, [&](const auto& l) {
+            using Lyr = std::remove_cvref_t<decltype(l)>;
+            if constexpr (Invertible<Lyr>) {
+              if (can_invert(l)) {
+                moonwalk::inverse_into(l, value(i + 1),
+                                       Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i], batch_));
+                return;
+              }
+            }
+            throw ScheduleError(detail::cat("plan (", plan_.origin, "): inverse(", i, "): layer ", i, " (",
+                                            l.name(), ") has no inverse"));
+          });
+          ++st.counts.inverse;
+          at_[i] = o;
+          role_[i] = ValueRole::rebuilt;
           break;
         }
         case PlanOp::loss:
@@ -138,21 +188,32 @@ class PlanRun {
           break;
         case PlanOp::backward:
           net.visit(i, [&](auto& l) {
+            using Lyr = std::remove_cvref_t<decltype(l)>;
             const CRef<S> xi = value(i);
             moonwalk::accumulate_vjp_params(l, xi, h.current());
             ++st.counts.vjp_params;
             detail::gradient_ready(i);
+            const bool from_bits = bits_held_[i] && role_[i] == ValueRole::rebuilt;
             if (i > 0 || input_gradient_) {
-              moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch_));
+              if (from_bits)  // (the kept branch pattern, not the rebuilt input's)
+                moonwalk::vjp_residual_into(l, bits_.get<residual_t<Lyr>>(i), h.current(),
+                                            h.next(l.in_features(), batch_));
+              else
+                moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch_));
               h.flip();
               ++st.counts.vjp;
             }
           });
+          if (bits_held_[i]) {
+            store_.drop(i, SavedStore::fragment);
+            bits_held_[i] = 0;
+          }
           free_value(i);
           break;
       }
     }
     if (detail::accounted(role_[0])) store_.drop(0, slot(role_[0]));
+    st.error_estimate = drift;
     st.working_bytes = storage_bytes() + thread_scratch_bytes();
     if (input_gradient_)
       out.h0 = h.current();
@@ -173,6 +234,7 @@ class PlanRun {
   /// this file), stacked where the plan allows, else first-fit.
   void assign() {
     if (!stacked()) first_fit();
+    bits_held_.assign(plan_.layers, 0);
     at_.assign(plan_.layers + 1, none);
     role_.assign(plan_.layers + 1, ValueRole::temporary);
   }
@@ -203,16 +265,17 @@ class PlanRun {
     };
     for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
       const PlanStep& st = plan_.steps[k];
-      if (st.op == PlanOp::forward) {
-        const std::size_t j = st.layer + 1;
+      if (st.op == PlanOp::forward || st.op == PlanOp::inverse) {
+        const std::size_t j = st.op == PlanOp::forward ? st.layer + 1 : st.layer;
         const auto size = static_cast<std::size_t>(rows_[j] * batch_);
-        const std::size_t o = place(k, size, live);
+        const std::size_t o = place(k, size, live);  // (a check: beside the rebuilt x_j, still live)
         if (o == none) return false;
         offset_of_[k] = o;
         live.offset[j] = o;
         live.size[j] = size;
         role[j] = st.output;
-        if (st.layer > 0 && role[st.layer] == ValueRole::temporary) release(st.layer);
+        if (st.op == PlanOp::forward && st.layer > 0 && role[st.layer] == ValueRole::temporary)
+          release(st.layer);
       } else {
         release(st.layer);
       }
@@ -287,11 +350,14 @@ class PlanRun {
   bool input_gradient_ = false;
   std::vector<std::size_t> offset_of_;  ///< per step: where a forward step writes (scalars into the arena)
   std::size_t arena_size_ = 0;          ///< scalars
+  std::size_t bits_bytes_ = 0;          ///< the branch bits' slots
   Vector<S> arena_;
   std::vector<std::size_t> at_;  ///< where x_i is now (none: not held, or x_0)
   std::vector<ValueRole> role_;
   detail::Buffer<S> h_[2];
   Matrix<S> g_;
+  detail::Workspace bits_;       ///< layer i's branch bits in slot i
+  std::vector<char> bits_held_;  ///< per layer: its bits are kept now
   SavedStore store_;
   detail::LayerNames names_;
 };

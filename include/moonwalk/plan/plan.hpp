@@ -10,6 +10,19 @@
 //                role is `temporary`.
 //   loss         ℓ and h_L from x_L (held; freed after).
 //   backward(i)  as above, from x_i (held; freed after) and h_{i+1}.
+//   inverse(i)   x_i = f_i⁻¹(x_{i+1}), right before backward(i+1) (or the
+//                loss) frees x_{i+1}: x_i is held, `rebuilt`.
+//
+// A rebuilt value carries the inversion's rounding drift, so a plan must
+// check every stretch it rebuilds: a rebuilt x_{i+1} is either inverted
+// further (it is the source of inverse(i)) or replaced by forward(i) from a
+// held exact x_i — a forward step onto a held rebuilt value is that check:
+// the executor measures max|x̂ − x| / max|x| and keeps the exact value.
+// Nothing else reads a rebuilt value but its backward step. A layer whose
+// backward step reads a rebuilt input and whose derivative is piecewise
+// constant (keeps_branches: LeakyReLU) reads its branch bits instead, kept
+// by the forward step that made its input's successor (`branches`): a rebuilt
+// ±1e-17 where the forward pass had an exact 0 picks the other derivative.
 //
 // Which values are held when is the whole difference between backprop (every
 // input kept), checkpointing (some kept, the rest recomputed from them) and
@@ -18,6 +31,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -36,6 +50,7 @@ enum class ValueRole : std::uint8_t {
   operand,     ///< read next by its own layer's backward step (the last layer's: after the forward to x_L)
   activation,  ///< kept for its layer's backward step after one forward step from it
   checkpoint,  ///< forward steps recompute other values from it more than once
+  rebuilt,     ///< made by inverse(i) from x_{i+1}, read by backward(i) (and inverse(i−1) or a check)
 };
 
 [[nodiscard]] inline const char* to_string(ValueRole r) {
@@ -48,18 +63,23 @@ enum class ValueRole : std::uint8_t {
       return "activation";
     case ValueRole::checkpoint:
       return "checkpoint";
+    case ValueRole::rebuilt:
+      return "rebuilt";
   }
   return "?";
 }
 
-enum class PlanOp : std::uint8_t { forward, loss, backward };
+enum class PlanOp : std::uint8_t { forward, loss, backward, inverse };
 
-/// One step of a plan. `layer` is i of forward(i) / backward(i) (L for the
-/// loss); `output` is the role of x_{i+1} after forward(i).
+/// One step of a plan. `layer` is i of forward(i) / backward(i) /
+/// inverse(i) (L for the loss); `output` is the role of x_{i+1} after
+/// forward(i) (of x_i after inverse(i): rebuilt); `branches`: forward(i)
+/// also keeps layer i's branch bits, for its backward step from a rebuilt x_i.
 struct PlanStep {
   PlanOp op = PlanOp::forward;
   std::size_t layer = 0;
   ValueRole output = ValueRole::temporary;
+  bool branches = false;
   bool operator==(const PlanStep&) const = default;
 };
 
@@ -70,21 +90,68 @@ struct Plan {
   std::vector<PlanStep> steps;
   std::string origin;  ///< what made it: "backprop", "every-k", "binomial", "planner"
 
-  [[nodiscard]] std::size_t forward_steps() const {
+  [[nodiscard]] std::size_t forward_steps() const { return count(PlanOp::forward); }
+  [[nodiscard]] std::size_t inverse_steps() const { return count(PlanOp::inverse); }
+  [[nodiscard]] std::size_t count(PlanOp op) const {
     return static_cast<std::size_t>(
-        std::count_if(steps.begin(), steps.end(), [](const PlanStep& s) { return s.op == PlanOp::forward; }));
+        std::count_if(steps.begin(), steps.end(), [op](const PlanStep& s) { return s.op == op; }));
   }
 };
 
-/// What a plan costs on a chain whose value x_i takes value_bytes[i] bytes
-/// (i = 0..L): the peak of the bytes held at once (x_0 excluded: the
-/// caller's) and of the accounted roles (checkpoints and activations, x_0
-/// included), the forward steps, and the time when step times are given.
+/// What a plan's steps cost on one chain at one batch size: x_i's bytes
+/// (L + 1 values), the seconds of each layer's forward, backward and inverse
+/// step (L each; an inverse of +∞: the layer has none; an empty list: no
+/// layer has one) and of the loss, and the bytes of each layer's branch bits
+/// (L entries, 0 where the layer keeps none; empty: none does).
+struct ChainCosts {
+  std::vector<std::size_t> value_bytes;
+  std::vector<double> forward;
+  std::vector<double> backward;
+  double loss = 0;
+  std::vector<double> inverse;
+  std::vector<std::size_t> branch_bytes;
+
+  [[nodiscard]] std::size_t layers() const { return forward.size(); }
+  [[nodiscard]] bool invertible(std::size_t i) const {
+    return i < inverse.size() && inverse[i] < std::numeric_limits<double>::infinity();
+  }
+  [[nodiscard]] std::size_t branches(std::size_t i) const {
+    return i < branch_bytes.size() ? branch_bytes[i] : 0;
+  }
+  /// Throws ScheduleError unless the sizes agree and every time is ≥ 0 (and
+  /// finite, but for an inverse's +∞).
+  void check() const {
+    const std::size_t n = layers();
+    if (n == 0) throw ScheduleError("chain costs: no layers");
+    if (backward.size() != n || value_bytes.size() != n + 1)
+      throw ScheduleError(detail::cat("chain costs: ", n, " forward times, ", backward.size(),
+                                      " backward times and ", value_bytes.size(),
+                                      " value sizes (need L, L and L + 1)"));
+    if (!inverse.empty() && inverse.size() != n)
+      throw ScheduleError(detail::cat("chain costs: ", inverse.size(), " inverse times for ", n, " layers"));
+    if (!branch_bytes.empty() && branch_bytes.size() != n)
+      throw ScheduleError(
+          detail::cat("chain costs: ", branch_bytes.size(), " branch-bit sizes for ", n, " layers"));
+    auto ok = [](double t) { return std::isfinite(t) && t >= 0; };
+    for (std::size_t i = 0; i < n; ++i)
+      if (!ok(forward[i]) || !ok(backward[i]) || (i < inverse.size() && !(inverse[i] >= 0)))
+        throw ScheduleError(detail::cat("chain costs: layer ", i, ": time not finite and >= 0"));
+    if (!ok(loss)) throw ScheduleError("chain costs: loss time not finite and >= 0");
+  }
+};
+
+/// What a plan costs on a chain (ChainCosts): the peak of the bytes held at
+/// once (x_0 excluded: the caller's; branch bits and a check's second copy
+/// included) and of the accounted roles (checkpoints, activations and branch
+/// bits, x_0 included), the forward and inverse steps, the checks, and the
+/// time.
 struct PlanFigures {
   std::size_t peak_held_bytes = 0;
   std::size_t peak_kept_bytes = 0;
   std::size_t peak_checkpoints = 0;  ///< values held as checkpoints at once, x_0 included
-  std::size_t forward_steps = 0;
+  std::size_t forward_steps = 0;     ///< checks included
+  std::size_t inverse_steps = 0;
+  std::size_t checks = 0;  ///< forward steps onto a rebuilt value
   double seconds = 0;
 };
 
@@ -97,21 +164,23 @@ inline bool accounted(ValueRole r) { return r == ValueRole::activation || r == V
 }  // namespace detail
 
 /// Checks that `p` is a gradient of its chain — every forward step reads a
-/// held value and writes one not held, the loss comes once from a held x_L
-/// before any backward step, the backward steps run L−1, …, 0 each from a
-/// held input, and nothing but x_0 is held at the end — and returns its
-/// figures. Throws ScheduleError naming the first wrong step.
-/// `value_bytes` (L + 1 entries) and `forward_s`/`backward_s` (L entries) may
-/// be empty (then bytes or time are 0); `loss_s` is the loss's time.
-inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& value_bytes = {},
-                              const std::vector<double>& forward_s = {},
-                              const std::vector<double>& backward_s = {}, double loss_s = 0) {
+/// held value that is not rebuilt and writes one not held (or checks a
+/// rebuilt one), every inverse step runs right before the backward step (or
+/// loss) that frees its source, of a layer with an inverse, the loss comes
+/// once from a held x_L before any backward step, the backward steps run
+/// L−1, …, 0 each from a held input, a rebuilt input only where the stretch
+/// it belongs to is checked below it and, for a layer with branch bits, with
+/// its bits kept, and nothing but x_0 is held at the end — and returns its
+/// figures on `c`, whose lists may be empty (no bytes, no time, every layer
+/// invertible, no branch bits). Throws ScheduleError naming the first wrong step.
+inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
   const std::size_t n = p.layers;
   if (n == 0) detail::bad_plan(p, 0, "a chain of no layers has no gradient");
-  if (!value_bytes.empty() && value_bytes.size() != n + 1)
-    detail::bad_plan(p, 0, detail::cat(value_bytes.size(), " value sizes for ", n + 1, " values"));
-  auto bytes = [&](std::size_t i) { return value_bytes.empty() ? std::size_t{0} : value_bytes[i]; };
-  std::vector<char> held(n + 1, 0);
+  if (!c.value_bytes.empty() && c.value_bytes.size() != n + 1)
+    detail::bad_plan(p, 0, detail::cat(c.value_bytes.size(), " value sizes for ", n + 1, " values"));
+  auto bytes = [&](std::size_t i) { return c.value_bytes.empty() ? std::size_t{0} : c.value_bytes[i]; };
+  auto seconds = [](const std::vector<double>& t, std::size_t i) { return i < t.size() ? t[i] : 0.0; };
+  std::vector<char> held(n + 1, 0), bits(n, 0);
   std::vector<ValueRole> role(n + 1, ValueRole::temporary);
   held[0] = 1;
   role[0] = p.input_role;
@@ -121,12 +190,22 @@ inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& val
   f.peak_kept_bytes = kept;
   f.peak_checkpoints = checkpoints;
   std::size_t cotangent = n + 1;  // h_c is the current cotangent; n + 1: none yet
+  auto peaks = [&](std::size_t extra = 0) {
+    f.peak_held_bytes = std::max(f.peak_held_bytes, now + extra);
+    f.peak_kept_bytes = std::max(f.peak_kept_bytes, kept);
+  };
   auto free_value = [&](std::size_t i) {
     held[i] = 0;
     if (role[i] == ValueRole::checkpoint) --checkpoints;
     if (i == 0) return;
     now -= bytes(i);
     if (detail::accounted(role[i])) kept -= bytes(i);
+  };
+  auto free_bits = [&](std::size_t i) {
+    if (!bits[i]) return;
+    bits[i] = 0;
+    now -= c.branches(i);
+    kept -= c.branches(i);
   };
   for (std::size_t k = 0; k < p.steps.size(); ++k) {
     const PlanStep& s = p.steps[k];
@@ -136,7 +215,12 @@ inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& val
         if (i >= n) detail::bad_plan(p, k, detail::cat("forward(", i, ") past the last layer"));
         if (!held[i])
           detail::bad_plan(p, k, detail::cat("forward(", i, ") reads x_", i, ", which is not held"));
-        if (held[i + 1])
+        if (role[i] == ValueRole::rebuilt)
+          detail::bad_plan(p, k,
+                           detail::cat("forward(", i, ") reads x_", i,
+                                       ", rebuilt by inversion (only its backward step and checks read it)"));
+        const bool check = held[i + 1] && role[i + 1] == ValueRole::rebuilt;
+        if (held[i + 1] && !check)
           detail::bad_plan(p, k, detail::cat("forward(", i, ") writes x_", i + 1, ", which is held"));
         if (i + 1 >= cotangent)
           detail::bad_plan(p, k,
@@ -145,23 +229,65 @@ inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& val
         if (i + 1 == n && detail::accounted(s.output))
           detail::bad_plan(
               p, k, detail::cat("x_", n, " is read by the loss alone: its role is operand or temporary"));
-        held[i + 1] = 1;
-        role[i + 1] = s.output;
-        now += bytes(i + 1);
-        if (detail::accounted(s.output)) kept += bytes(i + 1);
-        if (s.output == ValueRole::checkpoint)
-          f.peak_checkpoints = std::max(f.peak_checkpoints, ++checkpoints);
-        f.peak_held_bytes = std::max(f.peak_held_bytes, now);
-        f.peak_kept_bytes = std::max(f.peak_kept_bytes, kept);
+        if (s.output == ValueRole::rebuilt)
+          detail::bad_plan(p, k, detail::cat("forward(", i, ") makes x_", i + 1, " exact, not rebuilt"));
+        if (check) {
+          if (s.output != ValueRole::operand)
+            detail::bad_plan(p, k,
+                             detail::cat("forward(", i, ") checks the rebuilt x_", i + 1,
+                                         ": its output is the operand of backward(", i + 1, ")"));
+          peaks(bytes(i + 1));  // (the exact value next to the rebuilt one)
+          role[i + 1] = ValueRole::operand;
+          ++f.checks;
+        } else {
+          held[i + 1] = 1;
+          role[i + 1] = s.output;
+          now += bytes(i + 1);
+          if (detail::accounted(s.output)) kept += bytes(i + 1);
+          if (s.output == ValueRole::checkpoint)
+            f.peak_checkpoints = std::max(f.peak_checkpoints, ++checkpoints);
+        }
+        if (s.branches) {
+          if (!c.branch_bytes.empty() && c.branches(i) == 0)
+            detail::bad_plan(p, k,
+                             detail::cat("forward(", i, ") keeps branch bits of a layer that has none"));
+          free_bits(i);
+          bits[i] = 1;
+          now += c.branches(i);
+          kept += c.branches(i);
+        }
+        peaks();
         ++f.forward_steps;
-        if (!forward_s.empty()) f.seconds += forward_s[i];
+        f.seconds += seconds(c.forward, i);
         if (i > 0 && role[i] == ValueRole::temporary) free_value(i);
+        break;
+      }
+      case PlanOp::inverse: {
+        if (i >= n) detail::bad_plan(p, k, detail::cat("inverse(", i, ") past the last layer"));
+        if (!c.inverse.empty() && !c.invertible(i))
+          detail::bad_plan(p, k, detail::cat("inverse(", i, "): layer ", i, " has no inverse"));
+        if (!held[i + 1])
+          detail::bad_plan(p, k, detail::cat("inverse(", i, ") reads x_", i + 1, ", which is not held"));
+        if (held[i]) detail::bad_plan(p, k, detail::cat("inverse(", i, ") writes x_", i, ", which is held"));
+        const bool next = i + 1 == n ? cotangent == n + 1 : cotangent == i + 2;
+        if (!next)
+          detail::bad_plan(
+              p, k,
+              detail::cat("inverse(", i, ") runs right before ",
+                          i + 1 == n ? std::string("the loss") : detail::cat("backward(", i + 1, ")"),
+                          ", which frees its source x_", i + 1));
+        held[i] = 1;
+        role[i] = ValueRole::rebuilt;
+        now += bytes(i);
+        peaks();
+        ++f.inverse_steps;
+        f.seconds += seconds(c.inverse, i);
         break;
       }
       case PlanOp::loss:
         if (cotangent != n + 1) detail::bad_plan(p, k, "a second loss");
         if (!held[n]) detail::bad_plan(p, k, detail::cat("the loss reads x_", n, ", which is not held"));
-        f.seconds += loss_s;
+        f.seconds += c.loss;
         free_value(n);
         cotangent = n;
         break;
@@ -172,7 +298,18 @@ inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& val
               p, k, detail::cat("backward(", i, ") needs h_", i + 1, "; the cotangent is h_", cotangent));
         if (!held[i])
           detail::bad_plan(p, k, detail::cat("backward(", i, ") reads x_", i, ", which is not held"));
-        if (!backward_s.empty()) f.seconds += backward_s[i];
+        if (role[i] == ValueRole::rebuilt) {
+          if (i == 0 || !held[i - 1] || role[i - 1] != ValueRole::rebuilt)
+            detail::bad_plan(p, k,
+                             detail::cat("backward(", i, ") reads x_", i,
+                                         ", rebuilt by inversion, and no inverse below it leads to a check"));
+          if (c.branches(i) > 0 && !bits[i])
+            detail::bad_plan(p, k,
+                             detail::cat("backward(", i, ") reads x_", i,
+                                         ", rebuilt by inversion, without layer ", i, "'s branch bits"));
+        }
+        f.seconds += seconds(c.backward, i);
+        free_bits(i);
         if (i > 0) free_value(i);
         cotangent = i;
         break;
@@ -182,6 +319,18 @@ inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& val
   for (std::size_t i = 1; i <= n; ++i)
     if (held[i]) detail::bad_plan(p, p.steps.size(), detail::cat("x_", i, " is still held at the end"));
   return f;
+}
+
+/// check_plan on value sizes and times given one by one (each list may be empty).
+inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& value_bytes = {},
+                              const std::vector<double>& forward_s = {},
+                              const std::vector<double>& backward_s = {}, double loss_s = 0) {
+  return check_plan(p, ChainCosts{.value_bytes = value_bytes,
+                                  .forward = forward_s,
+                                  .backward = backward_s,
+                                  .loss = loss_s,
+                                  .inverse = {},
+                                  .branch_bytes = {}});
 }
 
 /// Backprop: every input kept, each value computed once.
@@ -304,7 +453,7 @@ inline Plan binomial_plan(std::size_t layers, std::size_t slots) {
 }
 
 /// The plan as text, one step per line ("forward 3 -> x_4 checkpoint",
-/// "loss", "backward 3"), for reports and failing tests.
+/// "inverse 2 -> x_2 rebuilt", "loss", "backward 3"), for reports and failing tests.
 inline std::string plan_text(const Plan& p) {
   std::ostringstream s;
   s << "plan (" << p.origin << ", " << p.layers << " layers, " << p.steps.size() << " steps; x_0 "
@@ -312,7 +461,11 @@ inline std::string plan_text(const Plan& p) {
   for (const PlanStep& st : p.steps) {
     switch (st.op) {
       case PlanOp::forward:
-        s << "  forward " << st.layer << " -> x_" << st.layer + 1 << ' ' << to_string(st.output) << '\n';
+        s << "  forward " << st.layer << " -> x_" << st.layer + 1 << ' ' << to_string(st.output)
+          << (st.branches ? " +branch bits" : "") << '\n';
+        break;
+      case PlanOp::inverse:
+        s << "  inverse " << st.layer << " -> x_" << st.layer << " rebuilt\n";
         break;
       case PlanOp::loss:
         s << "  loss\n";

@@ -14,7 +14,24 @@
 // where A(a, k) = max_{a<j≤k} (s_j + [j−1 > a] s_{j−1}) is the peak of
 // advancing from x_a to x_k, freeing each intermediate value once the next
 // is computed: advance to a checkpoint x_k, reverse the right part holding
-// it, then the left part. k = a + 1 everywhere is backprop. Memory is
+// it, then the left part. k = a + 1 everywhere is backprop.
+//
+// Inversion (ChainCosts::inverse, RevBackprop's move) adds, where layers
+// a+1 … k−1 have inverses (a + 2 ≤ k < b), the left part rebuilt instead of
+// recomputed: right after the right part (all but its last backward step),
+// x_{j−1} = f_{j−1}⁻¹(x_j) then backward(j) for j = k … a+2, then the check
+// x_{a+1} = f_a(x_a) (the exact value replaces the rebuilt one; their
+// difference is the stretch's drift), backward(a+1) and backward(a):
+//
+//   Σ_{a≤j<k} f_j + C(k, b, m − s_k − B) − b_k + Σ_{a<j<k} i_j + f_a + Σ_{a≤j≤k} b_j
+//
+// where B is the branch bits the advance keeps for the layers a+2 … k−1
+// whose backward step reads a rebuilt input (ChainCosts::branch_bytes),
+// if the advance, the stretch and the check fit in m, each bit freed by its
+// layer's backward step. The check reads x_a, held since the stretch began
+// (a plan that recomputes the check's source after the stretch is outside
+// this family; tests/plan/test_plan.cpp searches the family exhaustively).
+// Memory is
 // counted in units: the sizes' common divisor where the budget is at most M
 // of them (exact), else ⌈budget / M⌉ bytes (sizes rounded up, so a plan that
 // fits in units fits in bytes).
@@ -31,32 +48,6 @@
 #include "moonwalk/plan/plan.hpp"
 
 namespace moonwalk {
-
-/// What the planner knows of a chain at one batch size: x_i's bytes (L + 1
-/// values) and the seconds of each layer's forward and backward step (L
-/// each) and of the loss.
-struct ChainCosts {
-  std::vector<std::size_t> value_bytes;
-  std::vector<double> forward;
-  std::vector<double> backward;
-  double loss = 0;
-
-  [[nodiscard]] std::size_t layers() const { return forward.size(); }
-  /// Throws ScheduleError unless the sizes agree and every time is finite and ≥ 0.
-  void check() const {
-    const std::size_t n = layers();
-    if (n == 0) throw ScheduleError("chain costs: no layers");
-    if (backward.size() != n || value_bytes.size() != n + 1)
-      throw ScheduleError(detail::cat("chain costs: ", n, " forward times, ", backward.size(),
-                                      " backward times and ", value_bytes.size(),
-                                      " value sizes (need L, L and L + 1)"));
-    auto ok = [](double t) { return std::isfinite(t) && t >= 0; };
-    for (std::size_t i = 0; i < n; ++i)
-      if (!ok(forward[i]) || !ok(backward[i]))
-        throw ScheduleError(detail::cat("chain costs: layer ", i, ": time not finite and >= 0"));
-    if (!ok(loss)) throw ScheduleError("chain costs: loss time not finite and >= 0");
-  }
-};
 
 /// The least bytes of held values (x_0 excluded) any plan of the chain
 /// needs: every x_j is computed from a held x_{j−1}, so
@@ -99,10 +90,25 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   std::size_t g = 0;
   for (std::size_t i = 0; i <= L; ++i) g = std::gcd(g, c.value_bytes[i]);
 
+  // Inversion: isum[k] = Σ_{j<k} i_j; backsum[k] = Σ_{j<k} b_j (b_L the
+  // loss); rebuildable[j]: the first layer ≥ j without an inverse (L: none),
+  // so layers a+1 … k−1 have inverses iff k ≤ rebuildable[a + 1].
+  std::vector<double> isum(n + 1, 0), backsum(n + 1, 0);
+  for (std::size_t j = 0; j < L; ++j)
+    isum[j + 1] = isum[j] + (c.invertible(j) ? std::max(c.inverse[j], 1e-12) : 0);
+  for (std::size_t j = 0; j < n; ++j) backsum[j + 1] = backsum[j] + back(j);
+  std::vector<std::size_t> rebuildable(n + 1, 0);
+  rebuildable[L] = L;
+  rebuildable[n] = L;
+  for (std::size_t j = L; j-- > 0;) rebuildable[j] = c.invertible(j) ? rebuildable[j + 1] : j;
+  for (std::size_t i = 0; i < L; ++i)
+    if (c.branches(i) > 0) g = std::gcd(g, c.branches(i));
+
   std::size_t units = 0;
-  std::vector<std::size_t> s(n + 1);
+  std::vector<std::size_t> s(n + 1), bsum(n + 1, 0);  // bsum[k]: Σ_{j<k} branch bits (units)
   std::vector<float> cost;
   std::vector<std::uint16_t> split;
+  std::vector<std::uint8_t> rebuilt;  // 1: the split's left part is rebuilt by inversion
   auto at = [&](std::size_t a, std::size_t b, std::size_t m) {
     return (row[a] + (b - a - 1)) * (units + 1) + m;
   };
@@ -114,18 +120,28 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
     const std::size_t unit = g > 0 && budget / g <= M ? g : (budget + M - 1) / M;
     units = budget / unit;
     for (std::size_t i = 0; i <= L; ++i) s[i] = (c.value_bytes[i] + unit - 1) / unit;
+    for (std::size_t i = 0; i < L; ++i) bsum[i + 1] = bsum[i] + (c.branches(i) + unit - 1) / unit;
+    bsum[n] = bsum[L];
     constexpr float inf = std::numeric_limits<float>::infinity();
     cost.assign(pairs * (units + 1), inf);
     split.assign(pairs * (units + 1), 0);
+    rebuilt.assign(pairs * (units + 1), 0);
     for (std::size_t a = 0; a < n; ++a)
       for (std::size_t m = 0; m <= units; ++m) cost[at(a, a + 1, m)] = static_cast<float>(back(a));
     for (std::size_t d = 2; d <= n; ++d)
       for (std::size_t a = 0; a + d <= n; ++a) {
         const std::size_t b = a + d;
         std::size_t peak = 0;  // A(a, k)
+        // With inversion, bits kept by the advance for layers a+2 … k−1:
+        // B(j) = their bytes up to layer j. The advance's peak (forward(j)
+        // holds x_j, x_{j+1} and B(j)), and the stretch's: inverse(j−1) holds
+        // x_j, x_{j−1} and B(min(j, k−1)); the check 2 s_{a+1}.
+        std::size_t advance = 0, stretch = 2 * s[a + 1];
+        auto bits_to = [&](std::size_t j) { return j >= a + 2 ? bsum[j + 1] - bsum[a + 2] : std::size_t{0}; };
         for (std::size_t k = a + 1; k < b; ++k) {
           peak = std::max(peak, s[k] + (k - 1 > a ? s[k - 1] : 0));
           if (peak > units) break;
+          advance = std::max(advance, s[k] + (k - 1 > a ? s[k - 1] : 0) + bits_to(k - 1));
           const float adv = static_cast<float>(fsum[k] - fsum[a]);
           for (std::size_t m = peak; m <= units; ++m) {
             const float t = adv + cost[at(k, b, m - s[k])] + cost[at(a, k, m)];
@@ -133,6 +149,22 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
             if (t < best) {
               best = t;
               split[at(a, b, m)] = static_cast<std::uint16_t>(k);
+            }
+          }
+          if (k < a + 2) continue;
+          const std::size_t bits = bits_to(k - 1);
+          const std::size_t need = std::max({advance, stretch, s[k] + s[k - 1] + bits});
+          stretch = std::max(stretch, s[k] + s[k - 1] + bits_to(k));  // (for the longer stretches)
+          if (k > rebuildable[a + 1]) continue;
+          const double fixed = fsum[k] - fsum[a] - back(k) + (isum[k] - isum[a + 1]) +
+                               (fsum[a + 1] - fsum[a]) + (backsum[k + 1] - backsum[a]);
+          for (std::size_t m = need; m <= units; ++m) {
+            const float t = static_cast<float>(fixed + cost[at(k, b, m - s[k] - bits)]);
+            float& best = cost[at(a, b, m)];
+            if (t < best) {
+              best = t;
+              split[at(a, b, m)] = static_cast<std::uint16_t>(k);
+              rebuilt[at(a, b, m)] = 1;
             }
           }
         }
@@ -159,10 +191,25 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
         return;
       }
       const std::size_t k = split[at(a, b, m)];
+      if (!rebuilt[at(a, b, m)]) {
+        for (std::size_t j = a; j < k; ++j)
+          p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary});
+        self(self, k, b, m - s[k]);
+        self(self, a, k, m);
+        return;
+      }
       for (std::size_t j = a; j < k; ++j)
-        p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary});
-      self(self, k, b, m - s[k]);
-      self(self, a, k, m);
+        p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary,
+                           j >= a + 2 && c.branches(j) > 0});
+      self(self, k, b, m - s[k] - (bsum[k] - bsum[a + 2]));
+      p.steps.pop_back();  // (backward(k), or the loss: it follows inverse(k − 1))
+      for (std::size_t j = k; j >= a + 2; --j) {
+        p.steps.push_back({PlanOp::inverse, j - 1, ValueRole::rebuilt});
+        p.steps.push_back(j == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, j});
+      }
+      p.steps.push_back({PlanOp::forward, a, ValueRole::operand});  // the check
+      p.steps.push_back({PlanOp::backward, a + 1});
+      p.steps.push_back({PlanOp::backward, a});
     };
     emit(emit, 0, n, units);
   }
@@ -172,7 +219,7 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   auto settle = [&](std::size_t i) {
     if (i == 0) return;
     PlanStep& st = p.steps[created[i]];
-    if (st.output == ValueRole::temporary) return;
+    if (st.op != PlanOp::forward || st.output == ValueRole::temporary) return;
     st.output = uses[i] == 0   ? ValueRole::operand
                 : uses[i] == 1 ? ValueRole::activation
                                : ValueRole::checkpoint;
@@ -183,6 +230,8 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
       ++uses[st.layer];
       created[st.layer + 1] = k;
       uses[st.layer + 1] = 0;
+    } else if (st.op == PlanOp::inverse) {
+      created[st.layer] = k;
     } else if (st.op == PlanOp::backward) {
       settle(st.layer);
     }

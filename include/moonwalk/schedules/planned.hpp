@@ -1,10 +1,12 @@
 // Moonwalk — the planned schedule: the fastest plan whose working set fits a budget.
 #pragma once
 
+#include <cmath>
 #include <cstddef>
 #include <memory>
 #include <vector>
 
+#include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/plan/costs.hpp"
 #include "moonwalk/plan/executor.hpp"
 #include "moonwalk/plan/plan.hpp"
@@ -27,17 +29,34 @@ namespace moonwalk {
 /// budget below the least any plan needs (smallest_budget) is a
 /// ScheduleError that names the least.
 ///
+/// Where layers have inverses (can_invert: coupling blocks, LeakyReLU, …)
+/// the plans may rebuild values by inversion instead of recomputing them,
+/// as RevBackprop does, each rebuilt stretch checked against a value
+/// recomputed exactly (plan/plan.hpp): the largest relative drift is the
+/// step's error estimate ("max_reconstruction_error"). Above `tolerance`
+/// the step is taken again by the best plan without inversion within the
+/// same budget (Stats::fallbacks 1), and so are the later steps on that
+/// shape; where none fits, the step is returned as it is, flagged
+/// (within_tolerance false). Such a result differs from
+/// backprop's by the drift; plans without inverse steps repeat backprop's
+/// arithmetic.
+///
 /// The plan is made on the first step on a shape (the costs timed then, or
 /// read from the cost file) and bound once: later steps on that shape reuse
 /// it. Making it takes memory the budget does not cover, for that step only:
 /// the planner's table (about 6 MiB; more on chains of over ~400 layers) and,
 /// when timing, four buffers of the widest value. Its figures: "budget", "predicted_working_bytes",
-/// "predicted_seconds", "recomputed_forwards", "checkpoints".
+/// "predicted_seconds", "recomputed_forwards", "checkpoints", "inverses" and,
+/// where the plan inverts, "max_reconstruction_error".
 struct Planned {
   std::size_t budget = 0;  ///< bytes of a step's working set; 0: unlimited
   Calibration calibration = Calibration::cached;
   /// Also return h_0 = ∂ℓ/∂x_0 (one more input-vjp, through the first layer).
   bool input_gradient = false;
+  /// Plans may rebuild values by inversion (struct comment).
+  bool invert = true;
+  /// The largest drift a rebuilt stretch may carry (0: default_target<S>()).
+  double tolerance = 0;
   /// The bound plan, reused by every step on the same shapes (copies share it).
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
 
@@ -60,21 +79,64 @@ struct Planned {
     b.rows.push_back(net.in_features());
     detail::for_each_layer(net, [&](std::size_t, const auto& l) { b.rows.push_back(l.out_features()); });
     if (!b.bound || !b.run.bound_to(b.rows, batch, input_gradient) || b.budget != budget ||
-        b.calibration != calibration)
+        b.calibration != calibration || b.invert != invert)
       bind(net, x0, b);
+    const double tol = tolerance > 0 ? tolerance : default_target<S>();
     out.stats.restart();
     out.stats.schedule = name();
     out.stats.amplification.clear();
     zero_gradients(net);
-    b.run.run(net, x0, loss, target, out);
+    // After a step whose stretches drifted over the tolerance, the steps on
+    // this shape run the plan without inversion (until the next bind).
+    PlanRun<S>* ran = b.drifted ? &b.exact : &b.run;
+    ran->run(net, x0, loss, target, out);
+    const bool inverts = ran == &b.run && b.predicted.inverse_steps > 0;
+    const double drift = out.stats.error_estimate;
+    std::size_t fallbacks = 0, working = out.stats.working_bytes;
+    if (inverts && !(drift <= tol) && std::isfinite(out.loss)) {
+      // The rebuilt stretches drifted: the best plan without inversion, if one fits.
+      if (!b.exact_tried) {
+        b.exact_tried = true;
+        ChainCosts exact = b.costs;
+        exact.inverse.clear();
+        exact.branch_bytes.clear();
+        try {
+          b.exact_figures = layout(net, exact, batch, b.exact);
+          b.has_exact = true;
+        } catch (const ScheduleError&) {
+          b.has_exact = false;
+        }
+      }
+      if (b.has_exact) {
+        b.run.release();
+        out.stats.restart();
+        out.stats.schedule = name();
+        zero_gradients(net);
+        b.exact.run(net, x0, loss, target, out);
+        working = std::max(working, out.stats.working_bytes);
+        fallbacks = 1;
+        ran = &b.exact;
+        b.drifted = true;
+      }
+    }
     Stats& st = out.stats;
+    const PlanFigures& predicted = ran == &b.run ? b.predicted : b.exact_figures;
     st.figures["budget"] = static_cast<double>(budget);
-    st.figures["predicted_working_bytes"] = static_cast<double>(b.run.working_bytes());
-    st.figures["predicted_seconds"] = b.predicted.seconds;
-    st.figures["recomputed_forwards"] =
-        static_cast<double>(st.counts.forward) - static_cast<double>(net.size());
-    st.figures["checkpoints"] = static_cast<double>(b.predicted.peak_checkpoints);
-    if (!detail::keep_across_steps(net, batch)) b.run.release();
+    st.figures["predicted_working_bytes"] = static_cast<double>(ran->working_bytes());
+    st.figures["predicted_seconds"] = predicted.seconds;
+    st.figures["recomputed_forwards"] = static_cast<double>(st.counts.forward) -
+                                        static_cast<double>(net.size()) -
+                                        static_cast<double>(predicted.checks);
+    st.figures["checkpoints"] = static_cast<double>(predicted.peak_checkpoints);
+    st.figures["inverses"] = static_cast<double>(st.counts.inverse);
+    if (inverts) st.figures["max_reconstruction_error"] = drift;
+    st.tolerance = tol;
+    st.fallbacks = fallbacks;
+    st.working_bytes = working;
+    if (!detail::keep_across_steps(net, batch)) {
+      b.run.release();
+      b.exact.release();
+    }
     gradients_into(net, out.gradient);
   }
 
@@ -93,7 +155,8 @@ struct Planned {
   template <Net N>
   [[nodiscard]] std::size_t smallest_budget(N& net, const CRef<typename N::scalar_type>& x0) const {
     using S = typename N::scalar_type;
-    const ChainCosts costs = chain_costs(net, x0, calibration);
+    ChainCosts costs = chain_costs(net, x0, calibration);
+    if (!invert) costs.inverse.clear();
     PlanRun<S> run;
     run.bind(plan_within(costs, least_held_bytes(costs)), value_rows(net), x0.cols(), input_gradient, false);
     return run.working_bytes();
@@ -106,33 +169,58 @@ struct Planned {
     std::vector<Index> rows;
     std::size_t budget = 0;
     Calibration calibration = Calibration::cached;
+    bool invert = true;
+    ChainCosts costs;
     PlanFigures predicted;
     bool bound = false;  ///< the last bind succeeded (one that threw leaves run bound to a plan over budget)
+    // The plan without inversion, bound when a step first drifts.
+    PlanRun<S> exact;
+    PlanFigures exact_figures;
+    bool exact_tried = false, has_exact = false;
+    bool drifted = false;  ///< a step drifted over the tolerance: run `exact`
   };
 
   /// Plans within the budget and binds (the buffers are allocated by the
-  /// first run): the held-value budget is what the cotangents leave; when the
-  /// bound layout (buffers reused across values of other widths) overshoots,
-  /// plans again with that much less, down to the tightest plan.
+  /// first run).
   template <Net N, class S>
   void bind(N& net, const CRef<S>& x0, Bound<S>& b) const {
-    const Index batch = x0.cols();
     b.bound = false;
-    const ChainCosts costs = chain_costs(net, x0, calibration);
+    b.exact_tried = b.has_exact = b.drifted = false;
+    b.exact.release();
+    b.costs = chain_costs(net, x0, calibration);
+    if (!invert) {
+      b.costs.inverse.clear();
+      b.costs.branch_bytes.clear();
+    }
+    b.predicted = layout(net, b.costs, x0.cols(), b.run);
+    b.budget = budget;
+    b.calibration = calibration;
+    b.invert = invert;
+    b.bound = true;
+  }
+
+  /// Binds `run` to the fastest plan on `costs` within the budget (layout
+  /// only) and returns its predicted figures: the held-value budget is what
+  /// the cotangents leave; when the bound layout (buffers reused across
+  /// values of other widths) overshoots, plans again with that much less,
+  /// down to the tightest plan.
+  template <Net N, class S>
+  PlanFigures layout(N& net, const ChainCosts& costs, Index batch, PlanRun<S>& run) const {
+    std::vector<Index> rows = value_rows(net);
     const std::size_t least = least_held_bytes(costs);
     std::size_t total = 0;
     for (std::size_t i = 1; i < costs.value_bytes.size(); ++i) total += costs.value_bytes[i];
-    auto layout = [&](std::size_t held) {
-      b.run.bind(plan_within(costs, held), b.rows, batch, input_gradient, false);
-      return b.run.working_bytes();
+    auto bind_within = [&](std::size_t held) {
+      run.bind(plan_within(costs, held), rows, batch, input_gradient, false);
+      return run.working_bytes();
     };
     if (budget == 0) {
-      (void)layout(total);
+      (void)bind_within(total);
     } else {
-      const std::size_t fixed = PlanRun<S>::cotangent_bytes(b.rows, batch, input_gradient);
+      const std::size_t fixed = PlanRun<S>::cotangent_bytes(rows, batch, input_gradient);
       std::size_t held = budget > fixed + least ? budget - fixed : least;
       for (int attempt = 0;; ++attempt) {
-        const std::size_t need = layout(held);
+        const std::size_t need = bind_within(held);
         if (need <= budget) break;
         if (held == least) {
           throw ScheduleError(detail::cat(name(), ": no plan of this ", net.size(),
@@ -144,10 +232,7 @@ struct Planned {
         held = attempt < 8 && held > least + over ? held - over : least;
       }
     }
-    b.predicted = check_plan(b.run.plan(), costs.value_bytes, costs.forward, costs.backward, costs.loss);
-    b.budget = budget;
-    b.calibration = calibration;
-    b.bound = true;
+    return check_plan(run.plan(), costs);
   }
 };
 
