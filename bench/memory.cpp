@@ -117,7 +117,7 @@ struct Options {
   std::uint64_t seed = 1;
   std::string loss = "xent";
   bool rebuild_inputs = false;
-  bool invert = true;  // planned: plans may rebuild by inversion
+  bool invert = true;           // planned: plans may rebuild by inversion
   std::size_t budget = 0;       // bytes; 0: no budget
   std::size_t plan_budget = 0;  // planned: bytes of its working set; 0: from --budget
   std::size_t slots = 0;        // binomial's held inputs; 0: its default
