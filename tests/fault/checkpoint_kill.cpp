@@ -10,6 +10,11 @@
 // child must resume from it. Repeated until at least 20 kills landed inside a
 // write (a temporary was left behind), at most 60 kills.
 //
+// Write times vary (page cache, fsync, sanitizers, a busy disk), so the kill
+// moment is drawn from [0, s * median of the writes timed so far]: every save
+// the parent lets complete is timed, and s shrinks by 0.8 (down to 0.2) after
+// each kill that fell after the write had finished.
+//
 // Usage: moonwalk_fault_checkpoint_kill [DIR] (default: a fresh directory
 // under the system temp directory, removed at the end). Exit 0 on success.
 #include <poll.h>
@@ -19,7 +24,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
 #include <filesystem>
@@ -28,6 +35,7 @@
 #include <set>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "fault_support.hpp"
 
@@ -150,7 +158,14 @@ int main(int argc, char** argv) {
   std::set<std::string> seen_tmp;
   long long last_gen = 0;
   int kills = 0, in_write = 0;
-  double write_ms = 0;  // temporary created -> renamed over the checkpoint, measured once
+  std::vector<double>
+      writes_ms;       // temporary created -> renamed over the checkpoint, every complete save seen
+  double scale = 1.0;  // of the median write time; shrinks after kills that missed the write
+  const auto median_write_ms = [&] {
+    std::vector<double> w = writes_ms;
+    std::nth_element(w.begin(), w.begin() + static_cast<std::ptrdiff_t>(w.size() / 2), w.end());
+    return w[w.size() / 2];
+  };
   const auto t0 = std::chrono::steady_clock::now();
   while (in_write < kills_in_write && kills < max_kills) {
     int fds[2];
@@ -163,19 +178,20 @@ int main(int argc, char** argv) {
       child(path, fds[1]);
     }
     ::close(fds[1]);
-    if (write_ms == 0) {  // time one whole write: from the temporary's creation to the rename
+    // Let 1 to 3 saves complete (so generations advance), timing each, then kill at a random moment
+    // of the next write.
+    for (int k = std::uniform_int_distribution<int>(1, 3)(rng); k > 0; --k) {
       watch.wait_for(IN_CREATE, tmp_prefix);
       const auto a = std::chrono::steady_clock::now();
       watch.wait_for(IN_MOVED_TO, "run.ckpt");
-      write_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count();
-      std::printf("writing a %lld MiB checkpoint (temporary file, fsync, rename) takes %.1f ms\n",
-                  static_cast<long long>((n_params + n_state) * 8) >> 20, write_ms);
+      writes_ms.push_back(
+          std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - a).count());
     }
-    // Let 0 to 2 saves complete (so generations advance), then kill at a random moment of the next write.
-    for (int k = std::uniform_int_distribution<int>(0, 2)(rng); k > 0; --k)
-      watch.wait_for(IN_MOVED_TO, "run.ckpt");
+    if (kills == 0)
+      std::printf("writing a %lld MiB checkpoint (temporary file, fsync, rename) takes %.1f ms\n",
+                  static_cast<long long>((n_params + n_state) * 8) >> 20, writes_ms.front());
     watch.wait_for(IN_CREATE, tmp_prefix);
-    std::uniform_real_distribution<double> when(0.0, write_ms);
+    std::uniform_real_distribution<double> when(0.0, scale * median_write_ms());
     std::this_thread::sleep_for(std::chrono::duration<double, std::milli>(when(rng)));
     ::kill(pid, SIGKILL);
     int status = 0;
@@ -201,14 +217,18 @@ int main(int argc, char** argv) {
     bool landed = false;
     for (const auto& n : moonwalk::fault::names_starting_with(dir, tmp_prefix))
       if (seen_tmp.insert(n).second) landed = true;
-    if (landed) ++in_write;
+    if (landed)
+      ++in_write;
+    else
+      scale = std::max(0.2, scale * 0.8);
   }
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const auto left = moonwalk::fault::names_starting_with(dir, tmp_prefix).size();
   std::printf(
       "%d kills, %d inside a write (a temporary left behind), %zu temporaries in the directory now; "
-      "the checkpoint was whole and resumable after every kill (last generation %lld, %.1f s)\n",
-      kills, in_write, left, last_gen, secs);
+      "the checkpoint was whole and resumable after every kill (last generation %lld, %.1f s; median write "
+      "%.1f ms over %zu, kill window %.2f of it)\n",
+      kills, in_write, left, last_gen, secs, median_write_ms(), writes_ms.size(), scale);
   if (own_dir) fs::remove_all(dir);
   require(in_write >= kills_in_write, "only " + std::to_string(in_write) + " of " + std::to_string(kills) +
                                           " kills landed inside a write");
