@@ -8,6 +8,7 @@
 # Networks:
 #   fashion     the Fashion-MNIST MLP 784-256-128-100-10, LeakyReLU(0.1), batch 128
 #   mlp16       equal-width LeakyReLU(0.1) MLP, width 256, depth 16, batch 1024
+#   mlp40       the same at depth 40
 #   mlp64       the same at depth 64
 #   mlp16-0.5   the same with LeakyReLU(0.5), depth 16
 #   mlp64-0.5   LeakyReLU(0.5), depth 64
@@ -59,7 +60,7 @@ build=${1:?$usage}
 out=${2:?$usage}
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
-all_networks=(fashion mlp16 mlp64 mlp16-0.5 mlp64-0.5 revnet40 revnet64)
+all_networks=(fashion mlp16 mlp40 mlp64 mlp16-0.5 mlp64-0.5 revnet40 revnet64)
 networks=("$@")
 if [ ${#networks[@]} -eq 0 ]; then
   if [ -n "${NETWORKS:-}" ]; then read -r -a networks <<<"$NETWORKS"; else networks=("${all_networks[@]}"); fi
@@ -84,6 +85,7 @@ net_args() {  # net_args NETWORK: moonwalk-memory's network options, one per lin
   case $1 in
     fashion) printf '%s\n' --net "$fashion" ;;
     mlp16) printf '%s\n' --depth 16 --width 256 ;;
+    mlp40) printf '%s\n' --depth 40 --width 256 ;;
     mlp64) printf '%s\n' --depth 64 --width 256 ;;
     mlp16-0.5 | mlp64-0.5)
       s=in:256
