@@ -33,6 +33,9 @@
 //   --plan-budget BYTES  planned only: the planner's working-set budget, not enforced
 //                     (overrides what --budget gives it)
 //   --no-invert       planned only: plans keep to storing and recomputing (Planned::invert)
+//   --plan-report     planned only: after the JSON line, the plan's report on stderr (per
+//                     layer: its input kept, checkpoint, recomputed or rebuilt, bytes kept,
+//                     bytes held at its backward step, predicted time; plan/report.hpp)
 //
 // Output (stdout, one line):
 //   {"schedule", "net", "batch", "params", "steps", "seconds_per_step" (median over steps),
@@ -118,6 +121,7 @@ struct Options {
   std::string loss = "xent";
   bool rebuild_inputs = false;
   bool invert = true;           // planned: plans may rebuild by inversion
+  bool plan_report = false;     // planned: print the plan's report after the run
   std::size_t budget = 0;       // bytes; 0: no budget
   std::size_t plan_budget = 0;  // planned: bytes of its working set; 0: from --budget
   std::size_t slots = 0;        // binomial's held inputs; 0: its default
@@ -143,6 +147,7 @@ const char* kUsage =
     "  --plan-budget BYTES  planned: the working set the planner may plan for (not enforced;\n"
     "                    default: --budget less the gradient's bytes, else unlimited)\n"
     "  --no-invert       planned: plans store and recompute, never rebuild by inversion\n"
+    "  --plan-report     planned: the plan's per-layer report on stderr after the run\n"
     "  --slots K         binomial: layer inputs held at once, K >= 1 (default round(sqrt(L)))\n"
     "  --every K         checkpoint: segment length in layers, K >= 1 (default round(sqrt(L)))\n"
     "\n"
@@ -177,6 +182,10 @@ Options parse_options(int argc, char** argv) {
     }
     if (a == "--rebuild-inputs") {
       o.rebuild_inputs = true;
+      continue;
+    }
+    if (a == "--plan-report") {
+      o.plan_report = true;
       continue;
     }
     if (a == "--no-invert") {
@@ -244,6 +253,9 @@ Options parse_options(int argc, char** argv) {
     throw UsageError(cat("--slots: only --schedule binomial reads it (schedule is '", o.schedule, "')"));
   if (o.every > 0 && o.schedule != "checkpoint")
     throw UsageError(cat("--every: only --schedule checkpoint reads it (schedule is '", o.schedule, "')"));
+  if (o.plan_report && o.schedule != "planned")
+    throw UsageError(
+        cat("--plan-report: only --schedule planned has a plan (schedule is '", o.schedule, "')"));
   if (!o.invert && o.schedule != "planned")
     throw UsageError(cat("--no-invert: only --schedule planned reads it (schedule is '", o.schedule, "')"));
   if (net_given && shape_given) throw UsageError("--net: give either --net or --depth/--width, not both");
@@ -436,6 +448,10 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
               << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")
               << ",\"steps_completed\":" << seconds.size();
   std::cout << "}" << std::endl;
+  // (After the figures: making the report times layers and allocates.)
+  if (o.plan_report)
+    std::cerr << moonwalk::plan_report_text(
+        moonwalk::Planned{.budget = plan_budget, .invert = o.invert}.report(net, x));
   return out_of_memory ? 3 : 0;
 }
 

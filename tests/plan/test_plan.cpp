@@ -4,6 +4,7 @@
 #include <catch2/catch.hpp>
 #include <map>
 #include <moonwalk/moonwalk.hpp>
+#include <moonwalk/plan/report.hpp>
 #include <queue>
 #include <random>
 #include <tuple>
@@ -351,6 +352,73 @@ TEST_CASE("The planner with inversion finds the exhaustive optimum on small chai
   }
   CHECK(compared > 300);
   CHECK(inverting > 20);  // (the comparison covers plans that invert)
+}
+
+TEST_CASE("The plan report: per-layer fates, bytes and times that add up to the plan's figures",
+          "[plan][report]") {
+  std::mt19937_64 rng(5);
+  // Backprop: every input kept once; at backward(i) x_1 … x_i are held.
+  const ChainCosts c = random_chain(rng, 7);
+  const PlanReport b = plan_report(backprop_plan(7), c);
+  std::size_t held = 0;
+  for (std::size_t i = 0; i < 7; ++i) {
+    const LayerPlan& r = b.rows[i];
+    CHECK(r.input == InputFate::kept);
+    CHECK(r.forwards == 1);
+    CHECK(r.inverses == 0);
+    if (i > 0) held += c.value_bytes[i];
+    CHECK(r.working_bytes == held);
+    CHECK(r.kept_bytes == c.value_bytes[i]);
+    CHECK(r.seconds == Approx(c.forward[i] + c.backward[i]));
+  }
+  // Every-3 checkpointing: x_0, x_3, x_6 checkpoints, the rest recomputed once.
+  const PlanReport e = plan_report(every_k_plan(7, 3), c);
+  std::string fates;
+  for (const LayerPlan& r : e.rows) fates += std::string(to_string(r.input)) + " ";
+  CHECK(fates == "checkpoint recomputed recomputed checkpoint recomputed recomputed checkpoint ");
+  CHECK(e.rows[1].kept_bytes == c.value_bytes[1]);  // (held as an activation once recomputed)
+  CHECK(e.rows[1].forwards == 2);
+
+  // Random chains with inverses, planned at every budget: the rows add up to the figures.
+  int rebuilt_rows = 0;
+  for (int trial = 0; trial < 40; ++trial) {
+    const std::size_t L = 2 + static_cast<std::size_t>(trial % 7);
+    const ChainCosts ci = random_invertible_chain(rng, L);
+    std::size_t total = 0;
+    for (std::size_t i = 1; i <= L; ++i) total += ci.value_bytes[i];
+    for (std::size_t budget = least_held_bytes(ci); budget <= total; ++budget) {
+      const Plan p = plan_within(ci, budget);
+      const PlanReport r = plan_report(p, ci);
+      INFO("trial " << trial << ", budget " << budget << "\n" << plan_text(p) << plan_report_text(r));
+      double seconds = r.loss_seconds;
+      std::size_t forwards = 0, inverses = 0, checks = 0;
+      for (const LayerPlan& row : r.rows) {
+        seconds += row.seconds;
+        forwards += row.forwards;
+        inverses += row.inverses;
+        checks += row.checked;
+        CHECK(row.working_bytes <= r.figures.peak_held_bytes);
+        CHECK(row.forwards >= 1);
+        CHECK((row.inverses > 0) == (row.input == InputFate::rebuilt));
+        if (row.input == InputFate::rebuilt) {
+          ++rebuilt_rows;
+          CHECK(row.kept_bytes == (row.branch_bits ? ci.branches(row.layer) : 0));
+          // (A checked input is exact again when its backward step reads it.)
+          if (!row.checked) CHECK((row.branch_bits || ci.branches(row.layer) == 0));
+        }
+      }
+      CHECK(seconds == Approx(r.figures.seconds).epsilon(1e-12));
+      CHECK(forwards == r.figures.forward_steps);
+      CHECK(inverses == r.figures.inverse_steps);
+      CHECK(checks == r.figures.checks);
+      const std::string json = plan_report_json(r);
+      CHECK(std::count(json.begin(), json.end(), '{') == static_cast<long>(L) + 1);
+      CHECK(json.find("\"inverse_steps\":" + std::to_string(inverses)) != std::string::npos);
+    }
+  }
+  CHECK(rebuilt_rows > 20);
+  CHECK_THROWS_WITH(plan_report(backprop_plan(3), random_chain(rng, 3), {"a", "b"}),
+                    Catch::Contains("2 layer names for 3 layers"));
 }
 
 TEST_CASE("The planner on longer chains: within budget, never slower than binomial checkpointing",

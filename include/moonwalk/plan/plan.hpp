@@ -155,7 +155,48 @@ struct PlanFigures {
   double seconds = 0;
 };
 
+/// What a plan does with a layer's input x_i, as the report names it.
+enum class InputFate : std::uint8_t {
+  kept,        ///< computed once and held until the layer's backward step
+  checkpoint,  ///< held as a checkpoint that later values are recomputed from
+  recomputed,  ///< computed more than once (from a checkpoint) before its backward step
+  rebuilt,     ///< rebuilt by inversion from x_{i+1}
+};
+
+[[nodiscard]] inline const char* to_string(InputFate f) {
+  switch (f) {
+    case InputFate::kept:
+      return "kept";
+    case InputFate::checkpoint:
+      return "checkpoint";
+    case InputFate::recomputed:
+      return "recomputed";
+    case InputFate::rebuilt:
+      return "rebuilt";
+  }
+  return "?";
+}
+
+/// One layer's row of a plan's report (plan_rows): what happens to its
+/// input x_i, its steps, and their predicted cost on a ChainCosts.
+struct LayerPlan {
+  std::size_t layer = 0;
+  InputFate input = InputFate::kept;
+  std::size_t forwards = 0;  ///< forward(i) steps, checks of x_{i+1} included
+  std::size_t inverses = 0;  ///< inverse(i) steps: x_i rebuilt
+  bool checked = false;      ///< a forward step checked a rebuilt x_i
+  bool branch_bits = false;  ///< a forward step kept layer i's branch bits
+  /// Bytes of x_i while it waits as an activation or checkpoint (0 for an
+  /// operand or a rebuilt value, which wait for nothing), plus its branch bits.
+  std::size_t kept_bytes = 0;
+  /// Bytes held when backward(i) runs (the plan's accounting: x_0 excluded).
+  std::size_t working_bytes = 0;
+  /// forwards · forward_i + inverses · inverse_i + backward_i.
+  double seconds = 0;
+};
+
 namespace detail {
+inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<LayerPlan>* rows);
 [[noreturn]] inline void bad_plan(const Plan& p, std::size_t k, const std::string& why) {
   throw ScheduleError(detail::cat("plan (", p.origin.empty() ? std::string("?") : p.origin, ", ", p.layers,
                                   " layers): step ", k, ": ", why));
@@ -173,7 +214,15 @@ inline bool accounted(ValueRole r) { return r == ValueRole::activation || r == V
 /// its bits kept, and nothing but x_0 is held at the end — and returns its
 /// figures on `c`, whose lists may be empty (no bytes, no time, every layer
 /// invertible, no branch bits). Throws ScheduleError naming the first wrong step.
-inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
+inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) { return detail::walk_plan(p, c, nullptr); }
+
+/// check_plan, and one row per layer (LayerPlan) in `rows`.
+inline PlanFigures plan_rows(const Plan& p, const ChainCosts& c, std::vector<LayerPlan>& rows) {
+  return detail::walk_plan(p, c, &rows);
+}
+
+namespace detail {
+inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<LayerPlan>* rows) {
   const std::size_t n = p.layers;
   if (n == 0) detail::bad_plan(p, 0, "a chain of no layers has no gradient");
   if (!c.value_bytes.empty() && c.value_bytes.size() != n + 1)
@@ -189,7 +238,15 @@ inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
   PlanFigures f;
   f.peak_kept_bytes = kept;
   f.peak_checkpoints = checkpoints;
-  std::size_t cotangent = n + 1;  // h_c is the current cotangent; n + 1: none yet
+  std::size_t cotangent = n + 1;            // h_c is the current cotangent; n + 1: none yet
+  std::vector<std::size_t> made(n + 1, 0);  // forward steps that made x_i (checks excluded)
+  std::vector<char> was_checkpoint(n + 1, 0), was_accounted(n + 1, 0);
+  was_checkpoint[0] = p.input_role == ValueRole::checkpoint;
+  was_accounted[0] = detail::accounted(p.input_role);
+  if (rows) {
+    rows->assign(n, LayerPlan{});
+    for (std::size_t i = 0; i < n; ++i) (*rows)[i].layer = i;
+  }
   auto peaks = [&](std::size_t extra = 0) {
     f.peak_held_bytes = std::max(f.peak_held_bytes, now + extra);
     f.peak_kept_bytes = std::max(f.peak_kept_bytes, kept);
@@ -239,9 +296,13 @@ inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
           peaks(bytes(i + 1));  // (the exact value next to the rebuilt one)
           role[i + 1] = ValueRole::operand;
           ++f.checks;
+          if (rows && i + 1 < n) (*rows)[i + 1].checked = true;
         } else {
           held[i + 1] = 1;
           role[i + 1] = s.output;
+          ++made[i + 1];
+          was_checkpoint[i + 1] |= s.output == ValueRole::checkpoint;
+          was_accounted[i + 1] |= detail::accounted(s.output);
           now += bytes(i + 1);
           if (detail::accounted(s.output)) kept += bytes(i + 1);
           if (s.output == ValueRole::checkpoint)
@@ -255,10 +316,15 @@ inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
           bits[i] = 1;
           now += c.branches(i);
           kept += c.branches(i);
+          if (rows) (*rows)[i].branch_bits = true;
         }
         peaks();
         ++f.forward_steps;
         f.seconds += seconds(c.forward, i);
+        if (rows) {
+          ++(*rows)[i].forwards;
+          (*rows)[i].seconds += seconds(c.forward, i);
+        }
         if (i > 0 && role[i] == ValueRole::temporary) free_value(i);
         break;
       }
@@ -282,6 +348,10 @@ inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
         peaks();
         ++f.inverse_steps;
         f.seconds += seconds(c.inverse, i);
+        if (rows) {
+          ++(*rows)[i].inverses;
+          (*rows)[i].seconds += seconds(c.inverse, i);
+        }
         break;
       }
       case PlanOp::loss:
@@ -309,6 +379,16 @@ inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
                                          ", rebuilt by inversion, without layer ", i, "'s branch bits"));
         }
         f.seconds += seconds(c.backward, i);
+        if (rows) {
+          LayerPlan& r = (*rows)[i];
+          r.seconds += seconds(c.backward, i);
+          r.working_bytes = now;
+          r.input = r.inverses > 0      ? InputFate::rebuilt
+                    : was_checkpoint[i] ? InputFate::checkpoint
+                    : made[i] > 1       ? InputFate::recomputed
+                                        : InputFate::kept;
+          r.kept_bytes = (was_accounted[i] ? bytes(i) : 0) + (r.branch_bits ? c.branches(i) : 0);
+        }
         free_bits(i);
         if (i > 0) free_value(i);
         cotangent = i;
@@ -320,6 +400,7 @@ inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) {
     if (held[i]) detail::bad_plan(p, p.steps.size(), detail::cat("x_", i, " is still held at the end"));
   return f;
 }
+}  // namespace detail
 
 /// check_plan on value sizes and times given one by one (each list may be empty).
 inline PlanFigures check_plan(const Plan& p, const std::vector<std::size_t>& value_bytes = {},

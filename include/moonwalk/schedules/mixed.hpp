@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "moonwalk/fidelity/policy.hpp"
+#include "moonwalk/fidelity/retry.hpp"
 #include "moonwalk/schedules/backprop.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
 
@@ -70,9 +71,7 @@ struct MixedMoonwalk {
     bool use_double = fidelity.precision == Precision::double_cotangents;
     if (use_double && !can_double && !std::is_same_v<S, double>)
       throw ScheduleError("mixed: double cotangents asked for, but a layer offers no cast<double>()");
-    double scale = 1;  // multiplies the calibration constant: > 1 places anchors more densely
-    bool rebuild = rebuild_inputs;
-    std::size_t fallbacks = 0, peak = 0, working = 0;
+    std::size_t peak = 0, working = 0;
     const detail::WorkspaceLease ws(workspace);
     const bool keep = detail::keep_across_steps(net, x0.cols());
     // Layers cast for double cotangents: once per gradient, shared by every
@@ -89,36 +88,38 @@ struct MixedMoonwalk {
     const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
     use_double = use_double || remembered;
     const bool finite_input = x0.allFinite();
+    // The attempts' settings and the decisions between them (fidelity/retry.hpp).
+    FidelityRetry retry(RetrySetup{
+        .tolerance = tol,
+        .verify = fidelity.verify,
+        .accept = fidelity.accept,
+        .margin = fidelity.margin,
+        .can_escalate = can_double && fidelity.precision != Precision::working,
+        .early_escalation = fidelity.precision == Precision::automatic && fidelity.tolerance_anchors,
+        .start_in_double = use_double,
+        .rebuild_inputs = rebuild_inputs,
+        .moves = {.densify_anchors = fidelity.tolerance_anchors},
+    });
     for (;;) {
-      // (Not while inputs are rebuilt: their drift is settled first, and a
-      // kept input costs twice as much in double.)
-      const bool escalate = fidelity.precision == Precision::automatic && can_double && !use_double &&
-                            fidelity.tolerance_anchors && !rebuild;
+      const AttemptSettings& a = retry.settings();
+      AttemptOutcome outcome;
       if constexpr (detail::double_possible<N>) {
-        if (use_double)
-          attempt<double>(net, cast_double, *ws, keep, x0, loss, target, scale, rebuild, false, out);
+        if (a.in_double)
+          outcome = attempt<double>(net, cast_double, *ws, keep, x0, loss, target, a, out);
         else
-          attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate, out);
+          outcome = attempt<S>(net, own, *ws, keep, x0, loss, target, a, out);
       } else {
-        attempt<S>(net, own, *ws, keep, x0, loss, target, scale, rebuild, escalate, out);
+        outcome = attempt<S>(net, own, *ws, keep, x0, loss, target, a, out);
       }
       peak = std::max(peak, out.stats.residual_bytes);
       working = std::max(working, out.stats.working_bytes);
       // A non-finite input or loss is no rounding that denser anchors, double
       // cotangents or backprop could repair: the step returns it as it is
       // (gradient() reports it, Stats::non_finite).
-      if (!finite_input || !std::isfinite(out.loss)) break;
-      if (out.stats.figures.count("escalated")) {  // double cotangents anchor for less
-        detail::release_cotangent_buffers<S>(*ws, net.size());
-        if (!keep) detail::release_derived(net);  // the discarded attempt's factorisations
-        use_double = true;
-        ++fallbacks;
-        continue;
-      }
-      const double est = out.stats.error_estimate;
-      if (!fidelity.verify || est <= fidelity.accept * tol) break;
-      ++fallbacks;
-      if (fallbacks > 4) {
+      outcome.finite = finite_input && std::isfinite(out.loss);
+      const Retry next = retry.after(outcome);
+      if (next == Retry::accept) break;
+      if (next == Retry::backprop) {
         // Last resort: reference backprop cannot drift.
         Backprop{.input_gradient = input_gradient}.run_into(net, x0, loss, target, out);
         out.stats.schedule = name();
@@ -128,22 +129,13 @@ struct MixedMoonwalk {
         working = std::max(working, out.stats.working_bytes);
         break;
       }
-      // Inputs rebuilt by inversion drifted: keep them instead (the sweep
-      // cannot repair a wrong residual, whatever its anchors or precision).
-      const auto drift = out.stats.figures.find("reconstruction_error");
-      if (rebuild && drift != out.stats.figures.end() && !(drift->second <= fidelity.margin * tol)) {
-        rebuild = false;
-        continue;
-      }
-      // Denser anchors: place them as if the model under-predicted by est / tol.
-      const double ratio = std::isfinite(est) ? est / (fidelity.accept * tol) : 1e6;
-      if (!use_double && can_double && (fallbacks >= 2 || ratio > 1e3) &&
-          fidelity.precision != Precision::working) {
-        use_double = true;
-      } else {
-        scale *= std::max(4.0, 4 * ratio);
+      if (outcome.gave_up_for_double) {  // the discarded attempt's buffers and factorisations
+        detail::release_cotangent_buffers<S>(*ws, net.size());
+        if (!keep) detail::release_derived(net);
       }
     }
+    use_double = retry.settings().in_double;
+    const std::size_t fallbacks = retry.fallbacks();
     if (remember) fidelity.memory->settled(shape, use_double);
     // Keep the buffers of the precision this step ended in (an escalated
     // float attempt's are not held until the next float probe), and only
@@ -172,16 +164,22 @@ struct MixedMoonwalk {
   }
 
  private:
-  /// One gradient with cotangents in C, written into `out`; `scale`
-  /// multiplies the calibration constant; `rebuild` rebuilds invertible
-  /// layers' inputs. With `escalate`, gives up (figures["escalated"]) as soon
-  /// as double cotangents would clearly anchor for less (fidelity/policy.hpp).
+  /// One gradient with cotangents in C (`settings.in_double` says which was
+  /// asked for), written into `out`, and how it ended (fidelity/retry.hpp):
+  /// `settings.anchor_scale` multiplies the calibration constant,
+  /// `settings.rebuild_inputs` rebuilds invertible layers' inputs, and with
+  /// `settings.may_give_up_for_double` the reverse pass stops as soon as
+  /// double cotangents would clearly anchor for less (fidelity/policy.hpp).
   template <class C, Net N, class L>
-  void attempt(N& net, detail::CastLayers<C>& casts, detail::Workspace& ws, bool keep,
-               const CRef<typename N::scalar_type>& x0, const L& loss, const typename L::target_type& target,
-               double scale, bool rebuild, bool escalate,
-               GradientResult<typename N::scalar_type>& out) const {
+  AttemptOutcome attempt(N& net, detail::CastLayers<C>& casts, detail::Workspace& ws, bool keep,
+                         const CRef<typename N::scalar_type>& x0, const L& loss,
+                         const typename L::target_type& target, const AttemptSettings& settings,
+                         GradientResult<typename N::scalar_type>& out) const {
     using S = typename N::scalar_type;
+    const double scale = settings.anchor_scale;
+    const bool rebuild = settings.rebuild_inputs;
+    const bool escalate = settings.may_give_up_for_double;
+    AttemptOutcome outcome;
     Stats& st = out.stats;
     st.restart();
     st.schedule = name();
@@ -264,7 +262,8 @@ struct MixedMoonwalk {
     detail::note_working_bytes(st, ws, store, own_casts);
     if (!std::isfinite(out.loss)) {  // (no gradient to recover: run_into stops)
       store.report_to(st);
-      return;
+      outcome.finite = false;
+      return outcome;
     }
     detail::PingPong<C> h = detail::cotangent_buffers<C>(ws);
     h.assign(g_out.template cast<C>());
@@ -387,11 +386,14 @@ struct MixedMoonwalk {
       casts.release(i);
     });
     if (gave_up) {
-      st.figures["escalated"] = 1;
       store.report_to(st);
-      return;
+      outcome.gave_up_for_double = true;
+      return outcome;
     }
-    if (rebuilt[0]) st.figures["reconstruction_error"] = detail::rel_max_err(x_carried, x0);
+    if (rebuilt[0]) {
+      outcome.drift = detail::rel_max_err(x_carried, x0);
+      st.figures["reconstruction_error"] = *outcome.drift;
+    }
     if (input_gradient)
       out.h0 = h.current().template cast<S>();
     else
@@ -408,6 +410,8 @@ struct MixedMoonwalk {
     st.figures["fallback_anchors"] = static_cast<double>(n_fallback);
     // (out.gradient is copied by run_into(), from the accepted attempt only.)
     store.report_to(st);
+    outcome.estimate = st.error_estimate;
+    return outcome;
   }
 };
 

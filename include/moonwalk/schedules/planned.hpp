@@ -11,6 +11,7 @@
 #include "moonwalk/plan/executor.hpp"
 #include "moonwalk/plan/plan.hpp"
 #include "moonwalk/plan/planner.hpp"
+#include "moonwalk/plan/report.hpp"
 #include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
@@ -148,6 +149,19 @@ struct Planned {
     b.rows = value_rows(net);
     bind(net, x0, b);
     return b.run.plan();
+  }
+
+  /// The report of the plan this schedule runs for `net` at x0's batch
+  /// (plan/report.hpp): per layer, its input's fate, the bytes it keeps and
+  /// holds, and its predicted time; made as plan() makes the plan.
+  template <Net N>
+  [[nodiscard]] PlanReport report(N& net, const CRef<typename N::scalar_type>& x0) const {
+    Bound<typename N::scalar_type> b;
+    b.rows = value_rows(net);
+    bind(net, x0, b);
+    std::vector<std::string> names;
+    detail::for_each_layer(net, [&](std::size_t, const auto& l) { names.push_back(l.name()); });
+    return plan_report(b.run.plan(), b.costs, std::move(names));
   }
 
   /// The least budget any plan of `net` at x0's batch fits: the working set

@@ -5,6 +5,7 @@
 #include <sstream>
 
 #include "moonwalk/fidelity/policy.hpp"
+#include "moonwalk/fidelity/retry.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
 
 namespace moonwalk {
@@ -95,28 +96,38 @@ struct PureMoonwalk {
     const bool can_double = detail::double_possible<N> && detail::castable_to_double(net);
     if (use_double && !can_double && !std::is_same_v<S, double>)
       throw ScheduleError("pure: double cotangents asked for, but a layer offers no cast<double>()");
-    std::size_t fallbacks = 0, peak = 0;
+    std::size_t peak = 0;
     // The precision the last step on this shape ended in (Fidelity::memory).
     const bool remember =
         fidelity.memory && fidelity.precision == Precision::automatic && can_double && fidelity.verify;
     const std::uint64_t shape = remember ? detail::shape_key(net, x0.cols(), 1) : 0;
     const bool remembered = remember && !use_double && fidelity.memory->starts_in_double(shape);
     use_double = use_double || remembered;
+    // Its one move is double cotangents (fidelity/retry.hpp), and it accepts
+    // an estimate up to the tolerance itself: there is nothing to fall back on.
+    FidelityRetry retry(RetrySetup{
+        .tolerance = tol,
+        .verify = fidelity.verify,
+        .accept = 1,
+        .can_escalate = can_double && fidelity.precision != Precision::working,
+        .start_in_double = use_double,
+        .moves = {.densify_anchors = false, .keep_inputs = false, .backprop = false},
+    });
     GradientResult<S> out;
     for (;;) {
       if constexpr (detail::double_possible<N>)
-        out = use_double ? attempt<double>(net, x0, modes, loss, target)
-                         : attempt<S>(net, x0, modes, loss, target);
+        out = retry.settings().in_double ? attempt<double>(net, x0, modes, loss, target)
+                                         : attempt<S>(net, x0, modes, loss, target);
       else
         out = attempt<S>(net, x0, modes, loss, target);
       peak = std::max(peak, out.stats.residual_bytes);
       // (A non-finite loss is no rounding double cotangents could repair.)
-      if (!std::isfinite(out.loss) || !fidelity.verify || out.stats.error_estimate <= tol || use_double ||
-          !can_double || fidelity.precision == Precision::working)
+      if (retry.after({.finite = std::isfinite(out.loss), .estimate = out.stats.error_estimate}) ==
+          Retry::accept)
         break;
-      use_double = true;
-      ++fallbacks;
     }
+    use_double = retry.settings().in_double;
+    const std::size_t fallbacks = retry.fallbacks();
     if (remember) fidelity.memory->settled(shape, use_double);
     if (remembered) out.stats.figures["precision_remembered"] = 1;
     out.stats.tolerance = tol;
