@@ -10,6 +10,7 @@
 #include <tuple>
 
 #include "support/random_net.hpp"
+#include "support/revnets.hpp"
 
 using namespace moonwalk;
 using moonwalk_test::RandomArch;
@@ -502,26 +503,6 @@ TEMPLATE_TEST_CASE("The executor runs any plan: backprop's gradient, bit for bit
 
 namespace {
 
-/// in:n0, pad:w, then 1..5 coupling blocks (additive or affine) with tanh,
-/// leaky_relu:0.5 or nothing between them, then linear:out, seeded (the
-/// RevNets of tests/schedules/test_revnets.cpp).
-std::string random_revnet(std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
-  const int n0 = pick(2, 8), w = 2 * pick(n0 / 2 + 1, 8), blocks = pick(1, 5);
-  std::ostringstream s;
-  s << "in:" << n0 << ",pad:" << w;
-  for (int b = 0; b < blocks; ++b) {
-    s << ",coupling:" << (pick(0, 1) ? "additive" : "affine") << ":" << pick(2, 12)
-      << ":tanh:" << 0.1 * pick(3, 10);
-    const int between = pick(0, 2);
-    if (between == 1) s << ",tanh";
-    if (between == 2) s << ",leaky_relu:0.5";
-  }
-  s << ",linear:" << pick(2, 5);
-  return s.str();
-}
-
 /// Unit costs in which inverting is cheap: the planner rebuilds what it can.
 template <class S>
 ChainCosts cheap_inverses(Network<S>& net, Index batch) {
@@ -541,7 +522,7 @@ TEST_CASE("The executor runs plans that invert: backprop's gradient up to the dr
   using S = double;
   int inverting = 0;
   for (std::uint64_t seed = 61; seed < 91; ++seed) {
-    const std::string spec = random_revnet(seed);
+    const std::string spec = moonwalk_test::random_revnet_spec(seed);
     Network<S> net = parse_network<S>(spec, seed);
     const Index B = 1 + static_cast<Index>(seed % 7);
     const Matrix<S> x = gaussian<S>(net.in_features(), B, seed + 1);
@@ -582,10 +563,8 @@ TEST_CASE("The executor runs plans that invert: backprop's gradient up to the dr
 TEST_CASE("A plan that inverts a LeakyReLU's input reads its branch bits, not the rebuilt input's",
           "[plan][executor][trust]") {
   using S = double;
-  // (tests/schedules/test_trust.cpp's network: the LeakyReLU, layer 3, sees exact zeros.)
-  const std::string spec =
-      "in:10,pad:24,coupling:additive:17:tanh,coupling:affine:9,leaky_relu:0.5,coupling:additive:31,linear:4";
-  Network<S> net = parse_network<S>(spec, 9);
+  // (The kink network: the LeakyReLU, layer 3, sees exact zeros.)
+  Network<S> net = parse_network<S>(moonwalk_test::kink_revnet_spec, moonwalk_test::kink_revnet_seed);
   const Matrix<S> x = gaussian<S>(10, 6, 10), y = gaussian<S>(4, 6, 11);
   const auto bp = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, y);
   const ChainCosts c = cheap_inverses(net, 6);

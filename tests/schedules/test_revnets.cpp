@@ -6,37 +6,16 @@
 #include <moonwalk/moonwalk.hpp>
 
 #include "support/random_net.hpp"
+#include "support/revnets.hpp"
 
 using namespace moonwalk;
 using moonwalk_test::max_rel_err_per_tensor;
 
 namespace {
 
-/// in:n0, pad:w, then `blocks` random coupling blocks (additive or affine,
-/// branch scale in [0.3, 1]) with tanh, leaky_relu:0.5 or nothing between
-/// them, then linear:out — from the spec grammar, seeded. Zero padding and
-/// zero biases put the padded rows after an additive block at exactly 0:
-/// a LeakyReLU there sits on its kink, and the schedules that rebuild its
-/// input must take its branch from the forward pass (keeps_branches), not
-/// from a rebuilt ±1e-17. The branch activations inside the blocks stay
-/// smooth: a coupling block re-derives its branches' kinks from its rebuilt
-/// input (their pre-activations are exactly 0 there too).
+/// Random RevNets with smooth branch activations (support/revnets.hpp).
 std::string random_revnet_spec(std::uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
-  const int n0 = pick(2, 8), w = 2 * pick(n0 / 2 + 1, 8), blocks = pick(1, 5);
-  std::ostringstream s;
-  s << "in:" << n0 << ",pad:" << w;
-  const char* acts[] = {"tanh", "sigmoid", "elu", "softplus"};
-  for (int b = 0; b < blocks; ++b) {
-    s << ",coupling:" << (pick(0, 1) ? "additive" : "affine") << ":" << pick(2, 12) << ":" << acts[pick(0, 3)]
-      << ":" << 0.1 * pick(3, 10);
-    const int between = pick(0, 2);
-    if (between == 1) s << ",tanh";
-    if (between == 2) s << ",leaky_relu:0.5";
-  }
-  s << ",linear:" << pick(2, 5);
-  return s.str();
+  return moonwalk_test::random_revnet_spec(seed, {"tanh", "sigmoid", "elu", "softplus"});
 }
 
 /// schedule -> (runs, runs within the default target)

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "support/random_net.hpp"
+#include "support/revnets.hpp"
 
 using namespace moonwalk;
 
@@ -152,13 +153,10 @@ TEST_CASE("RevBackprop's NaN drift estimate is never within tolerance", "[schedu
 TEST_CASE("Schedules that rebuild inputs keep piecewise-linear branches from the forward pass",
           "[schedules][trust][revnet]") {
   using S = double;
-  // Zero padding and zero biases put the LeakyReLU's pre-activations of the
-  // padded rows at exactly 0; rebuilt by inverting the block above, they are
-  // ±1e-17 and would pick the other one-sided derivative (issue 24: 17.5% off
-  // backprop with an estimate of 1.1e-16).
-  const std::string spec =
-      "in:10,pad:24,coupling:additive:17:tanh,coupling:affine:9,leaky_relu:0.5,coupling:additive:31,linear:4";
-  Network<S> net = parse_network<S>(spec, 9);
+  // The kink network (support/revnets.hpp): the LeakyReLU's pre-activations
+  // of the padded rows are exactly 0, and ±1e-17 when rebuilt.
+  const std::string& spec = moonwalk_test::kink_revnet_spec;
+  Network<S> net = parse_network<S>(spec, moonwalk_test::kink_revnet_seed);
   const Matrix<S> x = gaussian<S>(10, 6, 10);
   const Matrix<S> y = gaussian<S>(4, 6, 11);
   const MSE<S> loss;
