@@ -327,6 +327,43 @@ TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
   refused(q, plain, "forward(3) reads x_3, rebuilt by inversion");
 }
 
+TEST_CASE("RevBackprop's plan: inputs kept where layers have no inverse, every stretch checked", "[plan]") {
+  std::mt19937_64 rng(3);
+  auto coin = [&] { return std::uniform_int_distribution<int>(0, 2)(rng) > 0; };
+  int checks = 0, bits = 0;
+  for (int trial = 0; trial < 300; ++trial) {
+    const std::size_t L = 1 + static_cast<std::size_t>(trial % 9);
+    std::vector<bool> inv(L), br(L);
+    ChainCosts c = random_chain(rng, L);
+    for (std::size_t i = 0; i < L; ++i) {
+      inv[i] = coin();
+      br[i] = inv[i] && !coin();
+      c.inverse.push_back(inv[i] ? 1.0 : std::numeric_limits<double>::infinity());
+      c.branch_bytes.push_back(br[i] ? 1 : 0);
+    }
+    const Plan p = revbackprop_plan(inv, br);
+    INFO("trial " << trial << "\n" << plan_text(p));
+    const PlanFigures f = check_plan(p, c);  // (rebuilt values read only checked or with their bits)
+    std::size_t rebuilt = 0, kept = 0;
+    for (std::size_t i = 1; i < L; ++i) {
+      rebuilt += inv[i];
+      if (!inv[i]) kept += c.value_bytes[i];
+    }
+    std::size_t bit_bytes = 0;
+    for (const PlanStep& s : p.steps) bit_bytes += s.branches ? c.branches(s.layer) : 0;
+    CHECK(f.inverse_steps == rebuilt);
+    CHECK(f.forward_steps == L + f.checks);
+    CHECK(f.peak_kept_bytes == kept + bit_bytes);  // nothing but the kept inputs and the bits
+    checks += static_cast<int>(f.checks);
+    bits += bit_bytes > 0;
+    // Nothing to invert: backprop's steps.
+    if (rebuilt == 0) CHECK(p.steps == backprop_plan(L).steps);
+  }
+  CHECK(checks > 100);
+  CHECK(bits > 50);
+  CHECK_THROWS_WITH(revbackprop_plan({true, true}, {true}), Catch::Contains("1 branch flags for 2 layers"));
+}
+
 TEST_CASE("The planner with inversion finds the exhaustive optimum on small chains", "[plan][planner]") {
   std::mt19937_64 rng(11);
   int compared = 0, inverting = 0;

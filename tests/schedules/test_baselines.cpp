@@ -213,9 +213,11 @@ TEMPLATE_TEST_CASE("RevBackprop matches backprop on 40 random invertible archite
     INFO(net.name() << " batch " << a.batch << " [" << sname<S>() << "]: err " << c.err << ", estimate "
                     << est);
     CHECK(c.r.stats.figures.at("max_reconstruction_error") == est);
-    // Nothing kept but each LeakyReLU's branch bits (one bit per element).
+    // Nothing kept but the branch bits (one bit per element) of each
+    // LeakyReLU whose rebuilt input is read unchecked: every one but layer
+    // 1's (the bottom of the stretch, recomputed from x_0 before use).
     std::size_t mask_bytes = 0;
-    for (std::size_t i = 0; i < net.size(); ++i)
+    for (std::size_t i = 2; i < net.size(); ++i)
       net.visit(i, [&](const auto& l) {
         if (keeps_branches(l))
           mask_bytes +=
@@ -223,8 +225,9 @@ TEMPLATE_TEST_CASE("RevBackprop matches backprop on 40 random invertible archite
       });
     CHECK(c.r.stats.residual_bytes == mask_bytes);
     CHECK(c.r.stats.bytes_of("mask") == mask_bytes);
-    CHECK(c.r.stats.counts.inverse == net.size());
-    CHECK(c.r.stats.counts.forward == net.size());
+    // x_1 … x_{L−1} rebuilt; x_1 recomputed from x_0 (the check).
+    CHECK(c.r.stats.counts.inverse == net.size() - 1);
+    CHECK(c.r.stats.counts.forward == net.size() + (net.size() > 1 ? 1 : 0));
     if constexpr (std::is_same_v<S, double>) {
       CHECK(c.err <= 1e-10);
       CHECK(est <= 1e-12);
@@ -425,11 +428,11 @@ TEST_CASE("RevBackprop's reconstruction estimate: tiny in double, larger in floa
   const Matrix<double> x = gaussian<double>(32, 16, 3);
   // Over several weight seeds: in double the estimate is the error's size
   // (within the error model's 10×); in float it flags the loss of accuracy
-  // (≥ 1e-4, ≥ 1e6× double's). There the errors are O(0.01–1), past the
-  // first-order regime the estimate models: err / estimate was measured
-  // between 0.8 and 52 over these seeds (the pivoted-QR Linear of earlier
-  // versions also exceeded 10× on two of them). It tracks the error within
-  // 100×, and never calls a lost gradient accurate.
+  // (≥ 1e-4, ≥ 1e6× double's). The drift is measured where the stretch
+  // ends, x_1 recomputed from x_0, and the backward step of layer 1 reads the
+  // exact x_1: the errors are O(0.005–0.01) and the estimate is above them
+  // on every seed (err / estimate 0.10–0.16). It never calls a lost gradient
+  // accurate.
   double worst_ratio = 0;
   for (std::uint64_t base : {10, 20, 30, 40, 50, 60, 70, 80}) {
     auto nd = build(0.0, base);
@@ -444,12 +447,14 @@ TEST_CASE("RevBackprop's reconstruction estimate: tiny in double, larger in floa
     CHECK(ef > 1e-4);
     CHECK(ef > 1e6 * ed);
     CHECK(d.err <= 10 * ed);
-    CHECK(f.err <= 100 * ef);
+    CHECK(f.err <= ef);
     worst_ratio = std::max(worst_ratio, f.err / ef);
     CHECK(max_rel_err_per_tensor(f.bp.gradient, f.truth.gradient, parameter_offsets(nf)) < 1e-5);
     if (base == 10) CHECK(f.err > 1e-4);  // float really lost accuracy (backprop in float: ~5e-7)
   }
-  CHECK(worst_ratio > 1);  // the float estimate is not a bound: a test that assumed it would be wrong
+  // Measured: 0.10–0.16. (Before the stretch's bottom was checked before
+  // use — x_0 rebuilt too and compared afterwards — it was 0.8–52.)
+  CHECK(worst_ratio < 0.5);
 }
 
 TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks the rebuilt stretch there",
@@ -460,8 +465,9 @@ TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks t
   // inputs at ±1e-16; the LeakyReLU's branch bits are kept either way.)
   const Matrix<S> x = gaussian<S>(6, 3, 101), t = gaussian<S>(6, 3, 102);
   // ReLU (layer 3) and the non-square Linears cannot be inverted: their inputs
-  // are kept (kind "activation"), everything else is rebuilt; the LeakyReLU
-  // (layer 1) keeps its branch bits (kind "mask").
+  // are kept (kind "activation"), x_1, x_2 and x_5 are rebuilt. The
+  // LeakyReLU's input x_1 is its stretch's bottom, recomputed from x_0 before
+  // its backward step reads it: it needs no branch bits.
   Network<S> net;
   net.add(Linear<S>(6, 6, {.seed = 1}))
       .add(LeakyReLU<S>(6, 0.5))
@@ -476,14 +482,15 @@ TEST_CASE("RevBackprop keeps the input of a layer it cannot invert, and checks t
   CHECK(detail::rel_max_err(rb.h0, ref.h0) < 1e-12);
   std::set<std::size_t> kept;
   for (const auto& e : rb.stats.saved) {
-    CHECK(e.kind == (e.layer == 1 ? "mask" : "activation"));
+    CHECK(e.kind == "activation");
     kept.insert(e.layer);
   }
-  CHECK(kept == std::set<std::size_t>{1, 3, 4, 6});
+  CHECK(kept == std::set<std::size_t>{3, 4, 6});
   CHECK(rb.stats.residual_bytes < ref.stats.residual_bytes);
-  // Two rebuilt stretches were checked (above layer 4 -> layer 5 rebuilt; layers 0-2 -> x_0).
+  // Two rebuilt stretches were checked: x_5 recomputed from x_4, x_1 from x_0.
   CHECK(rb.stats.error_estimate < 1e-13);
-  CHECK(rb.stats.counts.inverse == 4);
+  CHECK(rb.stats.counts.inverse == 3);
+  CHECK(rb.stats.counts.forward == 7 + 2);
   // Static networks take the same path.
   Sequential st(Linear<S>(6, 4, {.seed = 1}), LeakyReLU<S>(4, 0.5), Linear<S>(4, 6, {.seed = 2}));
   const auto sref = gradient(Backprop{.input_gradient = true}, st, x, MSE<S>{}, t);

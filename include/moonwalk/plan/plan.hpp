@@ -533,6 +533,42 @@ inline Plan binomial_plan(std::size_t layers, std::size_t slots) {
   return p;
 }
 
+/// RevBackprop (reversible backprop): the forward pass keeps only the input
+/// of each layer that has no inverse (`invertible[i]` false: an activation);
+/// then, walking down, x_{j−1} = f_{j−1}⁻¹(x_j) right before backward(j)
+/// (or the loss) wherever layer j−1 ≥ 1 is invertible. Every rebuilt stretch
+/// ends above a kept input x_k (or x_0) and is checked there: forward(k)
+/// recomputes x_{k+1} exactly before backward(k+1) reads it, measuring the
+/// stretch's drift. A layer whose rebuilt input is read unchecked and that
+/// keeps branch bits (`branches[i]`) keeps them in the forward pass.
+/// All layers without inverses: backprop's plan.
+inline Plan revbackprop_plan(const std::vector<bool>& invertible, const std::vector<bool>& branches) {
+  const std::size_t n = invertible.size();
+  if (n == 0) throw ScheduleError("revbackprop plan: a chain of no layers");
+  if (branches.size() != n)
+    throw ScheduleError(
+        detail::cat("revbackprop plan: ", branches.size(), " branch flags for ", n, " layers"));
+  // x_i is rebuilt by inverse(i) for 1 ≤ i < n where layer i is invertible;
+  // a rebuilt x_i is checked when x_{i−1} is not rebuilt (kept, or x_0).
+  auto rebuilt = [&](std::size_t i) { return i >= 1 && i < n && invertible[i]; };
+  auto checked = [&](std::size_t i) { return rebuilt(i) && !rebuilt(i - 1); };
+  Plan p{.layers = n, .input_role = ValueRole::temporary, .steps = {}, .origin = "revbackprop"};
+  for (std::size_t i = 0; i < n; ++i) {
+    const ValueRole out = i + 1 == n       ? ValueRole::operand
+                          : rebuilt(i + 1) ? ValueRole::temporary
+                                           : ValueRole::activation;
+    p.steps.push_back({PlanOp::forward, i, out, rebuilt(i) && !checked(i) && branches[i]});
+  }
+  // Before the loss (j = n) or backward(j): rebuild x_{j−1} from x_j, or check x_j from x_{j−1}.
+  for (std::size_t j = n;; --j) {
+    if (j >= 1 && rebuilt(j - 1)) p.steps.push_back({PlanOp::inverse, j - 1, ValueRole::rebuilt});
+    if (j < n && checked(j)) p.steps.push_back({PlanOp::forward, j - 1, ValueRole::operand});
+    p.steps.push_back(j == n ? PlanStep{PlanOp::loss, n} : PlanStep{PlanOp::backward, j});
+    if (j == 0) break;
+  }
+  return p;
+}
+
 /// The plan as text, one step per line ("forward 3 -> x_4 checkpoint",
 /// "inverse 2 -> x_2 rebuilt", "loss", "backward 3"), for reports and failing tests.
 inline std::string plan_text(const Plan& p) {
