@@ -28,8 +28,9 @@
 //                     the stack grown by 1 MiB before the limit is set.
 //                     An allocation that fails under the limit ends the run: the JSON line is
 //                     still printed (over the steps completed) and the exit status is 3.
-//                     For planned it is also the planner's budget, less the bytes of the
-//                     flat gradient the steps fill (above the baseline, outside the working set).
+//                     For planned it is also the planner's budget. (Every schedule leaves
+//                     ∂ℓ/∂θ in the layers' storage, part of the baseline, where SGD reads it:
+//                     no step makes a flat copy, GradientResult::flat_gradient.)
 //   --plan-budget BYTES  planned only: the planner's working-set budget, not enforced
 //                     (overrides what --budget gives it)
 //   --no-invert       planned only: plans keep to storing and recomputing (Planned::invert)
@@ -352,13 +353,9 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   rlimit unlimited{};
   if (o.budget > 0) unlimited = set_budget(o.budget);
 
-  // planned: the enforced budget is also the planner's, less the flat
-  // gradient (the product scratch and the allocator's overhead come on top).
-  const std::size_t gradient_bytes = static_cast<std::size_t>(params) * sizeof(S);
-  const std::size_t plan_budget = o.plan_budget > 0           ? o.plan_budget
-                                  : o.budget > gradient_bytes ? o.budget - gradient_bytes
-                                  : o.budget > 0              ? 1
-                                                              : 0;
+  // planned: the enforced budget is also the planner's (the product scratch
+  // and the allocator's overhead come on top).
+  const std::size_t plan_budget = o.plan_budget > 0 ? o.plan_budget : o.budget;
   const moonwalk::ScheduleChoice choice{.name = o.schedule,
                                         .rebuild_inputs = o.rebuild_inputs,
                                         .every = o.every,
@@ -377,7 +374,10 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   bool within_tolerance = true;
   bool out_of_memory = false;
   seconds.reserve(static_cast<std::size_t>(o.steps));
-  moonwalk::GradientResult<S> r;  // filled in place by every step (gradient_into)
+  // Filled in place by every step (gradient_into). SGD reads ∂ℓ/∂θ from the
+  // layers, so no step makes the flat copy (GradientResult::flat_gradient).
+  moonwalk::GradientResult<S> r;
+  r.flat_gradient = false;
   try {
     for (int step = 0; step < o.steps; ++step) {
       const std::uint64_t a0 = moonwalk::bench::allocation_count();

@@ -744,7 +744,10 @@ int train(const Options& o) {
   double last_train_loss = std::numeric_limits<double>::quiet_NaN();
   Evaluation<S> eval{};
   bool evaluated = false;
-  moonwalk::GradientResult<S> r;  // filled in place by every step (gradient_into)
+  // Filled in place by every step (gradient_into). The optimizer reads ∂ℓ/∂θ
+  // from the layers: no flat copy (GradientResult::flat_gradient).
+  moonwalk::GradientResult<S> r;
+  r.flat_gradient = false;
   for (int epoch = start_epoch; epoch < o.epochs; ++epoch) {
     const auto t_epoch = std::chrono::steady_clock::now();
     const std::vector<Index> order = moonwalk::data::shuffled_indices(
@@ -802,7 +805,7 @@ int train(const Options& o) {
       if (!std::isfinite(static_cast<double>(r.loss)))
         throw moonwalk::Error(cat("training diverged: loss is ", r.loss, " at ", where(), " (not finite: ",
                                   moonwalk::to_string(r.stats.non_finite), "; try a smaller --lr)"));
-      if (!r.gradient.allFinite())
+      if (r.stats.non_finite != moonwalk::NonFinite::none)
         throw moonwalk::Error(cat("training diverged: the gradient is not finite at ", where(), " (loss ",
                                   r.loss, "; try a smaller --lr)"));
       const double lr = opt.base_lr() * lr_factor(opt.steps());

@@ -106,6 +106,58 @@ TEST_CASE("A finite loss with an overflowing cotangent is reported as a non-fini
   }
 }
 
+TEMPLATE_TEST_CASE("flat_gradient = false: every schedule leaves dl/dtheta in the layers only, and it is judged there",
+                   "[schedules][trust]", float, double) {
+  using S = TestType;
+  const Matrix<S> x = gaussian<S>(6, 5, 1);
+  const auto t = moonwalk_test::random_labels(3, 5, 2);
+  const SoftmaxCrossEntropy<S> loss;
+  for_every_schedule([&](const auto& schedule) {
+    INFO(schedule.name());
+    Network<S> net = small_net<S>();
+    GradientResult<S> flat;
+    gradient_into(schedule, net, x, loss, t, flat);
+    REQUIRE(flat.gradient.size() == num_parameters(net));
+    REQUIRE(flat.stats.within_tolerance);
+    zero_gradients(net);
+    GradientResult<S> in_layers;
+    in_layers.flat_gradient = false;
+    gradient_into(schedule, net, x, loss, t, in_layers);
+    CHECK(in_layers.gradient.size() == 0);
+    CHECK_FALSE(in_layers.flat_gradient);  // (a fresh result from run() keeps the caller's choice)
+    CHECK(in_layers.stats.within_tolerance);
+    CHECK(in_layers.stats.non_finite == NonFinite::none);
+    CHECK(detail::rel_max_err(get_gradients(net), flat.gradient) <= (sizeof(S) == 4 ? 1e-5 : 1e-12));
+    // The same result asked for the copy again fills it.
+    in_layers.flat_gradient = true;
+    gradient_into(schedule, net, x, loss, t, in_layers);
+    CHECK(in_layers.gradient.size() == num_parameters(net));
+  });
+  // A finite loss whose parameter gradient overflows: x ~ 1e30 through
+  // W1 = 1e-30·Q1 gives h_1 ~ 1, W2 = 1e30·Q2 gives logits ~ 1e30 (finite
+  // loss), and ∂ℓ/∂W1 = (W2ᵀ δ) xᵀ ~ 1e60 is infinite in float and huge in
+  // double; judge() finds it in the layers when no flat copy is made.
+  if constexpr (sizeof(S) == 4) {
+    Sequential net(Linear<S>(4, 4, {.seed = 1, .gain = 1e-30f}), Linear<S>(4, 3, {.seed = 2, .gain = 1e30f}));
+    const Matrix<S> big = gaussian<S>(4, 3, 3) * 1e30f;
+    const auto t3 = moonwalk_test::random_labels(3, 3, 4);
+    for (const bool slotted : {false, true}) {
+      GradientResult<S> r;
+      r.flat_gradient = false;
+      if (slotted)
+        gradient_into(Checkpointing{.slots = 1}, net, big, SoftmaxCrossEntropy<S>{}, t3, r);
+      else
+        gradient_into(Backprop{}, net, big, SoftmaxCrossEntropy<S>{}, t3, r);
+      INFO(r.stats.schedule << ": loss " << r.loss);
+      REQUIRE(std::isfinite(r.loss));
+      CHECK(r.gradient.size() == 0);
+      CHECK_FALSE(gradients_finite(net));
+      CHECK(r.stats.non_finite == NonFinite::gradient);
+      CHECK_FALSE(r.stats.within_tolerance);
+    }
+  }
+}
+
 TEST_CASE("RevBackprop judges its reconstruction drift against the tolerance", "[schedules][trust][revnet]") {
   using S = double;
   // Gaussian-initialised square Linears stretch some directions a lot: the

@@ -46,6 +46,18 @@ bool parameters_finite(const N& net) {
   return finite;
 }
 
+/// Whether every layer's stored ∂ℓ/∂θ is finite.
+template <Net N>
+bool gradients_finite(const N& net) {
+  bool finite = true;
+  for (std::size_t i = 0; i < net.size() && finite; ++i)
+    net.visit(i, [&](const auto& l) {
+      for (auto s : gradient_blocks(l))
+        finite = finite && std::all_of(s.begin(), s.end(), [](auto v) { return std::isfinite(v); });
+    });
+  return finite;
+}
+
 /// Writes θ from one vector of length P (throws ShapeError otherwise).
 template <Net N>
 void set_parameters(N& net, const CVecRef<typename N::scalar_type>& v) {

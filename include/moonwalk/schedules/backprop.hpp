@@ -98,7 +98,7 @@ struct Backprop {
     store.report_to(out.stats);
     if (!detail::keep_across_steps(net, batch))  // (before the gradient's copy is made)
       ws->clear_except({store_slot, names_slot});
-    gradients_into(net, out.gradient);
+    detail::flat_gradient_into(net, out);
   }
 };
 

@@ -92,7 +92,7 @@ struct Checkpointing {
       st.figures["every"] = static_cast<double>(k);
     }
     if (!detail::keep_across_steps(net, batch)) bound.run.release();
-    gradients_into(net, out.gradient);
+    detail::flat_gradient_into(net, out);
   }
 
  private:

@@ -46,6 +46,16 @@ void check_gradient_input(const Sch& schedule, const N& net, const CRef<typename
   check_rows(NetworkInputOf<Sch>{schedule}, "batch", x, net.in_features());
 }
 
+/// ∂ℓ/∂θ as `out` asks for it (GradientResult::flat_gradient): copied from
+/// the layers' storage into out.gradient, or out.gradient left empty.
+template <Net N>
+void flat_gradient_into(const N& net, GradientResult<typename N::scalar_type>& out) {
+  if (out.flat_gradient)
+    gradients_into(net, out.gradient);
+  else
+    out.gradient = Vector<typename N::scalar_type>();
+}
+
 /// A step whose loss is not finite has no gradient: ∂ℓ/∂θ (flat and in the
 /// layers' storage) and h_0, when asked for (`with_h0`), are NaN; judge()
 /// names the cause.
@@ -57,7 +67,7 @@ void no_gradient(N& net, Index batch, GradientResult<typename N::scalar_type>& o
     net.visit(i, [&](auto& l) {
       for (auto s : gradient_blocks(l)) std::fill(s.begin(), s.end(), nan);
     });
-  gradients_into(net, out.gradient);
+  flat_gradient_into(net, out);
   if (with_h0)
     out.h0.setConstant(net.in_features(), batch, nan);
   else
@@ -80,7 +90,9 @@ void judge(const N& net, const CRef<typename N::scalar_type>& x,
            GradientResult<typename N::scalar_type>& out) {
   using S = typename N::scalar_type;
   Stats& st = out.stats;
-  const bool finite = std::isfinite(out.loss) && out.gradient.allFinite() && out.h0.allFinite();
+  const bool finite = std::isfinite(out.loss) &&
+                      (out.flat_gradient ? out.gradient.allFinite() : gradients_finite(net)) &&
+                      out.h0.allFinite();
   if (!finite) {
     st.non_finite = !x.allFinite()                      ? NonFinite::input
                     : !moonwalk::parameters_finite(net) ? NonFinite::parameters
@@ -140,8 +152,12 @@ void gradient_into(const Sch& schedule, N& net, const CRef<typename N::scalar_ty
   const std::uint64_t solves = detail::solver_iterations;
   if constexpr (in_place)
     schedule.run_into(net, x, loss, target, out);
-  else
+  else {
+    const bool flat = out.flat_gradient;
     out = schedule.run(net, x, loss, target);
+    out.flat_gradient = flat;
+    if (!flat) out.gradient = Vector<S>();
+  }
   out.stats.counts.solver_iterations = static_cast<std::size_t>(detail::solver_iterations - solves);
   detail::judge(net, x, out);
 }

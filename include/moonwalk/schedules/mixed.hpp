@@ -152,7 +152,7 @@ struct MixedMoonwalk {
       else
         detail::release_cotangent_buffers<double>(*ws, net.size());
     }
-    gradients_into(net, out.gradient);  // (after the workspace is given back)
+    detail::flat_gradient_into(net, out);  // (after the workspace is given back)
     if (!std::isfinite(out.loss)) detail::no_gradient(net, x0.cols(), out, input_gradient);
     Stats& st = out.stats;
     if (remembered) st.figures["precision_remembered"] = 1;

@@ -138,7 +138,7 @@ struct Planned {
       b.run.release();
       b.exact.release();
     }
-    gradients_into(net, out.gradient);
+    detail::flat_gradient_into(net, out);
   }
 
   /// The plan this schedule runs for `net` at x0's batch, made as a step

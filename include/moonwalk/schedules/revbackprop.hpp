@@ -88,7 +88,7 @@ struct RevBackprop {
     st.tolerance = tolerance > 0 ? tolerance : default_target<S>();
     st.within_tolerance = st.error_estimate <= st.tolerance;
     if (!detail::keep_across_steps(net, batch)) bound.run.release();
-    gradients_into(net, out.gradient);
+    detail::flat_gradient_into(net, out);
   }
 
  private:
