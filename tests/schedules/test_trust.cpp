@@ -106,8 +106,9 @@ TEST_CASE("A finite loss with an overflowing cotangent is reported as a non-fini
   }
 }
 
-TEMPLATE_TEST_CASE("flat_gradient = false: every schedule leaves dl/dtheta in the layers only, and it is judged there",
-                   "[schedules][trust]", float, double) {
+TEMPLATE_TEST_CASE(
+    "flat_gradient = false: every schedule leaves dl/dtheta in the layers only, and it is judged there",
+    "[schedules][trust]", float, double) {
   using S = TestType;
   const Matrix<S> x = gaussian<S>(6, 5, 1);
   const auto t = moonwalk_test::random_labels(3, 5, 2);
