@@ -42,6 +42,9 @@
 //   {"schedule", "net", "batch", "params", "steps", "seconds_per_step" (median over steps),
 //    "seconds_min", "peak_rss_bytes" (getrusage ru_maxrss), "baseline_rss_bytes" (current RSS
 //    once parameters, optimizer state, inputs and targets exist, before the first step),
+//    "peak_live_bytes" (the most heap bytes live at once during the steps, above those live at
+//    the baseline: malloc_usable_size of every block, bench/alloc_count.hpp; peak RSS minus this
+//    is what the allocator's holes, the kernels' mmapped scratch and the stack add),
 //    "residual_bytes" (max over steps of the schedule's accounted bytes kept between passes),
 //    "working_bytes" (max over steps of the engine-accounted working set, Stats::working_bytes;
 //    0 for schedules that do not account it),
@@ -350,6 +353,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   sgd.step(net, 0.0);
   if (o.budget > 0) prepare_for_budget();
   const std::size_t baseline = current_rss_bytes();
+  const std::int64_t live_baseline = moonwalk::bench::heap_live_bytes();
+  moonwalk::bench::reset_live_peak();
   rlimit unlimited{};
   if (o.budget > 0) unlimited = set_budget(o.budget);
 
@@ -431,7 +436,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << "\",\"batch\":" << o.batch << ",\"params\":" << params << ",\"steps\":" << o.steps
             << ",\"seconds_per_step\":" << json_number(per_step)
             << ",\"seconds_min\":" << json_number(min_step) << ",\"peak_rss_bytes\":" << peak_rss_bytes()
-            << ",\"baseline_rss_bytes\":" << baseline << ",\"residual_bytes\":" << residual_bytes
+            << ",\"baseline_rss_bytes\":" << baseline
+            << ",\"peak_live_bytes\":" << moonwalk::bench::heap_live_peak() - live_baseline << ",\"residual_bytes\":" << residual_bytes
             << ",\"working_bytes\":" << working_bytes << ",\"error_estimate\":" << json_number(error_estimate)
             << ",\"within_tolerance\":" << (within_tolerance ? "true" : "false")
             << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype

@@ -19,7 +19,8 @@
 # checkpointing holding that many layer inputs: --slots), mixed, and the
 # planner's curve: planned:BYTES (--schedule planned --plan-budget BYTES, the
 # working set it plans for) at budgets from backprop's working set down to
-# near the smallest feasible one (planned rebuilds by inversion where layers
+# near the smallest feasible one (4200K at width 256, batch 1024: the two
+# cotangent buffers and two values; planned rebuilds by inversion where layers
 # have inverses); the RevNets also revbackprop, mixed-rebuild (mixed
 # --rebuild-inputs) and planned-exact:BYTES (planned --no-invert: store and
 # recompute only, the planner without its inversion move).
@@ -103,7 +104,7 @@ net_schedules() {  # net_schedules NETWORK: the schedule labels, in the report's
   case $1 in  # (values of 1 MiB at width 256, batch 1024; 128 KiB for the Fashion MLP's widest)
     fashion) s+=(planned:1M planned:768K planned:600K) ;;
     mlp16 | mlp16-0.5) s+=(planned:24M planned:16M planned:8M planned:6M) ;;
-    *) s+=(planned:64M planned:32M planned:16M planned:8M planned:6M) ;;
+    *) s+=(planned:64M planned:32M planned:16M planned:8M planned:6M planned:5M planned:4200K) ;;
   esac
   [[ $1 == revnet* ]] && s+=(revbackprop mixed-rebuild planned-exact:16M planned-exact:8M planned-exact:6M)
   if [ -n "${SCHEDULES:-}" ]; then

@@ -370,14 +370,22 @@ class PlanRun {
   detail::LayerNames names_;
 };
 
-/// The value shapes of a chain: rows of x_0 … x_L.
+/// The value shapes of a chain, rows of x_0 … x_L, written into `rows`
+/// (no allocation once it has held them: what a bound plan compares each step).
 template <Net N>
-std::vector<Index> value_rows(N& net) {
-  std::vector<Index> rows;
+void value_rows_into(N& net, std::vector<Index>& rows) {
+  rows.clear();
   rows.reserve(net.size() + 1);
   rows.push_back(net.in_features());
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) { rows.push_back(l.out_features()); });
+}
+
+/// The value shapes of a chain: rows of x_0 … x_L.
+template <Net N>
+std::vector<Index> value_rows(N& net) {
+  std::vector<Index> rows;
+  value_rows_into(net, rows);
   return rows;
 }
 

@@ -68,9 +68,7 @@ struct Checkpointing {
     const Index batch = x0.cols();
     const std::size_t n = net.size();
     const std::size_t k = slots > 0 ? 0 : segment(n);
-    bound.rows.clear();
-    bound.rows.push_back(net.in_features());
-    detail::for_each_layer(net, [&](std::size_t, const auto& l) { bound.rows.push_back(l.out_features()); });
+    value_rows_into(net, bound.rows);
     if (!bound.run.bound_to(bound.rows, batch, input_gradient) || bound.every != k || bound.slots != slots) {
       bound.run.bind(plan(n), bound.rows, batch, input_gradient);
       bound.every = k;

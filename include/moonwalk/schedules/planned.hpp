@@ -76,9 +76,7 @@ struct Planned {
     const detail::WorkspaceLease ws(workspace);
     auto& b = ws->get<Bound<S>>(0);
     const Index batch = x0.cols();
-    b.rows.clear();
-    b.rows.push_back(net.in_features());
-    detail::for_each_layer(net, [&](std::size_t, const auto& l) { b.rows.push_back(l.out_features()); });
+    value_rows_into(net, b.rows);
     if (!b.bound || !b.run.bound_to(b.rows, batch, input_gradient) || b.budget != budget ||
         b.calibration != calibration || b.invert != invert)
       bind(net, x0, b);

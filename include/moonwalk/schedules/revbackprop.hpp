@@ -67,9 +67,7 @@ struct RevBackprop {
     const detail::WorkspaceLease ws(workspace);
     auto& bound = ws->get<Bound<S>>(0);
     const Index batch = x0.cols();
-    bound.rows.clear();
-    bound.rows.push_back(net.in_features());
-    detail::for_each_layer(net, [&](std::size_t, const auto& l) { bound.rows.push_back(l.out_features()); });
+    value_rows_into(net, bound.rows);
     // (The flags in place, so that a warm step allocates nothing.)
     layer_flags(net, bound.flags[0], bound.flags[1]);
     if (!bound.run.bound_to(bound.rows, batch, input_gradient) || bound.flags[0] != bound.invert ||
