@@ -138,7 +138,7 @@ TEST_CASE("planned: the layer-cost file is written once, read back, and can be t
   auto net = parse_network<S>("in:12,linear:20,tanh,linear:20,tanh,linear:20,tanh,linear:3", 4);
   const Matrix<S> x = gaussian<S>(12, 16, 1), t = gaussian<S>(3, 16, 2);
   const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
-  const std::filesystem::path file = dir.dir / "layer-costs-v2.tsv";
+  const std::filesystem::path file = dir.dir / "layer-costs-v3.tsv";
 
   const auto r = gradient(Planned{}, net, x, MSE<S>{}, t);  // Calibration::cached
   CHECK(r.gradient == ref.gradient);

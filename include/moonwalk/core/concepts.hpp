@@ -30,6 +30,7 @@
 //   vjp_into(x, h, out)                  out = Jᵀ h
 //   vjp_residual_into(r, h, out)         out = Jᵀ h
 //   vijp_into(x, h_x, out)               out = h_y
+//   inverse_into(y, out)                 out = f⁻¹(y)
 //   save_residual_into(x, r)             r = save_residual(x), in r's storage
 #pragma once
 
@@ -185,6 +186,12 @@ concept HasVijpInto = Submersive<L> && requires {
   static_cast<void (L::*)(const CRef<detail::scalar_of<L>>&, const CRef<detail::scalar_of<L>>&,
                           MatRef<detail::scalar_of<L>>) const>(&L::vijp_into);
 };
+/// out = f⁻¹(y): `void inverse_into(const CRef<S>& y, MatRef<S> out) const`.
+template <class L>
+concept HasInverseInto = Invertible<L> && requires {
+  static_cast<void (L::*)(const CRef<detail::scalar_of<L>>&, MatRef<detail::scalar_of<L>>) const>(
+      &L::inverse_into);
+};
 /// r = save_residual(x) in r's storage: `void save_residual_into(const CRef<S>& x, residual_type& r) const`.
 template <class L>
 concept HasSaveResidualInto = Layer<L> && requires {
@@ -246,6 +253,10 @@ consteval bool check_hooks() {
       HasVijpInto<L> || !requires { &L::vijp_into; },
       "Moonwalk layer contract: vijp_into must be `void vijp_into(const CRef<S>& x, const CRef<S>& h_x, "
       "MatRef<S> out) const`, next to vijp(x, h_x)");
+  static_assert(
+      HasInverseInto<L> || !requires { &L::inverse_into; },
+      "Moonwalk layer contract: inverse_into must be `void inverse_into(const CRef<S>& y, MatRef<S> out) "
+      "const`, next to inverse(y)");
   static_assert(
       HasSaveResidualInto<L> || !requires { &L::save_residual_into; },
       "Moonwalk layer contract: save_residual_into must be `void save_residual_into(const CRef<S>& x, "

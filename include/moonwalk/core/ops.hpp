@@ -200,12 +200,15 @@ void vjp_residual_into(const L& l, const residual_t<L>& r, const CRef<typename L
     out = moonwalk::vjp_residual(l, r, h);
 }
 
-/// x = f⁻¹(y), in_features × batch, into x (through inverse(y): a
-/// temporary of x's size).
+/// x = f⁻¹(y), in_features × batch, into x (a layer without inverse_into:
+/// through inverse(y), a temporary of x's size).
 template <Invertible L>
 void inverse_into(const L& l, const CRef<typename L::scalar_type>& y, MatRef<typename L::scalar_type> x) {
   detail::check_rows(l, "inverse output buffer", x, l.in_features(), y.cols());
-  x = l.inverse(y);
+  if constexpr (HasInverseInto<L>)
+    l.inverse_into(y, x);
+  else
+    x = l.inverse(y);
 }
 
 /// out = h_y with Jᵀ h_y = h_x (a submersive layer), out_features × batch

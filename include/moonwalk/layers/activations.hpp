@@ -59,6 +59,11 @@ struct LeakyReLU {
   }
   /// σ⁻¹(y) = y for y > 0, y / a otherwise (a > 0 keeps the sign).
   [[nodiscard]] S inverse(S y) const { return y > S(0) ? y : y / slope; }
+  /// The same on an array, branch-free: max(y, 0) + min(y, 0) / a.
+  template <class A>
+  [[nodiscard]] auto inverses(const Eigen::ArrayBase<A>& y) const {
+    return y.max(S(0)) + y.min(S(0)) / slope;
+  }
   template <class T>
   [[nodiscard]] LeakyReLU<T> cast() const {
     return {static_cast<T>(slope)};
@@ -294,8 +299,18 @@ class Elementwise : public NoParameters<S> {
 
   /// x = σ⁻¹(y)
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
+    Matrix<S> x(n_, y.cols());
+    inverse_into(y, x);
+    return x;
+  }
+  /// The same into x (vectorised where the rule states σ⁻¹ on arrays: `inverses`).
+  void inverse_into(const CRef<S>& y, MatRef<S> x) const {
     detail::check_rows(*this, "output", y, n_);
-    return y.unaryExpr([this](S v) { return rule_.inverse(v); });
+    detail::check_rows(*this, "inverse output buffer", x, n_, y.cols());
+    if constexpr (requires { rule_.inverses(y.array()); })
+      x.array() = rule_.inverses(y.array());
+    else
+      x = y.unaryExpr([this](S v) { return rule_.inverse(v); });
   }
 
   /// Per sample κ = max|σ'| / min|σ'| and γ = √(mean σ'²) · √(mean σ'⁻²) over

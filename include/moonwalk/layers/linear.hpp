@@ -268,14 +268,20 @@ class Linear : public FlatParameters<S> {
 
   /// x = W⁻¹ (y − b), square W only.
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
+    Matrix<S> x(in_, y.cols());
+    inverse_into(y, x);
+    return x;
+  }
+  /// The same into x: Wᵀ = Q R, so W = Rᵀ Qᵀ and W⁻¹ = Q R⁻ᵀ: x = Q (R⁻ᵀ (y − b)),
+  /// formed in x.
+  void inverse_into(const CRef<S>& y, MatRef<S> x) const {
     if (!is_invertible()) throw RankError(name() + ": inverse needs a square W");
     detail::check_rows(*this, "output", y, out_);
+    detail::check_rows(*this, "inverse output buffer", x, in_, y.cols());
     const Cache& c = cache();
-    // Wᵀ = Q R, so W = Rᵀ Qᵀ and W⁻¹ = Q R⁻ᵀ: x = Q (R⁻ᵀ (y − b)).
-    Matrix<S> x = y.colwise() - b();
+    x = y.colwise() - b();
     c.rt().solveInPlace(x);
     c.qr.apply_q(x);
-    return x;
   }
 
   /// Amplification of the vijp (class comment): the weights' condition

@@ -95,6 +95,7 @@ class AnyLayer {
     return self_->vijp_with_fragment(x, hx, f);
   }
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return self_->inverse(y); }
+  void inverse_into(const CRef<S>& y, MatRef<S> x) const { self_->inverse_into(y, x); }
 
   /// The wrapped layer's amplification from its residual (Amplification::unknown() without one).
   [[nodiscard]] Amplification amplification(const Erased& r) const { return self_->amplification(r); }
@@ -184,6 +185,7 @@ class AnyLayer {
     [[nodiscard]] virtual Matrix<S> vijp_with_fragment(const CRef<S>&, const CRef<S>&,
                                                        const Erased&) const = 0;
     [[nodiscard]] virtual Matrix<S> inverse(const CRef<S>&) const = 0;
+    virtual void inverse_into(const CRef<S>&, MatRef<S>) const = 0;
     [[nodiscard]] virtual Amplification amplification(const Erased&) const = 0;
     [[nodiscard]] virtual AnyLayer<double> cast_double() const = 0;
     [[nodiscard]] virtual AnyLayer<float> cast_float() const = 0;
@@ -279,6 +281,12 @@ class AnyLayer {
     [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const override {
       if constexpr (Invertible<L>)
         return layer.inverse(y);
+      else
+        throw RankError(layer.name() + ": not invertible (no inverse)");
+    }
+    void inverse_into(const CRef<S>& y, MatRef<S> x) const override {
+      if constexpr (Invertible<L>)
+        moonwalk::inverse_into(layer, y, x);
       else
         throw RankError(layer.name() + ": not invertible (no inverse)");
     }

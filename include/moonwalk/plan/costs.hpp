@@ -18,9 +18,10 @@
 //                          deterministic.
 //
 // The file: ${MOONWALK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/moonwalk}/
-// layer-costs-v2.tsv, one line per (machine, build, scalar, batch, layer):
+// layer-costs-v3.tsv, one line per (machine, build, scalar, batch, layer):
 // tab-separated key fields, then forward, backward and inverse seconds
-// ("inf": no inverse). It is
+// ("inf": no inverse). (The name's version moves when what a timing means
+// does: v3 times inverses through inverse_into.) It is
 // rewritten whole (a temporary file renamed over it, so a reader never sees
 // half of it); lines it cannot read are dropped. MOONWALK_COST_CACHE=0
 // turns it off (cached then measures every time). A cache that cannot be
@@ -83,7 +84,7 @@ inline std::filesystem::path cost_cache_file() {
   } else {
     return {};
   }
-  return dir / "layer-costs-v2.tsv";
+  return dir / "layer-costs-v3.tsv";
 }
 
 /// This machine and build, as the cost file keys them: the CPU's model name,

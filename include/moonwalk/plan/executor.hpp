@@ -11,7 +11,7 @@
 // that breaks the stack order is laid out first-fit instead (an arena that
 // may exceed its peak). A warm step on the same shapes allocates nothing:
 // the arena, the two cotangent buffers and the store's lists are reused
-// (an inverse step still makes one temporary: layers offer inverse(y) only).
+// (an inverse step of a layer without inverse_into makes one temporary).
 //
 // Inverse steps rebuild values in the arena like forward steps; a check (a
 // forward step onto a rebuilt value) writes the exact value beside the

@@ -32,7 +32,8 @@
 //                           part Jᵀ erases)             when can_fragment && !can_vijp
 //   [inverse]               inverse(forward(x)) = x         when can_invert
 //   [into]                  the output-argument forms (core/ops.hpp: forward_into,
-//                           vjp_into, save_residual_into, vjp_residual_into, vijp_into)
+//                           vjp_into, save_residual_into, vjp_residual_into, vijp_into,
+//                           inverse_into)
 //                           into NaN-filled buffers (and a block of a wider one)
 //                           equal the value forms exactly; a wrong-shaped buffer
 //                           throws ShapeError naming the layer
@@ -257,7 +258,7 @@ struct CastRun {
 /// What the output-argument check needs: each *_into result minus its value
 /// form (NaN-filled buffers), and the error for a wrong-shaped buffer.
 struct IntoRun {
-  double forward_diff = 0, vjp_diff = 0, vjp_residual_diff = 0, vijp_diff = 0;
+  double forward_diff = 0, vjp_diff = 0, vjp_residual_diff = 0, vijp_diff = 0, inverse_diff = 0;
   Thrown wrong_shape;
 };
 
@@ -401,6 +402,14 @@ LayerView make_view(L& l, LD& d) {
       if (moonwalk::can_vijp(l)) {
         moonwalk::vijp_into(l, xs, hxs, hy);
         r.vijp_diff = diff(hy, l.vijp(xs, hxs));
+      }
+    }
+    if constexpr (moonwalk::Invertible<L>) {
+      if (moonwalk::can_invert(l)) {
+        const MS ys = l.forward(xs);
+        MS xi = MS::Constant(n, B, nan);
+        moonwalk::inverse_into(l, ys, xi);
+        r.inverse_diff = diff(xi, l.inverse(ys));
       }
     }
     // A buffer of the wrong shape is refused, naming the layer.
@@ -648,6 +657,7 @@ inline void run_layer_checks(const LayerView& L, const LayerCheckOptions& o, Che
     c.check("[into]", r.vjp_residual_diff == 0,
             "vjp_residual_into(save_residual_into(x), u) = vjp_residual(save_residual(x), u)");
     c.check("[into]", r.vijp_diff == 0, "vijp_into(x, h, out) = vijp(x, h)");
+    c.check("[into]", r.inverse_diff == 0, "inverse_into(y, out) = inverse(y)");
     c.check("[into]", r.wrong_shape.ok() && r.wrong_shape.contains(name),
             "forward_into a buffer of the wrong shape throws ShapeError naming the layer (got \"" +
                 r.wrong_shape.message + "\")");
