@@ -392,6 +392,70 @@ TEST_CASE("The planner with inversion finds the exhaustive optimum on small chai
   CHECK(inverting > 20);  // (the comparison covers plans that invert)
 }
 
+TEST_CASE("The planner rebuilds only stretches whose predicted drift holds the budget", "[plan][planner]") {
+  std::mt19937_64 rng(17);
+  auto uniform = [&](double lo, double hi) { return std::uniform_real_distribution<double>(lo, hi)(rng); };
+  int limited = 0, inverting = 0;
+  for (int trial = 0; trial < 80; ++trial) {
+    const std::size_t L = 3 + static_cast<std::size_t>(trial % 10);
+    ChainCosts c = random_invertible_chain(rng, L);
+    for (std::size_t i = 0; i < L; ++i) c.inverse_gamma.push_back(uniform(1, 4));
+    c.drift_budget = uniform(1, 30);
+    ChainCosts unlimited = c;
+    unlimited.drift_budget = std::numeric_limits<double>::infinity();
+    ChainCosts none = c;
+    none.inverse.clear();
+    none.branch_bytes.clear();
+    const std::size_t least = least_held_bytes(c);
+    std::size_t total = 0;
+    for (std::size_t i = 1; i <= L; ++i) total += c.value_bytes[i];
+    for (std::size_t budget = least; budget <= total + 1; budget += 1 + total / 8) {
+      const Plan p = plan_within(c, budget);
+      INFO("trial " << trial << ", budget " << budget << ", drift budget " << c.drift_budget << "\n"
+                    << plan_text(p));
+      const PlanFigures f = figures(p, c);
+      CHECK(f.peak_held_bytes <= budget);
+      // Every stretch: inverse(i) from a value not itself rebuilt starts one;
+      // D = Σ_{t=lo..hi} Π_{l=lo..t} γ_l over its layers lo … hi.
+      std::vector<bool> rebuilt(L + 1, false);
+      std::vector<std::pair<std::size_t, std::size_t>> stretches;  // (lo, hi)
+      for (const PlanStep& st : p.steps) {
+        if (st.op == PlanOp::forward) rebuilt[st.layer + 1] = false;
+        if (st.op != PlanOp::inverse) continue;
+        if (rebuilt[st.layer + 1] && !stretches.empty() && stretches.back().first == st.layer + 1)
+          stretches.back().first = st.layer;
+        else
+          stretches.emplace_back(st.layer, st.layer);
+        rebuilt[st.layer] = true;
+      }
+      for (auto [lo, hi] : stretches) {
+        double prod = 1, d = 0;
+        for (std::size_t t = lo; t <= hi; ++t) {
+          prod *= c.gamma(t);
+          d += prod;
+        }
+        CHECK(d <= c.drift_budget);
+      }
+      inverting += f.inverse_steps > 0;
+      // The limit costs time, never saves it, and no limit at all is the unlimited plan's.
+      const PlanFigures free_f = figures(plan_within(unlimited, budget), unlimited);
+      CHECK(free_f.seconds <= f.seconds * (1 + 1e-9));
+      limited += free_f.seconds < f.seconds * (1 - 1e-9);
+      // A budget below every single layer's γ allows no stretch: the plan without inversion.
+      ChainCosts tight = c;
+      tight.drift_budget = 0.5;
+      const Plan q = plan_within(tight, budget);
+      CHECK(figures(q, tight).inverse_steps == 0);
+      CHECK(figures(q, tight).seconds == Approx(figures(plan_within(none, budget), none).seconds).epsilon(1e-9));
+    }
+  }
+  CHECK(inverting > 20);  // (stretches were checked)
+  CHECK(limited > 5);     // (the limit changed some plans)
+  ChainCosts bad = random_invertible_chain(rng, 4);
+  bad.inverse_gamma = {1, 2};
+  CHECK_THROWS_WITH(bad.check(), Catch::Contains("2 inverse amplifications for 4 layers"));
+}
+
 TEST_CASE("The plan report: per-layer fates, bytes and times that add up to the plan's figures",
           "[plan][report]") {
   std::mt19937_64 rng(5);

@@ -319,9 +319,20 @@ TEST_CASE(
   CHECK(detail::rel_max_err(r.gradient, ref.gradient) < 1e-10);
   CHECK(detail::rel_max_err(r.h0, ref.h0) < 1e-10);
   CHECK(k.gradient == ref.gradient);
-  // A tolerance below the measured drift: the step is taken again by the
-  // plan without inversion, within the same budget.
   REQUIRE(r.stats.error_estimate > 0);
+  // A tolerance below the drift the layers' amplification predicts: no
+  // stretch is planned.
+  const Planned predicted{.budget = least,
+                          .calibration = Calibration::estimate,
+                          .input_gradient = true,
+                          .tolerance = r.stats.error_estimate / 2,
+                          .drift_calibration = 4};
+  const auto p = gradient(predicted, net, x, MSE<S>{}, t);
+  CHECK(p.stats.fallbacks == 0);
+  CHECK(p.stats.figures.at("inverses") == 0);
+  CHECK(p.gradient == ref.gradient);
+  // Without the prediction, a tolerance below the measured drift: the step
+  // is taken again by the plan without inversion, within the same budget.
   const Planned strict{.budget = least,
                        .calibration = Calibration::estimate,
                        .input_gradient = true,

@@ -45,6 +45,7 @@
 #include <system_error>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/nets/parameters.hpp"
@@ -290,6 +291,40 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
   }
   if (!file.empty()) (void)detail::write_cost_file(file, table);
   return c;
+}
+
+/// γ of each layer's inverse step (ChainCosts::inverse_gamma): the typical
+/// amplification of the layers that can invert, at the values x0 leads to
+/// (core/amplification.hpp: the same γ that stretches a Moonwalk sweep's
+/// error); 1 for the others and where a layer offers no estimate. Runs one
+/// forward pass, up to the last invertible layer, in two buffers of the
+/// widest value.
+template <Net N>
+std::vector<double> inverse_gammas(N& net, const CRef<typename N::scalar_type>& x0) {
+  using S = typename N::scalar_type;
+  const Index batch = x0.cols();
+  std::vector<double> g(net.size(), 1.0);
+  std::size_t last = net.size();
+  for (std::size_t i = 0; i < net.size(); ++i)
+    net.visit(i, [&](const auto& l) {
+      if (can_invert(l)) last = i;
+    });
+  if (last == net.size()) return g;
+  detail::Buffer<S> xb[2];
+  for (std::size_t i = 0; i <= last; ++i)
+    net.visit(i, [&](auto& l) {
+      const CRef<S> x = i == 0 ? CRef<S>(x0) : CRef<S>(xb[(i + 1) % 2].view(l.in_features(), batch));
+      if (can_invert(l)) {
+        const Amplification a = moonwalk::amplification(l, moonwalk::save_residual(l, x));
+        if (a.known) g[i] = a.typical;
+        moonwalk::release_derived(l);  // (a Linear's QR: not held past its estimate)
+      }
+      if (i < last) {
+        auto y = xb[i % 2].view(l.out_features(), batch);
+        moonwalk::forward_into(l, x, y);
+      }
+    });
+  return g;
 }
 
 }  // namespace moonwalk

@@ -103,6 +103,16 @@ struct Plan {
 /// step (L each; an inverse of +∞: the layer has none; an empty list: no
 /// layer has one) and of the loss, and the bytes of each layer's branch bits
 /// (L entries, 0 where the layer keeps none; empty: none does).
+///
+/// A rebuilt stretch, layers a+1 … k−1 inverted from x_k down, is predicted
+/// to drift by c · u · D with the error model of fidelity/policy.hpp:
+///
+///   D(a, k) = Σ_{t=a+1..k−1} Π_{l=a+1..t} γ_l
+///
+/// (inverse(t)'s rounding, stretched by each inverse below it), γ_l the
+/// typical amplification of layer l (core/amplification.hpp; `inverse_gamma`,
+/// empty: 1 each). The planner rebuilds only stretches with D ≤ drift_budget
+/// (= tolerance / (c · u): Planned sets it; +∞: no limit).
 struct ChainCosts {
   std::vector<std::size_t> value_bytes;
   std::vector<double> forward;
@@ -110,6 +120,15 @@ struct ChainCosts {
   double loss = 0;
   std::vector<double> inverse;
   std::vector<std::size_t> branch_bytes;
+  std::vector<double> inverse_gamma{};
+  double drift_budget = std::numeric_limits<double>::infinity();
+
+  /// γ of layer i's inverse step (1 where none is given; NaN or < 0: +∞).
+  [[nodiscard]] double gamma(std::size_t i) const {
+    if (i >= inverse_gamma.size()) return 1;
+    const double g = inverse_gamma[i];
+    return g >= 0 ? g : std::numeric_limits<double>::infinity();
+  }
 
   [[nodiscard]] std::size_t layers() const { return forward.size(); }
   [[nodiscard]] bool invertible(std::size_t i) const {
@@ -129,6 +148,9 @@ struct ChainCosts {
                                       " value sizes (need L, L and L + 1)"));
     if (!inverse.empty() && inverse.size() != n)
       throw ScheduleError(detail::cat("chain costs: ", inverse.size(), " inverse times for ", n, " layers"));
+    if (!inverse_gamma.empty() && inverse_gamma.size() != n)
+      throw ScheduleError(
+          detail::cat("chain costs: ", inverse_gamma.size(), " inverse amplifications for ", n, " layers"));
     if (!branch_bytes.empty() && branch_bytes.size() != n)
       throw ScheduleError(
           detail::cat("chain costs: ", branch_bytes.size(), " branch-bit sizes for ", n, " layers"));

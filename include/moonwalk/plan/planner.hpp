@@ -28,7 +28,8 @@
 // where B is the branch bits the advance keeps for the layers a+2 … k−1
 // whose backward step reads a rebuilt input (ChainCosts::branch_bytes),
 // if the advance, the stretch and the check fit in m, each bit freed by its
-// layer's backward step. The check reads x_a, held since the stretch began
+// layer's backward step, and if the stretch's predicted drift D(a, k) is
+// within ChainCosts::drift_budget (plan.hpp). The check reads x_a, held since the stretch began
 // (a plan that recomputes the check's source after the stretch is outside
 // this family; tests/plan/test_plan.cpp searches the family exhaustively).
 // Memory is
@@ -137,6 +138,7 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
         // holds x_j, x_{j+1} and B(j)), and the stretch's: inverse(j−1) holds
         // x_j, x_{j−1} and B(min(j, k−1)); the check 2 s_{a+1}.
         std::size_t advance = 0, stretch = 2 * s[a + 1];
+        double gammas = 1, drift = 0;  // Π γ and D(a, k) of the stretch a+1 … k−1
         auto bits_to = [&](std::size_t j) { return j >= a + 2 ? bsum[j + 1] - bsum[a + 2] : std::size_t{0}; };
         for (std::size_t k = a + 1; k < b; ++k) {
           peak = std::max(peak, s[k] + (k - 1 > a ? s[k - 1] : 0));
@@ -149,13 +151,16 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
             if (t < best) {
               best = t;
               split[at(a, b, m)] = static_cast<std::uint16_t>(k);
+              rebuilt[at(a, b, m)] = 0;  // (an inverting split at a smaller k may have set it)
             }
           }
           if (k < a + 2) continue;
+          gammas *= c.gamma(k - 1);
+          drift += gammas;
           const std::size_t bits = bits_to(k - 1);
           const std::size_t need = std::max({advance, stretch, s[k] + s[k - 1] + bits});
           stretch = std::max(stretch, s[k] + s[k - 1] + bits_to(k));  // (for the longer stretches)
-          if (k > rebuildable[a + 1]) continue;
+          if (k > rebuildable[a + 1] || !(drift <= c.drift_budget)) continue;
           const double fixed = fsum[k] - fsum[a] - back(k) + (isum[k] - isum[a + 1]) +
                                (fsum[a + 1] - fsum[a]) + (backsum[k + 1] - backsum[a]);
           for (std::size_t m = need; m <= units; ++m) {

@@ -34,7 +34,9 @@ namespace moonwalk {
 /// the plans may rebuild values by inversion instead of recomputing them,
 /// as RevBackprop does, each rebuilt stretch checked against a value
 /// recomputed exactly (plan/plan.hpp): the largest relative drift is the
-/// step's error estimate ("max_reconstruction_error"). Above `tolerance`
+/// step's error estimate ("max_reconstruction_error"); with
+/// `drift_calibration`, a stretch is planned only where its drift predicted
+/// from the layers' amplification holds `tolerance`. Above `tolerance`
 /// the step is taken again by the best plan without inversion within the
 /// same budget (Stats::fallbacks 1), and so are the later steps on that
 /// shape; where none fits, the step is returned as it is, flagged
@@ -58,6 +60,14 @@ struct Planned {
   bool invert = true;
   /// The largest drift a rebuilt stretch may carry (0: default_target<S>()).
   double tolerance = 0;
+  /// c > 0: plan only stretches whose drift predicted from the layers'
+  /// amplification, c · u · D (ChainCosts, plan.hpp), holds `tolerance` (c = 4
+  /// is the constant of fidelity/policy.hpp's error model). 0 (the default):
+  /// no prediction, every stretch may be planned and the check after it
+  /// judges. The sweep's model over-predicts the drift of inverting coupling
+  /// blocks (BENCHMARKS.md: on a 40-block RevNet it allows stretches far
+  /// shorter than the ones that measure 1e-5), hence off by default.
+  double drift_calibration = 0;
   /// The bound plan, reused by every step on the same shapes (copies share it).
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
 
@@ -203,6 +213,12 @@ struct Planned {
     if (!invert) {
       b.costs.inverse.clear();
       b.costs.branch_bytes.clear();
+    } else if (drift_calibration > 0) {
+      // Stretches are rebuilt only where their predicted drift holds the
+      // tolerance (plan.hpp, ChainCosts): c · u · D ≤ tolerance.
+      b.costs.inverse_gamma = inverse_gammas(net, x0);
+      b.costs.drift_budget =
+          (tolerance > 0 ? tolerance : default_target<S>()) / (drift_calibration * unit_roundoff<S>());
     }
     b.predicted = layout(net, b.costs, x0.cols(), b.run);
     b.budget = budget;
