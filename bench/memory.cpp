@@ -28,9 +28,10 @@
 //                     the stack grown by 1 MiB before the limit is set.
 //                     An allocation that fails under the limit ends the run: the JSON line is
 //                     still printed (over the steps completed) and the exit status is 3.
-//                     For planned it is also the planner's budget. (Every schedule leaves
-//                     ∂ℓ/∂θ in the layers' storage, part of the baseline, where SGD reads it:
-//                     no step makes a flat copy, GradientResult::flat_gradient.)
+//                     For planned it is also the planner's budget. (SGD reads ∂ℓ/∂θ from the
+//                     layers' storage, part of the baseline: the schedules that fill a result
+//                     in place make no flat copy, GradientResult::flat_gradient; pure, forward
+//                     and projforward still make one and drop it.)
 //   --plan-budget BYTES  planned only: the planner's working-set budget, not enforced
 //                     (overrides what --budget gives it)
 //   --no-invert       planned only: plans keep to storing and recomputing (Planned::invert)
@@ -380,7 +381,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   bool out_of_memory = false;
   seconds.reserve(static_cast<std::size_t>(o.steps));
   // Filled in place by every step (gradient_into). SGD reads ∂ℓ/∂θ from the
-  // layers, so no step makes the flat copy (GradientResult::flat_gradient).
+  // layers, so no flat copy is kept (GradientResult::flat_gradient).
   moonwalk::GradientResult<S> r;
   r.flat_gradient = false;
   try {

@@ -805,7 +805,9 @@ int train(const Options& o) {
       if (!std::isfinite(static_cast<double>(r.loss)))
         throw moonwalk::Error(cat("training diverged: loss is ", r.loss, " at ", where(), " (not finite: ",
                                   moonwalk::to_string(r.stats.non_finite), "; try a smaller --lr)"));
-      if (r.stats.non_finite != moonwalk::NonFinite::none)
+      // (The layers' gradient, not only the verdict: under mpirun it is the
+      // all-reduced sum, which judge() saw only this rank's share of.)
+      if (r.stats.non_finite != moonwalk::NonFinite::none || !moonwalk::gradients_finite(net))
         throw moonwalk::Error(cat("training diverged: the gradient is not finite at ", where(), " (loss ",
                                   r.loss, "; try a smaller --lr)"));
       const double lr = opt.base_lr() * lr_factor(opt.steps());
