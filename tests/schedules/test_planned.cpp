@@ -320,13 +320,13 @@ TEST_CASE(
   CHECK(detail::rel_max_err(r.h0, ref.h0) < 1e-10);
   CHECK(k.gradient == ref.gradient);
   REQUIRE(r.stats.error_estimate > 0);
-  // A tolerance below the drift the layers' amplification predicts: no
-  // stretch is planned.
-  const Planned predicted{.budget = least,
-                          .calibration = Calibration::estimate,
-                          .input_gradient = true,
-                          .tolerance = r.stats.error_estimate / 2,
-                          .drift_calibration = 4};
+  // A tolerance of one rounding: every stretch's predicted drift c · u · D
+  // (D ≥ 1) is over it, so no stretch is planned. The copy shares the
+  // inverting schedule's workspace, bound above: the new drift budget binds
+  // again.
+  Planned predicted = inverting;
+  predicted.tolerance = unit_roundoff<S>();
+  predicted.drift_calibration = 4;
   const auto p = gradient(predicted, net, x, MSE<S>{}, t);
   CHECK(p.stats.fallbacks == 0);
   CHECK(p.stats.figures.at("inverses") == 0);

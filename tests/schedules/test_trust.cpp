@@ -27,6 +27,7 @@ void for_every_schedule(F&& f) {
   f(Checkpointing{.input_gradient = true});
   f(Checkpointing{.slots = 2, .input_gradient = true});
   f(RevBackprop{.input_gradient = true});
+  f(Planned{.calibration = Calibration::estimate, .input_gradient = true});
   f(NaiveForward{});
   f(ProjForward{.directions = 4});
 }

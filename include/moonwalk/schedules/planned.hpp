@@ -88,7 +88,8 @@ struct Planned {
     const Index batch = x0.cols();
     value_rows_into(net, b.rows);
     if (!b.bound || !b.run.bound_to(b.rows, batch, input_gradient) || b.budget != budget ||
-        b.calibration != calibration || b.invert != invert)
+        b.calibration != calibration || b.invert != invert || b.tolerance != tolerance ||
+        b.drift_calibration != drift_calibration)
       bind(net, x0, b);
     const double tol = tolerance > 0 ? tolerance : default_target<S>();
     out.stats.restart();
@@ -192,6 +193,7 @@ struct Planned {
     std::size_t budget = 0;
     Calibration calibration = Calibration::cached;
     bool invert = true;
+    double tolerance = 0, drift_calibration = 0;  ///< the drift budget's inputs (bind)
     ChainCosts costs;
     PlanFigures predicted;
     bool bound = false;  ///< the last bind succeeded (one that threw leaves run bound to a plan over budget)
@@ -224,6 +226,8 @@ struct Planned {
     b.budget = budget;
     b.calibration = calibration;
     b.invert = invert;
+    b.tolerance = tolerance;
+    b.drift_calibration = drift_calibration;
     b.bound = true;
   }
 
