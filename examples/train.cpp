@@ -118,7 +118,7 @@ struct Options {
   Index train_limit = 0, test_limit = 0;
   bool rebuild_inputs = false;
   std::size_t budget = 0;  // planned: bytes of a step's working set; 0: unlimited
-  std::string augment;     // none | flip; empty: the model's default (revnet: flip, others: none)
+  std::string augment;     // none | flip | shift; empty: the model's default (revnet: flip, others: none)
   std::string save, resume, log, step_log;
   bool quiet = false;
   bool deterministic = false;                       // under mpirun: gradients added in rank order
@@ -132,7 +132,7 @@ const char* kUsage =
     "                      [--lr-schedule cosine|step|constant] [--seed S] [--threads T] [--dtype "
     "float|double]\n"
     "                      [--data DIR] [--train-limit N] [--test-limit N] [--rebuild-inputs]\n"
-    "                      [--augment none|flip] [--budget BYTES]\n"
+    "                      [--augment none|flip|shift] [--budget BYTES]\n"
     "                      [--save PATH] [--resume PATH] [--log FILE.csv] [--step-log FILE.csv] [--quiet]\n"
     "                      [--deterministic] [--bucket BYTES]\n"
     "\n"
@@ -153,7 +153,8 @@ const char* kUsage =
     "  --data DIR        IDX files (default /usr/share/datasets/fashion-mnist, Debian's\n"
     "                    dataset-fashion-mnist); --train-limit/--test-limit N: the first N samples\n"
     "  --augment         flip: mirror each training image left-right with probability 1/2\n"
-    "                    (default for revnet and resnet); none (default for mlp and --net)\n"
+    "                    (default for revnet and resnet); shift: flip, then translate by up to 2\n"
+    "                    pixels each way (blank pixels fill in); none (default for mlp and --net)\n"
     "  --save PATH       checkpoint after every epoch (atomic); --resume PATH continues one\n"
     "  --log FILE.csv    one row per epoch; --step-log FILE.csv one row per step\n"
     "  --quiet           no progress bar\n"
@@ -267,8 +268,8 @@ Options parse_options(int argc, char** argv) {
     } else if (a == "--test-limit") {
       o.test_limit = parse_number<Index>(a, v);
     } else if (a == "--augment") {
-      if (v != "none" && v != "flip")
-        throw UsageError(cat("--augment: expected none or flip, got '", v, "'"));
+      if (v != "none" && v != "flip" && v != "shift")
+        throw UsageError(cat("--augment: expected none, flip or shift, got '", v, "'"));
       o.augment = v;
     } else if (a == "--budget") {
       try {
@@ -761,12 +762,15 @@ int train(const Options& o) {
         moonwalk::data::gather<S>(
             train_set, std::span<const Index>(order.data() + start + lo, static_cast<std::size_t>(hi - lo)),
             norm, x, y);
-        if (o.augment == "flip")
-          moonwalk::data::random_flips(
-              x, train_set.shape,
-              (o.seed * 1000003u + static_cast<std::uint64_t>(epoch)) * 0x9e3779b97f4a7c15ULL +
-                  static_cast<std::uint64_t>(b),
-              lo);
+        const std::uint64_t draw =
+            (o.seed * 1000003u + static_cast<std::uint64_t>(epoch)) * 0x9e3779b97f4a7c15ULL +
+            static_cast<std::uint64_t>(b);
+        if (o.augment == "flip" || o.augment == "shift")
+          moonwalk::data::random_flips(x, train_set.shape, draw, lo);
+        if (o.augment == "shift")
+          moonwalk::data::random_shifts(x, train_set.shape, Index{2},
+                                        static_cast<S>(-norm.mean / norm.stddev),
+                                        draw ^ 0xa5a5a5a5a5a5a5a5ULL, lo);
       }
       auto local_step = [&] {
         moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
@@ -816,6 +820,13 @@ int train(const Options& o) {
         throw moonwalk::Error(cat("training diverged: the update at ", where(),
                                   " made a parameter non-finite (learning rate ", lr,
                                   "; try a smaller --lr)"));
+#if MOONWALK_TRAIN_MPI
+      // BatchNorm's running statistics: each rank folded its own shard's in;
+      // every rank keeps their weighted mean (what evaluation and checkpoints use).
+      if (reduce)
+        moonwalk::mpi::average_buffers(
+            net, MPI_COMM_WORLD, static_cast<double>(hi - lo) / static_cast<double>(n), o.deterministic);
+#endif
 
       const auto& st = r.stats;
       ep.loss_sum += static_cast<double>(r.loss);

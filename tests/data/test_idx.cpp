@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <map>
 #include <moonwalk/data/idx.hpp>
 #include <new>
 #include <string>
@@ -458,6 +459,69 @@ TEST_CASE("random_flips: each image mirrored left-right or kept, about half of t
 
   moonwalk::Matrix<double> wrong(5, 2);
   REQUIRE_THROWS_WITH(moonwalk::data::random_flips(wrong, shape, 1), Contains("2x3x4") && Contains("5 rows"));
+}
+
+TEST_CASE("random_shifts: each image translated by at most s pixels each way, blanks filled, per seed",
+          "[data]") {
+  const moonwalk::ImageShape shape{2, 5, 6};
+  const Index n = 500, s = 2;
+  const double fill = -7;
+  moonwalk::Matrix<double> x0(shape.size(), n);
+  for (Index j = 0; j < n; ++j)
+    for (Index r = 0; r < shape.size(); ++r) x0(r, j) = static_cast<double>(1000 * j + r);
+  moonwalk::Matrix<double> x = x0;
+  moonwalk::data::random_shifts(x, shape, s, fill, 7);
+  // Every column is x0's translated by exactly one (a, b) in [−s, s]²; every
+  // shift turns up, about equally often (25 shifts, 20 expected each).
+  std::map<std::pair<Index, Index>, Index> seen;
+  for (Index j = 0; j < n; ++j) {
+    Index matches = 0;
+    for (Index a = -s; a <= s; ++a)
+      for (Index b = -s; b <= s; ++b) {
+        bool same = true;
+        for (Index c = 0; c < shape.c; ++c)
+          for (Index i = 0; i < shape.h; ++i)
+            for (Index k = 0; k < shape.w; ++k) {
+              const Index si = i - a, sk = k - b;
+              const double want =
+                  si >= 0 && si < shape.h && sk >= 0 && sk < shape.w ? x0(shape.index(c, si, sk), j) : fill;
+              same = same && x(shape.index(c, i, k), j) == want;
+            }
+        if (same) {
+          ++matches;
+          ++seen[{a, b}];
+        }
+      }
+    REQUIRE(matches == 1);
+  }
+  CHECK(seen.size() == 25);
+  for (const auto& [shift, count] : seen) {
+    INFO("shift (" << shift.first << ", " << shift.second << ")");
+    CHECK(count > 3);
+    CHECK(count < 45);
+  }
+
+  // Same seed, same shifts; another seed, other shifts; a shard as columns k.. of the batch.
+  moonwalk::Matrix<double> again = x0;
+  moonwalk::data::random_shifts(again, shape, s, fill, 7);
+  CHECK(again == x);
+  again = x0;
+  moonwalk::data::random_shifts(again, shape, s, fill, 8);
+  CHECK(again != x);
+  for (const Index k : {Index(1), Index(237), n - 1}) {
+    moonwalk::Matrix<double> shard = x0.middleCols(k, n - k);
+    moonwalk::data::random_shifts(shard, shape, s, fill, 7, k);
+    CHECK(shard == x.middleCols(k, n - k));
+  }
+  // s = 0 keeps every image.
+  again = x0;
+  moonwalk::data::random_shifts(again, shape, Index{0}, fill, 7);
+  CHECK(again == x0);
+
+  moonwalk::Matrix<double> wrong(5, 2);
+  REQUIRE_THROWS_WITH(moonwalk::data::random_shifts(wrong, shape, s, fill, 1),
+                      Contains("2x5x6") && Contains("5 rows"));
+  REQUIRE_THROWS_WITH(moonwalk::data::random_shifts(x, shape, Index{-1}, fill, 1), Contains("max_shift"));
 }
 
 TEST_CASE("head: the first samples of a set", "[data]") {

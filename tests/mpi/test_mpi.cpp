@@ -173,6 +173,60 @@ void check_resend() {
   EXPECT(reduce.figures().started_early == reduce.figures().buckets);
 }
 
+/// BatchNorm's running statistics after a data-parallel step: each rank folds
+/// its own shard's batch statistics in, then average_buffers leaves Σ_q w_q b_q
+/// (w_q the shard's share) on every rank — added in rank order, bit for bit,
+/// in deterministic mode.
+void check_buffers(bool deterministic, Index n) {
+  context = moonwalk::detail::cat("average_buffers", deterministic ? " deterministic" : "", ", batch ", n);
+  const char* spec = "in:12,linear:16,batchnorm,leaky_relu:0.5,linear:4";
+  const Matrix<double> x = moonwalk::gaussian<double>(12, n, 21), t = moonwalk::gaussian<double>(4, n, 22);
+  const moonwalk::MSE<double> loss;
+  // Every shard's running statistics after one step on it, computed here.
+  std::vector<double> want;
+  for (int q = 0; q < ranks; ++q) {
+    const auto [lo, hi] = shard(n, q);
+    if (hi == lo) continue;
+    auto net = moonwalk::parse_network<double>(spec, 5);
+    moonwalk::set_step(net, 1);
+    (void)moonwalk::gradient(moonwalk::Backprop{}, net, x.middleCols(lo, hi - lo), loss,
+                             t.middleCols(lo, hi - lo));
+    const Vector<double> b = moonwalk::get_buffers(net);
+    const double w = static_cast<double>(hi - lo) / static_cast<double>(n);
+    if (want.empty()) want.assign(static_cast<std::size_t>(b.size()), 0.0);
+    for (Index k = 0; k < b.size(); ++k) want[static_cast<std::size_t>(k)] += w * b[k];
+  }
+  auto net = moonwalk::parse_network<double>(spec, 5);
+  const Vector<double> initial = moonwalk::get_buffers(net);
+  const auto [lo, hi] = shard(n, rank);
+  moonwalk::set_step(net, 1);
+  if (hi > lo)
+    (void)moonwalk::gradient(moonwalk::Backprop{}, net, x.middleCols(lo, hi - lo), loss,
+                             t.middleCols(lo, hi - lo));
+  mpi::average_buffers(net, MPI_COMM_WORLD, static_cast<double>(hi - lo) / static_cast<double>(n),
+                       deterministic);
+  const Vector<double> got = moonwalk::get_buffers(net);
+  EXPECT(got.size() == static_cast<Index>(want.size()));
+  EXPECT(got != initial);
+  EXPECT(mpi::first_rank_differing(MPI_COMM_WORLD, hash_of(got)) == -1);
+  double err = 0, scale = 0;
+  for (Index k = 0; k < got.size() && k < static_cast<Index>(want.size()); ++k) {
+    err = std::max(err, std::abs(got[k] - want[static_cast<std::size_t>(k)]));
+    scale = std::max(scale, std::abs(want[static_cast<std::size_t>(k)]));
+  }
+  EXPECT(err <= (deterministic ? 0.0 : 1e-14 * scale));
+
+  context = "average_buffers with different networks";
+  auto other = moonwalk::parse_network<double>(rank == 1 ? "in:12,linear:4" : spec, 5);
+  int thrown = 0;
+  try {
+    mpi::average_buffers(other, MPI_COMM_WORLD, 1.0 / ranks);
+  } catch (const mpi::Error& e) {
+    thrown = std::string(e.what()).find("rank 1") != std::string::npos;
+  }
+  EXPECT(thrown == 1);
+}
+
 /// Ranks that were given different networks are told so, all of them, by name.
 void check_disagreement() {
   context = "ranks with different networks";
@@ -236,6 +290,10 @@ int main(int argc, char** argv) {
         check_step<double>("backprop", moonwalk::Backprop{}, back, det, 1, bucket);
       }
     check_resend();
+    for (const bool det : {false, true}) {
+      check_buffers(det, 8 * ranks);
+      check_buffers(det, 2 * ranks + 1);  // unequal shards
+    }
     check_disagreement();
   } catch (const std::exception& e) {
     mpi::abort_job(MPI_COMM_WORLD, "moonwalk_mpi_tests", moonwalk::detail::cat(context, ": ", e.what()));

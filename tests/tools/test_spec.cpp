@@ -1,10 +1,12 @@
 // Spec-string parser: every token parses, widths chain, seeds are
 // deterministic, and every kind of bad spec throws SpecError quoting the token.
+#include <Eigen/SVD>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <limits>
 #include <moonwalk/moonwalk.hpp>
 #include <moonwalk/nets/spec.hpp>
+#include <moonwalk/testing/numerics.hpp>
 #include <new>
 #include <set>
 #include <string>
@@ -465,4 +467,45 @@ TEST_CASE("spec: a network that needs more memory than allowed is refused, sayin
     CHECK_THAT(error(e.spec, need - 1, true),
                Catch::Contains("needs ") && Catch::Contains("more than the limit"));
   }
+}
+
+namespace {
+/// ‖W‖₂ of the Linear behind an AnyLayer (0 for another layer).
+double spectral_norm_of(const moonwalk::AnyLayer<double>& l) {
+  const auto* lin = l.target<moonwalk::Linear<double>>();
+  return lin ? Eigen::JacobiSVD<moonwalk::Matrix<double>>(moonwalk::Matrix<double>(lin->W()))
+                   .singularValues()(0)
+             : 0.0;
+}
+}  // namespace
+
+TEST_CASE("residual spec token with LIP: every Linear of F within the limit after each optimizer step",
+          "[layers][residual]") {
+  auto net = moonwalk::parse_network<double>("in:6,residual:10:leaky_relu:4:0.8,linear:3", 2);
+  const auto* block = net[0].target<moonwalk::Residual<moonwalk::Network<double>>>();
+  REQUIRE(block != nullptr);
+  auto norms = [&] {
+    std::vector<double> v;
+    for (std::size_t i = 0; i < block->inner().size(); ++i)
+      block->inner().visit(i, [&](const auto& l) {
+        if (const double s = spectral_norm_of(l); s > 0) v.push_back(s);
+      });
+    return v;
+  };
+  REQUIRE(norms().size() == 2);
+  for (const double s : norms()) CHECK(s <= 0.8 * (1 + 1e-6));
+  moonwalk::Sgd<double> sgd{.lr = 5};
+  const moonwalk::Matrix<double> x = moonwalk::gaussian<double>(6, 16, 1),
+                                 t = moonwalk::gaussian<double>(3, 16, 2);
+  for (int step = 0; step < 3; ++step) {
+    (void)moonwalk::gradient(moonwalk::Backprop{}, net, x, moonwalk::MSE<double>{}, t);
+    sgd.step(net);
+    for (const double s : norms()) CHECK(s <= 0.8 * (1 + 1e-3));
+  }
+  // Mixed Moonwalk's vijp through the block holds the tolerance against backprop.
+  const auto ref = moonwalk::gradient(moonwalk::Backprop{}, net, x, moonwalk::MSE<double>{}, t);
+  const auto mixed = moonwalk::gradient(moonwalk::MixedMoonwalk{}, net, x, moonwalk::MSE<double>{}, t);
+  CHECK(moonwalk::testing::rel_err(mixed.gradient, ref.gradient) < 1e-9);
+  CHECK_THROWS_WITH(moonwalk::parse_network<double>("in:6,residual:10:tanh:0.5:1.5", 1),
+                    Catch::Contains("LIP") && Catch::Contains("1.5"));
 }

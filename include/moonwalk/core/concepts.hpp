@@ -32,6 +32,10 @@
 //   vijp_into(x, h_x, out)               out = h_y
 //   inverse_into(y, out)                 out = f⁻¹(y)
 //   save_residual_into(x, r)             r = save_residual(x), in r's storage
+//
+// Optional weight hook (a Lipschitz limit, Residual's `lipschitz`):
+//   scale_weight(s) -> bool              J ← s J (weights scaled, bias kept);
+//                                        false: the layer has no linear map to scale
 #pragma once
 
 #include <concepts>
@@ -204,6 +208,11 @@ concept HasVjpResidualInto = Layer<L> && requires {
   static_cast<void (L::*)(const residual_t<L>&, const CRef<detail::scalar_of<L>>&,
                           MatRef<detail::scalar_of<L>>) const>(&L::vjp_residual_into);
 };
+/// J ← s J, the bias kept: `bool scale_weight(double s)` (false: nothing to scale).
+template <class L>
+concept HasScaleWeight = requires {
+  static_cast<bool (L::*)(double)>(&L::scale_weight);
+};
 /// Frees what the layer derived from its weights (rebuilt on next use).
 template <class L>
 concept HasReleaseDerived = requires(const L& l) {
@@ -265,6 +274,9 @@ consteval bool check_hooks() {
       HasVjpResidualInto<L> || !requires { &L::vjp_residual_into; },
       "Moonwalk layer contract: vjp_residual_into must be `void vjp_residual_into(const residual_type& r, "
       "const CRef<S>& h, MatRef<S> out) const`");
+  static_assert(
+      HasScaleWeight<L> || !requires { &L::scale_weight; },
+      "Moonwalk layer contract: scale_weight must be `bool scale_weight(double s)`");
   static_assert(
       HasReleaseDerived<L> || !requires { &L::release_derived; },
       "Moonwalk layer contract: release_derived must be `void release_derived() const noexcept`");

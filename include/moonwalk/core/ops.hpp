@@ -150,6 +150,17 @@ void release_derived(const L& l) noexcept {
   if constexpr (HasReleaseDerived<L>) l.release_derived();
 }
 
+/// J ← s J, the bias kept (`l.scale_weight(s)`); false, and l unchanged,
+/// for a layer without weights to scale.
+template <Layer L>
+bool scale_weight(L& l, double s) {
+  static_assert(check_hooks<L>());
+  if constexpr (HasScaleWeight<L>)
+    return l.scale_weight(s);
+  else
+    return false;
+}
+
 /// out = f(x), out_features × batch
 template <Layer L>
 void forward_into(const L& l, const CRef<typename L::scalar_type>& x, MatRef<typename L::scalar_type> out) {

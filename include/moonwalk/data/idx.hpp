@@ -547,6 +547,42 @@ void random_flips(Matrix<S>& x, const ImageShape& shape, std::uint64_t seed, Ind
   }
 }
 
+/// Random translations (data augmentation): column j of x, one image of
+/// `shape` (C×H×W, row-major), becomes x(c, i, k) ← x(c, i − a, k − b), and
+/// `fill` where (i − a, k − b) falls outside the image, for a shift (a, b)
+/// drawn uniformly from [−s, s]² (s = `max_shift`) by splitmix64 draw j from
+/// `seed`. As random_flips: the draws depend only on the seed and the column
+/// (`first_column` = k: column j draws as column k + j of the whole batch).
+/// ShapeError if x.rows() != shape.size() or max_shift < 0.
+template <class S>
+void random_shifts(Matrix<S>& x, const ImageShape& shape, Index max_shift, S fill, std::uint64_t seed,
+                   Index first_column = 0) {
+  using detail::cat;
+  if (x.rows() != shape.size())
+    throw ShapeError(cat("random_shifts: images of ", shape.str(), " have ", shape.size(), " numbers, x has ",
+                         x.rows(), " rows"));
+  if (max_shift < 0) throw ShapeError(cat("random_shifts: max_shift must be >= 0, got ", max_shift));
+  const auto span = static_cast<std::uint64_t>(2 * max_shift + 1);
+  std::uint64_t state = seed + static_cast<std::uint64_t>(first_column) * 0x9e3779b97f4a7c15ULL;
+  std::vector<S> image(static_cast<std::size_t>(shape.size()));
+  for (Index j = 0; j < x.cols(); ++j) {
+    const std::uint64_t r = moonwalk::detail::splitmix64(state);
+    const auto a = static_cast<Index>(r % span) - max_shift,
+               b = static_cast<Index>((r / span) % span) - max_shift;
+    if (a == 0 && b == 0) continue;
+    S* col = x.data() + j * x.rows();
+    std::copy(col, col + shape.size(), image.begin());
+    for (Index c = 0; c < shape.c; ++c)
+      for (Index i = 0; i < shape.h; ++i)
+        for (Index k = 0; k < shape.w; ++k) {
+          const Index si = i - a, sk = k - b;
+          col[shape.index(c, i, k)] = si >= 0 && si < shape.h && sk >= 0 && sk < shape.w
+                                          ? image[static_cast<std::size_t>(shape.index(c, si, sk))]
+                                          : fill;
+        }
+  }
+}
+
 /// The first `limit` samples of a set (limit <= 0 or >= count: all of it),
 /// for smoke runs on a slice.
 inline LabelledImages head(const LabelledImages& set, Index limit) {

@@ -17,6 +17,7 @@
 //     }
 //     reduce.finish(r);                                  // g ← Σ_r (n_r/n) g_r everywhere
 //     optimizer.step(net, lr);
+//     moonwalk::mpi::average_buffers(net, MPI_COMM_WORLD, double(n_r) / double(n));  // BatchNorm's running stats
 //   }
 //
 // The loss is a mean over samples, so the global batch's gradient is
@@ -231,6 +232,40 @@ void broadcast_parameters(N& net, MPI_Comm comm, int root = 0) {
   Vector<S> theta = get_parameters(net);
   if (p > 0) check(MPI_Bcast(theta.data(), static_cast<int>(p), datatype<S>(), root, comm), "MPI_Bcast");
   set_parameters(net, theta);
+}
+
+/// The layers' buffers (BatchNorm's running statistics, core/step.hpp)
+/// averaged over the ranks: b ← Σ_r w_r b_r, w_r = `weight` on rank r (its
+/// share n_r/n of the global batch, as GradientAllreduce::begin takes it; a
+/// rank without samples gives 0). Train-mode batch statistics stay per shard
+/// (no synchronised batch norm); this keeps the running statistics — what
+/// evaluation and checkpoints use — the same on every rank, the weighted mean
+/// of the ranks' own updates. `deterministic`: added in rank order (the same
+/// bits everywhere). mpi::Error, on every rank, when the ranks' buffer counts
+/// differ (checked first, so a network without buffers costs one small
+/// collective).
+template <Net N>
+void average_buffers(N& net, MPI_Comm comm, double weight, bool deterministic = false) {
+  const std::vector<std::span<double>> bufs = moonwalk::buffers(net);
+  std::size_t count = 0;
+  for (const auto& b : bufs) count += b.size();
+  if (const int r = first_rank_differing(comm, static_cast<std::uint64_t>(count)); r >= 0)
+    throw Error(detail::cat(
+        "average_buffers: rank ", r,
+        "'s network has another number of buffer entries than rank 0's (this rank: ", count, ")"));
+  if (count == 0) return;
+  std::vector<double> v;
+  v.reserve(count);
+  for (const auto& b : bufs)
+    for (const double e : b) v.push_back(weight * e);
+  if (deterministic)
+    sum_in_rank_order(comm, v);
+  else
+    check(MPI_Allreduce(MPI_IN_PLACE, v.data(), static_cast<int>(count), MPI_DOUBLE, MPI_SUM, comm),
+          "MPI_Allreduce");
+  std::size_t o = 0;
+  for (const auto& b : bufs)
+    for (double& e : b) e = v[o++];
 }
 
 /// The order in which a schedule finishes its layers' gradients.

@@ -120,6 +120,11 @@ class Conv2d : public FlatParameters<S> {
   // ---- parameters θ = [vec W; b] (FlatParameters)
   /// C' × K, column (c·k + a)·k + e = tap (a, e) of input channel c.
   Eigen::Map<Matrix<S>> W() { return {theta_.data(), out_.c, kk()}; }
+  /// W ← s W (b kept).
+  bool scale_weight(double s) {
+    W() *= static_cast<S>(s);
+    return true;
+  }
   [[nodiscard]] Eigen::Map<const Matrix<S>> W() const { return {theta_.data(), out_.c, kk()}; }
   /// C' entries (0 entries without bias).
   Eigen::Map<Vector<S>> b() { return {theta_.data() + out_.c * kk(), bias_ ? out_.c : 0}; }

@@ -123,6 +123,11 @@ class Linear : public FlatParameters<S> {
     return {theta_.data() + out_ * in_, out_};
   }
   [[nodiscard]] Eigen::Map<const Vector<S>> b() const { return {theta_.data() + out_ * in_, out_}; }
+  /// W ← s W (b kept; a new weight version).
+  bool scale_weight(double s) {
+    W() *= static_cast<S>(s);
+    return true;
+  }
 
   // ---- operators
   /// y = W x + b

@@ -16,6 +16,19 @@
 // reached (the gradient call fails with it): keep F contractive, e.g. by a
 // small gain on its last layer, as the spec tokens do (gain 1/2).
 //
+// Lipschitz limit (Options::lipschitz = c in (0, 1), i-ResNet's spectral
+// normalisation applied as a projection): at construction and after every
+// update (set_step, which the optimizers call after each step), each weighted
+// layer W_i of F (a layer whose scale_weight hook works: Linear, Conv2d) with
+// σ_i = ‖W_i‖₂ > c is scaled by c/σ_i. σ_i is estimated by power iteration on
+// J_iᵀ J_i (jvp and vjp at x = 0, a layer linear in x; the vector kept from step
+// to step, so a few iterations a step follow the slowly changing weights).
+// With F's other layers 1-Lipschitz (relu, leaky_relu, tanh, sigmoid, …),
+// Lip(F) ≤ c_F = Π_i min(σ_i, c), and then κ(I + J_F) ≤ (1 + c_F)/(1 − c_F):
+// amplification() reports it, and GMRES converges at a rate set by c_F. The
+// projection happens between steps, so a step's gradient is that of the
+// function it ran.
+//
 // iterations() counts the operator applications of every solve so far
 // (last_iterations() those of the latest one); a gradient reports its own
 // in Stats::counts.solver_iterations.
@@ -33,6 +46,7 @@
 
 #include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/init.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/nets/chain.hpp"
 
@@ -130,6 +144,7 @@ class Residual {
     double tolerance = 0;      ///< relative residual of vijp's and inverse's solves; 0: 10 ε of S
     int max_iterations = 200;  ///< operator applications per solve before RankError
     int restart = 30;          ///< GMRES restart length
+    double lipschitz = 0;  ///< c in (0, 1): ‖W‖₂ ≤ c for F's weighted layers (header comment); 0: off
   };
 
   explicit Residual(F f, Options o = {}) : f_(std::move(f)), o_(o) {
@@ -138,6 +153,9 @@ class Residual {
                                    f_.out_features(), " features; y = x + F(x) needs F square"));
     if (!(o_.tolerance >= 0) || o_.max_iterations < 1 || o_.restart < 1)
       throw Error("residual: tolerance must be >= 0, max_iterations and restart >= 1");
+    if (!(o_.lipschitz >= 0 && o_.lipschitz < 1))
+      throw Error(detail::cat("residual: lipschitz must lie in [0, 1) (0: off), got ", o_.lipschitz));
+    if (o_.lipschitz > 0) limit_lipschitz(kFirstPowerIterations);
   }
 
   [[nodiscard]] Index in_features() const { return f_.in_features(); }
@@ -162,7 +180,24 @@ class Residual {
   }
 
   // ---- step, mode and batch coupling (core/step.hpp): F's
-  void set_step(std::uint64_t k) { moonwalk::set_step(f_, k); }
+  /// F's step; under a Lipschitz limit, F's weights projected back within it
+  /// (header comment): set_step follows every update.
+  void set_step(std::uint64_t k) {
+    moonwalk::set_step(f_, k);
+    if (o_.lipschitz > 0) limit_lipschitz(kStepPowerIterations);
+  }
+  /// Under a Lipschitz limit: c_F = Π_i min(σ_i, c) over F's weighted layers
+  /// as last estimated, an estimate of Lip(F) when F's other layers are
+  /// 1-Lipschitz; 0 without a limit.
+  [[nodiscard]] double lipschitz_estimate() const { return lipschitz_estimate_; }
+  /// Under a Lipschitz limit with c_F < 1: κ(I + J_F) ≤ (1 + c_F)/(1 − c_F),
+  /// for both figures; unknown otherwise.
+  [[nodiscard]] Amplification amplification(const Matrix<S>&) const {
+    const double c = lipschitz_estimate_;
+    if (!(o_.lipschitz > 0 && c < 1)) return Amplification::unknown();
+    const double k = (1 + c) / (1 - c);
+    return {k, k};
+  }
   void set_training(bool t) { moonwalk::set_training(f_, t); }
   [[nodiscard]] bool couples_batch() const { return moonwalk::couples_batch(f_); }
   /// F's buffers (core/step.hpp).
@@ -259,11 +294,18 @@ class Residual {
   requires CastableTo<F, T>
   [[nodiscard]] auto cast() const {
     using FT = cast_t<T, F>;
-    typename Residual<FT>::Options o{o_.tolerance, o_.max_iterations, o_.restart};
-    return Residual<FT>(f_.template cast<T>(), o);
+    // (built without the limit, then given it: a cast keeps F's weights as they are)
+    Residual<FT> r(f_.template cast<T>(), {o_.tolerance, o_.max_iterations, o_.restart});
+    r.o_.lipschitz = o_.lipschitz;
+    r.power_ = power_;
+    r.lipschitz_estimate_ = lipschitz_estimate_;
+    return r;
   }
 
  private:
+  template <Layer>
+  friend class Residual;
+
   /// F linearised at x: a chain's layer inputs computed once, then Jᵀ v one
   /// vjp per layer; any other F through its own vjp.
   class Linearised {
@@ -296,6 +338,56 @@ class Residual {
     std::vector<Matrix<S>> xs_;
   };
 
+  static constexpr int kFirstPowerIterations = 20, kStepPowerIterations = 2, kMaxPowerIterations = 200;
+
+  /// σ = ‖J‖₂ of a layer linear in x by power iteration on JᵀJ from v (unit,
+  /// updated), J applied as jvp at x = 0: at least `iterations` steps, then
+  /// on until the estimate σ_k = ‖J v_k‖ changes by less than 1e-5 relative
+  /// (σ_k increases to σ; at most kMaxPowerIterations steps).
+  template <class L>
+  static double spectral_norm(const L& l, Vector<double>& v, int iterations) {
+    using LS = typename L::scalar_type;
+    const Matrix<LS> zero = Matrix<LS>::Zero(l.in_features(), 1);
+    double sigma = 0;
+    for (int it = 0; it < kMaxPowerIterations; ++it) {
+      const Matrix<LS> u = l.jvp(zero, v.template cast<LS>());
+      const double next = u.template cast<double>().norm();
+      const bool settled = it >= iterations && std::abs(next - sigma) <= 1e-5 * next;
+      sigma = next;
+      if (settled) break;
+      const Vector<double> g = l.vjp(zero, u).template cast<double>();
+      const double n = g.norm();
+      if (!(n > 0)) return 0;
+      v = g / n;
+    }
+    return sigma;
+  }
+
+  /// ‖W_i‖₂ ≤ c for F's weighted layers (header comment).
+  void limit_lipschitz(int iterations) {
+    double bound = 1;
+    std::size_t j = 0;
+    const auto one = [&](auto& l) {
+      const std::size_t slot = j++;
+      if (!moonwalk::scale_weight(l, 1.0)) return;  // no weights: 1-Lipschitz by assumption
+      if (power_.size() <= slot) power_.resize(slot + 1);
+      Vector<double>& v = power_[slot];
+      if (v.size() != l.in_features()) {
+        v = gaussian<double>(l.in_features(), 1, 0x5eed + slot);
+        v /= v.norm();
+      }
+      const double sigma = spectral_norm(l, v, v.size() > 0 ? iterations : 0);
+      if (sigma > o_.lipschitz) (void)moonwalk::scale_weight(l, o_.lipschitz / sigma);
+      bound *= std::min(sigma, o_.lipschitz);
+    };
+    if constexpr (detail::Walkable<F>) {
+      for (std::size_t i = 0; i < f_.size(); ++i) f_.visit(i, one);
+    } else {
+      one(f_);
+    }
+    lipschitz_estimate_ = bound;
+  }
+
   [[nodiscard]] double tolerance() const {
     return o_.tolerance > 0 ? o_.tolerance : 10 * static_cast<double>(std::numeric_limits<S>::epsilon());
   }
@@ -307,6 +399,8 @@ class Residual {
 
   F f_;
   Options o_;
+  std::vector<Vector<double>> power_;  ///< power iteration's vector per layer of F (Lipschitz limit)
+  double lipschitz_estimate_ = 0;
   mutable std::uint64_t iterations_ = 0;
   mutable int last_iterations_ = 0;
 };

@@ -127,6 +127,8 @@ class AnyLayer {
 
   // Step, mode and batch coupling (core/step.hpp), forwarded to the wrapped layer.
   void set_step(std::uint64_t k) { self_->set_step(k); }
+  /// The wrapped layer's scale_weight (core/ops.hpp): false when it has none.
+  bool scale_weight(double s) { return self_->scale_weight(s); }
   void set_training(bool t) { self_->set_training(t); }
   [[nodiscard]] bool couples_batch() const { return self_->couples_batch(); }
   /// The wrapped layer's buffers (core/step.hpp).
@@ -193,6 +195,7 @@ class AnyLayer {
     virtual void release_derived() const noexcept = 0;
     virtual void cast_float_into(AnyLayer<float>& dst) const = 0;
     virtual void set_step(std::uint64_t) = 0;
+    virtual bool scale_weight(double) = 0;
     virtual void set_training(bool) = 0;
     [[nodiscard]] virtual bool couples_batch() const = 0;
     virtual std::vector<std::span<double>> buffers() = 0;
@@ -299,6 +302,7 @@ class AnyLayer {
     void release_derived() const noexcept override { moonwalk::release_derived(layer); }
     void cast_float_into(AnyLayer<float>& dst) const override { cast_into_impl(dst); }
     void set_step(std::uint64_t k) override { moonwalk::set_step(layer, k); }
+    bool scale_weight(double s) override { return moonwalk::scale_weight(layer, s); }
     void set_training(bool t) override { moonwalk::set_training(layer, t); }
     [[nodiscard]] bool couples_batch() const override { return moonwalk::couples_batch(layer); }
     std::vector<std::span<double>> buffers() override { return moonwalk::buffers(layer); }

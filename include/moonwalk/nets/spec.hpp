@@ -28,11 +28,13 @@
 //                       image per channel over the batch and H·W (image kept)
 //   layernorm           LayerNorm<S>(width): per sample over its features
 //   dropout:P           Dropout<S>(width, P, token seed), 0 ≤ P < 1
-//   residual:HIDDEN[:ACT[:SCALE]]
+//   residual:HIDDEN[:ACT[:SCALE[:LIP]]]
 //                       Residual<S> block y = x + F(x), F = linear:HIDDEN, ACT,
 //                       linear:width with gain SCALE (default 0.5: F starts a
 //                       contraction, so vijp and inverse converge); on an
-//                       image it acts on the C·H·W features
+//                       image it acts on the C·H·W features. LIP in (0, 1):
+//                       each Linear of F kept at spectral norm ≤ LIP after
+//                       every update (Residual's lipschitz; default 0: off)
 //   coupling:KIND:HIDDEN[:ACT[:SCALE]]
 //                       additive or affine coupling block (on an image too;
 //                       additive_conv below is the convolutional one) (KIND = additive |
@@ -61,9 +63,10 @@
 //   gap                 GlobalAvgPool<S>: C×H×W → C (submersive)
 //   flatten             Flatten<S>: the identity on the layout (C·H·W × 1 × 1)
 //   pad_channels:C      PadChannels<S>: zero channels appended up to C (fragmental)
-//   residual_conv:HIDDEN[:ACT[:SCALE]]
+//   residual_conv:HIDDEN[:ACT[:SCALE[:LIP]]]
 //                       Residual<S> block, F = conv:HIDDEN:3:1:1, ACT,
-//                       conv:C:3:1:1 with gain SCALE (default 0.5)
+//                       conv:C:3:1:1 with gain SCALE (default 0.5); LIP as
+//                       for residual, on the convolutions
 //   coupling:additive_conv:HIDDEN[:ACT[:SCALE]]
 //                       additive coupling over channel halves c1 = C/2,
 //                       c2 = C − c1 (the first c1 channels are x1): F and G
@@ -453,6 +456,14 @@ std::string activations();
 template <class S>
 const Rule<S>& branch_activation(const Token& t, std::size_t k);
 
+/// A residual block's Lipschitz limit: argument k of `t` in [0, 1) (default 0: off).
+inline double lipschitz_arg(const Token& t, std::size_t k) {
+  const double c = t.number(k, "Lipschitz limit", 0);
+  if (!(c >= 0 && c < 1))
+    t.fail(detail::cat("the Lipschitz limit LIP must lie in [0, 1) (0: off), got ", t.args()[k]));
+  return c;
+}
+
 /// The grammar: every layer a spec can name. Add a layer here, nowhere else.
 template <class S>
 const std::map<std::string, Rule<S>>& layers() {
@@ -651,9 +662,9 @@ const std::map<std::string, Rule<S>>& layers() {
           return {AdditiveCoupling<Network<S>, Network<S>>(std::move(f), std::move(g)), in};
         }}},
       {"residual",
-       {"residual:HIDDEN[:ACT[:SCALE]]",
+       {"residual:HIDDEN[:ACT[:SCALE[:LIP]]]",
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
-          t.expect_arity(1, 3, "residual:HIDDEN[:ACT[:SCALE]]");
+          t.expect_arity(1, 4, "residual:HIDDEN[:ACT[:SCALE[:LIP]]]");
           const Index hidden = t.width(0, "hidden width");
           const auto& act = branch_activation<S>(t, 1);
           const S scale = t.positive<S>(2, "branch scale", 0.5);
@@ -664,7 +675,7 @@ const std::map<std::string, Rule<S>>& layers() {
           f.add(Linear<S>(w, hidden, {.seed = seed * 4 + 1, .init = o.init}));
           f.add(act.build(hidden, Token(t.args().size() > 1 ? t.args()[1] : "tanh", t.index()), seed, o));
           f.add(Linear<S>(hidden, w, {.seed = seed * 4 + 2, .gain = scale, .init = o.init}));
-          return Residual<Network<S>>(std::move(f));
+          return Residual<Network<S>>(std::move(f), {.lipschitz = lipschitz_arg(t, 3)});
         },
         // On an image: acts on the C·H·W features and keeps the image shape.
         [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
@@ -672,9 +683,9 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"residual_conv",
        image_rule<S>(
-           "residual_conv:HIDDEN[:ACT[:SCALE]]",
+           "residual_conv:HIDDEN[:ACT[:SCALE[:LIP]]]",
            [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
-             t.expect_arity(1, 3, "residual_conv:HIDDEN[:ACT[:SCALE]]");
+             t.expect_arity(1, 4, "residual_conv:HIDDEN[:ACT[:SCALE[:LIP]]]");
              const Index hidden = t.width(0, "hidden channels");
              const auto& act = branch_activation<S>(t, 1);
              const S scale = t.positive<S>(2, "branch scale", 0.5);
@@ -700,7 +711,7 @@ const std::map<std::string, Rule<S>>& layers() {
                               .seed = seed * 4 + 2,
                               .gain = scale,
                               .init = o.init}));
-             return {AnyLayer<S>(Residual<Network<S>>(std::move(f))), in};
+             return {AnyLayer<S>(Residual<Network<S>>(std::move(f), {.lipschitz = lipschitz_arg(t, 3)})), in};
            })},
       // ---- image layers (need an image shape: in:CxHxW)
       {"conv",
