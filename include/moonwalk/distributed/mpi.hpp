@@ -17,7 +17,7 @@
 //     }
 //     reduce.finish(r);                                  // g ← Σ_r (n_r/n) g_r everywhere
 //     optimizer.step(net, lr);
-//     moonwalk::mpi::average_buffers(net, MPI_COMM_WORLD, double(n_r) / double(n));  // BatchNorm's running stats
+//     mpi::average_buffers(net, MPI_COMM_WORLD, double(n_r) / double(n));  // BatchNorm's statistics
 //   }
 //
 // The loss is a mean over samples, so the global batch's gradient is
