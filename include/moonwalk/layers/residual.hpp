@@ -334,7 +334,7 @@ class Residual {
 
    private:
     const F& f_;
-    const CRef<S>& x_;
+    const CRef<S> x_;  // by value: a Ref built from a Matrix argument would not outlive the constructor
     std::vector<Matrix<S>> xs_;
   };
 
