@@ -37,6 +37,14 @@
 namespace moonwalk {
 
 /// A plan bound to the shapes of one chain at one batch size, with its buffers.
+/// The drift one check measured: forward(layer) onto the rebuilt x_{layer+1},
+/// which the stretch of inverses from x_top down rebuilt (ChainCosts::drift(layer, top)
+/// is its prediction).
+struct CheckedDrift {
+  std::size_t layer = 0, top = 0;
+  double drift = 0;  ///< max|x̂ − x| / max|x|
+};
+
 template <class S>
 class PlanRun {
  public:
@@ -72,6 +80,8 @@ class PlanRun {
     return batch_ == batch && rows_ == rows && input_gradient_ == input_gradient;
   }
   [[nodiscard]] const Plan& plan() const { return plan_; }
+  /// What the last run's checks measured, one entry per check, in plan order.
+  [[nodiscard]] const std::vector<CheckedDrift>& checked_drifts() const { return drifts_; }
 
   /// Bytes of the values' arena (what the layout needs, allocated or not).
   [[nodiscard]] std::size_t value_bytes() const { return arena_size_ * sizeof(S); }
@@ -133,6 +143,7 @@ class PlanRun {
     if (detail::accounted(role_[0])) net.visit(0, [&](const auto& l) { account(0, role_[0], l); });
     std::fill(bits_held_.begin(), bits_held_.end(), 0);
     double drift = 0;
+    drifts_.clear();
     detail::PingPong<S> h(h_[0], h_[1]);
     for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
       const PlanStep& s = plan_.steps[k];
@@ -154,9 +165,10 @@ class PlanRun {
           });
           ++st.counts.forward;
           if (check) {  // the exact x_{i+1} against the rebuilt one, which it replaces
-            drift = std::max(
-                drift, detail::rel_max_err(value(i + 1), Eigen::Map<const Matrix<S>>(arena_.data() + o,
-                                                                                     rows_[i + 1], batch_)));
+            const double d = detail::rel_max_err(
+                value(i + 1), Eigen::Map<const Matrix<S>>(arena_.data() + o, rows_[i + 1], batch_));
+            drift = std::max(drift, d);
+            drifts_.push_back({i, top_[i + 1], d});  // (capacity reserved by bind)
           }
           at_[i + 1] = o;
           role_[i + 1] = s.output;
@@ -185,6 +197,7 @@ class PlanRun {
                                             l.name(), ") has no inverse"));
           });
           ++st.counts.inverse;
+          top_[i] = role_[i + 1] == ValueRole::rebuilt ? top_[i + 1] : i + 1;
           at_[i] = o;
           role_[i] = ValueRole::rebuilt;
           break;
@@ -244,7 +257,12 @@ class PlanRun {
     if (!stacked()) first_fit();
     bits_held_.assign(plan_.layers, 0);
     at_.assign(plan_.layers + 1, none);
+    top_.assign(plan_.layers + 1, none);
     role_.assign(plan_.layers + 1, ValueRole::temporary);
+    drifts_.clear();
+    drifts_.reserve(
+        static_cast<std::size_t>(std::count_if(plan_.steps.begin(), plan_.steps.end(),
+                                               [](const PlanStep& st) { return st.op == PlanOp::forward; })));
   }
 
   /// The values live while the layout is made: offset and size of x_i
@@ -362,6 +380,8 @@ class PlanRun {
   Vector<S> arena_;
   std::vector<std::size_t> at_;  ///< where x_i is now (none: not held, or x_0)
   std::vector<ValueRole> role_;
+  std::vector<std::size_t> top_;      ///< a rebuilt x_i: the x_top its stretch of inverses began from
+  std::vector<CheckedDrift> drifts_;  ///< the last run's checks
   detail::Buffer<S> h_[2];
   Matrix<S> g_;
   detail::Workspace bits_;       ///< layer i's branch bits in slot i

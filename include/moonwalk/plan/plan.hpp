@@ -130,6 +130,17 @@ struct ChainCosts {
     return g >= 0 ? g : std::numeric_limits<double>::infinity();
   }
 
+  /// D(a, k) = Σ_{t=a+1..k−1} Π_{l=a+1..t} γ_l of the stretch a+1 … k−1
+  /// (the planner's sums, planner.hpp).
+  [[nodiscard]] double drift(std::size_t a, std::size_t k) const {
+    double gammas = 1, d = 0;
+    for (std::size_t t = a + 1; t < k; ++t) {
+      gammas *= gamma(t);
+      d += gammas;
+    }
+    return d;
+  }
+
   [[nodiscard]] std::size_t layers() const { return forward.size(); }
   [[nodiscard]] bool invertible(std::size_t i) const {
     return i < inverse.size() && inverse[i] < std::numeric_limits<double>::infinity();

@@ -37,10 +37,15 @@ namespace moonwalk {
 /// step's error estimate ("max_reconstruction_error"); with
 /// `drift_calibration`, a stretch is planned only where its drift predicted
 /// from the layers' amplification holds `tolerance`. Above `tolerance`
-/// the step is taken again by the best plan without inversion within the
-/// same budget (Stats::fallbacks 1), and so are the later steps on that
-/// shape; where none fits, the step is returned as it is, flagged
-/// (within_tolerance false). Such a result differs from
+/// the drift model is calibrated on what the checks measured (c = 2 max
+/// drift / (u · D) over the checked stretches: the drifted ones are then
+/// predicted over the tolerance) and the step is taken again by the fastest
+/// plan within the same budget whose stretches it predicts within the
+/// tolerance; after kRecalibrations such re-plans, by the best plan without
+/// inversion (Stats::fallbacks counts the steps taken again). The later
+/// steps on that shape run the last plan taken, and a later bind keeps the
+/// measured constant. Where no plan fits, the step is returned as it is,
+/// flagged (within_tolerance false). Such a result differs from
 /// backprop's by the drift; plans without inverse steps repeat backprop's
 /// arithmetic.
 ///
@@ -49,8 +54,9 @@ namespace moonwalk {
 /// it. Making it takes memory the budget does not cover, for that step only:
 /// the planner's table (about 6 MiB; more on chains of over ~400 layers) and,
 /// when timing, four buffers of the widest value. Its figures: "budget", "predicted_working_bytes",
-/// "predicted_seconds", "recomputed_forwards", "checkpoints", "inverses" and,
-/// where the plan inverts, "max_reconstruction_error".
+/// "predicted_seconds", "recomputed_forwards", "checkpoints", "inverses",
+/// where the plan inverts, "max_reconstruction_error", and where a drift
+/// model bounds the stretches, "drift_calibration" (its c).
 struct Planned {
   std::size_t budget = 0;  ///< bytes of a step's working set; 0: unlimited
   Calibration calibration = Calibration::cached;
@@ -64,9 +70,10 @@ struct Planned {
   /// amplification, c · u · D (ChainCosts, plan.hpp), holds `tolerance` (c = 4
   /// is the constant of fidelity/policy.hpp's error model). 0 (the default):
   /// no prediction, every stretch may be planned and the check after it
-  /// judges. The sweep's model over-predicts the drift of inverting coupling
-  /// blocks (BENCHMARKS.md: on a 40-block RevNet it allows stretches far
-  /// shorter than the ones that measure 1e-5), hence off by default.
+  /// judges, and a stretch that drifts calibrates the model (struct comment).
+  /// A fixed c over-predicts the drift of inverting coupling blocks
+  /// (BENCHMARKS.md: on a 40-block RevNet c = 4 allows stretches far shorter
+  /// than the ones that measure 1e-5), hence measured by default.
   double drift_calibration = 0;
   /// The bound plan, reused by every step on the same shapes (copies share it).
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
@@ -97,14 +104,30 @@ struct Planned {
     out.stats.amplification.clear();
     zero_gradients(net);
     // After a step whose stretches drifted over the tolerance, the steps on
-    // this shape run the plan without inversion (until the next bind).
+    // this shape run the plan made with the drift model calibrated on it, or
+    // the plan without inversion (until the next bind).
     PlanRun<S>* ran = b.drifted ? &b.exact : &b.run;
     ran->run(net, x0, loss, target, out);
-    const bool inverts = ran == &b.run && b.predicted.inverse_steps > 0;
-    const double drift = out.stats.error_estimate;
+    double drift = out.stats.error_estimate;
     std::size_t fallbacks = 0, working = out.stats.working_bytes;
-    if (inverts && !(drift <= tol) && std::isfinite(out.loss)) {
-      // The rebuilt stretches drifted: the best plan without inversion, if one fits.
+    auto again = [&](PlanRun<S>& run) {
+      out.stats.restart();
+      out.stats.schedule = name();
+      zero_gradients(net);
+      run.run(net, x0, loss, target, out);
+      working = std::max(working, out.stats.working_bytes);
+      drift = out.stats.error_estimate;
+      ++fallbacks;
+    };
+    while (ran == &b.run && b.predicted.inverse_steps > 0 && !(drift <= tol) && std::isfinite(out.loss)) {
+      // The drifted plan's buffers go first: planning (its table) and the
+      // next plan's buffers must not stack on them.
+      b.run.release();
+      if (fallbacks < kRecalibrations && recalibrate(net, x0, b, tol)) {
+        again(b.run);  // shorter stretches, or none
+        continue;
+      }
+      // The best plan without inversion, if one fits.
       if (!b.exact_tried) {
         b.exact_tried = true;
         ChainCosts exact = b.costs;
@@ -117,18 +140,12 @@ struct Planned {
           b.has_exact = false;
         }
       }
-      if (b.has_exact) {
-        b.run.release();
-        out.stats.restart();
-        out.stats.schedule = name();
-        zero_gradients(net);
-        b.exact.run(net, x0, loss, target, out);
-        working = std::max(working, out.stats.working_bytes);
-        fallbacks = 1;
-        ran = &b.exact;
-        b.drifted = true;
-      }
+      if (!b.has_exact) break;
+      ran = &b.exact;
+      b.drifted = true;
+      again(b.exact);
     }
+    const bool inverts = ran == &b.run && b.predicted.inverse_steps > 0;
     Stats& st = out.stats;
     const PlanFigures& predicted = ran == &b.run ? b.predicted : b.exact_figures;
     st.figures["budget"] = static_cast<double>(budget);
@@ -140,6 +157,7 @@ struct Planned {
     st.figures["checkpoints"] = static_cast<double>(predicted.peak_checkpoints);
     st.figures["inverses"] = static_cast<double>(st.counts.inverse);
     if (inverts) st.figures["max_reconstruction_error"] = drift;
+    if (b.calibrated > 0) st.figures["drift_calibration"] = b.calibrated;
     st.tolerance = tol;
     st.fallbacks = fallbacks;
     st.working_bytes = working;
@@ -202,7 +220,45 @@ struct Planned {
     PlanFigures exact_figures;
     bool exact_tried = false, has_exact = false;
     bool drifted = false;  ///< a step drifted over the tolerance: run `exact`
+    /// The drift model's constant c in effect (0: none); measured ones
+    /// outlive a bind (the same layers drift alike at another batch).
+    double calibrated = 0, measured = 0;
   };
+
+  /// Re-plans a step cannot take in more: a drifted plan is re-planned at most this often.
+  static constexpr std::size_t kRecalibrations = 3;
+  /// The measured constant is doubled before it bounds the stretches (what
+  /// a check saw on one batch is not the most another batch drifts).
+  static constexpr double kCalibrationMargin = 2;
+
+  /// After a run whose checks measured drift over `tol`: calibrates the
+  /// drift model on them, c = max over checks of drift / (u · D(stretch)),
+  /// and binds b.run to the fastest plan whose stretches it predicts within
+  /// `tol` (kCalibrationMargin · c · u · D ≤ tol). The drifted stretches are
+  /// excluded by construction: their D now exceeds the budget. False when no
+  /// plan fits.
+  template <Net N, class S>
+  bool recalibrate(N& net, const CRef<S>& x0, Bound<S>& b, double tol) const {
+    if (b.costs.inverse_gamma.empty()) b.costs.inverse_gamma = inverse_gammas(net, x0);
+    const double u = unit_roundoff<S>();
+    double c = 0;
+    for (const CheckedDrift& d : b.run.checked_drifts()) {
+      const double predicted = b.costs.drift(d.layer, d.top);
+      if (predicted > 0 && std::isfinite(d.drift)) c = std::max(c, d.drift / (u * predicted));
+    }
+    b.measured = std::max(b.measured, c);
+    // Strictly tighter each time: the budget falls below every stretch that drifted.
+    const double next = std::max(kCalibrationMargin * b.measured, kCalibrationMargin * b.calibrated);
+    if (!(next > b.calibrated) || !std::isfinite(next)) return false;
+    b.calibrated = next;
+    b.costs.drift_budget = tol / (b.calibrated * u);
+    try {
+      b.predicted = layout(net, b.costs, x0.cols(), b.run);
+    } catch (const ScheduleError&) {
+      return false;
+    }
+    return true;
+  }
 
   /// Plans within the budget and binds (the buffers are allocated by the
   /// first run).
@@ -212,15 +268,17 @@ struct Planned {
     b.exact_tried = b.has_exact = b.drifted = false;
     b.exact.release();
     b.costs = chain_costs(net, x0, calibration);
+    // The drift model's constant: the caller's, or the one steps measured.
+    b.calibrated = invert ? std::max(drift_calibration, kCalibrationMargin * b.measured) : 0;
     if (!invert) {
       b.costs.inverse.clear();
       b.costs.branch_bytes.clear();
-    } else if (drift_calibration > 0) {
+    } else if (b.calibrated > 0) {
       // Stretches are rebuilt only where their predicted drift holds the
       // tolerance (plan.hpp, ChainCosts): c · u · D ≤ tolerance.
       b.costs.inverse_gamma = inverse_gammas(net, x0);
       b.costs.drift_budget =
-          (tolerance > 0 ? tolerance : default_target<S>()) / (drift_calibration * unit_roundoff<S>());
+          (tolerance > 0 ? tolerance : default_target<S>()) / (b.calibrated * unit_roundoff<S>());
     }
     b.predicted = layout(net, b.costs, x0.cols(), b.run);
     b.budget = budget;
