@@ -20,6 +20,9 @@
 #include <moonwalk/nets/spec.hpp>
 #include <moonwalk/optim/optimizers.hpp>
 #include <moonwalk/schedules/by_name.hpp>
+#include <moonwalk/schedules/planned.hpp>
+#include <string>
+#include <vector>
 
 #include "support/check_util.hpp"
 
@@ -208,5 +211,41 @@ TEST_CASE(
     m.fidelity.precision = moonwalk::Precision::double_cotangents;
     steps(m);
     CHECK(r.stats.precision == "double");
+  }
+}
+
+TEST_CASE("planning a step takes no more memory than the step it plans", "[alloc]") {
+  // The planner's table is sized by the budget (Planned::table_entries). On an
+  // 81-layer chain at its tightest budgets, the first step's heap peak —
+  // costs, table, plan and step — stays within the budget, the product
+  // scratch and the plan's bookkeeping (its step list: about L²/2 steps).
+  Eigen::setNbThreads(1);
+  std::string spec = "in:64";
+  for (int i = 0; i < 40; ++i) spec += ",linear:64,leaky_relu:0.1";
+  spec += ",linear:10";
+  auto net = moonwalk::parse_network<float>(spec, 3);
+  const Index batch = 256;
+  const Mat<float> x = rand<float>(64, batch, 5);
+  std::vector<Index> labels(batch);
+  for (std::size_t b = 0; b < labels.size(); ++b) labels[b] = static_cast<Index>(b % 10);
+  const moonwalk::SoftmaxCrossEntropy<float> loss;
+  const std::size_t least =
+      moonwalk::Planned{.calibration = moonwalk::Calibration::estimate}.smallest_budget(net, x);
+  const std::size_t value = 64 * batch * sizeof(float);
+  for (const std::size_t budget : {least, least + value, least + 4 * value}) {
+    INFO("budget " << budget << " (least " << least << ")");
+    const moonwalk::Planned planned{.budget = budget, .calibration = moonwalk::Calibration::estimate};
+    moonwalk::GradientResult<float> r;
+    r.flat_gradient = false;
+    moonwalk::release_thread_scratch();
+    const std::int64_t before = moonwalk::bench::heap_live_bytes();
+    moonwalk::bench::reset_live_peak();
+    moonwalk::gradient_into(planned, net, x, loss, labels, r);
+    const auto peak = static_cast<std::size_t>(moonwalk::bench::heap_live_peak() - before);
+    const std::size_t scratch = moonwalk::thread_scratch_bytes();
+    CHECK(r.stats.working_bytes <= budget + scratch);
+    CHECK(peak <= budget + scratch + budget / 2);
+    // (a table of the default 2^20 entries would be 7 MiB: 20 times this budget)
+    CHECK(planned.table_entries() * moonwalk::kPlannerEntryBytes <= budget);
   }
 }

@@ -33,12 +33,14 @@
 // (a plan that recomputes the check's source after the stretch is outside
 // this family; tests/plan/test_plan.cpp searches the family exhaustively).
 // Memory is
-// counted in units: the sizes' common divisor where the budget is at most M
-// of them (exact), else ⌈budget / M⌉ bytes (sizes rounded up, so a plan that
-// fits in units fits in bytes).
+// counted in units: the sizes' common divisor g where the budget is at most M
+// of them (exact), else a multiple of g that cuts the budget into at most M
+// units and wastes the fewest bytes rounding (sizes rounded up, so a plan
+// that fits in units fits in bytes).
 #pragma once
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -61,10 +63,14 @@ inline std::size_t least_held_bytes(const ChainCosts& c) {
   return m;
 }
 
+/// Bytes of one entry of the planner's table: its cost, split and move.
+inline constexpr std::size_t kPlannerEntryBytes =
+    sizeof(float) + sizeof(std::uint16_t) + sizeof(std::uint8_t);
+
 /// The plan of least predicted time (check_plan with c's times) whose held
 /// values (x_0 excluded) never take more than `held_budget` bytes, found by
 /// the dynamic program above with about max(table_entries, 9 · (L+1)(L+2)/2)
-/// cost entries (6 bytes each; up to 16 times more when rounding to the
+/// entries of kPlannerEntryBytes (up to 16 times more when rounding to the
 /// coarser unit leaves no plan, before the plan holding nothing but x_0).
 /// Throws ScheduleError when held_budget < least_held_bytes(c).
 inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_t table_entries = 1u << 20) {
@@ -117,8 +123,32 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   // no plan (then a finer unit may find one).
   auto solve = [&](std::size_t M) {
     // The unit: the sizes' greatest common divisor when the budget is at most
-    // M of them (exact: value sizes are rows × batch × sizeof(S)), else ⌈budget / M⌉.
-    const std::size_t unit = g > 0 && budget / g <= M ? g : (budget + M - 1) / M;
+    // M of them (exact: value sizes are rows × batch × sizeof(S)), else the
+    // multiple g k, k₀ = ⌈budget / (g M)⌉ ≤ k < 2 k₀ (the first 256 of those
+    // and the power of two among them), that wastes the fewest bytes
+    // rounding the sizes up and the budget down (a k dividing the common
+    // value sizes keeps them exact).
+    const std::size_t g1 = std::max<std::size_t>(g, 1);
+    const std::size_t k0 = std::max<std::size_t>((budget / g1 + M - 1) / M, 1);
+    std::size_t unit = g1 * k0;
+    if (k0 > 1) {
+      auto waste = [&](std::size_t u) {
+        auto up = [u](std::size_t v) { return (v + u - 1) / u * u - v; };
+        std::size_t w = budget % u;
+        for (std::size_t i = 0; i <= L; ++i) w += up(c.value_bytes[i]);
+        for (std::size_t i = 0; i < L; ++i) w += up(c.branches(i));
+        return w;
+      };
+      std::size_t least_waste = waste(unit);
+      auto consider = [&](std::size_t k) {
+        if (const std::size_t w = waste(g1 * k); w < least_waste) {
+          least_waste = w;
+          unit = g1 * k;
+        }
+      };
+      for (std::size_t k = k0 + 1; k < std::min(2 * k0, k0 + 256); ++k) consider(k);
+      consider(std::bit_ceil(k0));
+    }
     units = budget / unit;
     for (std::size_t i = 0; i <= L; ++i) s[i] = (c.value_bytes[i] + unit - 1) / unit;
     for (std::size_t i = 0; i < L; ++i) bsum[i + 1] = bsum[i] + (c.branches(i) + unit - 1) / unit;

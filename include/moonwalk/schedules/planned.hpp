@@ -1,6 +1,7 @@
 // Moonwalk — the planned schedule: the fastest plan whose working set fits a budget.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <memory>
@@ -52,8 +53,10 @@ namespace moonwalk {
 /// The plan is made on the first step on a shape (the costs timed then, or
 /// read from the cost file) and bound once: later steps on that shape reuse
 /// it. Making it takes memory the budget does not cover, for that step only:
-/// the planner's table (about 6 MiB; more on chains of over ~400 layers) and,
-/// when timing, four buffers of the widest value. Its figures: "budget", "predicted_working_bytes",
+/// the planner's table (at most the budget's bytes, table_entries; more on
+/// chains of over ~400 layers, whose table has at least 9 entries per pair
+/// of layers) and, when timing, four buffers of the widest value. Both are
+/// freed before the plan's buffers are allocated. Its figures: "budget", "predicted_working_bytes",
 /// "predicted_seconds", "recomputed_forwards", "checkpoints", "inverses",
 /// where the plan inverts, "max_reconstruction_error", and where a drift
 /// model bounds the stretches, "drift_calibration" (its c).
@@ -199,8 +202,18 @@ struct Planned {
     ChainCosts costs = chain_costs(net, x0, calibration);
     if (!invert) costs.inverse.clear();
     PlanRun<S> run;
-    run.bind(plan_within(costs, least_held_bytes(costs)), value_rows(net), x0.cols(), input_gradient, false);
+    run.bind(plan_within(costs, least_held_bytes(costs), table_entries()), value_rows(net), x0.cols(),
+             input_gradient, false);
     return run.working_bytes();
+  }
+
+  /// Entries of the planner's table for this budget: the budget's bytes'
+  /// worth, between 2^14 (112 KiB) and 2^20 (7 MiB), so that planning needs
+  /// no more memory than the step it plans (at tight budgets the memory
+  /// levels are coarser: plan/planner.hpp's unit).
+  [[nodiscard]] std::size_t table_entries() const {
+    constexpr std::size_t least = std::size_t{1} << 14, most = std::size_t{1} << 20;
+    return budget == 0 ? most : std::clamp(budget / kPlannerEntryBytes, least, most);
   }
 
  private:
@@ -301,7 +314,7 @@ struct Planned {
     std::size_t total = 0;
     for (std::size_t i = 1; i < costs.value_bytes.size(); ++i) total += costs.value_bytes[i];
     auto bind_within = [&](std::size_t held) {
-      run.bind(plan_within(costs, held), rows, batch, input_gradient, false);
+      run.bind(plan_within(costs, held, table_entries()), rows, batch, input_gradient, false);
       return run.working_bytes();
     };
     if (budget == 0) {
