@@ -304,6 +304,37 @@ EOF
       w = ($21 == "" || $21 + 0 == 0) ? "–" : kept($21)
       printf "| %s%s | %s, %s | %s | %.4g s | %s | %s | %s | %s%s | %s |\n", label, note, x($10), x($11), x($12), $6, mib($8), kept($13), w, $14, tol, fr
     }' "$summary"
+  # The planner against the fixed schedules (issue 21's target): per planned
+  # run, the fastest schedule that is not planned whose median peak is at
+  # most the planned run's, and the ratio of their median times.
+  awk -F, '
+    function mib(b) { return sprintf("%.1f MiB", b / 1048576) }
+    NR == 1 { next }
+    $3 == 0 { next }
+    { n[$1]++; net[$1, n[$1]] = $2; tm[$1, n[$1]] = $6; pk[$1, n[$1]] = $8; tx[$1, n[$1]] = $10; fb[$1, n[$1]] = $16
+      if (!($1 in seen)) { seen[$1] = 1; order[++nn] = $1 } }
+    END {
+      any = 0
+      for (i = 1; i <= nn; ++i) { w = order[i]; for (j = 1; j <= n[w]; ++j) if (net[w, j] ~ /^planned/) any = 1 }
+      if (!any) exit
+      print "\n## The planner against the fastest fixed schedule that fits\n"
+      print "Per planned run: the fastest schedule that is not planned whose median peak is at most the"
+      print "planned run'"'"'s (\"none\": every fixed schedule peaks higher), and planned'"'"'s median time over its.\n"
+      print "| network | planned at | time × backprop | peak | fallbacks | fastest fixed that fits (time × backprop, peak) | ratio |"
+      print "|---|---|---|---|---|---|---|"
+      for (i = 1; i <= nn; ++i) {
+        w = order[i]
+        for (j = 1; j <= n[w]; ++j) {
+          if (net[w, j] !~ /^planned/) continue
+          best = 0
+          for (k = 1; k <= n[w]; ++k)
+            if (net[w, k] !~ /^planned/ && pk[w, k] + 0 <= pk[w, j] + 0 && (best == 0 || tm[w, k] + 0 < tm[w, best] + 0)) best = k
+          fit = best ? sprintf("%s %.2f (%s)", net[w, best], tx[w, best], mib(pk[w, best])) : "none"
+          r = best ? sprintf("%.2f", tm[w, j] / tm[w, best]) : "–"
+          printf "| %s | %s | %.2f | %s | %s | %s | %s |\n", w, substr(net[w, j], index(net[w, j], ":") + 1) (net[w, j] ~ /^planned-exact/ ? " (no inversion)" : ""), tx[w, j], mib(pk[w, j]), fb[w, j], fit, r
+        }
+      }
+    }' "$summary"
 } >"$md"
 
 # ---- plots --------------------------------------------------------------------------------
