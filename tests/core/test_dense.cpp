@@ -7,6 +7,8 @@
 #include <cmath>
 #include <limits>
 #include <moonwalk/core/dense.hpp>
+#include <moonwalk/core/mapped.hpp>
+#include <utility>
 
 #include "support/check_util.hpp"
 
@@ -129,4 +131,39 @@ TEMPLATE_TEST_CASE("BlockedQR: A = Q [R; 0], Q orthogonal, reused at a new shape
     qr.apply_q(e1);
     CHECK(std::abs(std::abs(e1.col(0).dot(A.col(0))) - A.col(0).norm()) <= 20 * eps * A.col(0).norm());
   }
+}
+
+TEST_CASE("MappedArray: mapped above kMapBytes, heap below; copies, moves and resizes keep their values",
+          "[core][dense]") {
+  using moonwalk::detail::MappedArray;
+  const std::size_t big = moonwalk::detail::kMapBytes / sizeof(float) + 7, small = 10;
+  MappedArray<float> a;
+  CHECK(a.size() == 0);
+  a.assign(big, 1.5f);
+  REQUIRE(a.size() == big);
+  a[big - 1] = -2;
+  MappedArray<float> b = a;  // a deep copy
+  REQUIRE(b.size() == big);
+  CHECK(b.data() != a.data());
+  CHECK(b[0] == 1.5f);
+  CHECK(b[big - 1] == -2);
+  b[0] = 3;
+  CHECK(a[0] == 1.5f);
+  b.resize(small);  // (from a mapping to the heap)
+  CHECK(b.size() == small);
+  b[small - 1] = 4;
+  MappedArray<float> c = std::move(b);
+  CHECK(b.size() == 0);
+  CHECK(b.data() == nullptr);
+  REQUIRE(c.size() == small);
+  CHECK(c[small - 1] == 4);
+  a = c;
+  REQUIRE(a.size() == small);
+  CHECK(a[small - 1] == 4);
+  const float* at = a.data();
+  a.resize(small);  // (the same size: the storage stays)
+  CHECK(a.data() == at);
+  a.clear();
+  CHECK(a.size() == 0);
+  CHECK(a.data() == nullptr);
 }

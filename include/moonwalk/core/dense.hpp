@@ -24,11 +24,8 @@
 #include <array>
 #include <cstddef>
 #include <new>
-#if defined(__unix__) || defined(__APPLE__)
-#include <sys/mman.h>
-#define MOONWALK_SCRATCH_MMAP 1
-#endif
 
+#include "moonwalk/core/mapped.hpp"
 #include "moonwalk/core/types.hpp"
 
 namespace moonwalk::detail {
@@ -86,32 +83,15 @@ class ScratchArena {
     void* data = nullptr;
     std::size_t bytes = 0;
   };
-  /// Blocks of at least this size are mapped from the kernel on their own,
-  /// outside the malloc heap: a long-lived block in the middle of the heap
-  /// would split the holes a step's large buffers are reallocated into
-  /// (measured: +10 MiB of peak at depth 56–80, batch 1024, with the
-  /// scratch on the heap under moonwalk-memory's no-trim allocator setting).
-  static constexpr std::size_t kMapBytes = std::size_t{64} << 10;
-
-  static void* allocate(std::size_t bytes) {
-#ifdef MOONWALK_SCRATCH_MMAP
-    if (bytes >= kMapBytes) {
-      void* p = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-      if (p == MAP_FAILED) throw std::bad_alloc();
-      return p;
-    }
-#endif
-    return Eigen::internal::aligned_malloc(bytes);
-  }
+  // Blocks of at least kMapBytes are mapped from the kernel on their own
+  // (core/mapped.hpp), outside the malloc heap: a long-lived block in the
+  // middle of the heap would split the holes a step's large buffers are
+  // reallocated into (measured: +10 MiB of peak at depth 56–80, batch 1024,
+  // with the scratch on the heap under moonwalk-memory's no-trim allocator
+  // setting).
+  static void* allocate(std::size_t bytes) { return map_bytes(bytes); }
   static void free_block(Block& b) noexcept {
-#ifdef MOONWALK_SCRATCH_MMAP
-    if (b.bytes >= kMapBytes) {
-      munmap(b.data, b.bytes);
-      b = {};
-      return;
-    }
-#endif
-    Eigen::internal::aligned_free(b.data);
+    unmap_bytes(b.data, b.bytes);
     b = {};
   }
   std::array<Block, static_cast<std::size_t>(Scratch::count)> blocks_{};

@@ -48,6 +48,7 @@
 #include <numeric>
 #include <vector>
 
+#include "moonwalk/core/mapped.hpp"
 #include "moonwalk/plan/plan.hpp"
 
 namespace moonwalk {
@@ -113,9 +114,11 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
 
   std::size_t units = 0;
   std::vector<std::size_t> s(n + 1), bsum(n + 1, 0);  // bsum[k]: Σ_{j<k} branch bits (units)
-  std::vector<float> cost;
-  std::vector<std::uint16_t> split;
-  std::vector<std::uint8_t> rebuilt;  // 1: the split's left part is rebuilt by inversion
+  // (the table: mapped on its own, so that its pages go back to the kernel
+  // when planning ends and leave no hole in the heap the step allocates from)
+  detail::MappedArray<float> cost;
+  detail::MappedArray<std::uint16_t> split;
+  detail::MappedArray<std::uint8_t> rebuilt;  // 1: the split's left part is rebuilt by inversion
   auto at = [&](std::size_t a, std::size_t b, std::size_t m) {
     return (row[a] + (b - a - 1)) * (units + 1) + m;
   };
