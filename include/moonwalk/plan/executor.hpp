@@ -28,7 +28,6 @@
 #include <vector>
 
 #include "moonwalk/core/dense.hpp"
-#include "moonwalk/core/mapped.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/nets/parameters.hpp"
 #include "moonwalk/plan/plan.hpp"
@@ -101,12 +100,12 @@ class PlanRun {
   /// Bytes allocated now (workspace accounting: storage_bytes()).
   [[nodiscard]] std::size_t storage_bytes() const {
     return h_[0].storage_bytes() + h_[1].storage_bytes() +
-           (static_cast<std::size_t>(g_.size()) + arena_.size()) * sizeof(S) + bits_.bytes();
+           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S) + bits_.bytes();
   }
   /// Frees the buffers (the layout stays; the next run allocates them again).
   void release() {
     bits_.clear();
-    arena_.clear();
+    arena_ = Vector<S>();
     h_[0] = detail::Buffer<S>();
     h_[1] = detail::Buffer<S>();
     g_ = Matrix<S>();
@@ -361,7 +360,7 @@ class PlanRun {
 
   /// Gives the arena and the cotangent buffers their sizes (nothing when they have them).
   void allocate() {
-    arena_.resize(arena_size_);
+    detail::safe_resize(arena_, static_cast<Index>(arena_size_));
     const auto w = static_cast<Index>(widest_cotangent());
     for (auto& h : h_) {
       if (h.storage_bytes() != static_cast<std::size_t>(w) * sizeof(S))
@@ -378,9 +377,7 @@ class PlanRun {
   std::vector<std::size_t> offset_of_;  ///< per step: where a forward step writes (scalars into the arena)
   std::size_t arena_size_ = 0;          ///< scalars
   std::size_t bits_bytes_ = 0;          ///< the branch bits' slots
-  // (mapped on its own: a re-plan frees it and binds one of another size,
-  // which would not fit the hole it left in the heap)
-  detail::MappedArray<S> arena_;
+  Vector<S> arena_;
   std::vector<std::size_t> at_;  ///< where x_i is now (none: not held, or x_0)
   std::vector<ValueRole> role_;
   std::vector<std::size_t> top_;      ///< a rebuilt x_i: the x_top its stretch of inverses began from
