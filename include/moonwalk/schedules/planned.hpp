@@ -53,10 +53,11 @@ namespace moonwalk {
 /// The plan is made on the first step on a shape (the costs timed then, or
 /// read from the cost file) and bound once: later steps on that shape reuse
 /// it. Making it takes memory the budget does not cover, for that step only:
-/// the planner's table (at most the budget's bytes, table_entries; more on
-/// chains of over ~400 layers, whose table has at least 9 entries per pair
-/// of layers) and, when timing, four buffers of the widest value. Both are
-/// freed before the plan's buffers are allocated. Its figures: "budget", "predicted_working_bytes",
+/// the planner's table (mapped outside the heap, at most the budget's bytes
+/// above a floor: table_entries; more on chains of over ~400 layers, whose
+/// table has at least 9 entries per pair of layers) and, when timing, four
+/// buffers of the widest value. Both are freed before the plan's buffers
+/// are allocated. Its figures: "budget", "predicted_working_bytes",
 /// "predicted_seconds", "recomputed_forwards", "checkpoints", "inverses",
 /// where the plan inverts, "max_reconstruction_error", and where a drift
 /// model bounds the stretches, "drift_calibration" (its c).
@@ -208,11 +209,12 @@ struct Planned {
   }
 
   /// Entries of the planner's table for this budget: the budget's bytes'
-  /// worth, between 2^14 (112 KiB) and 2^20 (7 MiB), so that planning needs
-  /// no more memory than the step it plans (at tight budgets the memory
+  /// worth, between 2^17 (896 KiB: budgets of a few KiB keep exact memory
+  /// levels) and 2^20 (7 MiB), so that planning a budget of a MiB or more
+  /// needs no more memory than the step it plans (at tight budgets the memory
   /// levels are coarser: plan/planner.hpp's unit).
   [[nodiscard]] std::size_t table_entries() const {
-    constexpr std::size_t least = std::size_t{1} << 14, most = std::size_t{1} << 20;
+    constexpr std::size_t least = std::size_t{1} << 17, most = std::size_t{1} << 20;
     return budget == 0 ? most : std::clamp(budget / kPlannerEntryBytes, least, most);
   }
 
