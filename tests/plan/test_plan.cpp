@@ -399,7 +399,21 @@ TEST_CASE("The planner rebuilds only stretches whose predicted drift holds the b
   for (int trial = 0; trial < 80; ++trial) {
     const std::size_t L = 3 + static_cast<std::size_t>(trial % 10);
     ChainCosts c = random_invertible_chain(rng, L);
-    for (std::size_t i = 0; i < L; ++i) c.inverse_gamma.push_back(uniform(1, 4));
+    // Even trials: the γ model; odd ones: drifts measured (in units of 0.5,
+    // each top's list cut at a random length: +∞ beyond).
+    const bool measured = trial % 2 == 1;
+    if (measured) {
+      c.measured.unit = 0.5;
+      c.measured.first.assign(L + 2, 0);
+      for (std::size_t k = 0; k <= L; ++k) {
+        const std::size_t n = k < 2 ? 0 : static_cast<std::size_t>(uniform(0, static_cast<double>(k)));
+        for (std::size_t e = 0; e < std::min(n, k - 1); ++e)
+          c.measured.drift.push_back(static_cast<float>(uniform(0, 12)));
+        c.measured.first[k + 1] = c.measured.drift.size();
+      }
+    } else {
+      for (std::size_t i = 0; i < L; ++i) c.inverse_gamma.push_back(uniform(1, 4));
+    }
     c.drift_budget = uniform(1, 30);
     ChainCosts unlimited = c;
     unlimited.drift_budget = std::numeric_limits<double>::infinity();
@@ -434,6 +448,9 @@ TEST_CASE("The planner rebuilds only stretches whose predicted drift holds the b
           prod *= c.gamma(t);
           d += prod;
         }
+        // Measured: the drift of x̂_lo rebuilt from x_{hi+1}, in units,
+        // and at least one unit per inverse.
+        if (measured) d = std::max(c.measured.at(lo - 1, hi + 1) / 0.5, static_cast<double>(hi - lo + 1));
         CHECK(d <= c.drift_budget);
       }
       inverting += f.inverse_steps > 0;
@@ -446,7 +463,8 @@ TEST_CASE("The planner rebuilds only stretches whose predicted drift holds the b
       tight.drift_budget = 0.5;
       const Plan q = plan_within(tight, budget);
       CHECK(figures(q, tight).inverse_steps == 0);
-      CHECK(figures(q, tight).seconds == Approx(figures(plan_within(none, budget), none).seconds).epsilon(1e-9));
+      CHECK(figures(q, tight).seconds ==
+            Approx(figures(plan_within(none, budget), none).seconds).epsilon(1e-9));
     }
   }
   CHECK(inverting > 20);  // (stretches were checked)
@@ -454,6 +472,9 @@ TEST_CASE("The planner rebuilds only stretches whose predicted drift holds the b
   ChainCosts bad = random_invertible_chain(rng, 4);
   bad.inverse_gamma = {1, 2};
   CHECK_THROWS_WITH(bad.check(), Catch::Contains("2 inverse amplifications for 4 layers"));
+  bad.inverse_gamma.clear();
+  bad.measured = {.first = {0, 0, 0, 1}, .drift = {1}, .unit = 1};
+  CHECK_THROWS_WITH(bad.check(), Catch::Contains("measured drifts for 4 - 2 layers (need 4)"));
 }
 
 TEST_CASE("The plan report: per-layer fates, bytes and times that add up to the plan's figures",
@@ -633,6 +654,27 @@ TEST_CASE("The executor runs plans that invert: backprop's gradient up to the dr
     std::size_t total = 0;
     for (std::size_t i = 1; i < c.value_bytes.size(); ++i) total += c.value_bytes[i];
     const std::size_t least = least_held_bytes(c);
+    // Every stretch's drift, measured on the batch (B ≤ 16: all of it):
+    // finite exactly where every layer of the stretch inverts.
+    const StretchDrifts probe = stretch_drifts(net, x, std::numeric_limits<double>::infinity());
+    const std::size_t L = net.size();
+    REQUIRE(probe.first.size() == L + 2);
+    for (std::size_t k = 2; k <= L; ++k)
+      for (std::size_t a = 0; a + 2 <= k; ++a) {
+        bool inverts = true;
+        for (std::size_t l = a + 1; l < k; ++l)
+          net.visit(l, [&](const auto& y) { inverts = inverts && can_invert(y); });
+        INFO(spec << ": stretch " << a + 1 << " … " << k - 1);
+        CHECK(std::isfinite(probe.at(a, k)) == inverts);
+      }
+    // With a limit, a stretch stops right after its drift first exceeds it.
+    const double limit = 1e-15;
+    const StretchDrifts cut = stretch_drifts(net, x, limit);
+    REQUIRE(cut.first.size() == L + 2);
+    for (std::size_t k = 0; k <= L; ++k) {
+      CHECK(cut.first[k + 1] - cut.first[k] <= probe.first[k + 1] - probe.first[k]);
+      for (std::size_t i = cut.first[k]; i + 1 < cut.first[k + 1]; ++i) CHECK(cut.drift[i] <= limit);
+    }
     for (const std::size_t budget : {least, (least + total) / 2, total}) {
       PlanRun<S> run;
       run.bind(plan_within(c, budget), value_rows(net), B, true);
@@ -653,6 +695,14 @@ TEST_CASE("The executor runs plans that invert: backprop's gradient up to the dr
       CHECK(detail::rel_max_err(out.gradient, ref.gradient) < 1e-8);
       CHECK(detail::rel_max_err(out.h0, ref.h0) < 1e-8);
       if (f.inverse_steps == 0) CHECK(out.gradient == ref.gradient);
+      // What each check measured, the probe measured (the same values, the
+      // same inverses; only the products' blocking may differ).
+      for (const CheckedDrift& d : run.checked_drifts()) {
+        const double p = probe.at(d.layer, d.top), u = unit_roundoff<S>();
+        INFO("stretch " << d.layer + 1 << " … " << d.top - 1 << ": checked " << d.drift << ", probed " << p);
+        CHECK(p <= 2 * d.drift + 8 * u);
+        CHECK(d.drift <= 2 * p + 8 * u);
+      }
       // The working set: as bound (values, bits, cotangents), as predicted.
       CHECK(out.stats.working_bytes == run.storage_bytes() + thread_scratch_bytes());
       CHECK(run.storage_bytes() == run.working_bytes());

@@ -331,14 +331,16 @@ TEST_CASE(
   CHECK(p.stats.fallbacks == 0);
   CHECK(p.stats.figures.at("inverses") == 0);
   CHECK(p.gradient == ref.gradient);
-  // Without the prediction, a tolerance below the measured drift: the
-  // checks calibrate the drift model and the step is taken again, within the
-  // same budget, by a plan whose stretches it predicts within the tolerance
-  // (shorter ones, or none).
+  // A tolerance below the measured drift and a drift model far too
+  // optimistic (c = 1e-6 times what the stretches drifted on the batch's
+  // columns): the checks calibrate the model and the step is taken again,
+  // within the same budget, by a plan whose stretches it predicts within the
+  // tolerance (shorter ones, or none).
   const Planned strict{.budget = least,
                        .calibration = Calibration::estimate,
                        .input_gradient = true,
-                       .tolerance = r.stats.error_estimate / 2};
+                       .tolerance = r.stats.error_estimate / 2,
+                       .drift_calibration = 1e-6};
   const auto f = gradient(strict, net, x, MSE<S>{}, t);
   INFO("inverses " << f.stats.figures.at("inverses") << ", drift " << f.stats.error_estimate);
   CHECK(f.stats.fallbacks >= 1);
@@ -357,11 +359,13 @@ TEST_CASE(
     CHECK(again.stats.counts.inverse == f.stats.counts.inverse);
     CHECK(again.gradient == f.gradient);
   }
-  // Without inversion the plans repeat backprop's arithmetic.
+  // Without inversion the plans repeat backprop's arithmetic (the same
+  // optimistic model: the checks, not the prediction, rule inversion out).
   const Planned none{.budget = least,
                      .calibration = Calibration::estimate,
                      .input_gradient = true,
-                     .tolerance = unit_roundoff<S>() / 4};
+                     .tolerance = unit_roundoff<S>() / 4,
+                     .drift_calibration = 1e-6};
   const auto e = gradient(none, net, x, MSE<S>{}, t);
   CHECK(e.stats.fallbacks >= 1);
   CHECK(e.stats.figures.at("inverses") == 0);

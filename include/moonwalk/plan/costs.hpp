@@ -26,6 +26,9 @@
 // half of it); lines it cannot read are dropped. MOONWALK_COST_CACHE=0
 // turns it off (cached then measures every time). A cache that cannot be
 // written costs only the timing next run; it never fails a step.
+//
+// stretch_drifts(net, x0, limit) measures what rebuilding values by
+// inversion drifts (ChainCosts::measured), for the planner's drift budget.
 #pragma once
 
 #include <unistd.h>
@@ -45,12 +48,13 @@
 #include <system_error>
 #include <vector>
 
-#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/ops.hpp"
+#include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/nets/parameters.hpp"
 #include "moonwalk/plan/planner.hpp"
 #include "moonwalk/schedules/detail/workspace.hpp"
+#include "moonwalk/schedules/result.hpp"
 
 namespace moonwalk {
 
@@ -293,38 +297,88 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
   return c;
 }
 
-/// γ of each layer's inverse step (ChainCosts::inverse_gamma): the typical
-/// amplification of the layers that can invert, at the values x0 leads to
-/// (core/amplification.hpp: the same γ that stretches a Moonwalk sweep's
-/// error); 1 for the others and where a layer offers no estimate. Runs one
-/// forward pass, up to the last invertible layer, in two buffers of the
-/// widest value.
+/// The drift of every stretch of inverses the chain offers (ChainCosts::
+/// measured), measured on the first columns of x0: x_1 … x_L by forward
+/// steps, then, for each layer j from the top down that can invert, the
+/// inverse of layer j applied at once to x_{j+1} and to every x̂_{j+1}
+/// rebuilt from a higher x_k, each against the exact x_j. A stretch
+/// stops at a layer without inverse and after its drift first exceeds
+/// `limit` (or is not finite), so a chain that drifts fast costs few
+/// inverses. Every layer's inverse runs once, on at most the chain's length
+/// times that many columns; what a layer derives for it (a Linear's
+/// factorisation) is released at once. The columns: up to 16 and as many as
+/// keep the values under 2 MiB; memory: the values, plus two blocks of the
+/// live stretches' rebuilt values.
 template <Net N>
-std::vector<double> inverse_gammas(N& net, const CRef<typename N::scalar_type>& x0) {
+StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, double limit) {
   using S = typename N::scalar_type;
-  const Index batch = x0.cols();
-  std::vector<double> g(net.size(), 1.0);
-  std::size_t last = net.size();
-  for (std::size_t i = 0; i < net.size(); ++i)
+  const std::size_t L = net.size();
+  std::vector<Index> rows(L + 1);
+  rows[0] = net.in_features();
+  bool any = false;
+  for (std::size_t i = 0; i < L; ++i)
     net.visit(i, [&](const auto& l) {
-      if (can_invert(l)) last = i;
+      rows[i + 1] = l.out_features();
+      any = any || (i > 0 && can_invert(l));
     });
-  if (last == net.size()) return g;
-  detail::Buffer<S> xb[2];
-  for (std::size_t i = 0; i <= last; ++i)
+  StretchDrifts out{.first = std::vector<std::size_t>(L + 2, 0), .drift = {}, .unit = unit_roundoff<S>()};
+  if (!any || x0.cols() == 0) return out;
+  Index all_rows = 0;
+  for (Index r : rows) all_rows += r;
+  constexpr Index kMostColumns = 16;
+  constexpr std::size_t kValueBytes = std::size_t{2} << 20;
+  const Index cols = std::clamp<Index>(
+      static_cast<Index>(kValueBytes / (static_cast<std::size_t>(std::max<Index>(all_rows, 1)) * sizeof(S))),
+      1, std::min(kMostColumns, x0.cols()));
+  std::vector<Matrix<S>> x(L + 1);
+  x[0] = x0.leftCols(cols);
+  for (std::size_t i = 0; i < L; ++i)
     net.visit(i, [&](auto& l) {
-      const CRef<S> x = i == 0 ? CRef<S>(x0) : CRef<S>(xb[(i + 1) % 2].view(l.in_features(), batch));
-      if (can_invert(l)) {
-        const Amplification a = moonwalk::amplification(l, moonwalk::save_residual(l, x));
-        if (a.known) g[i] = a.typical;
-        moonwalk::release_derived(l);  // (a Linear's QR: not held past its estimate)
-      }
-      if (i < last) {
-        auto y = xb[i % 2].view(l.out_features(), batch);
-        moonwalk::forward_into(l, x, y);
+      x[i + 1].resize(rows[i + 1], cols);
+      moonwalk::forward_into(l, x[i], x[i + 1]);
+    });
+  // by_top[k]: the drifts of the stretches from x_k, for a = k−2, k−3, …
+  std::vector<std::vector<float>> by_top(L + 1);
+  std::vector<std::size_t> live;  // tops whose rebuilt x̂_{j+1} are the column blocks of `above`
+  Matrix<S> above, below;
+  for (std::size_t j = L - 1; j >= 1; --j) {
+    bool inverts = false;
+    net.visit(j, [&](const auto& l) { inverts = can_invert(l); });
+    if (!inverts) {
+      live.clear();
+      continue;
+    }
+    // The stretch from x_{j+1} begins here.
+    Matrix<S> from(rows[j + 1], static_cast<Index>(live.size() + 1) * cols);
+    for (std::size_t b = 0; b < live.size(); ++b)
+      from.middleCols(static_cast<Index>(b) * cols, cols) =
+          above.middleCols(static_cast<Index>(b) * cols, cols);
+    from.rightCols(cols) = x[j + 1];
+    live.push_back(j + 1);
+    below.resize(rows[j], from.cols());
+    net.visit(j, [&](const auto& l) {
+      using Lyr = std::remove_cvref_t<decltype(l)>;
+      if constexpr (Invertible<Lyr>) {
+        moonwalk::inverse_into(l, from, below);
+        moonwalk::release_derived(l);
       }
     });
-  return g;
+    std::size_t kept = 0;
+    for (std::size_t b = 0; b < live.size(); ++b) {
+      const auto block = below.middleCols(static_cast<Index>(b) * cols, cols);
+      const double d = detail::rel_max_err(block, x[j]);
+      by_top[live[b]].push_back(static_cast<float>(d));
+      if (!(d <= limit)) continue;
+      if (kept != b) below.middleCols(static_cast<Index>(kept) * cols, cols) = block;
+      live[kept++] = live[b];
+    }
+    live.resize(kept);
+    above.swap(below);
+  }
+  for (std::size_t k = 0; k <= L; ++k) out.first[k + 1] = out.first[k] + by_top[k].size();
+  out.drift.reserve(out.first.back());
+  for (const auto& d : by_top) out.drift.insert(out.drift.end(), d.begin(), d.end());
+  return out;
 }
 
 }  // namespace moonwalk

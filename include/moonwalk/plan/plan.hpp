@@ -98,6 +98,27 @@ struct Plan {
   }
 };
 
+/// Drifts of rebuilt stretches measured on the chain's values (costs.hpp,
+/// stretch_drifts): at(a, k) = max|x̂_{a+1} − x_{a+1}| / max|x_{a+1}|, with
+/// x̂_{a+1} rebuilt from x_k by the inverses of layers k−1 … a+1 — what the
+/// check after that stretch measures; +∞ where nothing was measured (the
+/// stretch crosses a layer without inverse, or continues one that already
+/// drifted over the measurement's limit). `unit`: the unit roundoff of the
+/// scalar type measured in.
+struct StretchDrifts {
+  /// Entries of top k: drift[first[k] … first[k + 1]) for a = k−2, k−3, …
+  std::vector<std::size_t> first;
+  std::vector<float> drift;
+  double unit = 0;
+
+  [[nodiscard]] bool empty() const { return first.empty(); }
+  [[nodiscard]] double at(std::size_t a, std::size_t k) const {
+    if (k + 1 >= first.size() || k < a + 2) return std::numeric_limits<double>::infinity();
+    const std::size_t i = first[k] + (k - 2 - a);
+    return i < first[k + 1] ? static_cast<double>(drift[i]) : std::numeric_limits<double>::infinity();
+  }
+};
+
 /// What a plan's steps cost on one chain at one batch size: x_i's bytes
 /// (L + 1 values), the seconds of each layer's forward, backward and inverse
 /// step (L each; an inverse of +∞: the layer has none; an empty list: no
@@ -111,7 +132,9 @@ struct Plan {
 ///
 /// (inverse(t)'s rounding, stretched by each inverse below it), γ_l the
 /// typical amplification of layer l (core/amplification.hpp; `inverse_gamma`,
-/// empty: 1 each). The planner rebuilds only stretches with D ≤ drift_budget
+/// empty: 1 each) — or, where the stretch's drift d was measured
+/// (`measured`), D(a, k) = max(d / u, k − a − 1): at least one rounding per
+/// inverse. The planner rebuilds only stretches with D ≤ drift_budget
 /// (= tolerance / (c · u): Planned sets it; +∞: no limit).
 struct ChainCosts {
   std::vector<std::size_t> value_bytes;
@@ -121,6 +144,7 @@ struct ChainCosts {
   std::vector<double> inverse;
   std::vector<std::size_t> branch_bytes;
   std::vector<double> inverse_gamma{};
+  StretchDrifts measured{};
   double drift_budget = std::numeric_limits<double>::infinity();
 
   /// γ of layer i's inverse step (1 where none is given; NaN or < 0: +∞).
@@ -130,9 +154,11 @@ struct ChainCosts {
     return g >= 0 ? g : std::numeric_limits<double>::infinity();
   }
 
-  /// D(a, k) = Σ_{t=a+1..k−1} Π_{l=a+1..t} γ_l of the stretch a+1 … k−1
-  /// (the planner's sums, planner.hpp).
+  /// D(a, k) of the stretch a+1 … k−1: measured where `measured` holds
+  /// drifts, else Σ_{t=a+1..k−1} Π_{l=a+1..t} γ_l (the planner's sums,
+  /// planner.hpp).
   [[nodiscard]] double drift(std::size_t a, std::size_t k) const {
+    if (!measured.empty()) return std::max(measured.at(a, k) / measured.unit, static_cast<double>(k - a - 1));
     double gammas = 1, d = 0;
     for (std::size_t t = a + 1; t < k; ++t) {
       gammas *= gamma(t);
@@ -162,6 +188,11 @@ struct ChainCosts {
     if (!inverse_gamma.empty() && inverse_gamma.size() != n)
       throw ScheduleError(
           detail::cat("chain costs: ", inverse_gamma.size(), " inverse amplifications for ", n, " layers"));
+    if (!measured.empty() &&
+        (measured.first.size() != n + 2 || measured.first.back() != measured.drift.size() ||
+         !std::is_sorted(measured.first.begin(), measured.first.end()) || !(measured.unit > 0)))
+      throw ScheduleError(detail::cat("chain costs: measured drifts for ", measured.first.size(),
+                                      " - 2 layers (need ", n, "), or no unit roundoff"));
     if (!branch_bytes.empty() && branch_bytes.size() != n)
       throw ScheduleError(
           detail::cat("chain costs: ", branch_bytes.size(), " branch-bit sizes for ", n, " layers"));

@@ -188,8 +188,12 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
             }
           }
           if (k < a + 2) continue;
-          gammas *= c.gamma(k - 1);
-          drift += gammas;
+          if (c.measured.empty()) {
+            gammas *= c.gamma(k - 1);
+            drift += gammas;
+          } else {
+            drift = c.drift(a, k);
+          }
           const std::size_t bits = bits_to(k - 1);
           const std::size_t need = std::max({advance, stretch, s[k] + s[k - 1] + bits});
           stretch = std::max(stretch, s[k] + s[k - 1] + bits_to(k));  // (for the longer stretches)

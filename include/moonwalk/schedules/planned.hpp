@@ -35,12 +35,15 @@ namespace moonwalk {
 /// the plans may rebuild values by inversion instead of recomputing them,
 /// as RevBackprop does, each rebuilt stretch checked against a value
 /// recomputed exactly (plan/plan.hpp): the largest relative drift is the
-/// step's error estimate ("max_reconstruction_error"); with
-/// `drift_calibration`, a stretch is planned only where its drift predicted
-/// from the layers' amplification holds `tolerance`. Above `tolerance`
-/// the drift model is calibrated on what the checks measured (c = 2 max
-/// drift / (u · D) over the checked stretches: the drifted ones are then
-/// predicted over the tolerance) and the step is taken again by the fastest
+/// step's error estimate ("max_reconstruction_error"). A stretch is
+/// planned only where its predicted drift c · d holds `tolerance`: d its
+/// drift measured on the first columns of the step's batch before the plan
+/// is made (stretch_drifts, plan/costs.hpp: every stretch's inverses run
+/// once, on a few columns), c = `drift_calibration` (default
+/// kDriftMargin: the batch drifts further than a few of its columns). Above
+/// `tolerance` the drift model is calibrated on what the checks measured
+/// (c = 2 max drift / d over the checked stretches: the drifted ones are
+/// then predicted over the tolerance) and the step is taken again by the fastest
 /// plan within the same budget whose stretches it predicts within the
 /// tolerance; after kRecalibrations such re-plans, by the best plan without
 /// inversion (Stats::fallbacks counts the steps taken again). The later
@@ -70,15 +73,13 @@ struct Planned {
   bool invert = true;
   /// The largest drift a rebuilt stretch may carry (0: default_target<S>()).
   double tolerance = 0;
-  /// c > 0: plan only stretches whose drift predicted from the layers'
-  /// amplification, c · u · D (ChainCosts, plan.hpp), holds `tolerance` (c = 4
-  /// is the constant of fidelity/policy.hpp's error model). 0 (the default):
-  /// no prediction, every stretch may be planned and the check after it
-  /// judges, and a stretch that drifts calibrates the model (struct comment).
-  /// A fixed c over-predicts the drift of inverting coupling blocks
-  /// (BENCHMARKS.md: on a 40-block RevNet c = 4 allows stretches far shorter
-  /// than the ones that measure 1e-5), hence measured by default.
+  /// The drift model's constant c: a stretch is planned where c times its
+  /// drift measured on a few columns holds `tolerance` (struct comment);
+  /// 0: kDriftMargin.
   double drift_calibration = 0;
+  /// The default c: about twice the most a 1024-column batch drifted over
+  /// its first 16 columns (1.21×, BENCHMARKS.md, "The planner").
+  static constexpr double kDriftMargin = 2.5;
   /// The bound plan, reused by every step on the same shapes (copies share it).
   std::shared_ptr<detail::SharedWorkspace> workspace = detail::new_workspace();
 
@@ -254,7 +255,7 @@ struct Planned {
   /// plan fits.
   template <Net N, class S>
   bool recalibrate(N& net, const CRef<S>& x0, Bound<S>& b, double tol) const {
-    if (b.costs.inverse_gamma.empty()) b.costs.inverse_gamma = inverse_gammas(net, x0);
+    if (b.costs.measured.empty()) b.costs.measured = stretch_drifts(net, x0, tol / b.calibrated);
     const double u = unit_roundoff<S>();
     double c = 0;
     for (const CheckedDrift& d : b.run.checked_drifts()) {
@@ -283,19 +284,27 @@ struct Planned {
     b.exact_tried = b.has_exact = b.drifted = false;
     b.exact.release();
     b.costs = chain_costs(net, x0, calibration);
-    // The drift model's constant: the caller's, or the one steps measured.
-    b.calibrated = invert ? std::max(drift_calibration, kCalibrationMargin * b.measured) : 0;
+    // The drift model's constant: the caller's (or the default), or the one
+    // steps measured.
+    b.calibrated = invert ? std::max(drift_calibration > 0 ? drift_calibration : kDriftMargin,
+                                     kCalibrationMargin * b.measured)
+                          : 0;
     if (!invert) {
       b.costs.inverse.clear();
       b.costs.branch_bytes.clear();
-    } else if (b.calibrated > 0) {
-      // Stretches are rebuilt only where their predicted drift holds the
-      // tolerance (plan.hpp, ChainCosts): c · u · D ≤ tolerance.
-      b.costs.inverse_gamma = inverse_gammas(net, x0);
-      b.costs.drift_budget =
-          (tolerance > 0 ? tolerance : default_target<S>()) / (b.calibrated * unit_roundoff<S>());
     }
     b.predicted = layout(net, b.costs, x0.cols(), b.run);
+    if (b.predicted.inverse_steps > 0) {
+      // Stretches are rebuilt only where their predicted drift holds the
+      // tolerance (plan.hpp, ChainCosts): c · u · D ≤ tolerance, D measured
+      // (measured only when the plan of the unbounded drift inverts at all;
+      // a stretch is measured while c times its drift holds the tolerance).
+      const double tol = tolerance > 0 ? tolerance : default_target<S>();
+      b.run.release();
+      b.costs.measured = stretch_drifts(net, x0, tol / b.calibrated);
+      b.costs.drift_budget = tol / (b.calibrated * unit_roundoff<S>());
+      b.predicted = layout(net, b.costs, x0.cols(), b.run);
+    }
     b.budget = budget;
     b.calibration = calibration;
     b.invert = invert;
