@@ -5,6 +5,7 @@
 // Linear's QR machinery is costly to compile, and a user-style layer without
 // the residual protocol is worth checking too.)
 #include <moonwalk/layers/activations.hpp>
+#include <moonwalk/layers/linear_in_x.hpp>
 
 #include "support/layer_check.hpp"
 
@@ -194,6 +195,43 @@ mwtest::LayerCheckReport check_mutant(const Inner& inner, Bug bug) {
 using Dg = Diag<double>;
 using Relu = moonwalk::ReLU<double>;
 
+/// y_i = 2 x_{n−1−i} (A = 2 × the reversal, A⁻¹ = Aᵀ / 4): a user layer
+/// written on LinearInX, which supplies only A's four maps.
+template <class S>
+struct Reversal : moonwalk::NoParameters<S>, moonwalk::LinearInX<Reversal<S>, S> {
+  using scalar_type = S;
+  Index n;
+  [[nodiscard]] Index in_features() const { return n; }
+  [[nodiscard]] Index out_features() const { return n; }
+  [[nodiscard]] std::string name() const { return "reversal(" + std::to_string(n) + ")"; }
+  void apply_into(const CRef<S>& a, moonwalk::MatRef<S> out) const { out = S(2) * a.colwise().reverse(); }
+  void apply_transpose_into(const CRef<S>& h, moonwalk::MatRef<S> out) const {
+    out = S(2) * h.colwise().reverse();
+  }
+  void solve_transpose_into(const CRef<S>& h, moonwalk::MatRef<S> out) const {
+    out = S(0.5) * h.colwise().reverse();
+  }
+  void solve_into(const CRef<S>& y, moonwalk::MatRef<S> out) const { out = S(0.5) * y.colwise().reverse(); }
+};
+/// The same without the solves: neither submersive nor invertible.
+template <class S>
+struct ReversalNoSolve : moonwalk::NoParameters<S>, moonwalk::LinearInX<ReversalNoSolve<S>, S> {
+  using scalar_type = S;
+  Index n;
+  [[nodiscard]] Index in_features() const { return n; }
+  [[nodiscard]] Index out_features() const { return n; }
+  [[nodiscard]] std::string name() const { return "reversal(" + std::to_string(n) + ")"; }
+  void apply_into(const CRef<S>& a, moonwalk::MatRef<S> out) const { out = a.colwise().reverse(); }
+  void apply_transpose_into(const CRef<S>& h, moonwalk::MatRef<S> out) const { out = h.colwise().reverse(); }
+};
+static_assert(moonwalk::check_layer<Reversal<double>>());
+static_assert(moonwalk::Submersive<Reversal<float>> && moonwalk::Invertible<Reversal<float>> &&
+              moonwalk::HasVijpInto<Reversal<float>> && moonwalk::HasInverseInto<Reversal<float>> &&
+              moonwalk::HasForwardInto<Reversal<float>> && moonwalk::HasVjpResidualInto<Reversal<float>>);
+static_assert(moonwalk::Layer<ReversalNoSolve<float>> && !moonwalk::Submersive<ReversalNoSolve<float>> &&
+              !moonwalk::Invertible<ReversalNoSolve<float>> &&
+              !moonwalk::HasVijpInto<ReversalNoSolve<float>>);
+
 }  // namespace
 
 TEST_CASE("layer checker: correct layers pass, and it really checks", "[layers][layer_check][meta]") {
@@ -242,4 +280,18 @@ TEST_CASE("layer checker: every injected bug is caught by its check", "[layers][
       CHECK(c.report.failed(tag));
     }
   }
+}
+
+TEST_CASE("layer checker: a user layer on LinearInX (A's four maps) passes every check",
+          "[layers][layer_check][linear_in_x]") {
+  const Reversal<float> f{{}, {}, 6};
+  const Reversal<double> d{{}, {}, 6};
+  const auto r = mwtest::test_layer_pair(f, d, {}, /*to_catch=*/false);
+  INFO(r.str());
+  CHECK(r.failures.empty());
+  CHECK(r.checks >= 25);
+  // The shape checks are LinearInX's, under the layer's name.
+  CHECK_THROWS_WITH(d.forward(Matrix<double>::Zero(5, 2)), Catch::Contains("reversal(6)"));
+  CHECK_THROWS_WITH(d.vijp(Matrix<double>::Zero(6, 2), Matrix<double>::Zero(6, 3)),
+                    Catch::Contains("reversal(6)"));
 }

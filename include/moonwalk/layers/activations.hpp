@@ -27,6 +27,7 @@
 #include "moonwalk/core/concepts.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 
 namespace moonwalk {
 
@@ -387,35 +388,21 @@ using Softplus = Elementwise<S, rules::Softplus<S>>;
 template <class S>
 using ELU = Elementwise<S, rules::ELU<S>>;
 
-/// y = x. Saves nothing; vijp and inverse are the identity.
+/// y = x (LinearInX with A = I). Saves nothing; vijp and inverse are the identity.
 template <class S>
-class Identity : public NoParameters<S> {
+class Identity : public NoParameters<S>, public LinearInX<Identity<S>, S> {
  public:
   using scalar_type = S;
-  using residual_type = Empty;
   explicit Identity(Index features) : n_(features) {}
   [[nodiscard]] Index in_features() const { return n_; }
   [[nodiscard]] Index out_features() const { return n_; }
   [[nodiscard]] std::string name() const { return detail::cat("identity(", n_, ")"); }
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const { return checked(x, "input"); }
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, n_);
-    return checked(dx, "tangent");
-  }
-  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
-    return Matrix<S>::Zero(n_, x.cols());
-  }
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, n_);
-    return checked(h, "cotangent");
-  }
-  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
-  [[nodiscard]] Empty save_residual(const CRef<S>&) const { return {}; }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    return checked(h, "cotangent");
-  }
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>&, const CRef<S>& hx) const { return checked(hx, "cotangent"); }
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return checked(y, "output"); }
+
+  void apply_into(const CRef<S>& a, MatRef<S> out) const { out = a; }
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const { out = h; }
+  void solve_transpose_into(const CRef<S>& h, MatRef<S> out) const { out = h; }
+  void solve_into(const CRef<S>& y, MatRef<S> out) const { out = y; }
+
   /// J = I: κ = γ = 1.
   [[nodiscard]] static Amplification amplification(const Empty&) { return {1, 1}; }
   template <class T>
@@ -424,10 +411,6 @@ class Identity : public NoParameters<S> {
   }
 
  private:
-  Matrix<S> checked(const CRef<S>& m, const char* what) const {
-    detail::check_rows(*this, what, m, n_);
-    return m;
-  }
   Index n_;
 };
 

@@ -30,6 +30,7 @@
 #include "moonwalk/core/image.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 #include "moonwalk/layers/pad.hpp"
 
 namespace moonwalk {
@@ -64,10 +65,9 @@ inline void plumbing_require_divisible(const char* layer, const ImageShape& s, I
 /// (the unique h_y with Pᵀ h_y = h_x), inverse(y) = Pᵀ y. κ = γ = 1.
 /// H and W must be divisible by f (else ShapeError).
 template <class S>
-class SpaceToDepth : public NoParameters<S> {
+class SpaceToDepth : public NoParameters<S>, public LinearInX<SpaceToDepth<S>, S> {
  public:
   using scalar_type = S;
-  using residual_type = Empty;
 
   explicit SpaceToDepth(ImageShape in, Index factor = 2) : in_(in), f_(factor) {
     detail::plumbing_require_divisible("space_to_depth", in, factor);
@@ -92,46 +92,20 @@ class SpaceToDepth : public NoParameters<S> {
   /// Input row that output row k comes from: y(k, ·) = x(source_index(k), ·).
   [[nodiscard]] Index source_index(Index k) const { return src_[static_cast<std::size_t>(k)]; }
 
-  /// y = P x
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return gather(x);
+  /// P a: row k of the result is row src_[k] of a.
+  void apply_into(const CRef<S>& a, MatRef<S> out) const {
+    for (Index b = 0; b < a.cols(); ++b)
+      for (Index k = 0; k < out.rows(); ++k) out(k, b) = a(src_[static_cast<std::size_t>(k)], b);
   }
-  /// J dx = P dx
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features(), x.cols());
-    return gather(dx);
-  }
-  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
-    return Matrix<S>::Zero(out_features(), x.cols());
-  }
-  /// Jᵀ h = Pᵀ h
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
-  }
-  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_features());
-    return scatter(h);
+  /// Pᵀ h: row src_[k] of the result is row k of h.
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
+    for (Index b = 0; b < h.cols(); ++b)
+      for (Index k = 0; k < h.rows(); ++k) out(src_[static_cast<std::size_t>(k)], b) = h(k, b);
   }
   /// h_y = P h_x, the unique solution of Pᵀ h_y = h_x
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
-    return gather(hx);
-  }
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> out) const { apply_into(hx, out); }
   /// x = Pᵀ y
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
-    detail::check_rows(*this, "output", y, out_features());
-    return scatter(y);
-  }
+  void solve_into(const CRef<S>& y, MatRef<S> out) const { apply_transpose_into(y, out); }
 
   /// A permutation: κ = γ = 1.
   [[nodiscard]] static Amplification amplification(const Empty&) { return {1, 1}; }
@@ -141,21 +115,6 @@ class SpaceToDepth : public NoParameters<S> {
   }
 
  private:
-  /// P a: row k of the result is row src_[k] of a.
-  Matrix<S> gather(const CRef<S>& a) const {
-    Matrix<S> r(out_features(), a.cols());
-    for (Index b = 0; b < a.cols(); ++b)
-      for (Index k = 0; k < r.rows(); ++k) r(k, b) = a(src_[static_cast<std::size_t>(k)], b);
-    return r;
-  }
-  /// Pᵀ a: row src_[k] of the result is row k of a.
-  Matrix<S> scatter(const CRef<S>& a) const {
-    Matrix<S> r(in_features(), a.cols());
-    for (Index b = 0; b < a.cols(); ++b)
-      for (Index k = 0; k < a.rows(); ++k) r(src_[static_cast<std::size_t>(k)], b) = a(k, b);
-    return r;
-  }
-
   ImageShape in_, out_;
   Index f_;
   std::vector<Index> src_;
@@ -175,10 +134,9 @@ class SpaceToDepth : public NoParameters<S> {
 /// Amplification: all singular values are 1/f, so κ = 1 and γ = √(m/n) = 1/f
 /// (1/2 for 2 × 2 windows).
 template <class S>
-class AvgPool2d : public NoParameters<S> {
+class AvgPool2d : public NoParameters<S>, public LinearInX<AvgPool2d<S>, S> {
  public:
   using scalar_type = S;
-  using residual_type = Empty;
 
   explicit AvgPool2d(ImageShape in, Index factor = 2) : in_(in), f_(factor) {
     detail::plumbing_require_divisible("avg_pool2d", in, factor);
@@ -194,48 +152,22 @@ class AvgPool2d : public NoParameters<S> {
     return detail::cat("avg_pool2d(", in_.str(), "->", out_.str(), ")");
   }
 
-  /// y = window means
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return window_sums(x) / static_cast<S>(f_ * f_);
+  /// A a = window means of a
+  void apply_into(const CRef<S>& a, MatRef<S> out) const {
+    window_sums(a, out);
+    out /= static_cast<S>(f_ * f_);
   }
-  /// J dx = window means of dx
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features(), x.cols());
-    return window_sums(dx) / static_cast<S>(f_ * f_);
-  }
-  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
-    return Matrix<S>::Zero(out_features(), x.cols());
-  }
-  /// Jᵀ h: h(c, i, j)/f² on every pixel of window (i, j)
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
-  }
-  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_features());
+  /// Aᵀ h: h(c, i, j)/f² on every pixel of window (i, j)
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
     const S scale = S(1) / static_cast<S>(f_ * f_);
-    Matrix<S> g(in_features(), h.cols());
     for (Index b = 0; b < h.cols(); ++b)
       for (Index c = 0; c < in_.c; ++c)
         for (Index i = 0; i < in_.h; ++i)
           for (Index j = 0; j < in_.w; ++j)
-            g(in_.index(c, i, j), b) = scale * h(out_.index(c, i / f_, j / f_), b);
-    return g;
+            out(in_.index(c, i, j), b) = scale * h(out_.index(c, i / f_, j / f_), b);
   }
   /// h_y = window sums of h_x (exact on range(Jᵀ), least squares otherwise)
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
-    return window_sums(hx);
-  }
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> out) const { window_sums(hx, out); }
 
   /// Singular values all 1/f: κ = 1, γ = 1/f.
   [[nodiscard]] Amplification amplification(const Empty&) const { return {1, 1.0 / static_cast<double>(f_)}; }
@@ -245,13 +177,12 @@ class AvgPool2d : public NoParameters<S> {
   }
 
  private:
-  Matrix<S> window_sums(const CRef<S>& a) const {
-    Matrix<S> r = Matrix<S>::Zero(out_features(), a.cols());
+  void window_sums(const CRef<S>& a, MatRef<S> r) const {
+    r.setZero();
     for (Index b = 0; b < a.cols(); ++b)
       for (Index c = 0; c < in_.c; ++c)
         for (Index i = 0; i < in_.h; ++i)
           for (Index j = 0; j < in_.w; ++j) r(out_.index(c, i / f_, j / f_), b) += a(in_.index(c, i, j), b);
-    return r;
   }
 
   ImageShape in_, out_;
@@ -269,10 +200,9 @@ class AvgPool2d : public NoParameters<S> {
 /// channel (in range(Jᵀ)), the least-squares solution J⁺ᵀ h_x otherwise.
 /// Amplification: singular values all 1/√(H·W), so κ = 1, γ = 1/√(H·W).
 template <class S>
-class GlobalAvgPool : public NoParameters<S> {
+class GlobalAvgPool : public NoParameters<S>, public LinearInX<GlobalAvgPool<S>, S> {
  public:
   using scalar_type = S;
-  using residual_type = Empty;
 
   explicit GlobalAvgPool(ImageShape in) : in_(in) { detail::plumbing_require_valid("global_avg_pool", in); }
 
@@ -284,46 +214,20 @@ class GlobalAvgPool : public NoParameters<S> {
     return detail::cat("global_avg_pool(", in_.str(), "->", in_.c, ")");
   }
 
-  /// y = channel means
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return channel_sums(x) / static_cast<S>(pixels());
+  /// A a = channel means of a
+  void apply_into(const CRef<S>& a, MatRef<S> out) const {
+    channel_sums(a, out);
+    out /= static_cast<S>(pixels());
   }
-  /// J dx = channel means of dx
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features(), x.cols());
-    return channel_sums(dx) / static_cast<S>(pixels());
-  }
-  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
-    return Matrix<S>::Zero(out_features(), x.cols());
-  }
-  /// Jᵀ h: h(c)/(H·W) on every pixel of channel c
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
-  }
-  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_features());
+  /// Aᵀ h: h(c)/(H·W) on every pixel of channel c
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
     const Index p = pixels();
     const S scale = S(1) / static_cast<S>(p);
-    Matrix<S> g(in_features(), h.cols());
     for (Index b = 0; b < h.cols(); ++b)
-      for (Index c = 0; c < in_.c; ++c) g.col(b).segment(c * p, p).setConstant(scale * h(c, b));
-    return g;
+      for (Index c = 0; c < in_.c; ++c) out.col(b).segment(c * p, p).setConstant(scale * h(c, b));
   }
   /// h_y = channel sums of h_x (exact on range(Jᵀ), least squares otherwise)
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
-    return channel_sums(hx);
-  }
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> out) const { channel_sums(hx, out); }
 
   /// Singular values all 1/√(H·W): κ = 1, γ = 1/√(H·W).
   [[nodiscard]] Amplification amplification(const Empty&) const {
@@ -336,12 +240,10 @@ class GlobalAvgPool : public NoParameters<S> {
 
  private:
   [[nodiscard]] Index pixels() const { return in_.h * in_.w; }
-  Matrix<S> channel_sums(const CRef<S>& a) const {
+  void channel_sums(const CRef<S>& a, MatRef<S> r) const {
     const Index p = pixels();
-    Matrix<S> r(in_.c, a.cols());
     for (Index b = 0; b < a.cols(); ++b)
       for (Index c = 0; c < in_.c; ++c) r(c, b) = a.col(b).segment(c * p, p).sum();
-    return r;
   }
 
   ImageShape in_;
@@ -352,10 +254,9 @@ class GlobalAvgPool : public NoParameters<S> {
 /// (out_shape() = (C·H·W)×1×1). Image batches already are columns, so this is
 /// the identity on the layout: J = I, vjp = vijp = inverse = identity, κ = γ = 1.
 template <class S>
-class Flatten : public NoParameters<S> {
+class Flatten : public NoParameters<S>, public LinearInX<Flatten<S>, S> {
  public:
   using scalar_type = S;
-  using residual_type = Empty;
 
   explicit Flatten(ImageShape in) : in_(in) { detail::plumbing_require_valid("flatten", in); }
 
@@ -365,38 +266,11 @@ class Flatten : public NoParameters<S> {
   [[nodiscard]] Index out_features() const { return in_.size(); }
   [[nodiscard]] std::string name() const { return detail::cat("flatten(", in_.str(), "->", in_.size(), ")"); }
 
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const { return checked(x, "input"); }
-  /// J dx = dx
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features(), x.cols());
-    return dx;
-  }
-  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>&) const {
-    return Matrix<S>::Zero(out_features(), x.cols());
-  }
-  /// Jᵀ h = h
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return checked(h, "cotangent");
-  }
-  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    return checked(h, "cotangent");
-  }
-  /// h_y = h_x
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
-    return hx;
-  }
-  /// x = y
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const { return checked(y, "output"); }
+  /// A = I on the layout
+  void apply_into(const CRef<S>& a, MatRef<S> out) const { out = a; }
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const { out = h; }
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> out) const { out = hx; }
+  void solve_into(const CRef<S>& y, MatRef<S> out) const { out = y; }
 
   /// J = I: κ = γ = 1.
   [[nodiscard]] static Amplification amplification(const Empty&) { return {1, 1}; }
@@ -406,10 +280,6 @@ class Flatten : public NoParameters<S> {
   }
 
  private:
-  Matrix<S> checked(const CRef<S>& m, const char* what) const {
-    detail::check_rows(*this, what, m, in_features());
-    return m;
-  }
   ImageShape in_;
 };
 
@@ -422,10 +292,9 @@ class Flatten : public NoParameters<S> {
 /// range). Submersive (vijp = identity) only when c_out = C. κ = γ = 1 as for
 /// ZeroPad.
 template <class S>
-class PadChannels : public NoParameters<S> {
+class PadChannels : public NoParameters<S>, public LinearInX<PadChannels<S>, S> {
  public:
   using scalar_type = S;
-  using residual_type = Empty;
   using fragment_type = Fragment<S>;
 
   PadChannels(ImageShape in, Index c_out) : in_(in), out_{c_out, in.h, in.w}, pad_(make_pad(in, c_out)) {}
@@ -440,45 +309,20 @@ class PadChannels : public NoParameters<S> {
   /// The ZeroPad this layer is.
   [[nodiscard]] const ZeroPad<S>& zero_pad() const { return pad_; }
 
-  /// y = [x; 0]
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return pad_.forward(x);
-  }
-  /// J dx = [dx; 0]
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features(), x.cols());
-    return pad_.jvp(x, dx);
-  }
-  [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
-    return pad_.jvp_params(x, dtheta);
-  }
-  /// Jᵀ h = the first C channels of h
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
-  }
-  void vjp_params(const CRef<S>&, const CRef<S>&, VecRef<S>) const {}
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty& r, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_features());
-    return pad_.vjp_residual(r, h);
-  }
-
+  /// A a = [a; 0]
+  void apply_into(const CRef<S>& a, MatRef<S> out) const { pad_.apply_into(a, out); }
+  /// Aᵀ h = the first C channels of h
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const { pad_.apply_transpose_into(h, out); }
   [[nodiscard]] bool is_submersive() const { return pad_.is_submersive(); }
   /// Only when c_out = C: h_y = h_x.
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> out) const {
     if (!is_submersive())
       throw RankError(name() + ": channel padding is not submersive; use vijp_with_fragment");
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
-    return pad_.vijp(x, hx);
+    out = hx;
   }
+  /// x = the first C channels of y (exact on the range of forward)
+  void solve_into(const CRef<S>& y, MatRef<S> out) const { pad_.solve_into(y, out); }
+
   /// φ = the padded channels of h_y
   [[nodiscard]] Fragment<S> save_fragment(const Empty& r, const CRef<S>& hy) const {
     detail::check_rows(*this, "output cotangent", hy, out_features());
@@ -490,11 +334,6 @@ class PadChannels : public NoParameters<S> {
     detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
     detail::check_rows(*this, "fragment", f.value, out_features() - in_features(), hx.cols());
     return pad_.vijp_with_fragment(x, hx, f);
-  }
-  /// x = the first C channels of y (exact on the range of forward)
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
-    detail::check_rows(*this, "output", y, out_features());
-    return pad_.inverse(y);
   }
 
   /// ZeroPad's: κ = γ = 1.
