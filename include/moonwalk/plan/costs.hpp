@@ -49,6 +49,7 @@
 #include <vector>
 
 #include "moonwalk/core/dense.hpp"
+#include "moonwalk/core/mapped.hpp"
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/fidelity/tolerance.hpp"
 #include "moonwalk/nets/parameters.hpp"
@@ -307,13 +308,14 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
 /// inverses. Every layer's inverse runs once, on at most the chain's length
 /// times that many columns; what a layer derives for it (a Linear's
 /// factorisation) is released at once. The columns: up to 16 and as many as
-/// keep the values under 2 MiB; memory: the values, plus two blocks of the
-/// live stretches' rebuilt values.
+/// keep the values under 2 MiB. Its buffers (the values, and two blocks of
+/// the live stretches' rebuilt values) are mapped outside the heap
+/// (core/mapped.hpp), so they leave no hole in it for the plan's buffers.
 template <Net N>
 StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, double limit) {
   using S = typename N::scalar_type;
   const std::size_t L = net.size();
-  std::vector<Index> rows(L + 1);
+  std::vector<Index> rows(L + 1), at(L + 2, 0);  // at: x_i's offset in `values`, per column
   rows[0] = net.in_features();
   bool any = false;
   for (std::size_t i = 0; i < L; ++i)
@@ -323,24 +325,28 @@ StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, do
     });
   StretchDrifts out{.first = std::vector<std::size_t>(L + 2, 0), .drift = {}, .unit = unit_roundoff<S>()};
   if (!any || x0.cols() == 0) return out;
-  Index all_rows = 0;
-  for (Index r : rows) all_rows += r;
+  for (std::size_t i = 0; i <= L; ++i) at[i + 1] = at[i] + rows[i];
+  const Index widest = *std::max_element(rows.begin(), rows.end());
   constexpr Index kMostColumns = 16;
   constexpr std::size_t kValueBytes = std::size_t{2} << 20;
   const Index cols = std::clamp<Index>(
-      static_cast<Index>(kValueBytes / (static_cast<std::size_t>(std::max<Index>(all_rows, 1)) * sizeof(S))),
+      static_cast<Index>(kValueBytes / (static_cast<std::size_t>(std::max<Index>(at[L + 1], 1)) * sizeof(S))),
       1, std::min(kMostColumns, x0.cols()));
-  std::vector<Matrix<S>> x(L + 1);
-  x[0] = x0.leftCols(cols);
+  detail::MappedArray<S> values, blocks[2];
+  values.resize(static_cast<std::size_t>(at[L + 1] * cols));
+  // Each block holds up to L stretches' rebuilt values (pages touched as used).
+  for (auto& b : blocks) b.resize(static_cast<std::size_t>(widest * cols) * L);
+  auto x = [&](std::size_t i) { return Eigen::Map<Matrix<S>>(values.data() + at[i] * cols, rows[i], cols); };
+  auto block = [&](int which, Index r, std::size_t n) {
+    return Eigen::Map<Matrix<S>>(blocks[which].data(), r, static_cast<Index>(n) * cols);
+  };
+  x(0) = x0.leftCols(cols);
   for (std::size_t i = 0; i < L; ++i)
-    net.visit(i, [&](auto& l) {
-      x[i + 1].resize(rows[i + 1], cols);
-      moonwalk::forward_into(l, x[i], x[i + 1]);
-    });
+    net.visit(i, [&](auto& l) { moonwalk::forward_into(l, x(i), x(i + 1)); });
   // by_top[k]: the drifts of the stretches from x_k, for a = k−2, k−3, …
   std::vector<std::vector<float>> by_top(L + 1);
-  std::vector<std::size_t> live;  // tops whose rebuilt x̂_{j+1} are the column blocks of `above`
-  Matrix<S> above, below;
+  std::vector<std::size_t> live;  // tops whose rebuilt x̂_{j+1} are the column blocks of blocks[above]
+  int above = 0;
   for (std::size_t j = L - 1; j >= 1; --j) {
     bool inverts = false;
     net.visit(j, [&](const auto& l) { inverts = can_invert(l); });
@@ -348,32 +354,30 @@ StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, do
       live.clear();
       continue;
     }
-    // The stretch from x_{j+1} begins here.
-    Matrix<S> from(rows[j + 1], static_cast<Index>(live.size() + 1) * cols);
-    for (std::size_t b = 0; b < live.size(); ++b)
-      from.middleCols(static_cast<Index>(b) * cols, cols) =
-          above.middleCols(static_cast<Index>(b) * cols, cols);
-    from.rightCols(cols) = x[j + 1];
+    // The stretch from x_{j+1} begins here, after the live ones.
+    block(above, rows[j + 1], live.size() + 1).rightCols(cols) = x(j + 1);
     live.push_back(j + 1);
-    below.resize(rows[j], from.cols());
+    const auto from = block(above, rows[j + 1], live.size());
+    auto to = block(1 - above, rows[j], live.size());
     net.visit(j, [&](const auto& l) {
       using Lyr = std::remove_cvref_t<decltype(l)>;
       if constexpr (Invertible<Lyr>) {
-        moonwalk::inverse_into(l, from, below);
+        moonwalk::inverse_into(l, from, to);
         moonwalk::release_derived(l);
       }
     });
     std::size_t kept = 0;
     for (std::size_t b = 0; b < live.size(); ++b) {
-      const auto block = below.middleCols(static_cast<Index>(b) * cols, cols);
-      const double d = detail::rel_max_err(block, x[j]);
+      const double d = detail::rel_max_err(to.middleCols(static_cast<Index>(b) * cols, cols), x(j));
       by_top[live[b]].push_back(static_cast<float>(d));
       if (!(d <= limit)) continue;
-      if (kept != b) below.middleCols(static_cast<Index>(kept) * cols, cols) = block;
+      if (kept != b)
+        to.middleCols(static_cast<Index>(kept) * cols, cols) =
+            to.middleCols(static_cast<Index>(b) * cols, cols);
       live[kept++] = live[b];
     }
     live.resize(kept);
-    above.swap(below);
+    above = 1 - above;
   }
   for (std::size_t k = 0; k <= L; ++k) out.first[k + 1] = out.first[k] + by_top[k].size();
   out.drift.reserve(out.first.back());
