@@ -11,7 +11,8 @@
 #                  and continues the single process's curve
 #   failure        a rank with missing data, a rank with damaged data, a batch
 #                  that does not divide, a rank that is killed: the job ends
-#                  (never hangs) with a message naming the rank
+#                  (never hangs) with a message naming the rank (the killed
+#                  one: mpirun's message, which names it but for a race)
 set -euo pipefail
 case_name=$1 train=$2 work=$3 mpiexec=$4
 shift 4
@@ -106,14 +107,18 @@ failure)
   [ $rc -eq 2 ] || fail "--batch 127 over 2 ranks: exit $rc, expected 2"
   grep -q "does not divide among 2 ranks" batch.err || { cat batch.err; fail "--batch 127: no message"; }
 
-  # A rank that dies: mpirun ends the job and names it.
+  # A rank that dies: mpirun ends the job and reports it. Open MPI names the
+  # rank ("process rank 1 ... exited on signal 9") unless its abort races the
+  # other rank's end: then it reports only that "1 process returned a non-zero
+  # exit code" (2 of 8 runs with both cores busy, Open MPI 4.1 on Debian 12).
   set +e
   timeout 120 "$mpiexec" "${flags[@]}" -n 1 "$train" "${common[@]}" --epochs 1 : \
     -n 1 bash -c 'kill -9 $$' > /dev/null 2> killed.err
   rc=$?
   set -e
   [ $rc -ne 0 ] && [ $rc -ne 124 ] || fail "killed rank: exit $rc"
-  grep -qi "rank 1" killed.err || { cat killed.err; fail "killed rank: not named"; }
+  grep -qiE "process rank 1 |but 1 process returned" killed.err ||
+    { cat killed.err; fail "killed rank: not reported"; }
   ;;
 *)
   fail "unknown case $case_name"
