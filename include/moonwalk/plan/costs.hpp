@@ -310,7 +310,9 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
 /// factorisation) is released at once. The columns: up to 16 and as many as
 /// keep the values under 2 MiB. Its buffers (the values, and two blocks of
 /// the live stretches' rebuilt values) are mapped outside the heap
-/// (core/mapped.hpp), so they leave no hole in it for the plan's buffers.
+/// (core/mapped.hpp), so they leave no hole in it for the plan's buffers,
+/// and this thread's product scratch, where the probe found it empty, is
+/// released again.
 template <Net N>
 StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, double limit) {
   using S = typename N::scalar_type;
@@ -332,6 +334,7 @@ StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, do
   const Index cols = std::clamp<Index>(
       static_cast<Index>(kValueBytes / (static_cast<std::size_t>(std::max<Index>(at[L + 1], 1)) * sizeof(S))),
       1, std::min(kMostColumns, x0.cols()));
+  const std::size_t scratch_before = thread_scratch_bytes();
   detail::MappedArray<S> values, blocks[2];
   values.resize(static_cast<std::size_t>(at[L + 1] * cols));
   // Each block holds up to L stretches' rebuilt values (pages touched as used).
@@ -379,6 +382,11 @@ StretchDrifts stretch_drifts(N& net, const CRef<typename N::scalar_type>& x0, do
     live.resize(kept);
     above = 1 - above;
   }
+  // The products on the stretches' columns may have grown this thread's
+  // scratch past what the step will need: where the probe found it empty
+  // (a first bind), it is given back, and the step's products take what
+  // they need again. (Scratch that other work holds is left alone.)
+  if (scratch_before == 0) release_thread_scratch();
   for (std::size_t k = 0; k <= L; ++k) out.first[k + 1] = out.first[k] + by_top[k].size();
   out.drift.reserve(out.first.back());
   for (const auto& d : by_top) out.drift.insert(out.drift.end(), d.begin(), d.end());
