@@ -13,8 +13,9 @@
 // the problem; the Householder roles hold one panel (rows × 48) and its
 // products. `moonwalk::release_thread_scratch()` gives a thread's back.
 //
-// With more than one Eigen thread (Eigen::nbThreads() > 1) the products go
-// through Eigen's own parallel GEMM, which allocates its per-thread blocks.
+// With more than one Eigen thread (Eigen::nbThreads() > 1, in a program built
+// with OpenMP) the products go through Eigen's own parallel GEMM, which
+// allocates its per-thread blocks; without OpenMP that path is not compiled.
 #pragma once
 
 #include <Eigen/Core>
@@ -170,8 +171,10 @@ void gemm_kernel(Index m, Index n, Index k, const S* a, Index lda, const S* b, I
 /// column-major views with unit inner stride (a matrix, a block, a map);
 /// op = Op::T reads one transposed in place. Through Eigen's GEMM kernel with
 /// packing buffers from `scratch` (file comment): no allocation once warm on
-/// one thread. Vector-shaped and tiny products go through Eigen's own product
-/// (GEMV or coefficient-based, with stack temporaries only).
+/// one thread. Tiny products are coefficient-based; a product with one row
+/// or one column of C is a loop of dot products or axpys (the expression
+/// templates of a general Eigen product would instantiate Eigen's GEMV and
+/// GEMM a second time per operand layout, in every program).
 template <class S>
 void gemm(MatRef<S> C, const CRef<S>& A, Op opa, const CRef<S>& B, Op opb, S alpha = S(1),
           bool accumulate = false) {
@@ -182,19 +185,44 @@ void gemm(MatRef<S> C, const CRef<S>& A, Op opa, const CRef<S>& B, Op opb, S alp
   if (!accumulate) C.setZero();
   if (m == 0 || n == 0 || k == 0) return;
   const bool small = m + n + k < 20;  // EIGEN_GEMM_TO_COEFFBASED_THRESHOLD
-  if (small || m == 1 || n == 1 || Eigen::nbThreads() > 1) {
-    auto add = [&](const auto& a, const auto& b) {
-      if (small)
-        C.noalias() += alpha * a.lazyProduct(b);
-      else
-        C.noalias() += alpha * a * b;
-    };
+  if (small) {                        // coefficient-based
+    auto add = [&](const auto& a, const auto& b) { C.noalias() += alpha * a.lazyProduct(b); };
     if (opa == Op::N && opb == Op::N) add(A, B);
     if (opa == Op::N && opb == Op::T) add(A, B.transpose());
     if (opa == Op::T && opb == Op::N) add(A.transpose(), B);
     if (opa == Op::T && opb == Op::T) add(A.transpose(), B.transpose());
     return;
   }
+  if (n == 1) {  // C(:, 0) += α op(A) b with b = op(B)(:, 0): A's columns (axpy) or dot products
+    auto c = C.col(0);
+    if (opa == Op::N) {
+      for (Index l = 0; l < k; ++l) c += (alpha * (opb == Op::N ? B(l, 0) : B(0, l))) * A.col(l);
+    } else {
+      for (Index i = 0; i < m; ++i)
+        c(i) += alpha * (opb == Op::N ? A.col(i).dot(B.col(0)) : A.col(i).dot(B.row(0).transpose()));
+    }
+    return;
+  }
+  if (m == 1) {  // C(0, :) += α a op(B) with a = op(A)(0, :): dot products or Bᵀ's rows (axpy)
+    auto c = C.row(0);
+    if (opb == Op::T) {
+      for (Index l = 0; l < k; ++l) c += (alpha * (opa == Op::N ? A(0, l) : A(l, 0))) * B.col(l).transpose();
+    } else {
+      for (Index j = 0; j < n; ++j)
+        c(j) += alpha * (opa == Op::T ? A.col(0).dot(B.col(j)) : A.row(0).transpose().dot(B.col(j)));
+    }
+    return;
+  }
+#ifdef EIGEN_HAS_OPENMP
+  if (Eigen::nbThreads() > 1) {  // Eigen's parallel GEMM
+    auto add = [&](const auto& a, const auto& b) { C.noalias() += alpha * a * b; };
+    if (opa == Op::N && opb == Op::N) add(A, B);
+    if (opa == Op::N && opb == Op::T) add(A, B.transpose());
+    if (opa == Op::T && opb == Op::N) add(A.transpose(), B);
+    if (opa == Op::T && opb == Op::T) add(A.transpose(), B.transpose());
+    return;
+  }
+#endif
   // A column-major matrix read transposed is a row-major one over the same storage.
   constexpr int N = Eigen::ColMajor, T = Eigen::RowMajor;
   const S *a = A.data(), *b = B.data();

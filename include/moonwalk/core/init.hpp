@@ -1,10 +1,10 @@
 // Moonwalk — seeded initialisation.
 #pragma once
 
-#include <Eigen/QR>
 #include <cstdint>
 #include <random>
 
+#include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/types.hpp"
 
 namespace moonwalk {
@@ -34,12 +34,12 @@ template <class S>
 Matrix<S> orthogonal(Index rows, Index cols, std::uint64_t seed, S gain = S(1)) {
   const bool wide = rows <= cols;
   const Index m = wide ? cols : rows, n = wide ? rows : cols;  // m ≥ n, tall
-  Matrix<double> g = gaussian<double>(m, n, seed);
-  Eigen::HouseholderQR<Matrix<double>> qr(g);
-  Matrix<double> q = qr.householderQ() * Matrix<double>::Identity(m, n);
-  const Matrix<double>& r = qr.matrixQR();
+  detail::BlockedQR<double> qr;
+  qr.compute(gaussian<double>(m, n, seed));
+  Matrix<double> q = Matrix<double>::Identity(m, n);
+  qr.apply_q(q);
   for (Index k = 0; k < n; ++k)
-    if (r(k, k) < 0) q.col(k) = -q.col(k);
+    if (qr.matrixQR()(k, k) < 0) q.col(k) = -q.col(k);
   Matrix<S> out = (wide ? Matrix<double>(q.transpose()) : q).template cast<S>();
   return out * gain;
 }
