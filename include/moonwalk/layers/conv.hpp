@@ -33,6 +33,7 @@
 #include "moonwalk/core/init.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 
 namespace moonwalk {
 
@@ -52,12 +53,13 @@ namespace moonwalk {
 /// Linear: every singular value `gain`), b = 0; `Options::init =
 /// Init::gaussian` for N(0, gain²/K) entries.
 ///
-/// Its reverse pass saves nothing (Jᵀ h = col2im(Wᵀ h) needs only W). A
+/// The contract's operations come from LinearInX (A = W im2col, offset b per
+/// channel). Its reverse pass saves nothing (Jᵀ h = col2im(Wᵀ h) needs only W). A
 /// general convolution is not submersive (its Jacobian need not have full row
 /// rank), so it offers no vijp: use it inside coupling blocks, whose branches
 /// need only the layer contract.
 template <class S>
-class Conv2d : public FlatParameters<S> {
+class Conv2d : public FlatParameters<S>, public LinearInX<Conv2d<S>, S> {
   template <class>
   friend class Conv2d;
   using FlatParameters<S>::theta_;
@@ -134,34 +136,33 @@ class Conv2d : public FlatParameters<S> {
 
   // ---- operators (one sample's output, C' × H' × W', is the P × C' column-major
   //      matrix Y_bᵀ, so each is computed as X̂_bᵀ Wᵀ)
-  /// y = W im2col(x) + b
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    Matrix<S> y = apply(W(), x);
-    if (bias_) add_bias(y, b());
-    return y;
+  /// out = W im2col(a)
+  void apply_into(const CRef<S>& a, MatRef<S> out) const { apply(W(), a, out); }
+  /// out = col2im(Wᵀ h), per sample: the P × K patch cotangent H_bᵀ W
+  /// scattered back onto the input pixels.
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
+    const Index P = pixels(), C = out_.c;
+    out.setZero();
+    Matrix<S> cols(P, kk());
+    for (Index s = 0; s < h.cols(); ++s) {
+      Eigen::Map<const Matrix<S>> hs(h.col(s).data(), P, C);
+      cols.noalias() = hs * W();
+      col2im(cols, out.col(s).data());
+    }
   }
-  /// J dx = W im2col(dx)
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features());
-    detail::check_batch(*this, "input", x.cols(), "tangent", dx.cols());
-    return apply(W(), dx);
+  /// y(channel o, every pixel) += s · b(o) on every column (nothing without bias)
+  void add_offset(MatRef<S> y, S s) const {
+    if (bias_) add_bias(y, s * b());
   }
   /// J_θ dθ = dW im2col(x) + db
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_features());
     detail::check_rows(*this, "parameter tangent", dtheta, this->num_params(), 1);
     Eigen::Map<const Matrix<S>> dW(dtheta.data(), out_.c, kk());
-    Matrix<S> t = apply(dW, x);
+    Matrix<S> t(out_features(), x.cols());
+    apply(dW, x, t);
     if (bias_) add_bias(t, dtheta.segment(out_.c * kk(), out_.c));
     return t;
-  }
-  /// Jᵀ h = col2im(Wᵀ h)
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
   }
   /// g_W += Σ_samples h im2col(x)ᵀ, g_b += Σ_samples Σ_pixels h
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
@@ -177,26 +178,6 @@ class Conv2d : public FlatParameters<S> {
       gW.noalias() += hs.transpose() * cols;
       if (bias_) g.segment(C * kk(), C) += hs.colwise().sum().transpose();
     }
-  }
-
-  // ---- residual protocol: nothing saved
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  /// Jᵀ h = col2im(Wᵀ h), per sample: the P × K patch cotangent H_bᵀ W
-  /// scattered back onto the input pixels.
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_features());
-    const Index P = pixels(), C = out_.c;
-    Matrix<S> dx = Matrix<S>::Zero(in_features(), h.cols());
-    Matrix<S> cols(P, kk());
-    for (Index s = 0; s < h.cols(); ++s) {
-      Eigen::Map<const Matrix<S>> hs(h.col(s).data(), P, C);
-      cols.noalias() = hs * W();
-      col2im(cols, dx.col(s).data());
-    }
-    return dx;
   }
 
   // ---- im2col / col2im for one sample (public for tests and benchmarks)
@@ -270,22 +251,20 @@ class Conv2d : public FlatParameters<S> {
   [[nodiscard]] Index kk() const { return in_.c * k_ * k_; }
   [[nodiscard]] Index pixels() const { return out_.h * out_.w; }
 
-  /// Y = W X̂ for every sample: sample s of the result is the P × C' matrix X̂_sᵀ Wᵀ.
+  /// y = W X̂ for every sample: sample s of y is the P × C' matrix X̂_sᵀ Wᵀ.
   template <class WMat>
-  Matrix<S> apply(const WMat& w, const CRef<S>& x) const {
+  void apply(const WMat& w, const CRef<S>& x, MatRef<S> y) const {
     const Index P = pixels(), C = out_.c;
-    Matrix<S> y(out_features(), x.cols());
     Matrix<S> cols(P, kk());
     for (Index s = 0; s < x.cols(); ++s) {
       im2col(x.col(s).data(), cols);
       Eigen::Map<Matrix<S>> ys(y.col(s).data(), P, C);
       ys.noalias() = cols * w.transpose();
     }
-    return y;
   }
   /// y(channel o, every pixel, every sample) += bias(o)
   template <class Bias>
-  void add_bias(Matrix<S>& y, const Bias& bias) const {
+  void add_bias(MatRef<S> y, const Bias& bias) const {
     const Index P = pixels();
     for (Index s = 0; s < y.cols(); ++s)
       for (Index o = 0; o < out_.c; ++o) y.col(s).segment(o * P, P).array() += bias(o);

@@ -52,6 +52,7 @@
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
 #include "moonwalk/core/version_cache.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 
 namespace moonwalk {
 
@@ -62,6 +63,9 @@ namespace moonwalk {
 /// Constructible only when the output has fewer numbers than the input,
 /// c_out · out_positions < c_in · in_positions, and c_out ≤ c_in (else
 /// ShapeError naming the layer and the shapes).
+///
+/// The contract's operations come from LinearInX (the vijp is its solve of
+/// Jᵀ h_y = h_x; offset b per channel).
 ///
 /// Parameters, stored flat: θ = [vec(W_0), vec(W_1), …, vec(W_{K−1}), b]
 /// with every tap W_t a C_out × C_in channel matrix (column-major), taps in
@@ -87,7 +91,7 @@ namespace moonwalk {
 ///            Σ_t ‖W_t‖_F² exact and ‖M‖_F² by Hutchinson (16 Gaussian probes).
 /// A rank-deficient W_0 gives +∞ for both.
 template <class S, int Dim>
-class ConvValid : public FlatParameters<S> {
+class ConvValid : public FlatParameters<S>, public LinearInX<ConvValid<S, Dim>, S> {
   static_assert(Dim == 1 || Dim == 2, "ConvValid: Dim is 1 or 2");
   template <class, int>
   friend class ConvValid;
@@ -162,23 +166,33 @@ class ConvValid : public FlatParameters<S> {
     return {theta_.data() + g_.taps() * tap_size(), bias_ ? g_.cout : 0};
   }
 
-  // ---- operators
-  /// y[o, p] = Σ_t Σ_c W_t[o, c] x[c, p + t] + b[o]
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    Matrix<S> y = Matrix<S>::Zero(out_features(), x.cols());
-    conv_add(x, theta_.data(), y);
-    if (bias_) add_bias(b(), y);
-    return y;
+  // ---- the maps of y = J x + b (LinearInX writes the contract's operations
+  //      and their shape checks from them)
+  /// out[o, p] = Σ_t Σ_c W_t[o, c] a[c, p + t]
+  void apply_into(const CRef<S>& a, MatRef<S> out) const {
+    out.setZero();
+    conv_add(a, theta_.data(), out);
   }
-  /// J dx = Σ_t W_t dx[:, p + t]
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "tangent", dx, in_features(), x.cols());
-    Matrix<S> t = Matrix<S>::Zero(out_features(), dx.cols());
-    conv_add(dx, theta_.data(), t);
-    return t;
+  /// out = Jᵀ h: out[c, q] = Σ_t Σ_o W_t[o, c] h[o, q − t]
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
+    const Index hw = g_.h * g_.w, po = g_.ho() * g_.wo(), wo = g_.wo();
+    out.setZero();
+    for (Index s = 0; s < h.cols(); ++s) {
+      Eigen::Map<Matrix<S>> R(out.col(s).data(), hw, g_.cin);
+      Eigen::Map<const Matrix<S>> H(h.col(s).data(), po, g_.cout);
+      for (Index t = 0; t < g_.taps(); ++t) {
+        const Eigen::Map<const Matrix<S>> Wt(theta_.data() + t * tap_size(), g_.cout, g_.cin);
+        const Index ti = t / g_.kw, tj = t % g_.kw;
+        for (Index i = 0; i < g_.ho(); ++i)
+          R.middleRows((i + ti) * g_.w + tj, wo).noalias() += H.middleRows(i * wo, wo) * Wt;
+      }
+    }
   }
+  /// y[o, ·] += s · b[o] on every column (nothing without bias)
+  void add_offset(MatRef<S> y, S s) const {
+    if (bias_) add_bias(s * b(), y);
+  }
+
   /// J_θ dθ = Σ_t dW_t x[:, p + t] + db
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_features());
@@ -187,12 +201,6 @@ class ConvValid : public FlatParameters<S> {
     conv_add(x, dtheta.data(), t);
     if (bias_) add_bias(dtheta.segment(g_.taps() * tap_size(), g_.cout), t);
     return t;
-  }
-  /// Jᵀ h: h_x[c, q] = Σ_t Σ_o W_t[o, c] h[o, q − t]
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
   }
   /// g_{W_t}[o, c] += Σ_batch Σ_p h[o, p] x[c, p + t];  g_b[o] += Σ_batch Σ_p h[o, p]
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
@@ -214,28 +222,6 @@ class ConvValid : public FlatParameters<S> {
       for (Index o = 0; o < g_.cout; ++o) g(g_.taps() * tap_size() + o) += h.middleRows(o * po, po).sum();
   }
 
-  // ---- residual protocol: nothing saved
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_features());
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_features());
-    const Index hw = g_.h * g_.w, po = g_.ho() * g_.wo(), wo = g_.wo();
-    Matrix<S> r = Matrix<S>::Zero(in_features(), h.cols());
-    for (Index s = 0; s < h.cols(); ++s) {
-      Eigen::Map<Matrix<S>> R(r.col(s).data(), hw, g_.cin);
-      Eigen::Map<const Matrix<S>> H(h.col(s).data(), po, g_.cout);
-      for (Index t = 0; t < g_.taps(); ++t) {
-        const Eigen::Map<const Matrix<S>> Wt(theta_.data() + t * tap_size(), g_.cout, g_.cin);
-        const Index ti = t / g_.kw, tj = t % g_.kw;
-        for (Index i = 0; i < g_.ho(); ++i)
-          R.middleRows((i + ti) * g_.w + tj, wo).noalias() += H.middleRows(i * wo, wo) * Wt;
-      }
-    }
-    return r;
-  }
-
   // ---- Moonwalk
   /// h_y with Jᵀ h_y = h_x, by substitution over the output positions in
   /// lexicographic order (header comment):
@@ -245,14 +231,11 @@ class ConvValid : public FlatParameters<S> {
   /// equations at the input pixels p hold projected onto range(W_0ᵀ)
   /// (W_0 (Jᵀ h_y − h_x)[:, p] = 0; fully when c_out = c_in) and the trailing
   /// pixels' equations are ignored.
-  /// Throws RankError when W_0 is rank deficient.
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input", x, in_features());
-    detail::check_rows(*this, "input cotangent", hx, in_features(), x.cols());
+  /// Throws RankError when W_0 is rank deficient. (The vijp.)
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> hy) const {
     const Cache& c = cache();
     const Index B = hx.cols(), hw = g_.h * g_.w, po = g_.ho() * g_.wo();
-    Matrix<S> hy(out_features(), B);
-    if (B == 0) return hy;
+    if (B == 0) return;
     Matrix<S> r(g_.cout, B);
     for (Index i = 0; i < g_.ho(); ++i)
       for (Index j = 0; j < g_.wo(); ++j) {
@@ -267,7 +250,6 @@ class ConvValid : public FlatParameters<S> {
         }
         pixel(hy.data(), hy.outerStride(), po, g_.cout, B, i * g_.wo() + j) = r;
       }
-    return hy;
   }
 
   /// Mᵀ g for the linear operator M: h_x ↦ vijp(x, h_x) (used by the
@@ -410,7 +392,7 @@ class ConvValid : public FlatParameters<S> {
 
   /// y += Σ_t W_t x[:, p + t] with the taps read from `w` (θ's layout), per
   /// sample and output row: Y(p, o) += X(p + t, c) W_t(o, c).
-  void conv_add(const CRef<S>& x, const S* w, Matrix<S>& y) const {
+  void conv_add(const CRef<S>& x, const S* w, MatRef<S> y) const {
     const Index hw = g_.h * g_.w, po = g_.ho() * g_.wo(), wo = g_.wo();
     for (Index s = 0; s < x.cols(); ++s) {
       Eigen::Map<const Matrix<S>> X(x.col(s).data(), hw, g_.cin);
@@ -424,7 +406,7 @@ class ConvValid : public FlatParameters<S> {
     }
   }
   template <class Bias>
-  void add_bias(const Bias& bias, Matrix<S>& y) const {
+  void add_bias(const Bias& bias, MatRef<S> y) const {
     const Index po = g_.ho() * g_.wo();
     for (Index o = 0; o < g_.cout; ++o) y.middleRows(o * po, po).array() += bias(o);
   }
@@ -474,14 +456,14 @@ class ConvValid : public FlatParameters<S> {
       const S nt = t.norm();
       if (!(nt > S(0))) break;
       t /= nt;
-      const Matrix<S> s = vijp(x0, t);
+      const Matrix<S> s = this->vijp(x0, t);
       norm_M = std::max(norm_M, static_cast<double>(s.template cast<double>().norm()));
       if (it + 1 < iters) t = vijp_transpose(s);
     }
     // Hutchinson: E‖M e‖² = ‖M‖_F² for e ~ N(0, I_n).
     const Matrix<S> e = gaussian<S>(n, probes, 0x9e3779b97f4a7c15ULL);
     const Matrix<S> xr = Matrix<S>::Zero(n, probes);
-    const double me2 = vijp(xr, e).template cast<double>().squaredNorm();
+    const double me2 = this->vijp(xr, e).template cast<double>().squaredNorm();
     const double e2 = e.template cast<double>().squaredNorm();
     // ‖J‖_F² = out_positions · Σ_t ‖W_t‖_F² (every tap meets every output position)
     double w2 = 0;

@@ -18,10 +18,14 @@
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
 #include "moonwalk/core/version_cache.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 
 namespace moonwalk {
 
 /// Dense layer `y = W x + b`.
+///
+/// The contract's operations come from LinearInX (A = W, offset b); the
+/// fragment of an expanding W is this layer's own.
 ///
 /// Parameters are stored flat as θ = [vec(W) (column-major), b]. Default
 /// initialisation is (semi-)orthogonal W with all singular values 1 and b = 0
@@ -53,7 +57,7 @@ namespace moonwalk {
 /// computed once per weight version. An expanding W's fragment restores the
 /// null(Wᵀ) part exactly, so the same range-space figures apply.
 template <class S>
-class Linear : public FlatParameters<S> {
+class Linear : public FlatParameters<S>, public LinearInX<Linear<S>, S> {
   template <class>
   friend class Linear;
   using FlatParameters<S>::theta_;
@@ -72,9 +76,7 @@ class Linear : public FlatParameters<S> {
   };
 
   Linear(Index in, Index out) : Linear(in, out, Options{}) {}
-  Linear(Index in, Index out, Options opt) : FlatParameters<S>(out * in + out), in_(in), out_(out) {
-    if (in <= 0 || out <= 0)
-      throw ShapeError("Linear: sizes must be positive, got " + detail::shape_str(out, in));
+  Linear(Index in, Index out, Options opt) : FlatParameters<S>(num_params_of(in, out)), in_(in), out_(out) {
     if (opt.init == Init::orthogonal)
       W() = orthogonal<S>(out, in, opt.seed, opt.gain);
     else
@@ -129,29 +131,19 @@ class Linear : public FlatParameters<S> {
     return true;
   }
 
-  // ---- operators
-  /// y = W x + b
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    Matrix<S> y(out_, x.cols());
-    forward_into(x, y);
-    return y;
+  // ---- the maps of y = W x + b (LinearInX writes the contract's operations
+  //      and their shape checks from them)
+  /// out = W a
+  void apply_into(const CRef<S>& a, MatRef<S> out) const {
+    detail::gemm<S>(out, W(), detail::Op::N, a, detail::Op::N);
   }
-  /// y = W x + b into y (out × batch)
-  void forward_into(const CRef<S>& x, MatRef<S> y) const {
-    detail::check_rows(*this, "input", x, in_);
-    detail::check_rows(*this, "output buffer", y, out_, x.cols());
-    detail::gemm<S>(y, W(), detail::Op::N, x, detail::Op::N);
-    y.colwise() += b();
+  /// out = Wᵀ h
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
+    detail::gemm<S>(out, W(), detail::Op::T, h, detail::Op::N);
   }
-  /// J dx = W dx
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_);
-    detail::check_rows(*this, "tangent", dx, in_);
-    detail::check_batch(*this, "input", x.cols(), "tangent", dx.cols());
-    Matrix<S> t(out_, dx.cols());
-    t.noalias() = W() * dx;
-    return t;
-  }
+  /// y += s · b on every column
+  void add_offset(MatRef<S> y, S s) const { add_to_columns<S>(y, b(), s); }
+
   /// J_θ dθ = dW x + db
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_);
@@ -161,18 +153,6 @@ class Linear : public FlatParameters<S> {
     t.noalias() = dW * x;
     t.colwise() += dtheta.segment(out_ * in_, out_);
     return t;
-  }
-  /// Jᵀ h = Wᵀ h
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    Matrix<S> r(in_, h.cols());
-    vjp_into(x, h, r);
-    return r;
-  }
-  /// r = Wᵀ h into r (in × batch)
-  void vjp_into(const CRef<S>& x, const CRef<S>& h, MatRef<S> r) const {
-    detail::check_rows(*this, "input", x, in_);
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    vjp_residual_into(Empty{}, h, r);
   }
   /// g_W += h xᵀ, g_b += Σ_columns h
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
@@ -184,45 +164,20 @@ class Linear : public FlatParameters<S> {
     g.segment(out_ * in_, out_) += h.rowwise().sum();
   }
 
-  // ---- residual protocol: nothing saved
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_);
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty& e, const CRef<S>& h) const {
-    Matrix<S> r(in_, h.cols());
-    vjp_residual_into(e, h, r);
-    return r;
-  }
-  /// r = Wᵀ h into r (in × batch)
-  void vjp_residual_into(const Empty&, const CRef<S>& h, MatRef<S> r) const {
-    detail::check_rows(*this, "cotangent", h, out_);
-    detail::check_rows(*this, "vjp output buffer", r, in_, h.cols());
-    detail::gemm<S>(r, W(), detail::Op::T, h, detail::Op::N);
-  }
-
   // ---- Moonwalk
   /// Submersive exactly when W has full row rank, which needs out ≤ in.
   [[nodiscard]] bool is_submersive() const { return out_ <= in_; }
   [[nodiscard]] bool is_invertible() const { return out_ == in_; }
 
-  /// h_y with Wᵀ h_y = h_x: h_y = P R⁻¹ Q₁ᵀ h_x from Wᵀ P = Q R (out ≤ in).
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    Matrix<S> hy(out_, hx.cols());
-    vijp_into(x, hx, hy);
-    return hy;
-  }
-  /// The same into hy (out × batch). Allocates nothing once the weight
-  /// version's factorisation (and P) exist and this thread's scratch
-  /// (core/dense.hpp) has seen the shape.
-  void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> hy) const {
+  /// out = h_y with Wᵀ h_y = h_x: h_y = R⁻¹ Q₁ᵀ h_x from Wᵀ = Q R (out ≤ in;
+  /// the vijp). Allocates nothing once the weight version's factorisation
+  /// (and P) exist and this thread's scratch (core/dense.hpp) has seen the
+  /// shape.
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> hy) const {
     if (!is_submersive())
       throw RankError(name() +
                       ": vijp needs out <= in (an expanding Linear is fragmental: use "
                       "vijp_with_fragment)");
-    detail::check_rows(*this, "input cotangent", hx, in_);
-    detail::check_batch(*this, "input", x.cols(), "input cotangent", hx.cols());
-    detail::check_rows(*this, "vijp output buffer", hy, out_, hx.cols());
     const Cache& c = cache();
     if (hx.cols() >= kExplicitBatch * out_) {
       // h_y = P h_x with P = R⁻¹ Q₁ᵀ, formed once per weight version.
@@ -246,6 +201,15 @@ class Linear : public FlatParameters<S> {
     hy = t.topRows(out_);
     detail::trsm_upper<S>(c.r_block(), detail::Op::N, hy);
   }
+  /// x ← W⁻¹ x in place (square W; the inverse, after LinearInX subtracted
+  /// b): Wᵀ = Q R, so W = Rᵀ Qᵀ and W⁻¹ = Q R⁻ᵀ.
+  void solve_into(const CRef<S>& y, MatRef<S> x) const {
+    if (!is_invertible()) throw RankError(name() + ": inverse needs a square W");
+    const Cache& c = cache();
+    x = y;  // (in place: the same matrix)
+    c.rt().solveInPlace(x);
+    c.qr.apply_q(x);
+  }
 
   /// φ = Q₂ᵀ h_y, the component of h_y in null(Wᵀ) (empty when out ≤ in).
   [[nodiscard]] Fragment<S> save_fragment(const Empty&, const CRef<S>& hy) const {
@@ -259,7 +223,7 @@ class Linear : public FlatParameters<S> {
   /// h_y = Q₁ R⁻ᵀ h_x + Q₂ φ = Q [R⁻ᵀ h_x; φ], from W = Q R (out > in).
   [[nodiscard]] Matrix<S> vijp_with_fragment(const CRef<S>& x, const CRef<S>& hx,
                                              const Fragment<S>& f) const {
-    if (is_submersive()) return vijp(x, hx);
+    if (is_submersive()) return this->vijp(x, hx);
     detail::check_rows(*this, "input cotangent", hx, in_);
     detail::check_rows(*this, "fragment", f.value, out_ - in_, hx.cols());
     const Cache& c = cache();
@@ -269,24 +233,6 @@ class Linear : public FlatParameters<S> {
     hy.bottomRows(out_ - in_) = f.value;
     c.qr.apply_q(hy);
     return hy;
-  }
-
-  /// x = W⁻¹ (y − b), square W only.
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
-    Matrix<S> x(in_, y.cols());
-    inverse_into(y, x);
-    return x;
-  }
-  /// The same into x: Wᵀ = Q R, so W = Rᵀ Qᵀ and W⁻¹ = Q R⁻ᵀ: x = Q (R⁻ᵀ (y − b)),
-  /// formed in x.
-  void inverse_into(const CRef<S>& y, MatRef<S> x) const {
-    if (!is_invertible()) throw RankError(name() + ": inverse needs a square W");
-    detail::check_rows(*this, "output", y, out_);
-    detail::check_rows(*this, "inverse output buffer", x, in_, y.cols());
-    const Cache& c = cache();
-    x = y.colwise() - b();
-    c.rt().solveInPlace(x);
-    c.qr.apply_q(x);
   }
 
   /// Amplification of the vijp (class comment): the weights' condition
@@ -336,6 +282,13 @@ class Linear : public FlatParameters<S> {
       return qr.matrixQR().topLeftCorner(k, k).transpose().template triangularView<Eigen::Lower>();
     }
   };
+
+  /// out · in + out, after checking both sizes are positive.
+  static Index num_params_of(Index in, Index out) {
+    if (in <= 0 || out <= 0)
+      throw ShapeError("Linear: sizes must be positive, got " + detail::shape_str(out, in));
+    return out * in + out;
+  }
 
   struct Uninitialised {};
   /// Shapes only (θ uninitialised, gradient zero, stored on first use): for cast().

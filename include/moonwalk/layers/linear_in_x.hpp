@@ -1,13 +1,13 @@
-// Moonwalk — the glue of a layer linear in its input, written once.
+// Moonwalk — the glue of a layer affine in its input, written once.
 //
-// For y = A x the Jacobian is A whatever x is, so every operation of the
-// layer contract (core/concepts.hpp) is one of four maps of A:
+// For y = A x + b the Jacobian is A whatever x is, so every operation of the
+// layer contract (core/concepts.hpp) is one of four maps of A and the offset b:
 //
-//   forward(x) = jvp(x, ·)(x)       A x
+//   forward(x)                      A x + b
 //   jvp(x, dx)                      A dx
 //   vjp(x, h) = vjp_residual(∅, h)  Aᵀ h        (the reverse pass keeps nothing)
 //   vijp(x, h_x)                    h_y with Aᵀ h_y = h_x   (A full row rank)
-//   inverse(y)                      x with A x = y          (A full column rank)
+//   inverse(y)                      x with A x = y − b      (A full column rank)
 //
 // LinearInX<Layer, S> writes those members, value-returning and output-argument
 // forms, with their shape checks, from what the layer supplies:
@@ -18,14 +18,15 @@
 // and optionally
 //   solve_transpose_into(h_x, out)  out = h_y with Aᵀ h_y = h_x   (then Submersive)
 //   solve_into(y, out)              out = x with A x = y          (then Invertible)
+//   add_offset(y, s)                y += s · b on every column (s = ±1; b = 0
+//                                   without it)
 //
-// `out` has the result's shape and aliases no argument; what the layer
-// writes there is all of the result. A layer without parameters (derived from
-// NoParameters) also gets jvp_params (zero) and vjp_params (nothing); one
-// with parameters declares its own.
-// Everything else — amplification, cast, fragments for a map that is not
-// submersive, runtime is_submersive()/is_invertible() queries — stays the
-// layer's own.
+// `out` has the result's shape and aliases no argument, except that a layer
+// with an offset has its solve_into called in place (out and y the same
+// matrix, holding y − b); what the layer writes there is all of the result. A layer without parameters
+// (derived from NoParameters) also gets jvp_params (zero) and vjp_params (nothing); one with parameters
+// declares its own. Everything else — amplification, cast, fragments for a map that is not submersive,
+// runtime is_submersive()/is_invertible() queries — stays the layer's own.
 #pragma once
 
 #include <concepts>
@@ -48,13 +49,26 @@ concept HasSolve = requires(const L& l, const CRef<S>& y, MatRef<S> out) {
   l.solve_into(y, out);
 };
 
+/// The layer's map is affine, y = A x + b: add_offset(y, s) adds s · b.
+template <class L, class S>
+concept HasOffset = requires(const L& l, MatRef<S> y, S s) {
+  l.add_offset(y, s);
+};
+
+/// y(:, j) += s · b for every column j: the add_offset of a layer whose
+/// offset is one vector (column by column, so s · b is never a temporary).
+template <class S>
+void add_to_columns(MatRef<S> y, const CVecRef<S>& b, S s) {
+  for (Index j = 0; j < y.cols(); ++j) y.col(j) += s * b;
+}
+
 /// The operations of a layer linear in x, from A's maps (header comment).
 template <class Layer, class S>
 class LinearInX {
  public:
   using residual_type = Empty;
 
-  /// y = A x
+  /// y = A x + b
   [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
     Matrix<S> y(self().out_features(), x.cols());
     forward_into(x, y);
@@ -62,7 +76,9 @@ class LinearInX {
   }
   void forward_into(const CRef<S>& x, MatRef<S> out) const {
     detail::check_rows(self(), "input", x, self().in_features());
+    detail::check_rows(self(), "output buffer", out, self().out_features(), x.cols());
     self().apply_into(x, out);
+    if constexpr (HasOffset<Layer, S>) self().add_offset(out, S(1));
   }
   /// J dx = A dx
   [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
@@ -95,6 +111,7 @@ class LinearInX {
   }
   void vjp_residual_into(const Empty&, const CRef<S>& h, MatRef<S> out) const {
     detail::check_rows(self(), "cotangent", h, self().out_features());
+    detail::check_rows(self(), "vjp output buffer", out, self().in_features(), h.cols());
     self().apply_transpose_into(h, out);
   }
   /// h_y with Aᵀ h_y = h_x (a template so that the constraint is checked
@@ -111,9 +128,10 @@ class LinearInX {
   void vijp_into(const CRef<S>& x, const CRef<S>& hx, MatRef<S> out) const {
     detail::check_rows(self(), "input", x, self().in_features());
     detail::check_rows(self(), "input cotangent", hx, self().in_features(), x.cols());
+    detail::check_rows(self(), "vijp output buffer", out, self().out_features(), hx.cols());
     self().solve_transpose_into(hx, out);
   }
-  /// x with A x = y
+  /// x with A x = y − b
   template <class L = Layer>
   requires HasSolve<L, S>
   [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
@@ -125,7 +143,18 @@ class LinearInX {
   requires HasSolve<L, S>
   void inverse_into(const CRef<S>& y, MatRef<S> out) const {
     detail::check_rows(self(), "output", y, self().out_features());
-    self().solve_into(y, out);
+    detail::check_rows(self(), "inverse output buffer", out, self().in_features(), y.cols());
+    if constexpr (HasOffset<Layer, S>) {
+      // y − b, then the layer's solve in place (an affine map it inverts is square)
+      if (self().in_features() != self().out_features())
+        throw RankError(detail::cat(self().name(), ": inverse needs a square map, got ", self().in_features(),
+                                    " inputs and ", self().out_features(), " outputs"));
+      out = y;
+      self().add_offset(out, S(-1));
+      self().solve_into(out, out);
+    } else {
+      self().solve_into(y, out);
+    }
   }
   /// J_θ dθ = 0: a layer without parameters (one with parameters declares
   /// its own, which hides this one).

@@ -11,9 +11,11 @@
 
 #include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/concepts.hpp"
+#include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/init.hpp"
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 
 namespace moonwalk {
 
@@ -50,6 +52,8 @@ namespace moonwalk {
 /// the packed U it was built from and is rebuilt when U differs (an O(n²)
 /// comparison, cheaper than the O(n²·batch) product it guards).
 ///
+/// The contract's operations come from LinearInX (A = Q, offset b).
+///
 /// Operators (x: n × B, G = h xᵀ):
 ///   forward      y = Q x + b
 ///   jvp          J dx = Q dx
@@ -63,7 +67,7 @@ namespace moonwalk {
 ///   inverse      x = Qᵀ (y − b)
 ///   amplification κ = γ = 1 (orthogonal)
 template <class S>
-class OrthogonalLinear {
+class OrthogonalLinear : public LinearInX<OrthogonalLinear<S>, S> {
  public:
   using scalar_type = S;
   using residual_type = Empty;
@@ -129,24 +133,24 @@ class OrthogonalLinear {
   /// M = (I + A)⁻¹ (cached per parameter version).
   [[nodiscard]] const Matrix<S>& M() const { return cache().M; }
 
-  // ---- operators
-  /// y = Q x + b
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, n_);
-    Matrix<S> y(n_, x.cols());
-    y.noalias() = Q() * x;
-    y.colwise() += b();
-    return y;
+  // ---- the maps of y = Q x + b (LinearInX writes the contract's operations
+  //      and their shape checks from them)
+  /// out = Q a
+  void apply_into(const CRef<S>& a, MatRef<S> out) const { out.noalias() = Q() * a; }
+  /// out = Qᵀ h
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const { out.noalias() = Q().transpose() * h; }
+  /// out = h_y with Qᵀ h_y = h_x: h_y = Q h_x (the vijp: one product, no solve)
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> out) const { out.noalias() = Q() * hx; }
+  /// x ← Qᵀ x in place (the inverse, after LinearInX subtracted b), through
+  /// this thread's layer scratch (core/dense.hpp).
+  void solve_into(const CRef<S>& y, MatRef<S> x) const {
+    auto t = detail::scratch_matrix<S>(detail::Scratch::layer, n_, y.cols());
+    t.noalias() = Q().transpose() * y;
+    x = t;
   }
-  /// J dx = Q dx
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, n_);
-    detail::check_rows(*this, "tangent", dx, n_);
-    detail::check_batch(*this, "input", x.cols(), "tangent", dx.cols());
-    Matrix<S> t(n_, dx.cols());
-    t.noalias() = Q() * dx;
-    return t;
-  }
+  /// y += s · b on every column
+  void add_offset(MatRef<S> y, S s) const { add_to_columns<S>(y, b(), s); }
+
   /// J_θ dθ = dQ x + db with dQ = −M dA (I + Q) = −2 M dA M, dA = dU − dUᵀ:
   /// computed as −2 M (dA (M x)) + db.
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
@@ -160,12 +164,6 @@ class OrthogonalLinear {
     t.noalias() = S(-2) * (c.M * w);
     t.colwise() += dtheta.tail(n_);
     return t;
-  }
-  /// Jᵀ h = Qᵀ h
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, n_);
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
   }
   /// With G = h xᵀ: ∂ℓ/∂A = −Mᵀ G (I + Q)ᵀ = −2 (Mᵀ h)(M x)ᵀ,
   /// g_U += strict_upper(∂ℓ/∂A − (∂ℓ/∂A)ᵀ), g_b += Σ_columns h.
@@ -183,38 +181,9 @@ class OrthogonalLinear {
     g.tail(n_) += h.rowwise().sum();
   }
 
-  // ---- residual protocol: nothing saved
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, n_);
-    return {};
-  }
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, n_);
-    Matrix<S> r(n_, h.cols());
-    r.noalias() = Q().transpose() * h;
-    return r;
-  }
-
   // ---- Moonwalk: always submersive and invertible
   [[nodiscard]] static constexpr bool is_submersive() { return true; }
   [[nodiscard]] static constexpr bool is_invertible() { return true; }
-
-  /// h_y with Qᵀ h_y = h_x: h_y = Q h_x (one product, no solve).
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input cotangent", hx, n_);
-    detail::check_batch(*this, "input", x.cols(), "input cotangent", hx.cols());
-    Matrix<S> hy(n_, hx.cols());
-    hy.noalias() = Q() * hx;
-    return hy;
-  }
-  /// x = Qᵀ (y − b)
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
-    detail::check_rows(*this, "output", y, n_);
-    const Matrix<S> centered = y.colwise() - b();
-    Matrix<S> x(n_, y.cols());
-    x.noalias() = Q().transpose() * centered;
-    return x;
-  }
 
   // ---- optional protocols (core/amplification.hpp)
   /// Orthogonal Jacobian: κ = γ = 1 for every input.

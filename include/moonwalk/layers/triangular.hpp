@@ -17,6 +17,7 @@
 #include "moonwalk/core/residuals.hpp"
 #include "moonwalk/core/types.hpp"
 #include "moonwalk/core/version_cache.hpp"
+#include "moonwalk/layers/linear_in_x.hpp"
 
 namespace moonwalk {
 
@@ -61,6 +62,8 @@ namespace moonwalk {
 /// generic (non-identity) mixing. `upper = 0` starts from U = I. The gain
 /// scales V only: U's diagonal is fixed at 1.
 ///
+/// The contract's operations come from LinearInX (A = W, offset b).
+///
 /// Operators (x = [x₁; x₂], G = h xᵀ):
 ///   forward       y = U x₁ + V x₂ + b
 ///   jvp           J dx = U dx₁ + V dx₂
@@ -88,7 +91,7 @@ namespace moonwalk {
 /// Linear nothing throws RankError; a badly conditioned U shows up as a large
 /// bound instead.
 template <class S>
-class TriangularLinear : public FlatParameters<S> {
+class TriangularLinear : public FlatParameters<S>, public LinearInX<TriangularLinear<S>, S> {
   template <class>
   friend class TriangularLinear;
   using FlatParameters<S>::theta_;
@@ -174,21 +177,23 @@ class TriangularLinear : public FlatParameters<S> {
     return w;
   }
 
-  // ---- operators
-  /// y = U x₁ + V x₂ + b
-  [[nodiscard]] Matrix<S> forward(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_);
-    Matrix<S> y = apply(x);
-    y.colwise() += b();
-    return y;
+  // ---- the maps of y = W x + b (LinearInX writes the contract's operations
+  //      and their shape checks from them)
+  /// out = W a = U a₁ + V a₂
+  void apply_into(const CRef<S>& a, MatRef<S> out) const {
+    const Matrix<S> u_full = unpack(CVecRef<S>(u()));
+    out.noalias() = u_full.template triangularView<Eigen::UnitUpper>() * a.topRows(out_);
+    if (in_ > out_) out.noalias() += V() * a.bottomRows(in_ - out_);
   }
-  /// J dx = U dx₁ + V dx₂
-  [[nodiscard]] Matrix<S> jvp(const CRef<S>& x, const CRef<S>& dx) const {
-    detail::check_rows(*this, "input", x, in_);
-    detail::check_rows(*this, "tangent", dx, in_);
-    detail::check_batch(*this, "input", x.cols(), "tangent", dx.cols());
-    return apply(dx);
+  /// out = Wᵀ h = [Uᵀ h; Vᵀ h]
+  void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const {
+    const Matrix<S> u_full = unpack(CVecRef<S>(u()));
+    out.topRows(out_).noalias() = u_full.template triangularView<Eigen::UnitUpper>().transpose() * h;
+    if (in_ > out_) out.bottomRows(in_ - out_).noalias() = V().transpose() * h;
   }
+  /// y += s · b on every column
+  void add_offset(MatRef<S> y, S s) const { add_to_columns<S>(y, b(), s); }
+
   /// J_θ dθ = dU x₁ + dV x₂ + db, dU strictly upper from the packed du.
   [[nodiscard]] Matrix<S> jvp_params(const CRef<S>& x, const CVecRef<S>& dtheta) const {
     detail::check_rows(*this, "input", x, in_);
@@ -200,12 +205,6 @@ class TriangularLinear : public FlatParameters<S> {
     if (in_ > out_) t.noalias() += dV * x.bottomRows(in_ - out_);
     t.colwise() += dtheta.segment(b_offset(), out_);
     return t;
-  }
-  /// Jᵀ h = [Uᵀ h; Vᵀ h]
-  [[nodiscard]] Matrix<S> vjp(const CRef<S>& x, const CRef<S>& h) const {
-    detail::check_rows(*this, "input", x, in_);
-    detail::check_batch(*this, "input", x.cols(), "cotangent", h.cols());
-    return vjp_residual(Empty{}, h);
   }
   /// g_u(i, j) += (h x₁ᵀ)(i, j) for i < j, g_V += h x₂ᵀ, g_b += Σ_columns h.
   void vjp_params(const CRef<S>& x, const CRef<S>& h, VecRef<S> g) const {
@@ -223,44 +222,24 @@ class TriangularLinear : public FlatParameters<S> {
     g.segment(b_offset(), out_) += h.rowwise().sum();
   }
 
-  // ---- residual protocol: nothing saved
-  [[nodiscard]] Empty save_residual(const CRef<S>& x) const {
-    detail::check_rows(*this, "input", x, in_);
-    return {};
-  }
-  /// Jᵀ h = [Uᵀ h; Vᵀ h]
-  [[nodiscard]] Matrix<S> vjp_residual(const Empty&, const CRef<S>& h) const {
-    detail::check_rows(*this, "cotangent", h, out_);
-    const Matrix<S> u_full = unpack(CVecRef<S>(u()));
-    Matrix<S> r(in_, h.cols());
-    r.topRows(out_).noalias() = u_full.template triangularView<Eigen::UnitUpper>().transpose() * h;
-    if (in_ > out_) r.bottomRows(in_ - out_).noalias() = V().transpose() * h;
-    return r;
-  }
-
   // ---- Moonwalk: always submersive (U invertible for every θ)
   [[nodiscard]] static constexpr bool is_submersive() { return true; }
   [[nodiscard]] bool is_invertible() const { return out_ == in_; }
 
-  /// h_y = U⁻ᵀ h_x[0:out]: the first `out` rows of Wᵀ h_y = h_x (class
-  /// comment; exact for h_x = Wᵀ h_y, not the least-squares solution).
-  [[nodiscard]] Matrix<S> vijp(const CRef<S>& x, const CRef<S>& hx) const {
-    detail::check_rows(*this, "input cotangent", hx, in_);
-    detail::check_batch(*this, "input", x.cols(), "input cotangent", hx.cols());
+  /// out = h_y = U⁻ᵀ h_x[0:out]: the first `out` rows of Wᵀ h_y = h_x (the
+  /// vijp; class comment: exact for h_x = Wᵀ h_y, not the least-squares
+  /// solution).
+  void solve_transpose_into(const CRef<S>& hx, MatRef<S> hy) const {
     const Matrix<S> u_full = unpack(CVecRef<S>(u()));
-    Matrix<S> hy = hx.topRows(out_);
+    hy = hx.topRows(out_);
     u_full.template triangularView<Eigen::UnitUpper>().transpose().solveInPlace(hy);
-    return hy;
   }
-
-  /// x = U⁻¹ (y − b), square only.
-  [[nodiscard]] Matrix<S> inverse(const CRef<S>& y) const {
+  /// x ← U⁻¹ x in place (square only; the inverse, after LinearInX subtracted b).
+  void solve_into(const CRef<S>& y, MatRef<S> x) const {
     if (!is_invertible()) throw RankError(name() + ": inverse needs a square layer (in == out)");
-    detail::check_rows(*this, "output", y, out_);
     const Matrix<S> u_full = unpack(CVecRef<S>(u()));
-    Matrix<S> x = y.colwise() - b();
+    x = y;  // (in place: the same matrix)
     u_full.template triangularView<Eigen::UnitUpper>().solveInPlace(x);
-    return x;
   }
 
   /// Amplification of the vijp (class comment), once per weight version.
@@ -298,15 +277,6 @@ class TriangularLinear : public FlatParameters<S> {
     Matrix<S> m = Matrix<S>::Zero(out_, out_);
     for (Index j = 1; j < out_; ++j) m.col(j).head(j) = packed.segment(upper_index(0, j), j);
     return m;
-  }
-
-  /// W x = U x₁ + V x₂
-  [[nodiscard]] Matrix<S> apply(const CRef<S>& x) const {
-    const Matrix<S> u_full = unpack(CVecRef<S>(u()));
-    Matrix<S> y(out_, x.cols());
-    y.noalias() = u_full.template triangularView<Eigen::UnitUpper>() * x.topRows(out_);
-    if (in_ > out_) y.noalias() += V() * x.bottomRows(in_ - out_);
-    return y;
   }
 
   /// M ← M⁻¹ for M unit upper triangular (its diagonal and lower part are not
