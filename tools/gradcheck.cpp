@@ -776,7 +776,8 @@ int check(const Options& o, const Matrix<double>& x_d, const TargetD& target_d) 
       << ",\"max_rel_err_vs_fd\":" << json_number(r.vs_fd)
       << ",\"error_estimate\":" << json_number(r.estimate) << ",\"residual_bytes\":" << r.residual_bytes
       << ",\"seconds\":" << json_number(r.seconds) << ",\"tolerance\":" << json_number(r.tolerance)
-      << ",\"cosine_vs_backprop\":" << json_number(r.cosine);
+      << ",\"cosine_vs_backprop\":" << json_number(r.cosine)
+      << ",\"solver_iterations\":" << r.stats.counts.solver_iterations;
     if (!r.stats.precision.empty())
       s << ",\"anchors\":" << r.stats.anchor_layers.size()
         << ",\"precision\":" << json_string(r.stats.precision) << ",\"fallbacks\":" << r.stats.fallbacks

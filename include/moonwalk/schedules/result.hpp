@@ -434,6 +434,8 @@ inline std::string report_text(const Stats& st) {
   s << "  by kind:";
   for (const auto& [k, b] : st.bytes_by_kind) s << " " << k << "=" << b;
   s << "\n";
+  if (st.counts.solver_iterations > 0)
+    s << "  solver iterations (layers' iterative solves): " << st.counts.solver_iterations << "\n";
   if (st.non_finite != NonFinite::none)
     s << "  not finite: " << to_string(st.non_finite) << " (the gradient cannot be trusted)\n";
   if (!st.precision.empty()) {
@@ -484,7 +486,11 @@ inline std::string report_json(const Stats& st) {
       << "\",\"kind\":\"" << e.kind << "\",\"bytes\":" << e.bytes << "}";
     first = false;
   }
-  s << "],\"error_estimate\":" << detail::json_number(st.error_estimate)
+  const Counts& c = st.counts;
+  s << "],\"counts\":{\"forward\":" << c.forward << ",\"jvp\":" << c.jvp << ",\"jvp_params\":" << c.jvp_params
+    << ",\"vjp\":" << c.vjp << ",\"vjp_params\":" << c.vjp_params << ",\"vijp\":" << c.vijp
+    << ",\"inverse\":" << c.inverse << ",\"solver_iterations\":" << c.solver_iterations << "}";
+  s << ",\"error_estimate\":" << detail::json_number(st.error_estimate)
     << ",\"within_tolerance\":" << (st.within_tolerance ? "true" : "false") << ",\"non_finite\":\""
     << to_string(st.non_finite) << "\"";
   if (!st.precision.empty()) {
