@@ -23,10 +23,12 @@
 //
 // `out` has the result's shape and aliases no argument, except that a layer
 // with an offset has its solve_into called in place (out and y the same
-// matrix, holding y − b); what the layer writes there is all of the result. A layer without parameters
-// (derived from NoParameters) also gets jvp_params (zero) and vjp_params (nothing); one with parameters
-// declares its own. Everything else — amplification, cast, fragments for a map that is not submersive,
-// runtime is_submersive()/is_invertible() queries — stays the layer's own.
+// matrix, holding y − b); what the layer writes there is all of the result.
+// A layer without parameters (derived from NoParameters) also gets
+// jvp_params (zero) and vjp_params (nothing); one with parameters declares
+// its own. Everything else — amplification, cast, fragments for a map that is
+// not submersive, runtime is_submersive()/is_invertible() queries — stays the
+// layer's own.
 #pragma once
 
 #include <concepts>
@@ -37,23 +39,68 @@
 
 namespace moonwalk {
 
-/// The layer solves Aᵀ h_y = h_x (LinearInX then offers vijp).
+// Each hook is matched by its exact signature (as the contract's *_into
+// hooks, core/concepts.hpp): one that merely accepts the arguments, `out` by
+// value say, would write into a copy; a member with a hook's name and another
+// signature is a compile error naming the hook.
+
+/// out = A a: `void apply_into(const CRef<S>& a, MatRef<S> out) const`.
 template <class L, class S>
-concept HasSolveTranspose = requires(const L& l, const CRef<S>& h, MatRef<S> out) {
-  l.solve_transpose_into(h, out);
+concept HasApply = requires {
+  static_cast<void (L::*)(const CRef<S>&, MatRef<S>) const>(&L::apply_into);
 };
 
-/// The layer solves A x = y (LinearInX then offers inverse).
+/// out = Aᵀ h: `void apply_transpose_into(const CRef<S>& h, MatRef<S> out) const`.
 template <class L, class S>
-concept HasSolve = requires(const L& l, const CRef<S>& y, MatRef<S> out) {
-  l.solve_into(y, out);
+concept HasApplyTranspose = requires {
+  static_cast<void (L::*)(const CRef<S>&, MatRef<S>) const>(&L::apply_transpose_into);
 };
 
-/// The layer's map is affine, y = A x + b: add_offset(y, s) adds s · b.
+/// The layer solves Aᵀ h_y = h_x (LinearInX then offers vijp):
+/// `void solve_transpose_into(const CRef<S>& h_x, MatRef<S> out) const`.
 template <class L, class S>
-concept HasOffset = requires(const L& l, MatRef<S> y, S s) {
-  l.add_offset(y, s);
+concept HasSolveTranspose = requires {
+  static_cast<void (L::*)(const CRef<S>&, MatRef<S>) const>(&L::solve_transpose_into);
 };
+
+/// The layer solves A x = y (LinearInX then offers inverse):
+/// `void solve_into(const CRef<S>& y, MatRef<S> out) const`.
+template <class L, class S>
+concept HasSolve = requires {
+  static_cast<void (L::*)(const CRef<S>&, MatRef<S>) const>(&L::solve_into);
+};
+
+/// The layer's map is affine, y = A x + b: `void add_offset(MatRef<S> y, S s) const`
+/// adds s · b to every column.
+template <class L, class S>
+concept HasOffset = requires {
+  static_cast<void (L::*)(MatRef<S>, S) const>(&L::add_offset);
+};
+
+namespace detail {
+/// Compile errors for a LinearInX hook with the right name and another
+/// signature (the header comment's list).
+template <class L, class S>
+consteval bool check_linear_hooks() {
+  static_assert(
+      HasApply<L, S>,
+      "Moonwalk LinearInX: the layer needs `void apply_into(const CRef<S>& a, MatRef<S> out) const`");
+  static_assert(HasApplyTranspose<L, S>,
+                "Moonwalk LinearInX: the layer needs `void apply_transpose_into("
+                "const CRef<S>& h, MatRef<S> out) const`");
+  static_assert(
+      HasSolveTranspose<L, S> || !requires { &L::solve_transpose_into; },
+      "Moonwalk LinearInX: solve_transpose_into must be `void solve_transpose_into(const CRef<S>& h_x, "
+      "MatRef<S> out) const`");
+  static_assert(
+      HasSolve<L, S> || !requires { &L::solve_into; },
+      "Moonwalk LinearInX: solve_into must be `void solve_into(const CRef<S>& y, MatRef<S> out) const`");
+  static_assert(
+      HasOffset<L, S> || !requires { &L::add_offset; },
+      "Moonwalk LinearInX: add_offset must be `void add_offset(MatRef<S> y, S s) const`");
+  return true;
+}
+}  // namespace detail
 
 /// y(:, j) += s · b for every column j: the add_offset of a layer whose
 /// offset is one vector (column by column, so s · b is never a temporary).
@@ -75,6 +122,7 @@ class LinearInX {
     return y;
   }
   void forward_into(const CRef<S>& x, MatRef<S> out) const {
+    static_assert(detail::check_linear_hooks<Layer, S>());
     detail::check_rows(self(), "input", x, self().in_features());
     detail::check_rows(self(), "output buffer", out, self().out_features(), x.cols());
     self().apply_into(x, out);
@@ -110,6 +158,7 @@ class LinearInX {
     return g;
   }
   void vjp_residual_into(const Empty&, const CRef<S>& h, MatRef<S> out) const {
+    static_assert(detail::check_linear_hooks<Layer, S>());
     detail::check_rows(self(), "cotangent", h, self().out_features());
     detail::check_rows(self(), "vjp output buffer", out, self().in_features(), h.cols());
     self().apply_transpose_into(h, out);
