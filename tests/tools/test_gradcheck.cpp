@@ -61,15 +61,15 @@ void check_document(const Json& doc, const std::string& net, const std::string& 
     // Moonwalk rows add their fidelity figures (docs/gradcheck.md, Output).
     const bool moonwalk = r["schedule"].string == "mixed" || r["schedule"].string == "pure";
     CHECK(r.keys() ==
-          (moonwalk
-               ? std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
-                                          "error_estimate", "residual_bytes", "seconds", "tolerance",
-                                          "cosine_vs_backprop", "anchors", "precision", "fallbacks",
-                                          "predicted_error", "within_tolerance", "verdict",
-                                          "inconclusive_layers", "pass"}
-               : std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
-                                          "error_estimate", "residual_bytes", "seconds", "tolerance",
-                                          "cosine_vs_backprop", "verdict", "inconclusive_layers", "pass"}));
+          (moonwalk ? std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+                                               "error_estimate", "residual_bytes", "seconds", "tolerance",
+                                               "cosine_vs_backprop", "solver_iterations", "anchors",
+                                               "precision", "fallbacks", "predicted_error",
+                                               "within_tolerance", "verdict", "inconclusive_layers", "pass"}
+                    : std::vector<std::string>{"schedule", "max_rel_err_vs_backprop", "max_rel_err_vs_fd",
+                                               "error_estimate", "residual_bytes", "seconds", "tolerance",
+                                               "cosine_vs_backprop", "solver_iterations", "verdict",
+                                               "inconclusive_layers", "pass"}));
     if (moonwalk) {
       CHECK(r["within_tolerance"].type == Json::Type::boolean);
       CHECK((r["precision"].string == "float" || r["precision"].string == "double" ||
@@ -235,9 +235,13 @@ TEST_CASE("gradcheck: every grammar token appears in a passing run", "[tools][gr
     const bool no_pure =
         args[1].find(",conv:") != std::string::npos || args[1].find(",batchnorm") != std::string::npos;
     CHECK(res.size() == (no_pure ? 8u : 9u));
+    // Only a residual block iterates: its vijp (mixed, pure) or its inverse (revbackprop, planned).
+    const bool residual = args[1].find("residual") != std::string::npos;
     for (const auto& [name, result] : res) {
       INFO("schedule " << name);
       CHECK(result["pass"].boolean);
+      if (!residual || name == "backprop") CHECK(result["solver_iterations"].number == 0);
+      if (residual && (name == "mixed" || name == "pure")) CHECK(result["solver_iterations"].number > 0);
     }
     std::stringstream spec(args[1]);
     for (std::string tok; std::getline(spec, tok, ',');) {
