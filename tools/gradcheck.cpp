@@ -141,6 +141,7 @@ constexpr const char* kUsage =
     "                          [--dtype float|double] [--schedules LIST|all] [--anchors K]\n"
     "                          [--init orthogonal|gaussian] [--policy none|every:K|tolerance|double]\n"
     "                          [--tolerance T] [--fd on|off]\n"
+    "       moonwalk-gradcheck --grammar markdown|list\n"
     "  --net SPEC        network, e.g. in:64,linear:48,leaky_relu:0.1,linear:10 (required)\n"
     "  --loss NAME       mse (target ~ N(0,1)) or xent (labels in [0, last width)); default mse\n"
     "  --batch B         batch size, B > 0; default 8\n"
@@ -157,6 +158,8 @@ constexpr const char* kUsage =
     "  --inject-error LAYER:REL\n"
     "                    test the checker: add REL x max|g| of layer LAYER (0-based, negative counts\n"
     "                    from the end) to that layer's largest backprop gradient entry as reported\n"
+    "  --grammar FORMAT  print the spec grammar's layer tokens and exit: markdown (docs/gradcheck.md's\n"
+    "                    table) or list (the README's list); --help lists them too\n"
     "Prints one JSON object. Exit: 0 every schedule passes; 1 some schedule fails; 2 bad spec or\n"
     "option; 3 run-time error (out of memory, the output could not be written); 4 none fails but\n"
     "some are inconclusive (finite differences too inaccurate to judge a layer's gradient).\n";
@@ -183,6 +186,9 @@ struct Options {
   std::size_t policy_every = 0;
   double tolerance = 0;  // 0: the default target of the dtype
   bool fd = true;
+  /// --grammar markdown|list: print the grammar table (docs/gradcheck.md's
+  /// token table, the README's token list) instead of checking a network.
+  std::string grammar;
   /// --inject-error LAYER:REL (checks the checker): backprop's reported gradient
   /// gets REL × the largest |entry| of that layer's tensor added to its largest entry.
   std::optional<long long> inject_layer;
@@ -246,7 +252,8 @@ std::optional<Options> parse_args(int argc, char** argv) {
     }
     const bool known = arg == "--net" || arg == "--loss" || arg == "--batch" || arg == "--seed" ||
                        arg == "--dtype" || arg == "--schedules" || arg == "--anchors" || arg == "--init" ||
-                       arg == "--policy" || arg == "--tolerance" || arg == "--fd" || arg == "--inject-error";
+                       arg == "--policy" || arg == "--tolerance" || arg == "--fd" ||
+                       arg == "--inject-error" || arg == "--grammar";
     if (!known) throw UsageError("unknown option '" + arg + "'");
     if (!have_value) {
       if (i + 1 >= argc) throw UsageError(arg + ": missing value");
@@ -255,6 +262,10 @@ std::optional<Options> parse_args(int argc, char** argv) {
     if (arg == "--net") {
       o.net = value;
       have_net = true;
+    } else if (arg == "--grammar") {
+      if (value != "markdown" && value != "list")
+        throw UsageError("--grammar: unknown format '" + value + "' (known: markdown, list)");
+      o.grammar = value;
     } else if (arg == "--loss") {
       if (value != "mse" && value != "xent")
         throw UsageError("--loss: unknown loss '" + value + "' (known: mse, xent)");
@@ -311,7 +322,7 @@ std::optional<Options> parse_args(int argc, char** argv) {
       o.anchors = parse_integer<std::size_t>(arg, value);
     }
   }
-  if (!have_net) throw UsageError("missing --net SPEC");
+  if (!have_net && o.grammar.empty()) throw UsageError("missing --net SPEC");
   return o;
 }
 
@@ -816,7 +827,19 @@ int main(int argc, char** argv) {
   try {
     const std::optional<Options> o = parse_args(argc, argv);
     if (!o) {
-      write_stdout(kUsage);
+      // The layer tokens, from the grammar table (one line each).
+      std::string tokens =
+          "Layer tokens (after in:N or in:CxHxW; docs/gradcheck.md says what each builds):\n";
+      for (const auto& [name, rule] : moonwalk::spec_layers<double>()) tokens += "  " + rule.syntax + "\n";
+      write_stdout(kUsage + tokens);
+      return 0;
+    }
+    if (o->grammar == "markdown") {
+      write_stdout(moonwalk::spec::grammar_markdown());
+      return 0;
+    }
+    if (o->grammar == "list") {
+      write_stdout(moonwalk::spec::grammar_list());
       return 0;
     }
     return o->dtype == "float" ? run<float>(*o) : run<double>(*o);

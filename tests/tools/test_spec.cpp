@@ -93,6 +93,28 @@ TEST_CASE("spec: every grammar entry names itself and builds something", "[tools
   }
 }
 
+TEST_CASE("spec: every grammar entry's examples build in float and double and use the token",
+          "[tools][spec]") {
+  // tests/tools/test_gradcheck.cpp runs each example under every schedule.
+  for (const auto& [name, rule] : moonwalk::spec_layers<double>()) {
+    INFO(rule.syntax);
+    REQUIRE_FALSE(rule.examples.empty());
+    bool with_arguments = false;  // some example gives the token an argument
+    for (const std::string& example : rule.examples) {
+      INFO(example);
+      CHECK_NOTHROW(moonwalk::parse_network<float>(example, 1));
+      CHECK_NOTHROW(moonwalk::parse_network<double>(example, 1));
+      bool uses = false;
+      for (const auto& token : moonwalk::spec::tokenize(example)) {
+        uses = uses || token.name() == name;
+        with_arguments = with_arguments || (token.name() == name && !token.args().empty());
+      }
+      CHECK(uses);
+    }
+    if (rule.syntax.find(':') != std::string::npos) CHECK(with_arguments);
+  }
+}
+
 TEST_CASE("spec: whitespace around tokens and arguments is ignored", "[tools][spec]") {
   const auto a = moonwalk::parse_network<double>("in:4,linear:3,leaky_relu:0.5,linear:2", 11);
   const auto b = moonwalk::parse_network<double>(" in : 4 ,\tlinear: 3 , leaky_relu :0.5, linear:2 ", 11);

@@ -8,70 +8,19 @@
 // N and every width are positive integers (at most 2^63 − 1); every product
 // of widths (C·H·W, a layer's parameter count, an output shape) is computed
 // with overflow checks, and every other number is range-checked before it is
-// converted (padding: an integer in [0, 2^53]). The layers, one entry each in
-// `spec_layers<S>()` (the only place that knows them):
+// converted (padding: an integer in [0, 2^53]).
 //
-//   linear:OUT          Linear<S>(width, OUT), b = 0; W (semi-)orthogonal, or
-//                       N(0, 1/width) entries with SpecOptions::init = gaussian
-//   orthogonal          OrthogonalLinear<S>(width): square (width unchanged),
-//                       Q = Cayley(U) orthogonal for any parameters, b = 0
-//   triangular:OUT      TriangularLinear<S>(width, OUT ≤ width): W = [U | V], U unit upper triangular
-//   leaky_relu[:SLOPE]  LeakyReLU<S>, SLOPE finite and > 0 (default 0.01)
-//   relu                ReLU<S>
-//   tanh                Tanh<S>
-//   sigmoid             Sigmoid<S>
-//   softplus            Softplus<S>
-//   elu[:ALPHA]         ELU<S>, ALPHA finite and > 0 (default 1)
-//   identity            Identity<S>
-//   pad:N               ZeroPad<S>(width, N): zero rows appended (N ≥ width)
-//   batchnorm           BatchNorm<S>(width): per feature over the batch; on an
-//                       image per channel over the batch and H·W (image kept)
-//   layernorm           LayerNorm<S>(width): per sample over its features
-//   dropout:P           Dropout<S>(width, P, token seed), 0 ≤ P < 1
-//   residual:HIDDEN[:ACT[:SCALE[:LIP]]]
-//                       Residual<S> block y = x + F(x), F = linear:HIDDEN, ACT,
-//                       linear:width with gain SCALE (default 0.5: F starts a
-//                       contraction, so vijp and inverse converge); on an
-//                       image it acts on the C·H·W features. LIP in (0, 1):
-//                       each Linear of F kept at spectral norm ≤ LIP after
-//                       every update (Residual's lipschitz; default 0: off)
-//   coupling:KIND:HIDDEN[:ACT[:SCALE]]
-//                       additive or affine coupling block (on an image too;
-//                       additive_conv below is the convolutional one) (KIND = additive |
-//                       affine) over halves n1 = width/2, n2 = width − n1;
-//                       F: n2 → n1 and G: n1 → n2 are the MLPs
-//                       linear:HIDDEN, ACT, linear:half, ACT an activation
-//                       (leaky_relu, relu, tanh, sigmoid, softplus, elu,
-//                       identity: Rule::activation; default tanh), SCALE the
-//                       gain of each branch's last Linear (default 1). The
-//                       branch Linears follow SpecOptions::init too (SCALE is
-//                       the gain either way: every singular value SCALE, or
-//                       entries N(0, SCALE²/HIDDEN)).
+// The layer tokens are the entries of `spec_layers<S>()` (spec::layers, the
+// only place that knows them): each gives its syntax, what it builds, example
+// specs and its builder. `moonwalk-gradcheck --help` lists them, and the
+// token table of docs/gradcheck.md and the README's token list are generated
+// from it (`spec::grammar_markdown`, `spec::grammar_list`;
+// tools/update_grammar_docs.sh BUILD_DIR rewrites them, a test checks them).
 //
 // Images (core/image.hpp: one column per sample, channel-major C×H×W). A spec
 // that starts with `in:CxHxW` carries an image shape from token to token;
-// activations keep it, and the image layers below need it (a SpecError
-// otherwise) and set the next one:
-//
-//   conv:COUT:K[:STRIDE[:PAD]]  Conv2d<S>: K×K kernels, stride (default 1),
-//                       zero padding on every side (default 0), bias
-//   conv_valid:COUT:K   ConvValid2d<S>: stride 1, no padding, COUT ≤ C and
-//                       fewer numbers out than in: submersive (vijp by
-//                       substitution over output positions)
-//   squeeze             SpaceToDepth<S>(2): C×H×W → 4C×H/2×W/2, a permutation
-//   avgpool             AvgPool2d<S>: 2×2 disjoint windows (submersive)
-//   gap                 GlobalAvgPool<S>: C×H×W → C (submersive)
-//   flatten             Flatten<S>: the identity on the layout (C·H·W × 1 × 1)
-//   pad_channels:C      PadChannels<S>: zero channels appended up to C (fragmental)
-//   residual_conv:HIDDEN[:ACT[:SCALE[:LIP]]]
-//                       Residual<S> block, F = conv:HIDDEN:3:1:1, ACT,
-//                       conv:C:3:1:1 with gain SCALE (default 0.5); LIP as
-//                       for residual, on the convolutions
-//   coupling:additive_conv:HIDDEN[:ACT[:SCALE]]
-//                       additive coupling over channel halves c1 = C/2,
-//                       c2 = C − c1 (the first c1 channels are x1): F and G
-//                       are conv:HIDDEN:3:1:1, ACT (default tanh),
-//                       conv:c1|c2:3:1:1 with gain SCALE (default 1)
+// activations keep it, an image layer needs it (a SpecError otherwise) and
+// sets the next one, and a token that changes the width otherwise ends it.
 //
 // Options (`parse_network<S>(spec, seed, SpecOptions{...})`; the two-argument
 // form uses the defaults):
@@ -98,10 +47,10 @@
 // wrapping), so the same spec and seed always give the same parameters, and
 // two layers of one network never share a seed.
 //
-// Adding a layer: one `{name, {syntax, builder}}` entry in `spec_layers<S>()`;
-// the builder gets the current width, the token's arguments (with checked
-// accessors that throw SpecError quoting the token), the token's seed and
-// the SpecOptions.
+// Adding a layer: one `{name, {syntax, doc, examples, builder}}` entry in
+// `spec_layers<S>()`; the builder gets the current width (or image shape),
+// the token's arguments (with checked accessors that throw SpecError quoting
+// the token), the token's seed and the SpecOptions.
 //
 // Every malformed spec throws SpecError; its message quotes the offending
 // token and says what is wrong (unknown layer, bad number, missing in:N,
@@ -389,14 +338,23 @@ template <class S>
 using ImageBuilder = std::function<BuiltImage<S>(ImageShape in, const Token& token, std::uint64_t seed,
                                                  const SpecOptions& options)>;
 
-/// One grammar entry: its syntax (for messages and docs) and its builder —
-/// `build` for a layer on features, `build_image` for one that needs an image
-/// (an entry with both uses `build_image` while the features are an image).
-/// `activation`: an elementwise activation without required arguments, which
-/// coupling blocks accept as their branches' ACT.
+/// One grammar entry, the single source of a token's parser, messages, docs
+/// and tests:
+/// - `syntax`: the token's form, e.g. `linear:OUT` (messages, `--help`, docs);
+/// - `doc`: what it builds, one Markdown paragraph (docs/gradcheck.md's token
+///   table is generated from it: `spec::grammar_markdown`);
+/// - `examples`: whole specs using the token, which the tests run under every
+///   schedule against finite differences (the docs show the first);
+/// - `build` for a layer on features, `build_image` for one that needs an
+///   image (an entry with both uses `build_image` while the features are an
+///   image);
+/// - `activation`: an elementwise activation without required arguments,
+///   which coupling and residual blocks accept as their branches' ACT.
 template <class S>
 struct Rule {
   std::string syntax;
+  std::string doc;
+  std::vector<std::string> examples;
   Builder<S> build;
   ImageBuilder<S> build_image = {};
   bool activation = false;
@@ -404,25 +362,28 @@ struct Rule {
 
 /// An activation's entry (Rule::activation).
 template <class S, class F>
-Rule<S> activation_rule(std::string syntax, F&& f) {
-  return Rule<S>{std::move(syntax), Builder<S>(std::forward<F>(f)), {}, true};
+Rule<S> activation_rule(std::string syntax, std::string doc, std::vector<std::string> examples, F&& f) {
+  return Rule<S>{
+      std::move(syntax), std::move(doc), std::move(examples), Builder<S>(std::forward<F>(f)), {}, true};
 }
 
 /// An image layer's entry: the builder gets the current image shape.
 template <class S, class F>
-Rule<S> image_rule(std::string syntax, F&& f) {
-  return Rule<S>{std::move(syntax), nullptr, ImageBuilder<S>(std::forward<F>(f))};
+Rule<S> image_rule(std::string syntax, std::string doc, std::vector<std::string> examples, F&& f) {
+  return Rule<S>{std::move(syntax), std::move(doc), std::move(examples), nullptr,
+                 ImageBuilder<S>(std::forward<F>(f))};
 }
 
 /// The entry of an argument-free image layer built as `L(in)`.
 template <class S, class L>
-Rule<S> shaped_rule(const std::string& name) {
-  return image_rule<S>(name, [name](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) {
-    t.expect_arity(0, 0, name);
-    L l(in);
-    const ImageShape out = l.out_shape();
-    return BuiltImage<S>{AnyLayer<S>(std::move(l)), out};
-  });
+Rule<S> shaped_rule(const std::string& name, std::string doc, std::vector<std::string> examples) {
+  return image_rule<S>(name, std::move(doc), std::move(examples),
+                       [name](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) {
+                         t.expect_arity(0, 0, name);
+                         L l(in);
+                         const ImageShape out = l.out_shape();
+                         return BuiltImage<S>{AnyLayer<S>(std::move(l)), out};
+                       });
 }
 
 /// "CxHxW" as an image shape (every part a positive integer), or nullopt
@@ -470,6 +431,9 @@ const std::map<std::string, Rule<S>>& layers() {
   static const std::map<std::string, Rule<S>> table{
       {"linear",
        {"linear:OUT",
+        "`Linear` (N → OUT), y = W x + b, b = 0; W (semi-)orthogonal by default, or N(0, 1/N) entries with "
+        "`SpecOptions{.init = Init::gaussian}`. Submersive when OUT ≤ N, fragmental otherwise",
+        {"in:4,linear:8,relu,linear:8,tanh,linear:3"},
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
           t.expect_arity(1, 1, "linear:OUT");
           typename Linear<S>::Options options;
@@ -481,6 +445,9 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"orthogonal",
        {"orthogonal",
+        "`OrthogonalLinear` (N → N): y = Q x + b with Q = (I + A)⁻¹(I − A), A = U − Uᵀ (Cayley), orthogonal "
+        "for any parameters; b = 0. Submersive (vijp = Q h) and invertible",
+        {"in:6,orthogonal,leaky_relu:0.2,orthogonal,tanh,linear:3"},
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "orthogonal");
           t.charge(t.add(t.mul(w, w - 1, "the parameter count") / 2, w));  // U packed, and b
@@ -490,6 +457,10 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"triangular",
        {"triangular:OUT",
+        "`TriangularLinear` (N → OUT, OUT ≤ N): y = [U \\| V] x + b with U unit upper triangular (free "
+        "strictly-upper part) and V free; vijp is one triangular solve, h_y = U⁻ᵀ h_x[0:OUT] (no "
+        "factorisation). Submersive; invertible when square",
+        {"in:8,triangular:6,tanh,triangular:6,leaky_relu:0.1,triangular:3"},
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(1, 1, "triangular:OUT");
           const Index out = t.width(0, "width");
@@ -504,49 +475,54 @@ const std::map<std::string, Rule<S>>& layers() {
           return TriangularLinear<S>(w, out, options);
         }}},
       {"leaky_relu",
-       activation_rule<S>("leaky_relu[:SLOPE]",
+       activation_rule<S>("leaky_relu[:SLOPE]", "`LeakyReLU`, SLOPE finite and > 0 (default 0.01)",
+                          {"in:6,linear:5,leaky_relu,linear:4,leaky_relu:0.2,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 1, "leaky_relu[:SLOPE]");
                             return LeakyReLU<S>(w, t.positive<S>(0, "leaky_relu slope", 0.01));
                           })},
       {"relu",
-       activation_rule<S>("relu",
+       activation_rule<S>("relu", "`ReLU` (fragmental: the cotangent of a dead unit is erased)",
+                          {"in:6,linear:5,relu,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 0, "relu");
                             return ReLU<S>(w);
                           })},
       {"tanh",
-       activation_rule<S>("tanh",
+       activation_rule<S>("tanh", "`Tanh`", {"in:6,linear:5,tanh,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 0, "tanh");
                             return Tanh<S>(w);
                           })},
       {"sigmoid",
-       activation_rule<S>("sigmoid",
+       activation_rule<S>("sigmoid", "`Sigmoid`", {"in:6,linear:5,sigmoid,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 0, "sigmoid");
                             return Sigmoid<S>(w);
                           })},
       {"softplus",
-       activation_rule<S>("softplus",
+       activation_rule<S>("softplus", "`Softplus`, log(1 + eˣ)", {"in:6,linear:5,softplus,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 0, "softplus");
                             return Softplus<S>(w);
                           })},
       {"elu",
-       activation_rule<S>("elu[:ALPHA]",
+       activation_rule<S>("elu[:ALPHA]", "`ELU`, ALPHA finite and > 0 (default 1)",
+                          {"in:6,linear:5,elu,linear:4,elu:0.5,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 1, "elu[:ALPHA]");
                             return ELU<S>(w, rules::ELU<S>{t.positive<S>(0, "elu alpha", 1.0)});
                           })},
       {"identity",
-       activation_rule<S>("identity",
+       activation_rule<S>("identity", "`Identity`", {"in:6,linear:5,identity,linear:3"},
                           [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
                             t.expect_arity(0, 0, "identity");
                             return Identity<S>(w);
                           })},
       {"pad",
        {"pad:N",
+        "`ZeroPad` (width → N ≥ width): zero rows appended; fragmental, invertible on its range",
+        {"in:5,pad:8,coupling:additive:6,linear:3"},
         [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(1, 1, "pad:N");
           const Index n = t.width(0, "padded width");
@@ -555,6 +531,13 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"batchnorm",
        {"batchnorm",
+        "`BatchNorm` (`<moonwalk/layers/normalization.hpp>`): y = γ x̂ + β per feature, x̂ normalised over the "
+        "batch (on an image: per channel over the batch and H·W, the image kept). Training mode uses the "
+        "batch's statistics and folds them into the running ones once per training step; evaluation mode "
+        "(`set_training(net, false)`) uses the running ones. Fragmental in training (two numbers per "
+        "channel), submersive in evaluation",
+        {"in:6,linear:8,batchnorm,leaky_relu:0.3,linear:3",
+         "in:2x4x4,conv:3:3:1:1,batchnorm,tanh,flatten,linear:3"},
         [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "batchnorm");
           t.charge(t.mul(w, 2, "the parameter count"));
@@ -568,6 +551,9 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"layernorm",
        {"layernorm",
+        "`LayerNorm`: y = γ ⊙ x̂ + β, x̂ normalised per sample over its features; fragmental (two numbers per "
+        "sample)",
+        {"in:6,linear:8,layernorm,tanh,linear:3"},
         [](Index w, const Token& t, std::uint64_t, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(0, 0, "layernorm");
           if (w < 2) t.fail("layernorm needs at least 2 features");
@@ -576,6 +562,11 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"dropout",
        {"dropout:P",
+        "`Dropout` (`<moonwalk/layers/dropout.hpp>`), 0 ≤ P < 1: inverted dropout whose mask is replayed "
+        "from "
+        "(token seed, training step) in every pass, never stored; fragmental in training (the dropped "
+        "coordinates), the identity in evaluation",
+        {"in:6,linear:8,dropout:0.25,tanh,linear:3"},
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions&) -> AnyLayer<S> {
           t.expect_arity(1, 1, "dropout:P");
           const double p = t.number(0, "drop probability", 0);
@@ -584,6 +575,16 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"coupling",
        {"coupling:KIND:HIDDEN[:ACT[:SCALE]]",
+        "`AdditiveCoupling` (KIND `additive`) or `AffineCoupling` (KIND `affine`) over halves n1 = width/2, "
+        "n2 = width − n1; F: n2 → n1 and G: n1 → n2 are `linear:HIDDEN, ACT, linear:half` (ACT an activation "
+        "token, default `tanh`; SCALE the gain of each branch's last Linear, default 1; the branch Linears "
+        "follow `SpecOptions::init`); on an image it acts on the C·H·W features and keeps the shape. KIND "
+        "`additive_conv` (images only) couples channel halves (the first C/2 channels are x1): F and G are "
+        "`conv:HIDDEN:3:1:1, ACT, conv:half:3:1:1`, SCALE the gain of the last conv",
+        {"in:5,pad:8,coupling:additive:6,leaky_relu:0.3,coupling:affine:6:elu,coupling:additive:4:tanh:0.5,"
+         "linear:3",
+         "in:2x6x4,pad_channels:4,coupling:additive_conv:4:softplus:0.5,squeeze,coupling:affine:5,flatten,"
+         "linear:2"},
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
           t.expect_arity(2, 4, "coupling:KIND:HIDDEN[:ACT[:SCALE]]");
           const std::string& kind = t.args()[0];
@@ -663,6 +664,14 @@ const std::map<std::string, Rule<S>>& layers() {
         }}},
       {"residual",
        {"residual:HIDDEN[:ACT[:SCALE[:LIP]]]",
+        "`Residual` (`<moonwalk/layers/residual.hpp>`): y = x + F(x), F = `linear:HIDDEN, ACT, linear:width` "
+        "with gain SCALE on the last Linear (default 0.5, so F starts a contraction). vjp h + J_Fᵀ h; vijp "
+        "solves (I + J_Fᵀ) h_y = h_x by GMRES, inverse x + F(x) = y by Newton–GMRES (iterations in "
+        "`stats.counts.solver_iterations`). Submersive and invertible while I + J_F is; on an image it acts "
+        "on the C·H·W features. LIP in (0, 1): spectral normalisation, each Linear of F scaled back to "
+        "‖W‖₂ ≤ LIP (power iteration) at construction and after every optimizer step, so F is a contraction "
+        "and the vijp's amplification is bounded by (1 + c)/(1 − c) (default 0: off)",
+        {"in:6,linear:6,residual:8,leaky_relu:0.5,residual:5:elu:0.3:0.5,layernorm,linear:3"},
         [](Index w, const Token& t, std::uint64_t seed, const SpecOptions& o) -> AnyLayer<S> {
           t.expect_arity(1, 4, "residual:HIDDEN[:ACT[:SCALE[:LIP]]]");
           const Index hidden = t.width(0, "hidden width");
@@ -684,6 +693,9 @@ const std::map<std::string, Rule<S>>& layers() {
       {"residual_conv",
        image_rule<S>(
            "residual_conv:HIDDEN[:ACT[:SCALE[:LIP]]]",
+           "`Residual` over F = `conv:HIDDEN:3:1:1, ACT, conv:C:3:1:1` (gain SCALE on the last conv, default "
+           "0.5; LIP as for `residual`, on the convolutions); the image shape kept",
+           {"in:2x4x4,residual_conv:3,tanh,residual_conv:2:softplus:0.5:0.5,flatten,linear:3"},
            [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
              t.expect_arity(1, 4, "residual_conv:HIDDEN[:ACT[:SCALE[:LIP]]]");
              const Index hidden = t.width(0, "hidden channels");
@@ -717,6 +729,10 @@ const std::map<std::string, Rule<S>>& layers() {
       {"conv",
        image_rule<S>(
            "conv:COUT:K[:STRIDE[:PAD]]",
+           "`Conv2d`: K×K kernels, stride (default 1), zero padding on every side (default 0), bias; im2col "
+           "+ "
+           "GEMM. Neither submersive nor fragmental (mixed Moonwalk anchors it; pure does not apply)",
+           {"in:2x6x6,conv:3:3:1:1,tanh,conv:4:2:2,flatten,linear:3"},
            [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions& o) -> BuiltImage<S> {
              t.expect_arity(2, 4, "conv:COUT:K[:STRIDE[:PAD]]");
              typename Conv2d<S>::Options opt;
@@ -738,6 +754,11 @@ const std::map<std::string, Rule<S>>& layers() {
       {"conv_valid",
        image_rule<S>(
            "conv_valid:COUT:K",
+           "`ConvValid2d`: stride 1, no padding, COUT ≤ C and fewer numbers out than in; submersive (vijp by "
+           "substitution over output positions), `RankError` when its first tap's C_out × C_in matrix is "
+           "rank "
+           "deficient",
+           {"in:4x5x5,conv_valid:3:2,tanh,flatten,linear:3"},
            [](ImageShape in, const Token& t, std::uint64_t seed, const SpecOptions&) -> BuiltImage<S> {
              t.expect_arity(2, 2, "conv_valid:COUT:K");
              typename ConvValid2d<S>::Options opt;
@@ -750,12 +771,20 @@ const std::map<std::string, Rule<S>>& layers() {
              const ImageShape out = c.out_shape();
              return {AnyLayer<S>(std::move(c)), out};
            })},
-      {"squeeze", shaped_rule<S, SpaceToDepth<S>>("squeeze")},
-      {"avgpool", shaped_rule<S, AvgPool2d<S>>("avgpool")},
-      {"gap", shaped_rule<S, GlobalAvgPool<S>>("gap")},
-      {"flatten", shaped_rule<S, Flatten<S>>("flatten")},
+      {"squeeze", shaped_rule<S, SpaceToDepth<S>>(
+                      "squeeze", "`SpaceToDepth` (factor 2): C×H×W → 4C×H/2×W/2, a permutation (invertible)",
+                      {"in:2x4x4,squeeze,tanh,flatten,linear:3"})},
+      {"avgpool", shaped_rule<S, AvgPool2d<S>>("avgpool", "`AvgPool2d`: 2×2 disjoint windows, submersive",
+                                               {"in:2x4x4,avgpool,tanh,flatten,linear:3"})},
+      {"gap", shaped_rule<S, GlobalAvgPool<S>>("gap", "`GlobalAvgPool`: C×H×W → C, submersive",
+                                               {"in:3x4x4,gap,linear:2"})},
+      {"flatten",
+       shaped_rule<S, Flatten<S>>("flatten", "`Flatten`: the identity on the layout (C·H·W × 1 × 1)",
+                                  {"in:2x2x2,flatten,linear:3"})},
       {"pad_channels",
        image_rule<S>("pad_channels:C",
+                     "`PadChannels`: zero channels appended up to C; fragmental, invertible on its range",
+                     {"in:2x4x4,pad_channels:4,coupling:additive_conv:4,gap,linear:3"},
                      [](ImageShape in, const Token& t, std::uint64_t, const SpecOptions&) -> BuiltImage<S> {
                        t.expect_arity(1, 1, "pad_channels:C");
                        const Index c = t.width(0, "channels");
@@ -774,6 +803,30 @@ std::string known_layers() {
   std::string s;
   for (const auto& [name, rule] : layers<S>()) s += (s.empty() ? "" : ", ") + rule.syntax;
   return s;
+}
+
+/// The token table of docs/gradcheck.md, in Markdown: one row per grammar
+/// entry (its syntax, its doc, whether it needs an image, its first example).
+template <class S = double>
+std::string grammar_markdown() {
+  std::string s =
+      "| token | layer | input | example |\n"
+      "|---|---|---|---|\n"
+      "| `in:N`, `in:CxHxW` | the input: N features, or a C×H×W image (channel-major); the first token, "
+      "exactly once | | |\n";
+  for (const auto& [name, rule] : layers<S>()) {
+    const char* input = rule.build ? "any" : "image";
+    s += "| `" + rule.syntax + "` | " + rule.doc + " | " + input + " | `" + rule.examples.front() + "` |\n";
+  }
+  return s;
+}
+
+/// The README's token list: "`avgpool`, `batchnorm`, …" (every entry's syntax).
+template <class S = double>
+std::string grammar_list() {
+  std::string s;
+  for (const auto& [name, rule] : layers<S>()) s += (s.empty() ? "`" : ", `") + rule.syntax + "`";
+  return s + "\n";
 }
 
 /// "elu, identity, …" — the names a coupling branch accepts as ACT.
