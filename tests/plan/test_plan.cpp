@@ -315,11 +315,11 @@ TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
   c.branch_bytes = {0, 0, 4, 0};
   refused(p, c, "backward(2) reads x_2, rebuilt by inversion, without layer 2's branch bits");
   q = p;
-  q.steps[2].branches = true;
+  q.steps[2].residual = true;
   const PlanFigures fb = check_plan(q, c);
   CHECK(fb.peak_held_bytes == 24);
   CHECK(fb.peak_kept_bytes == 10 + 4);  // x_0 (a checkpoint) and the bits
-  q.steps[1].branches = true;
+  q.steps[1].residual = true;
   refused(q, c, "forward(1) keeps branch bits of a layer that has none");
   // A forward step from a rebuilt value.
   q = p;
@@ -350,7 +350,7 @@ TEST_CASE("RevBackprop's plan: inputs kept where layers have no inverse, every s
       if (!inv[i]) kept += c.value_bytes[i];
     }
     std::size_t bit_bytes = 0;
-    for (const PlanStep& s : p.steps) bit_bytes += s.branches ? c.branches(s.layer) : 0;
+    for (const PlanStep& s : p.steps) bit_bytes += s.residual ? c.branches(s.layer) : 0;
     CHECK(f.inverse_steps == rebuilt);
     CHECK(f.forward_steps == L + f.checks);
     CHECK(f.peak_kept_bytes == kept + bit_bytes);  // nothing but the kept inputs and the bits
@@ -525,9 +525,9 @@ TEST_CASE("The plan report: per-layer fates, bytes and times that add up to the 
         CHECK((row.inverses > 0) == (row.input == InputFate::rebuilt));
         if (row.input == InputFate::rebuilt) {
           ++rebuilt_rows;
-          CHECK(row.kept_bytes == (row.branch_bits ? ci.branches(row.layer) : 0));
+          CHECK(row.kept_bytes == (row.residual ? ci.branches(row.layer) : 0));
           // (A checked input is exact again when its backward step reads it.)
-          if (!row.checked) CHECK((row.branch_bits || ci.branches(row.layer) == 0));
+          if (!row.checked) CHECK((row.residual || ci.branches(row.layer) == 0));
         }
       }
       CHECK(seconds == Approx(r.figures.seconds).epsilon(1e-12));
@@ -727,7 +727,7 @@ TEST_CASE("A plan that inverts a LeakyReLU's input reads its branch bits, not th
   REQUIRE(std::any_of(p.steps.begin(), p.steps.end(),
                       [](const PlanStep& s) { return s.op == PlanOp::inverse && s.layer == 3; }));
   REQUIRE(std::any_of(p.steps.begin(), p.steps.end(), [](const PlanStep& s) {
-    return s.op == PlanOp::forward && s.layer == 3 && s.branches;
+    return s.op == PlanOp::forward && s.layer == 3 && s.residual;
   }));
   GradientResult<S> out;
   zero_gradients(net);
@@ -738,6 +738,158 @@ TEST_CASE("A plan that inverts a LeakyReLU's input reads its branch bits, not th
   CHECK(out.stats.bytes_of("mask") == 3 * sizeof(std::uint64_t));
   // Without the bits the plan is refused.
   Plan bare = p;
-  for (PlanStep& s : bare.steps) s.branches = false;
+  for (PlanStep& s : bare.steps) s.residual = false;
   CHECK_THROWS_WITH(check_plan(bare, c), Catch::Contains("without layer 3's branch bits"));
+}
+
+TEST_CASE("Moonwalk's plans: residuals, cotangent steps and the sweep, checked and costed",
+          "[plan][moonwalk]") {
+  for (std::size_t L = 1; L <= 7; ++L)
+    for (std::size_t top = 0; top <= L; ++top)
+      for (const bool h0 : {false, true}) {
+        INFO("L = " << L << ", top = " << top << ", h_0 " << h0);
+        std::vector<CotangentKeep> keep(L, CotangentKeep::none);
+        if (L > 3) keep[2] = CotangentKeep::fragment;
+        if (L > 5) keep[4] = CotangentKeep::anchor;
+        const Plan p = moonwalk_plan(keep, top, h0);
+        INFO(plan_text(p));
+        ChainCosts c;
+        c.value_bytes.assign(L + 1, 100);
+        c.forward.assign(L, 1);
+        c.backward.assign(L, 2);
+        c.residual_bytes.assign(L, 3);
+        c.fragment_bytes.assign(L, 7);
+        c.crossing.assign(L, CotangentKeep::none);
+        if (L > 3) c.crossing[2] = CotangentKeep::fragment;
+        c.cotangent.assign(L, 1.5);
+        c.sweep.assign(L, 2.5);
+        std::vector<LayerPlan> rows;
+        const PlanFigures f = plan_rows(p, c, rows);
+        const std::size_t s = h0 ? 0 : 1, m = top > s ? top - s : 0;  // the layers cotangent steps cross
+        CHECK(f.sweep_steps == top);
+        CHECK(f.cotangent_steps == m);
+        CHECK(f.forward_steps == (top == 0 ? L : L + (top == L ? L : top - 1)));
+        const std::size_t anchors =
+            (L > 5 && top > 4 && !(top < L && top == 5) ? 1 : 0) + (top < L && m > 0 ? 1 : 0);
+        CHECK(f.anchors == anchors);
+        CHECK(f.seconds == Approx(1.0 * f.forward_steps + 2.0 * (L - top) + 1.5 * m + 2.5 * top));
+        double row_seconds = 0;
+        for (const LayerPlan& r : rows) {
+          row_seconds += r.seconds;
+          if (r.layer > 0 && r.layer < top) {
+            CHECK(r.input == InputFate::swept);
+            CHECK(r.residual);
+          }
+          if (r.layer >= top) CHECK(r.input == InputFate::kept);
+        }
+        CHECK(row_seconds == Approx(f.seconds));
+        if (top == L && L >= 2) {
+          // At most two values at once (a forward step's input and output), and either every
+          // residual (the end of the forward pass: layer 0's only with h_0) or what the
+          // cotangent steps keep (the sweep's start: layer 2's fragment, layer 4's anchor).
+          const std::size_t keeps = (L > 3 ? 7 : 0) + (L > 5 ? 100 : 0);
+          CHECK(f.peak_held_bytes == 200 + std::max<std::size_t>(3 * (L - s), keeps));
+          CHECK(f.peak_kept_bytes >= 3 * (L - s));
+          CHECK(f.peak_kept_bytes <= 3 * (L - s) + keeps);
+        }
+      }
+  // Refusals name the step and why.
+  ChainCosts c;
+  c.crossing = {CotangentKeep::none, CotangentKeep::anchor, CotangentKeep::fragment, CotangentKeep::none};
+  const Plan good = moonwalk_plan(
+      {CotangentKeep::none, CotangentKeep::anchor, CotangentKeep::fragment, CotangentKeep::none}, 4, true);
+  REQUIRE_NOTHROW(check_plan(good, c));
+  auto refused = [&](Plan p, const char* why) {
+    p.origin = "test";
+    INFO(plan_text(p));
+    CHECK_THROWS_WITH(check_plan(p, c), Catch::Contains("plan (test, 4 layers)") && Catch::Contains(why));
+  };
+  auto at = [&](PlanOp op, std::size_t layer) {
+    return static_cast<std::size_t>(
+        std::find_if(good.steps.begin(), good.steps.end(),
+                     [&](const PlanStep& st) { return st.op == op && st.layer == layer; }) -
+        good.steps.begin());
+  };
+  Plan p = good;
+  p.steps[at(PlanOp::cotangent, 1)].keep = CotangentKeep::none;
+  refused(p, "cotangent(1) keeps vijp for the sweep, but layer 1 is crossed by anchor (no vijp)");
+  p = good;
+  p.steps[at(PlanOp::cotangent, 2)].keep = CotangentKeep::none;
+  refused(p, "but layer 2 is crossed by fragment");
+  p = good;
+  p.steps[at(PlanOp::forward, 2)].residual = false;
+  refused(p, "cotangent(2) reads layer 2's residual, which is not kept");
+  p = good;
+  p.steps.erase(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::cotangent, 0)));
+  refused(p, "layer 0's residual or kept cotangent is still held at the end");  // (sweep(0): ∂ℓ/∂θ_0 only)
+  p = good;
+  p.steps.pop_back();  // the check at x_L
+  refused(p, "the sweep ends at h_4 unchecked (no anchor at its last layer, no check at x_L)");
+  p = good;
+  p.steps.insert(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::sweep, 2)) + 1,
+                 PlanStep{PlanOp::sweep, 2});
+  refused(p, "sweep(2): layer 2's gradient is read already");
+  p = good;
+  p.steps.push_back({PlanOp::backward, 3});
+  refused(p, "a step after the sweep's check");
+  p = good;
+  std::swap(p.steps[at(PlanOp::sweep, 1)], p.steps[at(PlanOp::sweep, 1) + 1]);  // forward(1) before sweep(1)
+  refused(p, "forward(1) in the sweep writes x_2, which no sweep step reads next (the cotangent is h_1)");
+  p = good;
+  p.steps.insert(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::cotangent, 0)),
+                 PlanStep{PlanOp::sweep, 1});
+  refused(p, "sweep(1) reads x_1, which is not held");
+  CHECK_THROWS_AS(moonwalk_plan({}, 0, false), ScheduleError);
+  CHECK_THROWS_AS(moonwalk_plan({CotangentKeep::none}, 2, false), ScheduleError);
+  CHECK(moonwalk_plan({CotangentKeep::none, CotangentKeep::none}, 0, true).steps == backprop_plan(2).steps);
+}
+
+TEMPLATE_TEST_CASE("The executor runs Moonwalk's plans: backprop's gradient up to the sweep's checks",
+                   "[plan][executor][moonwalk][property]", double, float) {
+  using S = TestType;
+  const double tol = std::is_same_v<S, double> ? 1e-9 : 2e-3;
+  std::size_t swept = 0, fragments = 0, anchors = 0;
+  for (std::uint64_t seed = 3001; seed < 3031; ++seed) {
+    const RandomArch a(seed);
+    std::string desc;
+    Network<S> net = a.build<S>(&desc);
+    INFO(desc);
+    const Matrix<S> x = moonwalk_test::random_batch<S>(a.in, a.batch, seed + 1);
+    const Matrix<S> t = moonwalk_test::random_batch<S>(a.out, a.batch, seed + 2);
+    const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+    std::vector<CotangentKeep> keep;
+    for (const SweepMode m : detail::sweep_modes(net))
+      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
+                     : m == SweepMode::fragment ? CotangentKeep::fragment
+                                                : CotangentKeep::anchor);
+    for (std::size_t top = 0; top <= net.size(); ++top)
+      for (const bool h0 : {false, true}) {
+        PlanRun<S> run;
+        run.bind(moonwalk_plan(keep, top, h0), value_rows(net), a.batch, h0);
+        const PlanFigures f = check_plan(run.plan(), ChainCosts{});
+        INFO("top " << top << ", h_0 " << h0 << "\n" << plan_text(run.plan()));
+        GradientResult<S> out;
+        for (int step = 0; step < 2; ++step) {  // (the second on the bound buffers)
+          out.stats.restart();
+          zero_gradients(net);
+          run.run(net, x, MSE<S>{}, t, out);
+          gradients_into(net, out.gradient);
+          CHECK(out.loss == ref.loss);
+          CHECK(detail::rel_max_err(out.gradient, ref.gradient) < tol);
+          if (h0) CHECK(detail::rel_max_err(out.h0, ref.h0) < tol);
+          if (!h0) CHECK(out.h0.size() == 0);
+          CHECK(out.stats.error_estimate < tol);
+          CHECK(out.stats.counts.forward == run.plan().forward_steps());
+          CHECK(out.stats.counts.vjp_params == net.size());
+          CHECK(out.stats.working_bytes == run.storage_bytes() + thread_scratch_bytes());
+        }
+        if (top == 0) CHECK(out.gradient == ref.gradient);  // (backprop's plan: its arithmetic)
+        swept += f.sweep_steps;
+        fragments += out.stats.bytes_of("fragment") > 0;
+        anchors += f.anchors;
+      }
+  }
+  CHECK(swept > 300);
+  CHECK(fragments > 0);
+  CHECK(anchors > 30);
 }

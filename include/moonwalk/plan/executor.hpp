@@ -17,9 +17,15 @@
 // forward step onto a rebuilt value) writes the exact value beside the
 // rebuilt one, records their relative difference max|x̂ − x| / max|x| as
 // the stretch's drift (Stats::error_estimate: the largest), and keeps the
-// exact one. Branch bits are layer residuals kept outside the arena. What a
-// layer derives for its inverse (a Linear's factorisation) lives only
-// through its inverse step.
+// exact one. Residuals (branch bits, Moonwalk's vijp residuals) and
+// anchors are kept outside the arena, each in its own buffer bound once; a
+// fragment (a few numbers per channel) is made by its cotangent step. What
+// a layer derives for its inverse or vijp (a Linear's factorisation) lives
+// only through the step that uses it.
+//
+// Moonwalk's steps (plan/plan.hpp) run in the network's precision with
+// the anchors and fragments the plan names; the sweep's checks (each
+// anchor, and h_L against ∂ℓ/∂x_L) enter Stats::error_estimate.
 #pragma once
 
 #include <algorithm>
@@ -52,25 +58,48 @@ class PlanRun {
 
   /// Binds `plan` (checked by check_plan) to values of rows[i] × batch
   /// (i = 0..L), allocating the buffers it needs; `input_gradient`: the
-  /// backward step of layer 0 also gives h_0.
+  /// backward step of layer 0 also gives h_0 (a plan with cotangent steps
+  /// gives it when it reaches it: cotangent(0)).
   /// `allocate` false: the layout only (buffers allocated by the first run).
-  void bind(Plan plan, std::vector<Index> rows, Index batch, bool input_gradient, bool allocate = true) {
+  /// `residual_bytes`: the bytes of each layer's residual (working_bytes();
+  /// empty: a bit per element of its input, a LeakyReLU's branch bits).
+  void bind(Plan plan, std::vector<Index> rows, Index batch, bool input_gradient, bool allocate = true,
+            const std::vector<std::size_t>& residual_bytes = {}) {
     std::vector<std::size_t> bytes(rows.size());
     for (std::size_t i = 0; i < rows.size(); ++i)
       bytes[i] = static_cast<std::size_t>(rows[i] * batch) * sizeof(S);
     check_plan(plan, bytes);
+    const bool to_h0 = std::any_of(plan.steps.begin(), plan.steps.end(), [](const PlanStep& st) {
+      return st.op == PlanOp::cotangent && st.layer == 0;
+    });
+    if (input_gradient && plan.swept_layers() > 0 && !to_h0)
+      throw ScheduleError(
+          detail::cat("plan (", plan.origin, "): h_0 asked for, but its cotangent steps stop at h_1"));
     plan_ = std::move(plan);
     rows_ = std::move(rows);
     batch_ = batch;
-    input_gradient_ = input_gradient;
-    // Branch bits: one slot per layer that keeps them (a BitMask of its input).
+    input_gradient_ = input_gradient || to_h0;
+    // Residuals: one slot per layer that keeps one; anchors: one buffer per anchored layer.
     std::vector<char> flagged(plan_.layers, 0);
     bits_bytes_ = 0;
-    for (const PlanStep& st : plan_.steps)
-      if (st.op == PlanOp::forward && st.branches && !flagged[st.layer]) {
+    keep_.assign(plan_.layers, CotangentKeep::none);
+    anchored_.assign(plan_.layers, 0);
+    for (const PlanStep& st : plan_.steps) {
+      if (st.op == PlanOp::forward && st.residual && !flagged[st.layer]) {
         flagged[st.layer] = 1;
-        bits_bytes_ += static_cast<std::size_t>((rows_[st.layer] * batch_ + 63) / 64) * 8;
+        bits_bytes_ += st.layer < residual_bytes.size()
+                           ? residual_bytes[st.layer]
+                           : static_cast<std::size_t>((rows_[st.layer] * batch_ + 63) / 64) * 8;
       }
+      if (st.op == PlanOp::cotangent) {
+        keep_[st.layer] = st.keep;
+        if (st.keep == CotangentKeep::anchor && !anchored_[st.layer]) {
+          anchored_[st.layer] = 1;
+          bits_bytes_ += static_cast<std::size_t>(rows_[st.layer + 1] * batch_) * sizeof(S);
+        }
+      }
+    }
+    anchors_.resize(plan_.layers);
     assign();
     if (allocate) this->allocate();
   }
@@ -85,8 +114,9 @@ class PlanRun {
 
   /// Bytes of the values' arena (what the layout needs, allocated or not).
   [[nodiscard]] std::size_t value_bytes() const { return arena_size_ * sizeof(S); }
-  /// Bytes of a step's working set: the value buffers, the branch bits,
-  /// two cotangent buffers of the widest cotangent and ∂ℓ/∂x_L.
+  /// Bytes of a step's working set: the value buffers, the residuals
+  /// (branch bits) and anchors, two cotangent buffers of the widest
+  /// cotangent and ∂ℓ/∂x_L (fragments, a few numbers per channel, not counted).
   [[nodiscard]] std::size_t working_bytes() const {
     return value_bytes() + bits_bytes_ + cotangent_bytes(rows_, batch_, input_gradient_);
   }
@@ -99,12 +129,15 @@ class PlanRun {
   }
   /// Bytes allocated now (workspace accounting: storage_bytes()).
   [[nodiscard]] std::size_t storage_bytes() const {
+    std::size_t anchors = 0;
+    for (const Matrix<S>& a : anchors_) anchors += static_cast<std::size_t>(a.size()) * sizeof(S);
     return h_[0].storage_bytes() + h_[1].storage_bytes() +
-           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S) + bits_.bytes();
+           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S) + bits_.bytes() + anchors;
   }
   /// Frees the buffers (the layout stays; the next run allocates them again).
   void release() {
     bits_.clear();
+    for (Matrix<S>& a : anchors_) a = Matrix<S>();
     arena_ = Vector<S>();
     h_[0] = detail::Buffer<S>();
     h_[1] = detail::Buffer<S>();
@@ -113,8 +146,11 @@ class PlanRun {
 
   /// Runs the plan: out.loss, ∂ℓ/∂θ accumulated in the layers' storage (the
   /// caller zeroes it first), out.h0 with input_gradient, and the step's
-  /// counts, the saved-value accounting (checkpoints and activations, by
-  /// role) and working_bytes in out.stats.
+  /// counts, the saved-value accounting (checkpoints, activations,
+  /// residuals, fragments and anchors) and working_bytes in out.stats; with
+  /// a sweep, Stats::error_estimate also holds its checks: the largest of
+  /// max|h_i − J_iᵀ a_i| / max|J_iᵀ a_i| at each anchor a_i = h_{i+1} and
+  /// of the swept h_L against ∂ℓ/∂x_L.
   template <Net N, class L>
   void run(N& net, const CRef<S>& x0, const L& loss, const typename L::target_type& target,
            GradientResult<S>& out) {
@@ -128,23 +164,30 @@ class PlanRun {
       if (i == 0) return x0;
       return Eigen::Map<const Matrix<S>>(arena_.data() + at_[i], rows_[i], batch_);
     };
-    auto slot = [](ValueRole r) {
-      return r == ValueRole::checkpoint ? SavedStore::residual : SavedStore::activation;
-    };
     auto account = [&](std::size_t i, ValueRole r, auto& l) {
       if (i < n && detail::accounted(r))
-        store_.hold(i, slot(r), names_(i, l), static_cast<std::size_t>(rows_[i] * batch_) * sizeof(S),
-                    to_string(r));
+        store_.hold(i, SavedStore::activation, names_(i, l),
+                    static_cast<std::size_t>(rows_[i] * batch_) * sizeof(S), to_string(r));
     };
     auto free_value = [&](std::size_t i) {
-      if (i < n && detail::accounted(role_[i])) store_.drop(i, slot(role_[i]));
+      if (i < n && detail::accounted(role_[i])) store_.drop(i, SavedStore::activation);
       if (i > 0) at_[i] = none;
+    };
+    auto drop_residual = [&](std::size_t i) {
+      if (!bits_held_[i]) return;
+      store_.drop(i, SavedStore::residual);
+      bits_held_[i] = 0;
     };
     if (detail::accounted(role_[0])) net.visit(0, [&](const auto& l) { account(0, role_[0], l); });
     std::fill(bits_held_.begin(), bits_held_.end(), 0);
-    double drift = 0;
+    double drift = 0, swept = 0;
     drifts_.clear();
     detail::PingPong<S> h(h_[0], h_[1]);
+    std::size_t hc = n + 1;  // h_hc is the current cotangent
+    auto reached = [&](std::size_t c) {
+      hc = c;
+      if (c == 0 && input_gradient_) out.h0 = h.current();  // (no allocation: out.h0 keeps its size)
+    };
     for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
       const PlanStep& s = plan_.steps[k];
       const std::size_t i = s.layer;
@@ -154,10 +197,11 @@ class PlanRun {
           const bool check = at_[i + 1] != none && role_[i + 1] == ValueRole::rebuilt;
           net.visit(i, [&](const auto& l) {
             using Lyr = std::remove_cvref_t<decltype(l)>;
-            if (s.branches) {  // (a slot no plan value uses: fragment)
+            if (s.residual) {
               auto& r = bits_.get<residual_t<Lyr>>(i);
               moonwalk::save_residual_into(l, value(i), r);
-              store_.hold(i, SavedStore::fragment, names_(i, l), nbytes(r), residual_kind(r));
+              drop_residual(i);
+              store_.hold(i, SavedStore::residual, names_(i, l), nbytes(r), residual_kind(r));
               bits_held_[i] = 1;
             }
             moonwalk::forward_into(l, value(i),
@@ -203,9 +247,81 @@ class PlanRun {
           break;
         }
         case PlanOp::loss:
-          out.loss = detail::loss_into<L, S>(loss, value(n), target, g_);
-          h.assign(g_);
+          if (hc == n) {  // the sweep's check: the swept h_L against ∂ℓ/∂x_L
+            (void)detail::loss_into<L, S>(loss, value(n), target, g_);
+            swept = std::max(swept, detail::rel_max_err(h.current(), g_));
+          } else {
+            out.loss = detail::loss_into<L, S>(loss, value(n), target, g_);
+            h.assign(g_);
+            hc = n;
+          }
           free_value(n);
+          break;
+        case PlanOp::cotangent:
+          net.visit(i, [&](const auto& l) {
+            using Lyr = std::remove_cvref_t<decltype(l)>;
+            const auto& r = bits_.get<residual_t<Lyr>>(i);
+            if (s.keep == CotangentKeep::anchor) {
+              anchors_[i] = h.current();  // (sized by allocate())
+              store_.hold(i, SavedStore::anchor, names_(i, l),
+                          static_cast<std::size_t>(anchors_[i].size()) * sizeof(S), "anchor");
+            } else if (s.keep == CotangentKeep::fragment) {
+              if constexpr (Fragmental<Lyr>)
+                store_.put(i, SavedStore::fragment, names_(i, l), l.save_fragment(r, h.current()));
+              else
+                throw ScheduleError(detail::cat("plan (", plan_.origin, "): cotangent(", i, "): layer ", i,
+                                                " (", l.name(), ") keeps no fragment"));
+            }
+            moonwalk::vjp_residual_into(l, r, h.current(), h.next(l.in_features(), batch_));
+            h.flip();
+            ++st.counts.vjp;
+          });
+          drop_residual(i);
+          reached(i);
+          break;
+        case PlanOp::sweep:
+          net.visit(i, [&](auto& l) {
+            using Lyr = std::remove_cvref_t<decltype(l)>;
+            const CRef<S> xi = value(i);
+            if (hc == i) {  // h_{i+1} from h_i across layer i
+              const Index out_rows = l.out_features();
+              switch (keep_[i]) {
+                case CotangentKeep::anchor: {
+                  auto ja = h.next(l.in_features(), batch_);
+                  moonwalk::vjp_into(l, xi, anchors_[i], ja);
+                  swept = std::max(swept, detail::rel_max_err(h.current(), ja));
+                  ++st.counts.vjp;
+                  h.assign(anchors_[i]);
+                  store_.drop(i, SavedStore::anchor);
+                  break;
+                }
+                case CotangentKeep::none:
+                  if constexpr (Submersive<Lyr>) {
+                    moonwalk::vijp_into(l, xi, h.current(), h.next(out_rows, batch_));
+                    h.flip();
+                    moonwalk::release_derived(l);  // (its factorisation: this step's alone)
+                  } else {
+                    throw ScheduleError(detail::cat("plan (", plan_.origin, "): sweep(", i, "): layer ", i,
+                                                    " (", l.name(), ") has no vijp"));
+                  }
+                  ++st.counts.vijp;
+                  break;
+                case CotangentKeep::fragment:
+                  if constexpr (Fragmental<Lyr>) {
+                    const auto f = store_.take<typename Lyr::fragment_type>(i, SavedStore::fragment);
+                    h.next(out_rows, batch_) = l.vijp_with_fragment(xi, h.current(), f);
+                    h.flip();
+                  }
+                  ++st.counts.vijp;
+                  break;
+              }
+            }
+            moonwalk::accumulate_vjp_params(l, xi, h.current());
+            ++st.counts.vjp_params;
+            detail::gradient_ready(i);
+          });
+          hc = i + 1;
+          if (i > 0 && role_[i] != ValueRole::temporary) free_value(i);
           break;
         case PlanOp::backward:
           net.visit(i, [&](auto& l) {
@@ -225,21 +341,16 @@ class PlanRun {
               ++st.counts.vjp;
             }
           });
-          if (bits_held_[i]) {
-            store_.drop(i, SavedStore::fragment);
-            bits_held_[i] = 0;
-          }
+          drop_residual(i);
           free_value(i);
+          reached(i);
           break;
       }
     }
-    if (detail::accounted(role_[0])) store_.drop(0, slot(role_[0]));
-    st.error_estimate = drift;
+    if (detail::accounted(role_[0])) store_.drop(0, SavedStore::activation);
+    st.error_estimate = std::max(drift, swept);
     st.working_bytes = storage_bytes() + thread_scratch_bytes();
-    if (input_gradient_)
-      out.h0 = h.current();
-    else
-      out.h0.resize(0, 0);
+    if (!input_gradient_) out.h0.resize(0, 0);
     store_.report_to(st);
   }
 
@@ -302,7 +413,9 @@ class PlanRun {
         role[j] = st.output;
         if (st.op == PlanOp::forward && st.layer > 0 && role[st.layer] == ValueRole::temporary)
           release(st.layer);
-      } else {
+      } else if (st.op == PlanOp::sweep) {
+        if (role[st.layer] != ValueRole::temporary) release(st.layer);
+      } else if (st.op != PlanOp::cotangent) {
         release(st.layer);
       }
     }
@@ -368,6 +481,8 @@ class PlanRun {
       h.view(w, 1);
     }
     detail::safe_resize(g_, rows_.back(), batch_);
+    for (std::size_t i = 0; i < anchors_.size(); ++i)
+      if (anchored_[i]) detail::safe_resize(anchors_[i], rows_[i + 1], batch_);
   }
 
   Plan plan_;
@@ -384,8 +499,11 @@ class PlanRun {
   std::vector<CheckedDrift> drifts_;  ///< the last run's checks
   detail::Buffer<S> h_[2];
   Matrix<S> g_;
-  detail::Workspace bits_;       ///< layer i's branch bits in slot i
-  std::vector<char> bits_held_;  ///< per layer: its bits are kept now
+  detail::Workspace bits_;           ///< layer i's residual r_i in slot i
+  std::vector<char> bits_held_;      ///< per layer: its residual is kept now
+  std::vector<CotangentKeep> keep_;  ///< per layer: what its cotangent step keeps
+  std::vector<char> anchored_;       ///< per layer: its cotangent step keeps an anchor
+  std::vector<Matrix<S>> anchors_;   ///< layer i's anchor h_{i+1}
   SavedStore store_;
   detail::LayerNames names_;
 };

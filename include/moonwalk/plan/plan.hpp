@@ -21,12 +21,33 @@
 // Nothing else reads a rebuilt value but its backward step. A layer whose
 // backward step reads a rebuilt input and whose derivative is piecewise
 // constant (keeps_branches: LeakyReLU) reads its branch bits instead, kept
-// by the forward step that made its input's successor (`branches`): a rebuilt
+// as its residual by the forward step that made its input's successor: a rebuilt
 // ±1e-17 where the forward pass had an exact 0 picks the other derivative.
 //
+// Moonwalk's moves (docs/design.md §1) are three more steps. forward(i) may
+// keep layer i's vijp residual r_i (bit masks of a LeakyReLU, σ′ of a smooth
+// activation, nothing for a Linear) in place of x_i; then
+//
+//   cotangent(i) h_i = J_iᵀ h_{i+1} from r_i alone (freed after), no ∂ℓ/∂θ_i,
+//                keeping of h_{i+1} what the sweep needs to recover it
+//                across layer i: nothing (vijp), its fragment φ_i (the part
+//                J_iᵀ erases), or h_{i+1} itself (an anchor);
+//   sweep(i)     once the cotangents are down to h_i: h_{i+1} = vijp(x_i, h_i)
+//                (with φ_i, or the anchor, which checks the swept h_i against
+//                J_iᵀ h_{i+1}), then g_i += J_{θ,i}ᵀ h_{i+1}; from x_i (held;
+//                freed after when it is an operand). With the cotangent at
+//                h_{i+1} already (the reverse stopped there), only g_i.
+//
+// The sweep walks up, forward(i) making x_{i+1} for sweep(i+1), to the top
+// of the Moonwalk layers: x_L, where a second loss step checks the swept
+// h_L against ∂ℓ/∂x_L, or the lowest layer reversed by backward steps, whose
+// h is the anchor of the sweep's last step. So one plan may reverse its top
+// layers by backward steps and its bottom ones by Moonwalk (moonwalk_plan).
+//
 // Which values are held when is the whole difference between backprop (every
-// input kept), checkpointing (some kept, the rest recomputed from them) and
-// the plans the planner finds (plan/planner.hpp); one executor runs them all
+// input kept), checkpointing (some kept, the rest recomputed from them),
+// Moonwalk (residuals kept, inputs recomputed by the sweep) and the plans the
+// planner finds (plan/planner.hpp); one executor runs them all
 // (plan/executor.hpp). x_0 is the caller's and never freed.
 #pragma once
 
@@ -69,17 +90,39 @@ enum class ValueRole : std::uint8_t {
   return "?";
 }
 
-enum class PlanOp : std::uint8_t { forward, loss, backward, inverse };
+enum class PlanOp : std::uint8_t { forward, loss, backward, inverse, cotangent, sweep };
+
+/// What cotangent(i) keeps of h_{i+1} for sweep(i) to recover it across layer i.
+enum class CotangentKeep : std::uint8_t {
+  none,      ///< nothing: h_{i+1} = vijp(x_i, h_i) (layer i submersive)
+  fragment,  ///< φ_i, the part of h_{i+1} that J_iᵀ erases (layer i fragmental)
+  anchor,    ///< h_{i+1} itself (any layer)
+};
+
+[[nodiscard]] inline const char* to_string(CotangentKeep k) {
+  switch (k) {
+    case CotangentKeep::none:
+      return "vijp";
+    case CotangentKeep::fragment:
+      return "fragment";
+    case CotangentKeep::anchor:
+      return "anchor";
+  }
+  return "?";
+}
 
 /// One step of a plan. `layer` is i of forward(i) / backward(i) /
-/// inverse(i) (L for the loss); `output` is the role of x_{i+1} after
-/// forward(i) (of x_i after inverse(i): rebuilt); `branches`: forward(i)
-/// also keeps layer i's branch bits, for its backward step from a rebuilt x_i.
+/// inverse(i) / cotangent(i) / sweep(i) (L for the loss); `output` is the
+/// role of x_{i+1} after forward(i) (of x_i after inverse(i): rebuilt);
+/// `residual`: forward(i) also keeps layer i's vijp residual r_i, read by
+/// cotangent(i), or by backward(i) from a rebuilt x_i (its branch bits);
+/// `keep`: what cotangent(i) keeps of h_{i+1}.
 struct PlanStep {
   PlanOp op = PlanOp::forward;
   std::size_t layer = 0;
   ValueRole output = ValueRole::temporary;
-  bool branches = false;
+  bool residual = false;
+  CotangentKeep keep = CotangentKeep::none;
   bool operator==(const PlanStep&) const = default;
 };
 
@@ -91,6 +134,8 @@ struct Plan {
   std::string origin;  ///< what made it: "backprop", "every-k", "binomial", "planner"
 
   [[nodiscard]] std::size_t forward_steps() const { return count(PlanOp::forward); }
+  /// Layers reversed by Moonwalk (cotangent steps) and swept.
+  [[nodiscard]] std::size_t swept_layers() const { return count(PlanOp::sweep); }
   [[nodiscard]] std::size_t inverse_steps() const { return count(PlanOp::inverse); }
   [[nodiscard]] std::size_t count(PlanOp op) const {
     return static_cast<std::size_t>(
@@ -146,6 +191,18 @@ struct ChainCosts {
   std::vector<double> inverse_gamma{};
   StretchDrifts measured{};
   double drift_budget = std::numeric_limits<double>::infinity();
+  /// Moonwalk's moves, per layer (each list empty: 0 bytes, 0 seconds,
+  /// every crossing allowed): the bytes of its vijp residual r_i (0 for a
+  /// Linear; empty: the branch bits') and of its fragment φ_i, how the sweep
+  /// can cross it (`none`: by vijp, or by a fragment or an anchor;
+  /// `fragment`: by a fragment or an anchor; `anchor`: by an anchor only),
+  /// and the seconds of its cotangent and sweep steps (the sweep's forward
+  /// step is forward(i)'s).
+  std::vector<std::size_t> residual_bytes{};
+  std::vector<std::size_t> fragment_bytes{};
+  std::vector<CotangentKeep> crossing{};
+  std::vector<double> cotangent{};
+  std::vector<double> sweep{};
 
   /// γ of layer i's inverse step (1 where none is given; NaN or < 0: +∞).
   [[nodiscard]] double gamma(std::size_t i) const {
@@ -174,6 +231,18 @@ struct ChainCosts {
   [[nodiscard]] std::size_t branches(std::size_t i) const {
     return i < branch_bytes.size() ? branch_bytes[i] : 0;
   }
+  /// Bytes of layer i's residual r_i (its branch bits where residual_bytes is empty).
+  [[nodiscard]] std::size_t residual(std::size_t i) const {
+    return residual_bytes.empty() ? branches(i) : i < residual_bytes.size() ? residual_bytes[i] : 0;
+  }
+  [[nodiscard]] std::size_t fragment(std::size_t i) const {
+    return i < fragment_bytes.size() ? fragment_bytes[i] : 0;
+  }
+  /// Whether sweep(i) can recover h_{i+1} from what `keep` says cotangent(i) kept.
+  [[nodiscard]] bool can_cross(std::size_t i, CotangentKeep keep) const {
+    const CotangentKeep how = i < crossing.size() ? crossing[i] : CotangentKeep::none;
+    return keep == CotangentKeep::anchor || how == CotangentKeep::none || how == keep;
+  }
   /// Throws ScheduleError unless the sizes agree and every time is ≥ 0 (and
   /// finite, but for an inverse's +∞).
   void check() const {
@@ -196,9 +265,20 @@ struct ChainCosts {
     if (!branch_bytes.empty() && branch_bytes.size() != n)
       throw ScheduleError(
           detail::cat("chain costs: ", branch_bytes.size(), " branch-bit sizes for ", n, " layers"));
+    const auto sized = [n](std::size_t k, const char* what) {
+      if (k != 0 && k != n)
+        throw ScheduleError(detail::cat("chain costs: ", k, " ", what, " for ", n, " layers"));
+    };
+    sized(residual_bytes.size(), "residual sizes");
+    sized(fragment_bytes.size(), "fragment sizes");
+    sized(crossing.size(), "crossings");
+    sized(cotangent.size(), "cotangent times");
+    sized(sweep.size(), "sweep times");
     auto ok = [](double t) { return std::isfinite(t) && t >= 0; };
+    auto ok_at = [&](const std::vector<double>& t, std::size_t i) { return i >= t.size() || ok(t[i]); };
     for (std::size_t i = 0; i < n; ++i)
-      if (!ok(forward[i]) || !ok(backward[i]) || (i < inverse.size() && !(inverse[i] >= 0)))
+      if (!ok(forward[i]) || !ok(backward[i]) || (i < inverse.size() && !(inverse[i] >= 0)) ||
+          !ok_at(cotangent, i) || !ok_at(sweep, i))
         throw ScheduleError(detail::cat("chain costs: layer ", i, ": time not finite and >= 0"));
     if (!ok(loss)) throw ScheduleError("chain costs: loss time not finite and >= 0");
   }
@@ -216,6 +296,9 @@ struct PlanFigures {
   std::size_t forward_steps = 0;     ///< checks included
   std::size_t inverse_steps = 0;
   std::size_t checks = 0;  ///< forward steps onto a rebuilt value
+  std::size_t cotangent_steps = 0;
+  std::size_t sweep_steps = 0;
+  std::size_t anchors = 0;  ///< cotangent steps that keep h_{i+1} itself
   double seconds = 0;
 };
 
@@ -225,6 +308,7 @@ enum class InputFate : std::uint8_t {
   checkpoint,  ///< held as a checkpoint that later values are recomputed from
   recomputed,  ///< computed more than once (from a checkpoint) before its backward step
   rebuilt,     ///< rebuilt by inversion from x_{i+1}
+  swept,       ///< reduced to the layer's residual, recomputed by the sweep
 };
 
 [[nodiscard]] inline const char* to_string(InputFate f) {
@@ -237,6 +321,8 @@ enum class InputFate : std::uint8_t {
       return "recomputed";
     case InputFate::rebuilt:
       return "rebuilt";
+    case InputFate::swept:
+      return "swept";
   }
   return "?";
 }
@@ -249,13 +335,18 @@ struct LayerPlan {
   std::size_t forwards = 0;  ///< forward(i) steps, checks of x_{i+1} included
   std::size_t inverses = 0;  ///< inverse(i) steps: x_i rebuilt
   bool checked = false;      ///< a forward step checked a rebuilt x_i
-  bool branch_bits = false;  ///< a forward step kept layer i's branch bits
+  bool residual = false;     ///< a forward step kept layer i's residual r_i
+  /// How the sweep crosses layer i (swept input with a cotangent step only).
+  CotangentKeep keep = CotangentKeep::none;
   /// Bytes of x_i while it waits as an activation or checkpoint (0 for an
-  /// operand or a rebuilt value, which wait for nothing), plus its branch bits.
+  /// operand or a rebuilt value, which wait for nothing), plus its residual
+  /// and what its cotangent step keeps.
   std::size_t kept_bytes = 0;
-  /// Bytes held when backward(i) runs (the plan's accounting: x_0 excluded).
+  /// Bytes held when its gradient is read (backward(i) or sweep(i); the
+  /// plan's accounting: x_0 excluded).
   std::size_t working_bytes = 0;
-  /// forwards · forward_i + inverses · inverse_i + backward_i.
+  /// forwards · forward_i + inverses · inverse_i + backward_i, or with the
+  /// sweep: + cotangent_i + sweep_i in place of backward_i.
   double seconds = 0;
 };
 
@@ -293,7 +384,11 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
     detail::bad_plan(p, 0, detail::cat(c.value_bytes.size(), " value sizes for ", n + 1, " values"));
   auto bytes = [&](std::size_t i) { return c.value_bytes.empty() ? std::size_t{0} : c.value_bytes[i]; };
   auto seconds = [](const std::vector<double>& t, std::size_t i) { return i < t.size() ? t[i] : 0.0; };
-  std::vector<char> held(n + 1, 0), bits(n, 0);
+  // held[i]: x_i is held; res[i]: layer i's residual; kept_h[i]: what
+  // cotangent(i) kept of h_{i+1} (crossed[i]: it ran); read[i]: ∂ℓ/∂θ_i.
+  std::vector<char> held(n + 1, 0), res(n, 0), crossed(n, 0), read(n, 0);
+  std::vector<CotangentKeep> keep(n, CotangentKeep::none);
+  std::vector<std::size_t> keep_bytes(n, 0);
   std::vector<ValueRole> role(n + 1, ValueRole::temporary);
   held[0] = 1;
   role[0] = p.input_role;
@@ -302,8 +397,10 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
   PlanFigures f;
   f.peak_kept_bytes = kept;
   f.peak_checkpoints = checkpoints;
-  std::size_t cotangent = n + 1;            // h_c is the current cotangent; n + 1: none yet
-  std::vector<std::size_t> made(n + 1, 0);  // forward steps that made x_i (checks excluded)
+  std::size_t cotangent = n + 1;  // h_c is the current cotangent; n + 1: none yet
+  bool sweeping = false, checked_end = false;
+  bool last_anchor = false, any_cross = false;  // the last crossing was by an anchor; any crossing
+  std::vector<std::size_t> made(n + 1, 0);      // forward steps that made x_i (checks excluded)
   std::vector<char> was_checkpoint(n + 1, 0), was_accounted(n + 1, 0);
   was_checkpoint[0] = p.input_role == ValueRole::checkpoint;
   was_accounted[0] = detail::accounted(p.input_role);
@@ -322,15 +419,34 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
     now -= bytes(i);
     if (detail::accounted(role[i])) kept -= bytes(i);
   };
-  auto free_bits = [&](std::size_t i) {
-    if (!bits[i]) return;
-    bits[i] = 0;
-    now -= c.branches(i);
-    kept -= c.branches(i);
+  auto free_residual = [&](std::size_t i) {
+    if (!res[i]) return;
+    res[i] = 0;
+    now -= c.residual(i);
+    kept -= c.residual(i);
+  };
+  auto free_keep = [&](std::size_t i) {
+    now -= keep_bytes[i];
+    kept -= keep_bytes[i];
+    keep_bytes[i] = 0;
+  };
+  // The row of layer i once its gradient is read.
+  auto row_read = [&](std::size_t i) {
+    if (!rows) return;
+    LayerPlan& r = (*rows)[i];
+    r.working_bytes = now;
+    r.input = r.inverses > 0             ? InputFate::rebuilt
+              : crossed[i] || r.residual ? (was_checkpoint[i] ? InputFate::checkpoint : InputFate::swept)
+              : was_checkpoint[i]        ? InputFate::checkpoint
+              : made[i] > 1              ? InputFate::recomputed
+                                         : InputFate::kept;
+    if (i == 0 && r.input == InputFate::swept) r.input = InputFate::kept;  // (x_0: the caller's)
+    r.kept_bytes += (was_accounted[i] ? bytes(i) : 0) + (r.residual ? c.residual(i) : 0);
   };
   for (std::size_t k = 0; k < p.steps.size(); ++k) {
     const PlanStep& s = p.steps[k];
     const std::size_t i = s.layer;
+    if (checked_end) detail::bad_plan(p, k, "a step after the sweep's check at x_L");
     switch (s.op) {
       case PlanOp::forward: {
         if (i >= n) detail::bad_plan(p, k, detail::cat("forward(", i, ") past the last layer"));
@@ -343,10 +459,19 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         const bool check = held[i + 1] && role[i + 1] == ValueRole::rebuilt;
         if (held[i + 1] && !check)
           detail::bad_plan(p, k, detail::cat("forward(", i, ") writes x_", i + 1, ", which is held"));
-        if (i + 1 >= cotangent)
+        if (sweeping) {  // (the sweep's advance: x_{i+1} for sweep(i + 1), or x_L for its check)
+          if (cotangent != i + 1 || (i + 1 < n && read[i + 1]))
+            detail::bad_plan(
+                p, k,
+                detail::cat("forward(", i, ") in the sweep writes x_", i + 1,
+                            ", which no sweep step reads next (the cotangent is h_", cotangent, ")"));
+          if (s.residual)
+            detail::bad_plan(p, k, detail::cat("forward(", i, ") in the sweep keeps a residual"));
+        } else if (i + 1 >= cotangent) {
           detail::bad_plan(p, k,
                            detail::cat("forward(", i, ") writes x_", i + 1, ", which is no longer needed (h_",
                                        cotangent, " is reached)"));
+        }
         if (i + 1 == n && detail::accounted(s.output))
           detail::bad_plan(
               p, k, detail::cat("x_", n, " is read by the loss alone: its role is operand or temporary"));
@@ -372,15 +497,15 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
           if (s.output == ValueRole::checkpoint)
             f.peak_checkpoints = std::max(f.peak_checkpoints, ++checkpoints);
         }
-        if (s.branches) {
-          if (!c.branch_bytes.empty() && c.branches(i) == 0)
+        if (s.residual) {
+          if (c.residual_bytes.empty() && !c.branch_bytes.empty() && c.branches(i) == 0)
             detail::bad_plan(p, k,
                              detail::cat("forward(", i, ") keeps branch bits of a layer that has none"));
-          free_bits(i);
-          bits[i] = 1;
-          now += c.branches(i);
-          kept += c.branches(i);
-          if (rows) (*rows)[i].branch_bits = true;
+          free_residual(i);
+          res[i] = 1;
+          now += c.residual(i);
+          kept += c.residual(i);
+          if (rows) (*rows)[i].residual = true;
         }
         peaks();
         ++f.forward_steps;
@@ -394,6 +519,7 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
       }
       case PlanOp::inverse: {
         if (i >= n) detail::bad_plan(p, k, detail::cat("inverse(", i, ") past the last layer"));
+        if (sweeping) detail::bad_plan(p, k, detail::cat("inverse(", i, ") after the sweep began"));
         if (!c.inverse.empty() && !c.invertible(i))
           detail::bad_plan(p, k, detail::cat("inverse(", i, "): layer ", i, " has no inverse"));
         if (!held[i + 1])
@@ -419,14 +545,21 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         break;
       }
       case PlanOp::loss:
-        if (cotangent != n + 1) detail::bad_plan(p, k, "a second loss");
+        if (!sweeping && cotangent != n + 1) detail::bad_plan(p, k, "a second loss");
         if (!held[n]) detail::bad_plan(p, k, detail::cat("the loss reads x_", n, ", which is not held"));
+        if (sweeping) {  // the sweep's check: h_L against ∂ℓ/∂x_L
+          if (cotangent != n)
+            detail::bad_plan(p, k, detail::cat("the sweep's check at x_", n, " before h_", n));
+          checked_end = true;
+        } else {
+          cotangent = n;
+        }
         f.seconds += c.loss;
         free_value(n);
-        cotangent = n;
         break;
       case PlanOp::backward:
         if (cotangent == n + 1) detail::bad_plan(p, k, detail::cat("backward(", i, ") before the loss"));
+        if (sweeping) detail::bad_plan(p, k, detail::cat("backward(", i, ") after the sweep began"));
         if (i + 1 != cotangent)
           detail::bad_plan(
               p, k, detail::cat("backward(", i, ") needs h_", i + 1, "; the cotangent is h_", cotangent));
@@ -437,31 +570,115 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
             detail::bad_plan(p, k,
                              detail::cat("backward(", i, ") reads x_", i,
                                          ", rebuilt by inversion, and no inverse below it leads to a check"));
-          if (c.branches(i) > 0 && !bits[i])
+          if (c.branches(i) > 0 && !res[i])
             detail::bad_plan(p, k,
                              detail::cat("backward(", i, ") reads x_", i,
                                          ", rebuilt by inversion, without layer ", i, "'s branch bits"));
         }
         f.seconds += seconds(c.backward, i);
-        if (rows) {
-          LayerPlan& r = (*rows)[i];
-          r.seconds += seconds(c.backward, i);
-          r.working_bytes = now;
-          r.input = r.inverses > 0      ? InputFate::rebuilt
-                    : was_checkpoint[i] ? InputFate::checkpoint
-                    : made[i] > 1       ? InputFate::recomputed
-                                        : InputFate::kept;
-          r.kept_bytes = (was_accounted[i] ? bytes(i) : 0) + (r.branch_bits ? c.branches(i) : 0);
-        }
-        free_bits(i);
+        read[i] = 1;
+        if (rows) (*rows)[i].seconds += seconds(c.backward, i);
+        row_read(i);
+        free_residual(i);
         if (i > 0) free_value(i);
         cotangent = i;
         break;
+      case PlanOp::cotangent: {
+        if (i >= n) detail::bad_plan(p, k, detail::cat("cotangent(", i, ") past the last layer"));
+        if (cotangent == n + 1) detail::bad_plan(p, k, detail::cat("cotangent(", i, ") before the loss"));
+        if (sweeping) detail::bad_plan(p, k, detail::cat("cotangent(", i, ") after the sweep began"));
+        if (i + 1 != cotangent)
+          detail::bad_plan(
+              p, k, detail::cat("cotangent(", i, ") needs h_", i + 1, "; the cotangent is h_", cotangent));
+        if (!res[i])
+          detail::bad_plan(
+              p, k, detail::cat("cotangent(", i, ") reads layer ", i, "'s residual, which is not kept"));
+        if (!c.can_cross(i, s.keep))
+          detail::bad_plan(
+              p, k,
+              detail::cat("cotangent(", i, ") keeps ", to_string(s.keep), " for the sweep, but layer ", i,
+                          " is crossed by ", to_string(c.crossing[i]),
+                          s.keep == CotangentKeep::none ? " (no vijp)" : ""));
+        if (held[i] && i > 0)
+          detail::bad_plan(
+              p, k, detail::cat("cotangent(", i, ") while x_", i, " is held (its backward step reads it)"));
+        free_residual(i);
+        keep[i] = s.keep;
+        keep_bytes[i] = s.keep == CotangentKeep::anchor     ? bytes(i + 1)
+                        : s.keep == CotangentKeep::fragment ? c.fragment(i)
+                                                            : 0;
+        now += keep_bytes[i];
+        kept += keep_bytes[i];
+        crossed[i] = 1;
+        f.anchors += s.keep == CotangentKeep::anchor;
+        peaks();
+        ++f.cotangent_steps;
+        f.seconds += seconds(c.cotangent, i);
+        if (rows) {
+          (*rows)[i].keep = s.keep;
+          (*rows)[i].kept_bytes += keep_bytes[i];
+          (*rows)[i].seconds += seconds(c.cotangent, i);
+        }
+        cotangent = i;
+        break;
+      }
+      case PlanOp::sweep: {
+        if (i >= n) detail::bad_plan(p, k, detail::cat("sweep(", i, ") past the last layer"));
+        if (cotangent == n + 1) detail::bad_plan(p, k, detail::cat("sweep(", i, ") before the loss"));
+        if (read[i])
+          detail::bad_plan(p, k, detail::cat("sweep(", i, "): layer ", i, "'s gradient is read already"));
+        const bool cross = cotangent == i;
+        if (!cross && cotangent != i + 1)
+          detail::bad_plan(
+              p, k,
+              detail::cat("sweep(", i, ") needs h_", i, " or h_", i + 1, "; the cotangent is h_", cotangent));
+        if (cross && !crossed[i])
+          detail::bad_plan(
+              p, k, detail::cat("sweep(", i, ") crosses layer ", i, ", which no cotangent step crossed"));
+        if (!held[i])
+          detail::bad_plan(p, k, detail::cat("sweep(", i, ") reads x_", i, ", which is not held"));
+        if (role[i] == ValueRole::rebuilt)
+          detail::bad_plan(p, k, detail::cat("sweep(", i, ") reads x_", i, ", rebuilt by inversion"));
+        if (!sweeping && cross) {  // (the reverse pass must be down to the bottom of the Moonwalk layers)
+          for (std::size_t j = 0; j < i; ++j)
+            if (!read[j])
+              detail::bad_plan(p, k, detail::cat("sweep(", i, ") before layer ", j, "'s cotangent"));
+        }
+        sweeping = true;
+        read[i] = 1;
+        f.seconds += seconds(c.sweep, i);
+        ++f.sweep_steps;
+        if (rows) (*rows)[i].seconds += seconds(c.sweep, i);
+        row_read(i);
+        if (cross) {
+          any_cross = true;
+          last_anchor = keep[i] == CotangentKeep::anchor;
+          free_keep(i);
+        }
+        if (i > 0 && role[i] != ValueRole::temporary) free_value(i);
+        cotangent = i + 1;
+        break;
+      }
     }
   }
-  if (cotangent != 0) detail::bad_plan(p, p.steps.size(), detail::cat("ends at h_", cotangent, ", not h_0"));
+  if (sweeping) {
+    for (std::size_t i = 0; i < n; ++i)
+      if (!read[i])
+        detail::bad_plan(p, p.steps.size(), detail::cat("layer ", i, "'s gradient is never read"));
+    if (any_cross && !checked_end && !last_anchor)
+      detail::bad_plan(
+          p, p.steps.size(),
+          detail::cat("the sweep ends at h_", cotangent, " unchecked (no anchor at its last layer",
+                      cotangent == n ? ", no check at x_L)" : ")"));
+  } else if (cotangent != 0) {
+    detail::bad_plan(p, p.steps.size(), detail::cat("ends at h_", cotangent, ", not h_0"));
+  }
   for (std::size_t i = 1; i <= n; ++i)
     if (held[i]) detail::bad_plan(p, p.steps.size(), detail::cat("x_", i, " is still held at the end"));
+  for (std::size_t i = 0; i < n; ++i)
+    if (res[i] || keep_bytes[i] > 0)
+      detail::bad_plan(p, p.steps.size(),
+                       detail::cat("layer ", i, "'s residual or kept cotangent is still held at the end"));
   return f;
 }
 }  // namespace detail
@@ -621,7 +838,8 @@ inline Plan revbackprop_plan(const std::vector<bool>& invertible, const std::vec
     const ValueRole out = i + 1 == n       ? ValueRole::operand
                           : rebuilt(i + 1) ? ValueRole::temporary
                                            : ValueRole::activation;
-    p.steps.push_back({PlanOp::forward, i, out, rebuilt(i) && !checked(i) && branches[i]});
+    p.steps.push_back(
+        {PlanOp::forward, i, out, rebuilt(i) && !checked(i) && branches[i], CotangentKeep::none});
   }
   // Before the loss (j = n) or backward(j): rebuild x_{j−1} from x_j, or check x_j from x_{j−1}.
   for (std::size_t j = n;; --j) {
@@ -630,6 +848,50 @@ inline Plan revbackprop_plan(const std::vector<bool>& invertible, const std::vec
     p.steps.push_back(j == n ? PlanStep{PlanOp::loss, n} : PlanStep{PlanOp::backward, j});
     if (j == 0) break;
   }
+  return p;
+}
+
+/// Moonwalk below a backprop top: layers `top` … L−1 keep their inputs and
+/// are reversed by backward steps (backprop's plan; `top` = L: none), layers
+/// 0 … top−1 keep only their residuals, are reversed by cotangent steps down
+/// to h_0 (`input_gradient`) or h_1 (layer 0 then keeps nothing and is only
+/// read by the sweep), and swept back up. `keep[i]` is what layer i's
+/// cotangent step keeps for the sweep (how the sweep crosses it: none (vijp),
+/// fragment or anchor; the caller's choice of anchors); the sweep's last
+/// layer top−1 is anchored when top < L (the anchor checks the sweep against
+/// the backward steps' h_top), and at top = L the sweep ends with the check
+/// at x_L.
+inline Plan moonwalk_plan(const std::vector<CotangentKeep>& keep, std::size_t top, bool input_gradient) {
+  const std::size_t n = keep.size();
+  if (n == 0) throw ScheduleError("moonwalk plan: a chain of no layers");
+  if (top > n) throw ScheduleError(detail::cat("moonwalk plan: top layer ", top, " of ", n, " layers"));
+  if (top == 0) {
+    Plan p = backprop_plan(n);
+    p.origin = "moonwalk";
+    return p;
+  }
+  Plan p{.layers = n, .input_role = ValueRole::temporary, .steps = {}, .origin = "moonwalk"};
+  const std::size_t s = input_gradient ? 0 : 1;  // the reverse pass ends at h_s
+  for (std::size_t i = 0; i < n; ++i) {
+    const ValueRole out = i + 1 == n     ? ValueRole::operand
+                          : i + 1 >= top ? ValueRole::activation
+                                         : ValueRole::temporary;
+    p.steps.push_back({PlanOp::forward, i, out, i < top && i >= s, CotangentKeep::none});
+  }
+  p.steps.push_back({PlanOp::loss, n});
+  for (std::size_t j = n; j-- > top;) p.steps.push_back({PlanOp::backward, j});
+  for (std::size_t j = top; j-- > s;)
+    p.steps.push_back({PlanOp::cotangent, j, ValueRole::temporary, false,
+                       j + 1 == top && top < n ? CotangentKeep::anchor : keep[j]});
+  for (std::size_t i = 0; i < top; ++i) {
+    p.steps.push_back({PlanOp::sweep, i});
+    if (i + 1 < top || top == n)
+      p.steps.push_back({PlanOp::forward, i,
+                         i + 1 == n                ? ValueRole::operand
+                         : i + 2 == top && top < n ? ValueRole::operand
+                                                   : ValueRole::temporary});
+  }
+  if (top == n) p.steps.push_back({PlanOp::loss, n});
   return p;
 }
 
@@ -643,7 +905,13 @@ inline std::string plan_text(const Plan& p) {
     switch (st.op) {
       case PlanOp::forward:
         s << "  forward " << st.layer << " -> x_" << st.layer + 1 << ' ' << to_string(st.output)
-          << (st.branches ? " +branch bits" : "") << '\n';
+          << (st.residual ? " +residual" : "") << '\n';
+        break;
+      case PlanOp::cotangent:
+        s << "  cotangent " << st.layer << " -> h_" << st.layer << " keeping " << to_string(st.keep) << '\n';
+        break;
+      case PlanOp::sweep:
+        s << "  sweep " << st.layer << '\n';
         break;
       case PlanOp::inverse:
         s << "  inverse " << st.layer << " -> x_" << st.layer << " rebuilt\n";

@@ -1,6 +1,7 @@
 // Moonwalk — a plan's report: per layer, what happens to its input (kept,
-// checkpoint, recomputed, rebuilt), the bytes it keeps, the bytes held when
-// its backward step runs, and its predicted time; text and JSON.
+// checkpoint, recomputed, rebuilt, swept) and to its cotangent (vijp,
+// fragment, anchor), the bytes it keeps, the bytes held when its gradient
+// is read, and its predicted time; text and JSON.
 #pragma once
 
 #include <iomanip>
@@ -46,16 +47,22 @@ struct PlanReport {
   s << "plan (" << r.origin << ", " << r.layers << " layers): predicted " << std::fixed
     << std::setprecision(3) << f.seconds * 1e3 << " ms, at most " << f.peak_held_bytes << " bytes held ("
     << f.peak_kept_bytes << " kept), " << f.forward_steps << " forward steps, " << f.inverse_steps
-    << " inverses, " << f.checks << " checks\n";
-  s << std::left << "  " << std::setw(7) << "layer" << std::setw(28) << "name" << std::setw(12) << "input"
+    << " inverses, " << f.checks << " checks";
+  if (f.sweep_steps > 0)
+    s << ", " << f.cotangent_steps << " cotangent steps, " << f.sweep_steps << " swept layers, " << f.anchors
+      << " anchors";
+  s << "\n";
+  s << std::left << "  " << std::setw(7) << "layer" << std::setw(28) << "name" << std::setw(20) << "input"
     << std::setw(6) << "fwd" << std::setw(6) << "inv" << std::setw(12) << "kept" << std::setw(12) << "working"
     << "ms\n";
   for (const LayerPlan& l : r.rows) {
     std::string fate = to_string(l.input);
     if (l.checked) fate += "+chk";
-    if (l.branch_bits) fate += "+bits";
+    if (l.residual) fate += "+res";
+    if (l.input == InputFate::swept && l.keep != CotangentKeep::none)
+      fate += std::string("+") + to_string(l.keep);
     s << "  " << std::setw(7) << l.layer << std::setw(28)
-      << (r.names.empty() ? std::string() : r.names[l.layer]) << std::setw(12) << fate << std::setw(6)
+      << (r.names.empty() ? std::string() : r.names[l.layer]) << std::setw(20) << fate << std::setw(6)
       << l.forwards << std::setw(6) << l.inverses << std::setw(12) << l.kept_bytes << std::setw(12)
       << l.working_bytes << std::fixed << std::setprecision(3) << l.seconds * 1e3 << "\n";
   }
@@ -65,9 +72,9 @@ struct PlanReport {
 
 /// The report as one JSON object: {"origin", "layers", "predicted_seconds",
 /// "peak_held_bytes", "peak_kept_bytes", "forward_steps", "inverse_steps",
-/// "checks", "loss_seconds", "per_layer": [{"layer", "name", "input",
-/// "forwards", "inverses", "checked", "branch_bits", "kept_bytes",
-/// "working_bytes", "predicted_seconds"}]}.
+/// "checks", "cotangent_steps", "sweep_steps", "anchors", "loss_seconds", "per_layer": [{"layer", "name",
+/// "input", "forwards", "inverses", "checked", "residual", "keep", "kept_bytes", "working_bytes",
+/// "predicted_seconds"}]}.
 [[nodiscard]] inline std::string plan_report_json(const PlanReport& r) {
   std::ostringstream s;
   const PlanFigures& f = r.figures;
@@ -75,15 +82,16 @@ struct PlanReport {
     << ",\"predicted_seconds\":" << detail::json_number(f.seconds)
     << ",\"peak_held_bytes\":" << f.peak_held_bytes << ",\"peak_kept_bytes\":" << f.peak_kept_bytes
     << ",\"forward_steps\":" << f.forward_steps << ",\"inverse_steps\":" << f.inverse_steps
-    << ",\"checks\":" << f.checks << ",\"loss_seconds\":" << detail::json_number(r.loss_seconds)
-    << ",\"per_layer\":[";
+    << ",\"checks\":" << f.checks << ",\"cotangent_steps\":" << f.cotangent_steps
+    << ",\"sweep_steps\":" << f.sweep_steps << ",\"anchors\":" << f.anchors
+    << ",\"loss_seconds\":" << detail::json_number(r.loss_seconds) << ",\"per_layer\":[";
   for (const LayerPlan& l : r.rows) {
     s << (l.layer ? "," : "") << "{\"layer\":" << l.layer << ",\"name\":\""
       << detail::json_escape(r.names.empty() ? std::string() : r.names[l.layer]) << "\",\"input\":\""
       << to_string(l.input) << "\",\"forwards\":" << l.forwards << ",\"inverses\":" << l.inverses
       << ",\"checked\":" << (l.checked ? "true" : "false")
-      << ",\"branch_bits\":" << (l.branch_bits ? "true" : "false") << ",\"kept_bytes\":" << l.kept_bytes
-      << ",\"working_bytes\":" << l.working_bytes
+      << ",\"residual\":" << (l.residual ? "true" : "false") << ",\"keep\":\"" << to_string(l.keep) << "\""
+      << ",\"kept_bytes\":" << l.kept_bytes << ",\"working_bytes\":" << l.working_bytes
       << ",\"predicted_seconds\":" << detail::json_number(l.seconds) << "}";
   }
   s << "]}";
