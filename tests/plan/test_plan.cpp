@@ -320,7 +320,7 @@ TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
   CHECK(fb.peak_held_bytes == 24);
   CHECK(fb.peak_kept_bytes == 10 + 4);  // x_0 (a checkpoint) and the bits
   q.steps[1].residual = true;
-  refused(q, c, "forward(1) keeps branch bits of a layer that has none");
+  refused(q, c, "layer 1's residual, kept by a forward step, is read by no step");  // (x_1 is checked: exact)
   // A forward step from a rebuilt value.
   q = p;
   q.steps.insert(q.steps.begin() + L + 1, PlanStep{PlanOp::forward, 3, ValueRole::operand});
@@ -780,9 +780,16 @@ TEST_CASE("Moonwalk's plans: residuals, cotangent steps and the sweep, checked a
             CHECK(r.input == InputFate::swept);
             CHECK(r.residual);
           }
+          CHECK(r.crossed == (r.layer < top && r.layer >= s));
           if (r.layer >= top) CHECK(r.input == InputFate::kept);
         }
         CHECK(row_seconds == Approx(f.seconds));
+        const std::string json = plan_report_json(plan_report(p, c));
+        CHECK((json.find("\"keep\":null") != std::string::npos) == (top < L || s == 1));
+        bool by_vijp = false;  // a crossed layer the sweep crosses by vijp
+        for (std::size_t j = s; j < top; ++j)
+          by_vijp |= keep[j] == CotangentKeep::none && !(j + 1 == top && top < L);
+        CHECK((json.find("\"keep\":\"vijp\"") != std::string::npos) == by_vijp);
         if (top == L && L >= 2) {
           // At most two values at once (a forward step's input and output), and either every
           // residual (the end of the forward pass: layer 0's only with h_0) or what the
@@ -821,7 +828,15 @@ TEST_CASE("Moonwalk's plans: residuals, cotangent steps and the sweep, checked a
   refused(p, "cotangent(2) reads layer 2's residual, which is not kept");
   p = good;
   p.steps.erase(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::cotangent, 0)));
-  refused(p, "layer 0's residual or kept cotangent is still held at the end");  // (sweep(0): ∂ℓ/∂θ_0 only)
+  refused(p, "layer 0's residual, kept by a forward step, is read by no step");  // (sweep(0): ∂ℓ/∂θ_0 only)
+  // Cotangent steps no sweep follows: the gradients of their layers are never read.
+  p = Plan{.layers = 4, .input_role = ValueRole::temporary, .steps = {}, .origin = "test"};
+  for (std::size_t i = 0; i < 4; ++i)
+    p.steps.push_back({PlanOp::forward, i, i == 3 ? ValueRole::operand : ValueRole::temporary, true});
+  p.steps.push_back({PlanOp::loss, 4});
+  for (std::size_t i = 4; i-- > 0;)
+    p.steps.push_back({PlanOp::cotangent, i, ValueRole::temporary, false, c.crossing[i]});
+  refused(p, "layer 0's gradient is never read");
   p = good;
   p.steps.pop_back();  // the check at x_L
   refused(p, "the sweep ends at h_4 unchecked (no anchor at its last layer, no check at x_L)");

@@ -7,7 +7,7 @@
 // order of their making — a stack — and the others live for one step; so
 // the kept values are stacked from the arena's bottom and an advance's
 // values alternate between the free space's two ends, its last value landing
-// on the stack: the arena is exactly the plan's peak of held bytes. A plan
+// on the stack: the arena is exactly the plan's peak of held values. A plan
 // that breaks the stack order is laid out first-fit instead (an arena that
 // may exceed its peak). A warm step on the same shapes allocates nothing:
 // the arena, the two cotangent buffers and the store's lists are reused
@@ -19,7 +19,9 @@
 // the stretch's drift (Stats::error_estimate: the largest), and keeps the
 // exact one. Residuals (branch bits, Moonwalk's vijp residuals) and
 // anchors are kept outside the arena, each in its own buffer bound once; a
-// fragment (a few numbers per channel) is made by its cotangent step. What
+// fragment (a few numbers per channel) is made by its cotangent step, and
+// its sweep step makes h_{i+1} in a temporary: plans with fragments
+// allocate on every step, a few small blocks and one cotangent. What
 // a layer derives for its inverse or vijp (a Linear's factorisation) lives
 // only through the step that uses it.
 //
@@ -61,8 +63,10 @@ class PlanRun {
   /// backward step of layer 0 also gives h_0 (a plan with cotangent steps
   /// gives it when it reaches it: cotangent(0)).
   /// `allocate` false: the layout only (buffers allocated by the first run).
-  /// `residual_bytes`: the bytes of each layer's residual (working_bytes();
-  /// empty: a bit per element of its input, a LeakyReLU's branch bits).
+  /// `residual_bytes`: the bytes of each layer's residual, for
+  /// working_bytes()'s prediction (empty: a bit per element of its input, a
+  /// LeakyReLU's branch bits; a Linear keeps none, a smooth activation its
+  /// σ′: give them). The run's Stats::working_bytes is measured.
   void bind(Plan plan, std::vector<Index> rows, Index batch, bool input_gradient, bool allocate = true,
             const std::vector<std::size_t>& residual_bytes = {}) {
     std::vector<std::size_t> bytes(rows.size());
@@ -78,7 +82,8 @@ class PlanRun {
     plan_ = std::move(plan);
     rows_ = std::move(rows);
     batch_ = batch;
-    input_gradient_ = input_gradient || to_h0;
+    input_gradient_ = input_gradient;
+    reaches_h0_ = input_gradient || to_h0;
     // Residuals: one slot per layer that keeps one; anchors: one buffer per anchored layer.
     std::vector<char> flagged(plan_.layers, 0);
     bits_bytes_ = 0;
@@ -100,6 +105,8 @@ class PlanRun {
       }
     }
     anchors_.resize(plan_.layers);
+    for (std::size_t i = 0; i < plan_.layers; ++i)
+      if (!anchored_[i]) anchors_[i] = Matrix<S>();
     assign();
     if (allocate) this->allocate();
   }
@@ -118,7 +125,7 @@ class PlanRun {
   /// (branch bits) and anchors, two cotangent buffers of the widest
   /// cotangent and ∂ℓ/∂x_L (fragments, a few numbers per channel, not counted).
   [[nodiscard]] std::size_t working_bytes() const {
-    return value_bytes() + bits_bytes_ + cotangent_bytes(rows_, batch_, input_gradient_);
+    return value_bytes() + bits_bytes_ + cotangent_bytes(rows_, batch_, reaches_h0_);
   }
   /// Bytes of the two cotangent buffers (the widest cotangent: of x_1 … x_L,
   /// or x_0 … x_L with input_gradient) and of ∂ℓ/∂x_L.
@@ -311,6 +318,9 @@ class PlanRun {
                     const auto f = store_.take<typename Lyr::fragment_type>(i, SavedStore::fragment);
                     h.next(out_rows, batch_) = l.vijp_with_fragment(xi, h.current(), f);
                     h.flip();
+                  } else {
+                    throw ScheduleError(detail::cat("plan (", plan_.origin, "): sweep(", i, "): layer ", i,
+                                                    " (", l.name(), ") has no fragment"));
                   }
                   ++st.counts.vijp;
                   break;
@@ -360,7 +370,7 @@ class PlanRun {
     for (std::size_t i = input_gradient ? 0 : 1; i < rows.size(); ++i) w = std::max(w, rows[i]);
     return static_cast<std::size_t>(w * batch);
   }
-  [[nodiscard]] std::size_t widest_cotangent() const { return widest(rows_, batch_, input_gradient_); }
+  [[nodiscard]] std::size_t widest_cotangent() const { return widest(rows_, batch_, reaches_h0_); }
 
   /// The layout: the arena offset each forward step writes at (the top of
   /// this file), stacked where the plan allows, else first-fit.
@@ -427,7 +437,7 @@ class PlanRun {
   bool stacked() {
     std::vector<std::size_t> sizes(rows_.size());
     for (std::size_t i = 0; i < rows_.size(); ++i) sizes[i] = static_cast<std::size_t>(rows_[i] * batch_);
-    const std::size_t peak = check_plan(plan_, sizes).peak_held_bytes;  // (in scalars here)
+    const std::size_t peak = check_plan(plan_, sizes).peak_value_bytes;  // (in scalars here)
     // ahead[k]: how many forward steps follow step k in its advance, each
     // reading the previous one's temporary output right after it.
     std::vector<std::size_t> ahead(plan_.steps.size(), 0);
@@ -489,6 +499,7 @@ class PlanRun {
   std::vector<Index> rows_;
   Index batch_ = -1;
   bool input_gradient_ = false;
+  bool reaches_h0_ = false;             ///< a step computes h_0 (input_gradient_, or the plan's cotangent(0))
   std::vector<std::size_t> offset_of_;  ///< per step: where a forward step writes (scalars into the arena)
   std::size_t arena_size_ = 0;          ///< scalars
   std::size_t bits_bytes_ = 0;          ///< the branch bits' slots

@@ -35,7 +35,8 @@
 //   sweep(i)     once the cotangents are down to h_i: h_{i+1} = vijp(x_i, h_i)
 //                (with φ_i, or the anchor, which checks the swept h_i against
 //                J_iᵀ h_{i+1}), then g_i += J_{θ,i}ᵀ h_{i+1}; from x_i (held;
-//                freed after when it is an operand). With the cotangent at
+//                freed after unless temporary: then the forward step from it
+//                frees it). With the cotangent at
 //                h_{i+1} already (the reverse stopped there), only g_i.
 //
 // The sweep walks up, forward(i) making x_{i+1} for sweep(i+1), to the top
@@ -43,6 +44,8 @@
 // h_L against ∂ℓ/∂x_L, or the lowest layer reversed by backward steps, whose
 // h is the anchor of the sweep's last step. So one plan may reverse its top
 // layers by backward steps and its bottom ones by Moonwalk (moonwalk_plan).
+// A residual is kept only for a step that reads it: cotangent(i), or
+// backward(i) from a rebuilt x_i.
 //
 // Which values are held when is the whole difference between backprop (every
 // input kept), checkpointing (some kept, the rest recomputed from them),
@@ -131,7 +134,8 @@ struct Plan {
   std::size_t layers = 0;
   ValueRole input_role = ValueRole::activation;  ///< x_0's role (the report's)
   std::vector<PlanStep> steps;
-  std::string origin;  ///< what made it: "backprop", "every-k", "binomial", "planner"
+  std::string
+      origin;  ///< what made it: "backprop", "every-k", "binomial", "revbackprop", "moonwalk", "planner"
 
   [[nodiscard]] std::size_t forward_steps() const { return count(PlanOp::forward); }
   /// Layers reversed by Moonwalk (cotangent steps) and swept.
@@ -291,6 +295,7 @@ struct ChainCosts {
 /// time.
 struct PlanFigures {
   std::size_t peak_held_bytes = 0;
+  std::size_t peak_value_bytes = 0;  ///< of the values x_i alone (what the executor's arena holds)
   std::size_t peak_kept_bytes = 0;
   std::size_t peak_checkpoints = 0;  ///< values held as checkpoints at once, x_0 included
   std::size_t forward_steps = 0;     ///< checks included
@@ -336,7 +341,8 @@ struct LayerPlan {
   std::size_t inverses = 0;  ///< inverse(i) steps: x_i rebuilt
   bool checked = false;      ///< a forward step checked a rebuilt x_i
   bool residual = false;     ///< a forward step kept layer i's residual r_i
-  /// How the sweep crosses layer i (swept input with a cotangent step only).
+  bool crossed = false;      ///< a cotangent step crossed layer i (and a sweep step again)
+  /// How the sweep crosses layer i (with `crossed`).
   CotangentKeep keep = CotangentKeep::none;
   /// Bytes of x_i while it waits as an activation or checkpoint (0 for an
   /// operand or a rebuilt value, which wait for nothing), plus its residual
@@ -363,12 +369,18 @@ inline bool accounted(ValueRole r) { return r == ValueRole::activation || r == V
 /// held value that is not rebuilt and writes one not held (or checks a
 /// rebuilt one), every inverse step runs right before the backward step (or
 /// loss) that frees its source, of a layer with an inverse, the loss comes
-/// once from a held x_L before any backward step, the backward steps run
-/// L−1, …, 0 each from a held input, a rebuilt input only where the stretch
-/// it belongs to is checked below it and, for a layer with branch bits, with
-/// its bits kept, and nothing but x_0 is held at the end — and returns its
-/// figures on `c`, whose lists may be empty (no bytes, no time, every layer
-/// invertible, no branch bits). Throws ScheduleError naming the first wrong step.
+/// once from a held x_L before any backward step, the backward and
+/// cotangent steps run L−1, …, down from h_L, a backward step from a held
+/// input, a rebuilt input only where the stretch it belongs to is checked
+/// below it and, for a layer with branch bits, with its bits kept, a
+/// cotangent step from its layer's residual keeping what `c` says the sweep
+/// can cross it by; the sweep steps run up from the bottom of the cotangent
+/// steps, each from a held input, and end checked (a second loss at x_L, or
+/// an anchor at their last layer); every layer's gradient is read exactly
+/// once, every residual kept is read, and nothing but x_0 is held at the
+/// end — and returns its figures on `c`, whose lists may be empty (no
+/// bytes, no time, every layer invertible, no branch bits, every crossing
+/// allowed). Throws ScheduleError naming the first wrong step.
 inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) { return detail::walk_plan(p, c, nullptr); }
 
 /// check_plan, and one row per layer (LayerPlan) in `rows`.
@@ -384,15 +396,16 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
     detail::bad_plan(p, 0, detail::cat(c.value_bytes.size(), " value sizes for ", n + 1, " values"));
   auto bytes = [&](std::size_t i) { return c.value_bytes.empty() ? std::size_t{0} : c.value_bytes[i]; };
   auto seconds = [](const std::vector<double>& t, std::size_t i) { return i < t.size() ? t[i] : 0.0; };
-  // held[i]: x_i is held; res[i]: layer i's residual; kept_h[i]: what
-  // cotangent(i) kept of h_{i+1} (crossed[i]: it ran); read[i]: ∂ℓ/∂θ_i.
-  std::vector<char> held(n + 1, 0), res(n, 0), crossed(n, 0), read(n, 0);
+  // held[i]: x_i is held; res[i]: layer i's residual; keep[i]: what
+  // cotangent(i) kept of h_{i+1} (crossed[i]: it ran; kept[i]: not yet
+  // swept); read[i]: ∂ℓ/∂θ_i.
+  std::vector<char> held(n + 1, 0), res(n, 0), crossed(n, 0), swept_over(n, 0), read(n, 0);
   std::vector<CotangentKeep> keep(n, CotangentKeep::none);
   std::vector<std::size_t> keep_bytes(n, 0);
   std::vector<ValueRole> role(n + 1, ValueRole::temporary);
   held[0] = 1;
   role[0] = p.input_role;
-  std::size_t now = 0, kept = detail::accounted(p.input_role) ? bytes(0) : 0;
+  std::size_t now = 0, values = 0, kept = detail::accounted(p.input_role) ? bytes(0) : 0;
   std::size_t checkpoints = p.input_role == ValueRole::checkpoint ? 1 : 0;
   PlanFigures f;
   f.peak_kept_bytes = kept;
@@ -410,6 +423,7 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
   }
   auto peaks = [&](std::size_t extra = 0) {
     f.peak_held_bytes = std::max(f.peak_held_bytes, now + extra);
+    f.peak_value_bytes = std::max(f.peak_value_bytes, values + extra);
     f.peak_kept_bytes = std::max(f.peak_kept_bytes, kept);
   };
   auto free_value = [&](std::size_t i) {
@@ -417,15 +431,25 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
     if (role[i] == ValueRole::checkpoint) --checkpoints;
     if (i == 0) return;
     now -= bytes(i);
+    values -= bytes(i);
     if (detail::accounted(role[i])) kept -= bytes(i);
   };
-  auto free_residual = [&](std::size_t i) {
+  // A residual is freed by the step that reads it (`used`), or by a
+  // forward step keeping it anew, or by backward(i) reading x_i itself: then
+  // it was kept for nothing.
+  auto free_residual = [&](std::size_t k, std::size_t i, bool used) {
     if (!res[i]) return;
+    if (!used)
+      detail::bad_plan(
+          p, k,
+          detail::cat("layer ", i, "'s residual, kept by a forward step, is read by no step (only ",
+                      "cotangent(", i, ") and backward(", i, ") from a rebuilt x_", i, " read it)"));
     res[i] = 0;
     now -= c.residual(i);
     kept -= c.residual(i);
   };
   auto free_keep = [&](std::size_t i) {
+    swept_over[i] = 1;
     now -= keep_bytes[i];
     kept -= keep_bytes[i];
     keep_bytes[i] = 0;
@@ -435,11 +459,11 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
     if (!rows) return;
     LayerPlan& r = (*rows)[i];
     r.working_bytes = now;
-    r.input = r.inverses > 0             ? InputFate::rebuilt
-              : crossed[i] || r.residual ? (was_checkpoint[i] ? InputFate::checkpoint : InputFate::swept)
-              : was_checkpoint[i]        ? InputFate::checkpoint
-              : made[i] > 1              ? InputFate::recomputed
-                                         : InputFate::kept;
+    r.input = r.inverses > 0      ? InputFate::rebuilt
+              : crossed[i]        ? (was_checkpoint[i] ? InputFate::checkpoint : InputFate::swept)
+              : was_checkpoint[i] ? InputFate::checkpoint
+              : made[i] > 1       ? InputFate::recomputed
+                                  : InputFate::kept;
     if (i == 0 && r.input == InputFate::swept) r.input = InputFate::kept;  // (x_0: the caller's)
     r.kept_bytes += (was_accounted[i] ? bytes(i) : 0) + (r.residual ? c.residual(i) : 0);
   };
@@ -493,15 +517,13 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
           was_checkpoint[i + 1] |= s.output == ValueRole::checkpoint;
           was_accounted[i + 1] |= detail::accounted(s.output);
           now += bytes(i + 1);
+          values += bytes(i + 1);
           if (detail::accounted(s.output)) kept += bytes(i + 1);
           if (s.output == ValueRole::checkpoint)
             f.peak_checkpoints = std::max(f.peak_checkpoints, ++checkpoints);
         }
         if (s.residual) {
-          if (c.residual_bytes.empty() && !c.branch_bytes.empty() && c.branches(i) == 0)
-            detail::bad_plan(p, k,
-                             detail::cat("forward(", i, ") keeps branch bits of a layer that has none"));
-          free_residual(i);
+          free_residual(k, i, false);
           res[i] = 1;
           now += c.residual(i);
           kept += c.residual(i);
@@ -535,6 +557,7 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         held[i] = 1;
         role[i] = ValueRole::rebuilt;
         now += bytes(i);
+        values += bytes(i);
         peaks();
         ++f.inverse_steps;
         f.seconds += seconds(c.inverse, i);
@@ -579,7 +602,7 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         read[i] = 1;
         if (rows) (*rows)[i].seconds += seconds(c.backward, i);
         row_read(i);
-        free_residual(i);
+        free_residual(k, i, role[i] == ValueRole::rebuilt);
         if (i > 0) free_value(i);
         cotangent = i;
         break;
@@ -602,7 +625,6 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         if (held[i] && i > 0)
           detail::bad_plan(
               p, k, detail::cat("cotangent(", i, ") while x_", i, " is held (its backward step reads it)"));
-        free_residual(i);
         keep[i] = s.keep;
         keep_bytes[i] = s.keep == CotangentKeep::anchor     ? bytes(i + 1)
                         : s.keep == CotangentKeep::fragment ? c.fragment(i)
@@ -611,11 +633,13 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         kept += keep_bytes[i];
         crossed[i] = 1;
         f.anchors += s.keep == CotangentKeep::anchor;
-        peaks();
+        peaks();  // (r_i is read while h_{i+1} is kept)
+        free_residual(k, i, true);
         ++f.cotangent_steps;
         f.seconds += seconds(c.cotangent, i);
         if (rows) {
           (*rows)[i].keep = s.keep;
+          (*rows)[i].crossed = true;
           (*rows)[i].kept_bytes += keep_bytes[i];
           (*rows)[i].seconds += seconds(c.cotangent, i);
         }
@@ -662,9 +686,6 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
     }
   }
   if (sweeping) {
-    for (std::size_t i = 0; i < n; ++i)
-      if (!read[i])
-        detail::bad_plan(p, p.steps.size(), detail::cat("layer ", i, "'s gradient is never read"));
     if (any_cross && !checked_end && !last_anchor)
       detail::bad_plan(
           p, p.steps.size(),
@@ -673,12 +694,14 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
   } else if (cotangent != 0) {
     detail::bad_plan(p, p.steps.size(), detail::cat("ends at h_", cotangent, ", not h_0"));
   }
+  for (std::size_t i = 0; i < n; ++i) {
+    if (!read[i]) detail::bad_plan(p, p.steps.size(), detail::cat("layer ", i, "'s gradient is never read"));
+    if (crossed[i] && !swept_over[i])
+      detail::bad_plan(p, p.steps.size(), detail::cat("layer ", i, " is crossed by no sweep step"));
+  }
   for (std::size_t i = 1; i <= n; ++i)
     if (held[i]) detail::bad_plan(p, p.steps.size(), detail::cat("x_", i, " is still held at the end"));
-  for (std::size_t i = 0; i < n; ++i)
-    if (res[i] || keep_bytes[i] > 0)
-      detail::bad_plan(p, p.steps.size(),
-                       detail::cat("layer ", i, "'s residual or kept cotangent is still held at the end"));
+  for (std::size_t i = 0; i < n; ++i) free_residual(p.steps.size(), i, false);
   return f;
 }
 }  // namespace detail

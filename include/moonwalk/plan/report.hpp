@@ -59,8 +59,7 @@ struct PlanReport {
     std::string fate = to_string(l.input);
     if (l.checked) fate += "+chk";
     if (l.residual) fate += "+res";
-    if (l.input == InputFate::swept && l.keep != CotangentKeep::none)
-      fate += std::string("+") + to_string(l.keep);
+    if (l.crossed) fate += std::string("+") + to_string(l.keep);
     s << "  " << std::setw(7) << l.layer << std::setw(28)
       << (r.names.empty() ? std::string() : r.names[l.layer]) << std::setw(20) << fate << std::setw(6)
       << l.forwards << std::setw(6) << l.inverses << std::setw(12) << l.kept_bytes << std::setw(12)
@@ -73,7 +72,8 @@ struct PlanReport {
 /// The report as one JSON object: {"origin", "layers", "predicted_seconds",
 /// "peak_held_bytes", "peak_kept_bytes", "forward_steps", "inverse_steps",
 /// "checks", "cotangent_steps", "sweep_steps", "anchors", "loss_seconds", "per_layer": [{"layer", "name",
-/// "input", "forwards", "inverses", "checked", "residual", "keep", "kept_bytes", "working_bytes",
+/// "input", "forwards", "inverses", "checked", "residual", "keep" (how the sweep crosses
+/// the layer: "vijp", "fragment", "anchor"; null: not swept), "kept_bytes", "working_bytes",
 /// "predicted_seconds"}]}.
 [[nodiscard]] inline std::string plan_report_json(const PlanReport& r) {
   std::ostringstream s;
@@ -90,7 +90,8 @@ struct PlanReport {
       << detail::json_escape(r.names.empty() ? std::string() : r.names[l.layer]) << "\",\"input\":\""
       << to_string(l.input) << "\",\"forwards\":" << l.forwards << ",\"inverses\":" << l.inverses
       << ",\"checked\":" << (l.checked ? "true" : "false")
-      << ",\"residual\":" << (l.residual ? "true" : "false") << ",\"keep\":\"" << to_string(l.keep) << "\""
+      << ",\"residual\":" << (l.residual ? "true" : "false")
+      << ",\"keep\":" << (l.crossed ? detail::cat("\"", to_string(l.keep), "\"") : std::string("null"))
       << ",\"kept_bytes\":" << l.kept_bytes << ",\"working_bytes\":" << l.working_bytes
       << ",\"predicted_seconds\":" << detail::json_number(l.seconds) << "}";
   }
