@@ -11,12 +11,16 @@
 //   --depth/--width   an equal-width LeakyReLU(0.1) MLP instead (the default, 8 × 256):
 //                     in:W, then D × (linear:W, leaky_relu:0.1), then linear:10
 //   --batch B         samples per step (default 128); inputs N(0, 1), seeded
-//   --schedule NAME   any of schedule_names() (default mixed)
+//   --schedule NAME   any of schedule_names() (default mixed), or moonwalk-plan: every layer
+//                     reversed by Moonwalk through the plan executor (moonwalk_plan, top = L;
+//                     anchors where a layer has neither vijp nor fragment and, with --every K,
+//                     at every K-th layer), in the network's precision and without a fidelity
+//                     policy (error_estimate: the sweep's checks; within_tolerance not judged)
 //   --steps N         gradient steps (default 10)
 //   --slots K         binomial only: layer inputs held at once, K >= 1 (default max(1, round(√L)),
 //                     L = the network's layers)
-//   --every K         checkpoint only: segment length, K >= 1 (default round(√L); more than L
-//                     is one segment)
+//   --every K         checkpoint: segment length, K >= 1 (default round(√L); more than L
+//                     is one segment); moonwalk-plan: an anchor every K layers (default none)
 //   --loss            xent (default: labels uniform over the outputs) or mse
 //                     (targets N(0, 1))
 //   --budget BYTES    enforce a memory budget for the steps (suffix K, M or G: binary units).
@@ -221,7 +225,7 @@ Options parse_options(int argc, char** argv) {
       o.batch = parse_number<Index>(a, v);
       if (o.batch < 1) throw UsageError("--batch: must be >= 1");
     } else if (a == "--schedule") {
-      if (!moonwalk::is_schedule_name(v)) {
+      if (v != "moonwalk-plan" && !moonwalk::is_schedule_name(v)) {
         std::string known;
         for (const auto& n : moonwalk::schedule_names()) known = known.empty() ? n : cat(known, ", ", n);
         throw UsageError(cat("--schedule: unknown schedule '", v, "' (known: ", known, ")"));
@@ -256,8 +260,9 @@ Options parse_options(int argc, char** argv) {
   // Each is read by one schedule only: anywhere else it would be silently ignored.
   if (o.slots > 0 && o.schedule != "binomial")
     throw UsageError(cat("--slots: only --schedule binomial reads it (schedule is '", o.schedule, "')"));
-  if (o.every > 0 && o.schedule != "checkpoint")
-    throw UsageError(cat("--every: only --schedule checkpoint reads it (schedule is '", o.schedule, "')"));
+  if (o.every > 0 && o.schedule != "checkpoint" && o.schedule != "moonwalk-plan")
+    throw UsageError(cat("--every: only --schedule checkpoint or moonwalk-plan reads it (schedule is '",
+                         o.schedule, "')"));
   if (o.plan_report && o.schedule != "planned")
     throw UsageError(
         cat("--plan-report: only --schedule planned has a plan (schedule is '", o.schedule, "')"));
@@ -384,14 +389,33 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   // layers, so no flat copy is kept (GradientResult::flat_gradient).
   moonwalk::GradientResult<S> r;
   r.flat_gradient = false;
+  // moonwalk-plan: Moonwalk's plan, bound once on the first step.
+  moonwalk::PlanRun<S> moonwalk_run;
+  if (o.schedule == "moonwalk-plan") {
+    std::vector<moonwalk::CotangentKeep> keep;
+    for (const moonwalk::SweepMode m : moonwalk::detail::sweep_modes(net))
+      keep.push_back(m == moonwalk::SweepMode::vijp       ? moonwalk::CotangentKeep::none
+                     : m == moonwalk::SweepMode::fragment ? moonwalk::CotangentKeep::fragment
+                                                          : moonwalk::CotangentKeep::anchor);
+    for (std::size_t i = o.every; o.every > 0 && i < net.size(); i += o.every)
+      keep[i - 1] = moonwalk::CotangentKeep::anchor;
+    moonwalk_run.bind(moonwalk::moonwalk_plan(keep, net.size(), false), moonwalk::value_rows(net), x.cols(),
+                      false, /*allocate=*/false);
+  }
   try {
     for (int step = 0; step < o.steps; ++step) {
       const std::uint64_t a0 = moonwalk::bench::allocation_count();
       const std::uint64_t b0 = moonwalk::bench::allocation_bytes();
       const auto t0 = std::chrono::steady_clock::now();
-      moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
-        moonwalk::gradient_into(schedule, net, x, loss, target, r);
-      });
+      if (o.schedule == "moonwalk-plan") {
+        r.stats.restart();
+        moonwalk::zero_gradients(net);
+        moonwalk_run.run(net, x, loss, target, r);
+      } else {
+        moonwalk::with_schedule(choice, net.size(), [&](const auto& schedule) {
+          moonwalk::gradient_into(schedule, net, x, loss, target, r);
+        });
+      }
       sgd.step(net);
       seconds.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
       allocations.push_back(moonwalk::bench::allocation_count() - a0);
@@ -438,8 +462,9 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << ",\"seconds_per_step\":" << json_number(per_step)
             << ",\"seconds_min\":" << json_number(min_step) << ",\"peak_rss_bytes\":" << peak_rss_bytes()
             << ",\"baseline_rss_bytes\":" << baseline
-            << ",\"peak_live_bytes\":" << moonwalk::bench::heap_live_peak() - live_baseline << ",\"residual_bytes\":" << residual_bytes
-            << ",\"working_bytes\":" << working_bytes << ",\"error_estimate\":" << json_number(error_estimate)
+            << ",\"peak_live_bytes\":" << moonwalk::bench::heap_live_peak() - live_baseline
+            << ",\"residual_bytes\":" << residual_bytes << ",\"working_bytes\":" << working_bytes
+            << ",\"error_estimate\":" << json_number(error_estimate)
             << ",\"within_tolerance\":" << (within_tolerance ? "true" : "false")
             << ",\"fallbacks\":" << fallbacks << ",\"dtype\":\"" << o.dtype
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
