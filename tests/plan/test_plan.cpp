@@ -908,3 +908,51 @@ TEMPLATE_TEST_CASE("The executor runs Moonwalk's plans: backprop's gradient up t
   CHECK(fragments > 0);
   CHECK(anchors > 30);
 }
+
+TEST_CASE("The executor carries a float network's cotangents in double", "[plan][executor][moonwalk]") {
+  std::size_t runs = 0;
+  for (std::uint64_t seed = 3001; seed < 3021; ++seed) {
+    const RandomArch a(seed);
+    std::string desc;
+    Network<float> net = a.build<float>(&desc);
+    Network<double> wide = a.build<double>();
+    INFO(desc);
+    const Matrix<float> x = moonwalk_test::random_batch<float>(a.in, a.batch, seed + 1);
+    const Matrix<float> t = moonwalk_test::random_batch<float>(a.out, a.batch, seed + 2);
+    // The reference: backprop on the same network in double, the same float inputs.
+    const auto ref = gradient(Backprop{.input_gradient = true}, wide, Matrix<double>(x.cast<double>()),
+                              MSE<double>{}, Matrix<double>(t.cast<double>()));
+    std::vector<CotangentKeep> keep;
+    for (const SweepMode m : detail::sweep_modes(net))
+      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
+                     : m == SweepMode::fragment ? CotangentKeep::fragment
+                                                : CotangentKeep::anchor);
+    for (const bool h0 : {false, true}) {
+      PlanRun<float> run;
+      run.bind(moonwalk_plan(keep, net.size(), h0), value_rows(net), a.batch, h0);
+      GradientResult<float> out, in_float;
+      for (int step = 0; step < 2; ++step) {
+        out.stats.restart();
+        zero_gradients(net);
+        run.run<double>(net, x, MSE<float>{}, t, out);
+        gradients_into(net, out.gradient);
+      }
+      in_float.stats.restart();
+      zero_gradients(net);
+      run.run(net, x, MSE<float>{}, t, in_float);
+      gradients_into(net, in_float.gradient);
+      // In double the sweep's own error is gone: what is left is the float forward pass's.
+      const double e = detail::rel_max_err(out.gradient.cast<double>(), ref.gradient);
+      const double ef = detail::rel_max_err(in_float.gradient.cast<double>(), ref.gradient);
+      CHECK(e < 2e-4);
+      CHECK(e <= ef + 1e-5);
+      CHECK(out.stats.error_estimate < 1e-9);
+      if (h0) CHECK(detail::rel_max_err(out.h0.cast<double>(), ref.h0) < 2e-4);
+      PlanRun<float> bp;  // (backward steps run in the network's precision)
+      bp.bind(backprop_plan(net.size()), value_rows(net), a.batch, false);
+      CHECK_THROWS_AS(bp.run<double>(net, x, MSE<float>{}, t, out), ScheduleError);
+      ++runs;
+    }
+  }
+  CHECK(runs == 40);
+}

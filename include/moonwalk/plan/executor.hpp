@@ -25,9 +25,11 @@
 // a layer derives for its inverse or vijp (a Linear's factorisation) lives
 // only through the step that uses it.
 //
-// Moonwalk's steps (plan/plan.hpp) run in the network's precision with
-// the anchors and fragments the plan names; the sweep's checks (each
-// anchor, and h_L against ∂ℓ/∂x_L) enter Stats::error_estimate.
+// Moonwalk's steps (plan/plan.hpp) carry the cotangents in the network's
+// precision or, for a float network, in double (run<double>: each layer cast
+// once per step, its residual, anchors and fragments in double), with the
+// anchors and fragments the plan names; the sweep's checks (each anchor, and
+// h_L against ∂ℓ/∂x_L) enter Stats::error_estimate.
 #pragma once
 
 #include <algorithm>
@@ -39,6 +41,7 @@
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/nets/parameters.hpp"
 #include "moonwalk/plan/plan.hpp"
+#include "moonwalk/schedules/detail/sweep.hpp"
 #include "moonwalk/schedules/detail/workspace.hpp"
 #include "moonwalk/schedules/gradient.hpp"
 
@@ -104,9 +107,13 @@ class PlanRun {
         }
       }
     }
-    anchors_.resize(plan_.layers);
+    for (std::vector<Matrix<S>>* a : {&same_.anchors}) a->resize(plan_.layers);
+    wide_.anchors.resize(plan_.layers);
     for (std::size_t i = 0; i < plan_.layers; ++i)
-      if (!anchored_[i]) anchors_[i] = Matrix<S>();
+      if (!anchored_[i]) {
+        same_.anchors[i] = Matrix<S>();
+        wide_.anchors[i] = Matrix<double>();
+      }
     assign();
     if (allocate) this->allocate();
   }
@@ -136,18 +143,16 @@ class PlanRun {
   }
   /// Bytes allocated now (workspace accounting: storage_bytes()).
   [[nodiscard]] std::size_t storage_bytes() const {
-    std::size_t anchors = 0;
-    for (const Matrix<S>& a : anchors_) anchors += static_cast<std::size_t>(a.size()) * sizeof(S);
-    return h_[0].storage_bytes() + h_[1].storage_bytes() +
-           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S) + bits_.bytes() + anchors;
+    return same_.bytes() + wide_.bytes() + casts_.storage_bytes() + h_s_.storage_bytes() +
+           static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S);
   }
   /// Frees the buffers (the layout stays; the next run allocates them again).
   void release() {
-    bits_.clear();
-    for (Matrix<S>& a : anchors_) a = Matrix<S>();
+    same_.clear();
+    wide_.clear();
+    casts_.clear();
+    h_s_ = detail::Buffer<S>();
     arena_ = Vector<S>();
-    h_[0] = detail::Buffer<S>();
-    h_[1] = detail::Buffer<S>();
     g_ = Matrix<S>();
   }
 
@@ -158,10 +163,29 @@ class PlanRun {
   /// a sweep, Stats::error_estimate also holds its checks: the largest of
   /// max|h_i − J_iᵀ a_i| / max|J_iᵀ a_i| at each anchor a_i = h_{i+1} and
   /// of the swept h_L against ∂ℓ/∂x_L.
-  template <Net N, class L>
+  ///
+  /// Moonwalk's steps carry the cotangents in C: S, or double for a float
+  /// network (each layer then cast once per step, its residual, anchors and
+  /// fragments in double, x in S; ∂ℓ/∂θ read in S). A plan with backward or
+  /// inverse steps runs in S only.
+  template <class C = S, Net N, class L>
   void run(N& net, const CRef<S>& x0, const L& loss, const typename L::target_type& target,
            GradientResult<S>& out) {
-    allocate();
+    static_assert(std::is_same_v<C, S> || std::is_same_v<C, double>, "cotangents in S or in double");
+    if constexpr (!std::is_same_v<C, S>)
+      if (plan_.count(PlanOp::backward) + plan_.count(PlanOp::inverse) > 0)
+        throw ScheduleError(detail::cat("plan (", plan_.origin, "): backward and inverse steps run in ",
+                                        detail::scalar_name<S>(), ", not in double"));
+    Carried<C>& cw = carried<C>();
+    allocate(cw);
+    casts_.restart(net.size(), false);
+    // Layer i in C: itself, or its cast (made once per step).
+    auto in_c = [&](std::size_t i, const auto& l) -> decltype(auto) {
+      if constexpr (std::is_same_v<C, S>)
+        return (l);
+      else
+        return casts_(i, l);
+    };
     Stats& st = out.stats;
     store_.restart(net.size());
     std::fill(at_.begin(), at_.end(), none);
@@ -189,11 +213,16 @@ class PlanRun {
     std::fill(bits_held_.begin(), bits_held_.end(), 0);
     double drift = 0, swept = 0;
     drifts_.clear();
-    detail::PingPong<S> h(h_[0], h_[1]);
+    detail::PingPong<C> h(cw.h[0], cw.h[1]);
     std::size_t hc = n + 1;  // h_hc is the current cotangent
     auto reached = [&](std::size_t c) {
       hc = c;
-      if (c == 0 && input_gradient_) out.h0 = h.current();  // (no allocation: out.h0 keeps its size)
+      if (c == 0 && input_gradient_) {
+        if constexpr (std::is_same_v<C, S>)
+          out.h0 = h.current();  // (no allocation: out.h0 keeps its size)
+        else
+          out.h0 = h.current().template cast<S>();
+      }
     };
     for (std::size_t k = 0; k < plan_.steps.size(); ++k) {
       const PlanStep& s = plan_.steps[k];
@@ -203,10 +232,10 @@ class PlanRun {
           const std::size_t o = offset_of_[k];
           const bool check = at_[i + 1] != none && role_[i + 1] == ValueRole::rebuilt;
           net.visit(i, [&](const auto& l) {
-            using Lyr = std::remove_cvref_t<decltype(l)>;
             if (s.residual) {
-              auto& r = bits_.get<residual_t<Lyr>>(i);
-              moonwalk::save_residual_into(l, value(i), r);
+              decltype(auto) lc = in_c(i, l);
+              auto& r = cw.residuals.template get<residual_t<std::remove_cvref_t<decltype(lc)>>>(i);
+              moonwalk::save_residual_into(lc, detail::in_scalar<C>(value(i), cw.xc), r);
               drop_residual(i);
               store_.hold(i, SavedStore::residual, names_(i, l), nbytes(r), residual_kind(r));
               bits_held_[i] = 1;
@@ -229,24 +258,25 @@ class PlanRun {
         }
         case PlanOp::inverse: {
           const std::size_t o = offset_of_[k];
-          net.visit(i, [&](const auto& l) {
-            using Lyr = std::remove_cvref_t<decltype(l)>;
-            if constexpr (Invertible<Lyr>) {
-              if (can_invert(l)) {
-                moonwalk::inverse_into(l, value(i + 1),
-                                       Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i], batch_));
-                // What the layer derived from its weights for the inverse (a
-                // Linear's QR) is freed at once: kept until the weights change,
-                // every inverted layer's would be live together, outside the
-                // plan's working set (64 MiB at depth 64, width 256); no later
-                // step of this plan reads it, and the next step's weights are new.
-                moonwalk::release_derived(l);
-                return;
+          if constexpr (std::is_same_v<C, S>)
+            net.visit(i, [&](const auto& l) {
+              using Lyr = std::remove_cvref_t<decltype(l)>;
+              if constexpr (Invertible<Lyr>) {
+                if (can_invert(l)) {
+                  moonwalk::inverse_into(l, value(i + 1),
+                                         Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i], batch_));
+                  // What the layer derived from its weights for the inverse (a
+                  // Linear's QR) is freed at once: kept until the weights change,
+                  // every inverted layer's would be live together, outside the
+                  // plan's working set (64 MiB at depth 64, width 256); no later
+                  // step of this plan reads it, and the next step's weights are new.
+                  moonwalk::release_derived(l);
+                  return;
+                }
               }
-            }
-            throw ScheduleError(detail::cat("plan (", plan_.origin, "): inverse(", i, "): layer ", i, " (",
-                                            l.name(), ") has no inverse"));
-          });
+              throw ScheduleError(detail::cat("plan (", plan_.origin, "): inverse(", i, "): layer ", i, " (",
+                                              l.name(), ") has no inverse"));
+            });
           ++st.counts.inverse;
           top_[i] = role_[i + 1] == ValueRole::rebuilt ? top_[i + 1] : i + 1;
           at_[i] = o;
@@ -256,57 +286,61 @@ class PlanRun {
         case PlanOp::loss:
           if (hc == n) {  // the sweep's check: the swept h_L against ∂ℓ/∂x_L
             (void)detail::loss_into<L, S>(loss, value(n), target, g_);
-            swept = std::max(swept, detail::rel_max_err(h.current(), g_));
+            swept = std::max(swept, detail::rel_max_err(h.current(), g_.template cast<C>()));
           } else {
             out.loss = detail::loss_into<L, S>(loss, value(n), target, g_);
-            h.assign(g_);
+            h.assign(g_.template cast<C>());
             hc = n;
           }
           free_value(n);
           break;
         case PlanOp::cotangent:
           net.visit(i, [&](const auto& l) {
-            using Lyr = std::remove_cvref_t<decltype(l)>;
-            const auto& r = bits_.get<residual_t<Lyr>>(i);
+            decltype(auto) lc = in_c(i, l);
+            using Lyr = std::remove_cvref_t<decltype(lc)>;
+            const auto& r = cw.residuals.template get<residual_t<Lyr>>(i);
             if (s.keep == CotangentKeep::anchor) {
-              anchors_[i] = h.current();  // (sized by allocate())
+              cw.anchors[i] = h.current();  // (sized by allocate())
               store_.hold(i, SavedStore::anchor, names_(i, l),
-                          static_cast<std::size_t>(anchors_[i].size()) * sizeof(S), "anchor");
+                          static_cast<std::size_t>(cw.anchors[i].size()) * sizeof(C), "anchor");
             } else if (s.keep == CotangentKeep::fragment) {
               if constexpr (Fragmental<Lyr>)
-                store_.put(i, SavedStore::fragment, names_(i, l), l.save_fragment(r, h.current()));
+                store_.put(i, SavedStore::fragment, names_(i, l), lc.save_fragment(r, h.current()));
               else
                 throw ScheduleError(detail::cat("plan (", plan_.origin, "): cotangent(", i, "): layer ", i,
                                                 " (", l.name(), ") keeps no fragment"));
             }
-            moonwalk::vjp_residual_into(l, r, h.current(), h.next(l.in_features(), batch_));
+            moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch_));
             h.flip();
             ++st.counts.vjp;
           });
           drop_residual(i);
+          casts_.release(i);  // (cast again by the sweep: not held between the passes)
           reached(i);
           break;
         case PlanOp::sweep:
           net.visit(i, [&](auto& l) {
-            using Lyr = std::remove_cvref_t<decltype(l)>;
+            decltype(auto) lc = in_c(i, l);
+            using Lyr = std::remove_cvref_t<decltype(lc)>;
             const CRef<S> xi = value(i);
             if (hc == i) {  // h_{i+1} from h_i across layer i
               const Index out_rows = l.out_features();
+              const CRef<C> xc = detail::in_scalar<C>(xi, cw.xc);
               switch (keep_[i]) {
                 case CotangentKeep::anchor: {
                   auto ja = h.next(l.in_features(), batch_);
-                  moonwalk::vjp_into(l, xi, anchors_[i], ja);
+                  moonwalk::vjp_into(lc, xc, cw.anchors[i], ja);
                   swept = std::max(swept, detail::rel_max_err(h.current(), ja));
                   ++st.counts.vjp;
-                  h.assign(anchors_[i]);
+                  h.assign(cw.anchors[i]);
                   store_.drop(i, SavedStore::anchor);
                   break;
                 }
                 case CotangentKeep::none:
                   if constexpr (Submersive<Lyr>) {
-                    moonwalk::vijp_into(l, xi, h.current(), h.next(out_rows, batch_));
+                    moonwalk::vijp_into(lc, xc, h.current(), h.next(out_rows, batch_));
                     h.flip();
-                    moonwalk::release_derived(l);  // (its factorisation: this step's alone)
+                    moonwalk::release_derived(lc);  // (its factorisation: this step's alone)
                   } else {
                     throw ScheduleError(detail::cat("plan (", plan_.origin, "): sweep(", i, "): layer ", i,
                                                     " (", l.name(), ") has no vijp"));
@@ -316,7 +350,7 @@ class PlanRun {
                 case CotangentKeep::fragment:
                   if constexpr (Fragmental<Lyr>) {
                     const auto f = store_.take<typename Lyr::fragment_type>(i, SavedStore::fragment);
-                    h.next(out_rows, batch_) = l.vijp_with_fragment(xi, h.current(), f);
+                    h.next(out_rows, batch_) = lc.vijp_with_fragment(xc, h.current(), f);
                     h.flip();
                   } else {
                     throw ScheduleError(detail::cat("plan (", plan_.origin, "): sweep(", i, "): layer ", i,
@@ -326,31 +360,46 @@ class PlanRun {
                   break;
               }
             }
-            moonwalk::accumulate_vjp_params(l, xi, h.current());
+            if constexpr (std::is_same_v<C, S>) {
+              moonwalk::accumulate_vjp_params(l, xi, h.current());
+            } else if (l.num_params() > 0) {
+              // g += J_θᵀ h, a sum over samples: h converted to S a block of
+              // columns at a time, unless the layer's samples interact (BatchNorm
+              // in training: its J_θ needs the whole batch).
+              const Index block = moonwalk::couples_batch(l) ? batch_ : detail::kConvertColumns;
+              for (Index c0 = 0; c0 < batch_; c0 += block) {
+                const Index m = std::min(block, batch_ - c0);
+                auto hs = h_s_.view(l.out_features(), m);
+                hs = h.current().middleCols(c0, m).template cast<S>();
+                moonwalk::accumulate_vjp_params(l, xi.middleCols(c0, m), hs);
+              }
+            }
             ++st.counts.vjp_params;
             detail::gradient_ready(i);
           });
+          casts_.release(i);  // (the sweep is its last user)
           hc = i + 1;
           if (i > 0 && role_[i] != ValueRole::temporary) free_value(i);
           break;
         case PlanOp::backward:
-          net.visit(i, [&](auto& l) {
-            using Lyr = std::remove_cvref_t<decltype(l)>;
-            const CRef<S> xi = value(i);
-            moonwalk::accumulate_vjp_params(l, xi, h.current());
-            ++st.counts.vjp_params;
-            detail::gradient_ready(i);
-            const bool from_bits = bits_held_[i] && role_[i] == ValueRole::rebuilt;
-            if (i > 0 || input_gradient_) {
-              if (from_bits)  // (the kept branch pattern, not the rebuilt input's)
-                moonwalk::vjp_residual_into(l, bits_.get<residual_t<Lyr>>(i), h.current(),
-                                            h.next(l.in_features(), batch_));
-              else
-                moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch_));
-              h.flip();
-              ++st.counts.vjp;
-            }
-          });
+          if constexpr (std::is_same_v<C, S>)
+            net.visit(i, [&](auto& l) {
+              using Lyr = std::remove_cvref_t<decltype(l)>;
+              const CRef<S> xi = value(i);
+              moonwalk::accumulate_vjp_params(l, xi, h.current());
+              ++st.counts.vjp_params;
+              detail::gradient_ready(i);
+              const bool from_bits = bits_held_[i] && role_[i] == ValueRole::rebuilt;
+              if (i > 0 || input_gradient_) {
+                if (from_bits)  // (the kept branch pattern, not the rebuilt input's)
+                  moonwalk::vjp_residual_into(l, same_.residuals.template get<residual_t<Lyr>>(i),
+                                              h.current(), h.next(l.in_features(), batch_));
+                else
+                  moonwalk::vjp_into(l, xi, h.current(), h.next(l.in_features(), batch_));
+                h.flip();
+                ++st.counts.vjp;
+              }
+            });
           drop_residual(i);
           free_value(i);
           reached(i);
@@ -481,18 +530,48 @@ class PlanRun {
     });
   }
 
-  /// Gives the arena and the cotangent buffers their sizes (nothing when they have them).
-  void allocate() {
+  /// What a run keeps in the cotangents' scalar type C.
+  template <class C>
+  struct Carried {
+    detail::Buffer<C> h[2];          ///< the cotangents, alternating
+    std::vector<Matrix<C>> anchors;  ///< layer i's anchor h_{i+1}
+    detail::Buffer<C> xc;            ///< x_i converted to C (C ≠ S)
+    detail::Workspace residuals;     ///< layer i's residual r_i (of the layer in C) in slot i
+    [[nodiscard]] std::size_t bytes() const {
+      std::size_t b = h[0].storage_bytes() + h[1].storage_bytes() + xc.storage_bytes() + residuals.bytes();
+      for (const Matrix<C>& a : anchors) b += static_cast<std::size_t>(a.size()) * sizeof(C);
+      return b;
+    }
+    void clear() {
+      h[0] = detail::Buffer<C>();
+      h[1] = detail::Buffer<C>();
+      xc = detail::Buffer<C>();
+      residuals.clear();
+      for (Matrix<C>& a : anchors) a = Matrix<C>();
+    }
+  };
+  template <class C>
+  Carried<C>& carried() {
+    if constexpr (std::is_same_v<C, S>)
+      return same_;
+    else
+      return wide_;
+  }
+
+  /// Gives the arena and the cotangent buffers (in C) their sizes (nothing when they have them).
+  void allocate() { allocate(same_); }
+  template <class C>
+  void allocate(Carried<C>& cw) {
     detail::safe_resize(arena_, static_cast<Index>(arena_size_));
     const auto w = static_cast<Index>(widest_cotangent());
-    for (auto& h : h_) {
-      if (h.storage_bytes() != static_cast<std::size_t>(w) * sizeof(S))
-        h = detail::Buffer<S>();  // (exact: it never shrinks)
+    for (auto& h : cw.h) {
+      if (h.storage_bytes() != static_cast<std::size_t>(w) * sizeof(C))
+        h = detail::Buffer<C>();  // (exact: it never shrinks)
       h.view(w, 1);
     }
     detail::safe_resize(g_, rows_.back(), batch_);
-    for (std::size_t i = 0; i < anchors_.size(); ++i)
-      if (anchored_[i]) detail::safe_resize(anchors_[i], rows_[i + 1], batch_);
+    for (std::size_t i = 0; i < cw.anchors.size(); ++i)
+      if (anchored_[i]) detail::safe_resize(cw.anchors[i], rows_[i + 1], batch_);
   }
 
   Plan plan_;
@@ -508,13 +587,14 @@ class PlanRun {
   std::vector<ValueRole> role_;
   std::vector<std::size_t> top_;      ///< a rebuilt x_i: the x_top its stretch of inverses began from
   std::vector<CheckedDrift> drifts_;  ///< the last run's checks
-  detail::Buffer<S> h_[2];
   Matrix<S> g_;
-  detail::Workspace bits_;           ///< layer i's residual r_i in slot i
-  std::vector<char> bits_held_;      ///< per layer: its residual is kept now
-  std::vector<CotangentKeep> keep_;  ///< per layer: what its cotangent step keeps
-  std::vector<char> anchored_;       ///< per layer: its cotangent step keeps an anchor
-  std::vector<Matrix<S>> anchors_;   ///< layer i's anchor h_{i+1}
+  Carried<S> same_;                   ///< cotangents, anchors and residuals in S
+  Carried<double> wide_;              ///< the same in double (a float network's double cotangents)
+  detail::CastLayers<double> casts_;  ///< layers cast to double, for a run in double
+  detail::Buffer<S> h_s_;             ///< columns of h converted to S for ∂ℓ/∂θ (C ≠ S)
+  std::vector<char> bits_held_;       ///< per layer: its residual is kept now
+  std::vector<CotangentKeep> keep_;   ///< per layer: what its cotangent step keeps
+  std::vector<char> anchored_;        ///< per layer: its cotangent step keeps an anchor
   SavedStore store_;
   detail::LayerNames names_;
 };
