@@ -956,3 +956,143 @@ TEST_CASE("The executor carries a float network's cotangents in double", "[plan]
   }
   CHECK(runs == 40);
 }
+
+namespace {
+/// depth × (Linear w → w, LeakyReLU(slope)), then Linear w → 4.
+template <class S>
+Network<S> leaky_mlp(int depth, Index w, double slope, Init init, std::uint64_t seed) {
+  Network<S> net;
+  for (int i = 0; i < depth; ++i) {
+    net.add(Linear<S>(w, w, {.seed = seed + static_cast<std::uint64_t>(i), .init = init}));
+    net.add(LeakyReLU<S>(w, static_cast<S>(slope)));
+  }
+  net.add(Linear<S>(w, 4, {.seed = seed + 1000, .init = init}));
+  return net;
+}
+}  // namespace
+
+TEST_CASE(
+    "The executor places the fidelity policy's anchors where mixed Moonwalk does, and holds the tolerance",
+    "[plan][executor][moonwalk][fidelity]") {
+  // Orthogonal Linears with LeakyReLU(0.1): the unguarded float sweep fails
+  // at depth 16 (docs/design.md §5).
+  const int depth = 16;
+  Network<float> net = leaky_mlp<float>(depth, 24, 0.1, Init::orthogonal, 40);
+  Network<double> twin = leaky_mlp<double>(depth, 24, 0.1, Init::orthogonal, 40);
+  const Index batch = 16;
+  const Matrix<float> x = moonwalk_test::random_batch<float>(24, batch, 5);
+  const Matrix<float> t = moonwalk_test::random_batch<float>(4, batch, 6);
+  const auto ref = gradient(Backprop{}, twin, Matrix<double>(x.cast<double>()), MSE<double>{},
+                            Matrix<double>(t.cast<double>()));
+  const std::vector<CotangentKeep> keep(net.size(), CotangentKeep::none);
+  Fidelity fid;
+  fid.precision = Precision::working;
+  fid.verify = false;
+  fid.memory = nullptr;
+  const double tol = fid.target<float>();
+  const RunFidelity policy{.budget = fid.margin * tol, .calibration = fid.calibration};
+
+  PlanRun<float> run;
+  run.bind(moonwalk_plan(keep, net.size(), false), value_rows(net), batch, false);
+  GradientResult<float> bare, out;
+  zero_gradients(net);
+  const AttemptOutcome unguarded = run.run(net, x, MSE<float>{}, t, bare);
+  gradients_into(net, bare.gradient);
+  CHECK(bare.stats.anchor_layers.empty());
+  CHECK(bare.stats.amplification.empty());
+  CHECK(unguarded.estimate > tol);  // (the sweep alone does not hold it, and says so)
+  const std::size_t bound_bytes = run.storage_bytes();
+  for (int step = 0; step < 2; ++step) {  // (the second on the pool's buffers)
+    out.stats.restart();
+    zero_gradients(net);
+    const AttemptOutcome o = run.run(net, x, MSE<float>{}, t, out, policy);
+    gradients_into(net, out.gradient);
+    const Stats& st = out.stats;
+    INFO("anchors " << st.anchor_layers.size() << " estimate " << o.estimate << " predicted "
+                    << st.predicted_error);
+    CHECK(o.finite);
+    CHECK_FALSE(o.gave_up_for_double);
+    CHECK_FALSE(o.drift.has_value());
+    CHECK(o.estimate == st.error_estimate);
+    CHECK(o.estimate <= fid.accept * tol);
+    CHECK(detail::rel_max_err(out.gradient.cast<double>(), ref.gradient) <= tol);
+    CHECK(st.predicted_error > 0);
+    CHECK(st.predicted_error <= fid.margin * tol);
+    REQUIRE(st.amplification.size() == net.size());
+    CHECK_FALSE(st.amplification[0].known);  // (layer 0 is not crossed: no h_0)
+    CHECK(st.amplification[1].known);
+    CHECK(st.amplification[1].typical > 1);
+    std::size_t marked = 0;
+    for (const LayerFidelity& lf : st.amplification) marked += lf.anchored;
+    CHECK(marked == st.anchor_layers.size());
+    CHECK(st.bytes_of("anchor") > 0);
+    // The pool holds one buffer per anchor held at once (all of them: the sweep begins after them).
+    CHECK(run.storage_bytes() == bound_bytes + st.anchor_layers.size() * 24 * batch * sizeof(float));
+    CHECK(out.stats.counts.vijp + st.anchor_layers.size() + 1 == net.size());  // (layer 0: read only)
+  }
+  // Mixed Moonwalk's own passes place the same anchors from the same amplification.
+  zero_gradients(net);
+  const auto mixed = gradient(MixedMoonwalk{.fidelity = fid}, net, x, MSE<float>{}, t);
+  CHECK(mixed.stats.anchor_layers == out.stats.anchor_layers);
+  CHECK(mixed.stats.predicted_error == Approx(out.stats.predicted_error).epsilon(1e-12));
+
+  SECTION("a plan's own anchor restarts the prediction") {
+    std::vector<CotangentKeep> k = keep;
+    k[8] = CotangentKeep::anchor;
+    PlanRun<float> r2;
+    r2.bind(moonwalk_plan(k, net.size(), false), value_rows(net), batch, false);
+    GradientResult<float> o2;
+    zero_gradients(net);
+    (void)r2.run(net, x, MSE<float>{}, t, o2, policy);
+    const auto& al = o2.stats.anchor_layers;
+    CHECK(std::find(al.begin(), al.end(), 8) != al.end());
+    CHECK(o2.stats.error_estimate <= fid.accept * tol);
+  }
+  SECTION("double cotangents: the same budget needs fewer anchors") {
+    GradientResult<float> od;
+    zero_gradients(net);
+    const RunFidelity d{
+        .budget = policy.budget, .calibration = policy.calibration, .may_give_up_for_double = true};
+    const AttemptOutcome o = run.run<double>(net, x, MSE<float>{}, t, od, d);
+    CHECK_FALSE(o.gave_up_for_double);  // (already in double)
+    CHECK(od.stats.anchor_layers.size() < out.stats.anchor_layers.size());
+    CHECK(o.estimate <= fid.accept * tol);  // (anchored for the tolerance, not for double's roundoff)
+    CHECK(od.stats.predicted_error <= fid.margin * tol);
+  }
+}
+
+TEST_CASE("The executor gives up for double where float anchors would cost more than double's",
+          "[plan][executor][moonwalk][fidelity]") {
+  // Gaussian Linears with LeakyReLU(0.1): float anchors almost every layer.
+  Network<float> net = leaky_mlp<float>(12, 24, 0.1, Init::gaussian, 70);
+  const Index batch = 16;
+  const Matrix<float> x = moonwalk_test::random_batch<float>(24, batch, 9);
+  const Matrix<float> t = moonwalk_test::random_batch<float>(4, batch, 10);
+  const double tol = default_target<float>();
+  const std::vector<CotangentKeep> keep(net.size(), CotangentKeep::none);
+  PlanRun<float> run;
+  run.bind(moonwalk_plan(keep, net.size(), false), value_rows(net), batch, false);
+  GradientResult<float> out;
+  zero_gradients(net);
+  const RunFidelity f{.budget = 0.125 * tol, .calibration = 4, .may_give_up_for_double = true};
+  const AttemptOutcome o = run.run(net, x, MSE<float>{}, t, out, f);
+  CHECK(o.gave_up_for_double);
+  CHECK(out.h0.size() == 0);
+  // Mixed Moonwalk's reverse pass gives up on the same network (and escalates).
+  MixedMoonwalk m{};
+  m.fidelity.memory = nullptr;
+  const auto mixed = gradient(m, net, x, MSE<float>{}, t);
+  CHECK(mixed.stats.precision == "double");
+  CHECK(mixed.stats.fallbacks >= 1);
+  // Without the option the same run anchors in float and completes.
+  zero_gradients(net);
+  const AttemptOutcome kept = run.run(net, x, MSE<float>{}, t, out, RunFidelity{.budget = f.budget});
+  CHECK_FALSE(kept.gave_up_for_double);
+  CHECK(out.stats.anchor_layers.size() > net.size() / 4);
+  // And in double it completes with fewer anchors.
+  GradientResult<float> od;
+  zero_gradients(net);
+  const AttemptOutcome d = run.run<double>(net, x, MSE<float>{}, t, od, f);
+  CHECK_FALSE(d.gave_up_for_double);
+  CHECK(od.stats.anchor_layers.size() < out.stats.anchor_layers.size());
+}

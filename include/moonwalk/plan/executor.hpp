@@ -30,6 +30,16 @@
 // once per step, its residual, anchors and fragments in double), with the
 // anchors and fragments the plan names; the sweep's checks (each anchor, and
 // h_L against ∂ℓ/∂x_L) enter Stats::error_estimate.
+//
+// The fidelity policy's anchors (fidelity/policy.hpp) are placed at run
+// time: with RunFidelity::budget, each cotangent step measures its layer's
+// typical amplification γ_i and anchors h_{i+1} where the error model (P)
+// would pass the budget, in a buffer from a pool that keeps as many buffers
+// as the step held at once (a warm step that anchors no more layers than the
+// last one allocates nothing). The run says how it ended (AttemptOutcome):
+// with RunFidelity::may_give_up_for_double, the reverse pass stops as soon
+// as the anchors in C would cost more than 1/8 of backprop's kept inputs and
+// twice what double cotangents would keep.
 #pragma once
 
 #include <algorithm>
@@ -37,8 +47,11 @@
 #include <limits>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/ops.hpp"
+#include "moonwalk/fidelity/policy.hpp"
+#include "moonwalk/fidelity/retry.hpp"
 #include "moonwalk/nets/parameters.hpp"
 #include "moonwalk/plan/plan.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
@@ -54,6 +67,17 @@ namespace moonwalk {
 struct CheckedDrift {
   std::size_t layer = 0, top = 0;
   double drift = 0;  ///< max|x̂ − x| / max|x|
+};
+
+/// What the fidelity policy asks of one run of a plan (the top of this file).
+struct RunFidelity {
+  /// The relative error the policy's anchors keep the prediction (P) under
+  /// (Fidelity: margin · tolerance); 0: no anchors but the plan's.
+  double budget = 0;
+  /// The error model's constant c (Fidelity::calibration times the retry's anchor_scale).
+  double calibration = 4;
+  /// Stop the reverse pass when double cotangents would anchor for clearly less.
+  bool may_give_up_for_double = false;
 };
 
 template <class S>
@@ -85,12 +109,17 @@ class PlanRun {
     plan_ = std::move(plan);
     rows_ = std::move(rows);
     batch_ = batch;
+    backprop_bytes_ = 0;  // what backprop keeps: every layer's input
+    for (std::size_t i = 0; i + 1 < rows_.size(); ++i)
+      backprop_bytes_ += static_cast<std::size_t>(rows_[i] * batch_) * sizeof(S);
     input_gradient_ = input_gradient;
     reaches_h0_ = input_gradient || to_h0;
     // Residuals: one slot per layer that keeps one; anchors: one buffer per anchored layer.
     std::vector<char> flagged(plan_.layers, 0);
     bits_bytes_ = 0;
     keep_.assign(plan_.layers, CotangentKeep::none);
+    keep_now_.assign(plan_.layers, CotangentKeep::none);
+    slot_of_.assign(plan_.layers, none);
     anchored_.assign(plan_.layers, 0);
     for (const PlanStep& st : plan_.steps) {
       if (st.op == PlanOp::forward && st.residual && !flagged[st.layer]) {
@@ -168,9 +197,16 @@ class PlanRun {
   /// network (each layer then cast once per step, its residual, anchors and
   /// fragments in double, x in S; ∂ℓ/∂θ read in S). A plan with backward or
   /// inverse steps runs in S only.
+  ///
+  /// `fidelity` (RunFidelity): the policy's anchors, placed at run time,
+  /// with Stats::amplification (one row per layer: γ_i and κ_i of the
+  /// layers a cotangent step crossed), Stats::anchor_layers (the plan's and
+  /// the policy's) and Stats::predicted_error. Returns how the run ended:
+  /// the loss finite, the run given up for double (the gradient then
+  /// incomplete), the estimate and the largest drift a check measured.
   template <class C = S, Net N, class L>
-  void run(N& net, const CRef<S>& x0, const L& loss, const typename L::target_type& target,
-           GradientResult<S>& out) {
+  AttemptOutcome run(N& net, const CRef<S>& x0, const L& loss, const typename L::target_type& target,
+                     GradientResult<S>& out, const RunFidelity& fidelity = {}) {
     static_assert(std::is_same_v<C, S> || std::is_same_v<C, double>, "cotangents in S or in double");
     if constexpr (!std::is_same_v<C, S>)
       if (plan_.count(PlanOp::backward) + plan_.count(PlanOp::inverse) > 0)
@@ -213,6 +249,34 @@ class PlanRun {
     std::fill(bits_held_.begin(), bits_held_.end(), 0);
     double drift = 0, swept = 0;
     drifts_.clear();
+    AttemptOutcome outcome;
+    // The policy's anchors (fidelity/policy.hpp): the prediction (P) in C and
+    // in double, and what the anchors and residuals cost in each.
+    const bool policy = fidelity.budget > 0;
+    const bool may_give_up = policy && fidelity.may_give_up_for_double && !std::is_same_v<C, double>;
+    const double unit = unit_roundoff<C>() * fidelity.calibration;
+    detail::AnchorPlanner planner(policy ? fidelity.budget / unit : 0);
+    detail::AnchorPlanner in_double(fidelity.budget / (unit_roundoff<double>() * fidelity.calibration));
+    std::size_t anchor_bytes = 0, double_anchor_bytes = 0, residual_bytes = 0, double_residual_bytes = 0;
+    bool reverse_begun = false;
+    std::copy(keep_.begin(), keep_.end(), keep_now_.begin());
+    std::fill(slot_of_.begin(), slot_of_.end(), none);
+    std::fill(cw.busy.begin(), cw.busy.end(), 0);
+    std::size_t slots_held = 0, slots_peak = 0;
+    if (policy) {
+      st.amplification.resize(n);
+      for (std::size_t i = 0; i < n; ++i)
+        net.visit(i, [&](const auto& l) {
+          LayerFidelity& lf = st.amplification[i];
+          lf.layer = i;
+          lf.layer_name = names_(i, l);
+          lf.bound = lf.typical = 1;
+          lf.known = false;
+          lf.anchored = false;
+        });
+    } else {
+      st.amplification.clear();
+    }
     detail::PingPong<C> h(cw.h[0], cw.h[1]);
     std::size_t hc = n + 1;  // h_hc is the current cotangent
     auto reached = [&](std::size_t c) {
@@ -294,16 +358,53 @@ class PlanRun {
           }
           free_value(n);
           break;
-        case PlanOp::cotangent:
+        case PlanOp::cotangent: {
+          if (!reverse_begun) {  // what is kept now, in C and in double (masks keep their size)
+            reverse_begun = true;
+            residual_bytes = store_.current_bytes();
+            double_residual_bytes =
+                residual_bytes + (sizeof(double) / sizeof(C) - 1) *
+                                     (store_.bytes_put("derivative") + store_.bytes_put("activation"));
+          }
+          bool gave_up = false;
           net.visit(i, [&](const auto& l) {
             decltype(auto) lc = in_c(i, l);
             using Lyr = std::remove_cvref_t<decltype(lc)>;
             const auto& r = cw.residuals.template get<residual_t<Lyr>>(i);
-            if (s.keep == CotangentKeep::anchor) {
-              cw.anchors[i] = h.current();  // (sized by allocate())
-              store_.hold(i, SavedStore::anchor, names_(i, l),
-                          static_cast<std::size_t>(cw.anchors[i].size()) * sizeof(C), "anchor");
-            } else if (s.keep == CotangentKeep::fragment) {
+            CotangentKeep keep = s.keep;
+            const auto h_size = static_cast<std::size_t>(rows_[i + 1] * batch_);
+            if (policy) {
+              LayerFidelity& lf = st.amplification[i];
+              const Amplification a = moonwalk::amplification(lc, r);
+              lf.bound = a.bound;
+              lf.typical = a.typical;
+              lf.known = a.known;
+              if (keep == CotangentKeep::anchor) {  // the plan's: the segment below starts afresh
+                planner.restart();
+                in_double.restart();
+                double_anchor_bytes += h_size * sizeof(double);
+              } else {
+                if (planner.place(a.typical)) keep = CotangentKeep::anchor;
+                if (may_give_up && in_double.place(a.typical)) double_anchor_bytes += h_size * sizeof(double);
+              }
+              lf.anchored = keep == CotangentKeep::anchor;
+            }
+            keep_now_[i] = keep;
+            if (keep == CotangentKeep::anchor) {
+              anchor_bytes += h_size * sizeof(C);
+              if (may_give_up && residual_bytes + anchor_bytes > backprop_bytes_ / 8 &&
+                  residual_bytes + anchor_bytes > 2 * (double_residual_bytes + double_anchor_bytes)) {
+                gave_up = true;
+                return;
+              }
+              if (anchored_[i]) {
+                cw.anchors[i] = h.current();  // (sized by allocate())
+              } else {
+                take_anchor(cw, i, rows_[i + 1]) = h.current();
+                slots_peak = std::max(slots_peak, ++slots_held);
+              }
+              store_.hold(i, SavedStore::anchor, names_(i, l), h_size * sizeof(C), "anchor");
+            } else if (keep == CotangentKeep::fragment) {
               if constexpr (Fragmental<Lyr>)
                 store_.put(i, SavedStore::fragment, names_(i, l), lc.save_fragment(r, h.current()));
               else
@@ -314,10 +415,19 @@ class PlanRun {
             h.flip();
             ++st.counts.vjp;
           });
+          if (gave_up) {  // (the gradient is incomplete: the caller recomputes it in double)
+            outcome.gave_up_for_double = true;
+            outcome.finite = std::isfinite(out.loss);
+            out.h0.resize(0, 0);
+            trim_pool(cw, slots_peak);
+            store_.report_to(st);
+            return outcome;
+          }
           drop_residual(i);
           casts_.release(i);  // (cast again by the sweep: not held between the passes)
           reached(i);
           break;
+        }
         case PlanOp::sweep:
           net.visit(i, [&](auto& l) {
             decltype(auto) lc = in_c(i, l);
@@ -326,14 +436,23 @@ class PlanRun {
             if (hc == i) {  // h_{i+1} from h_i across layer i
               const Index out_rows = l.out_features();
               const CRef<C> xc = detail::in_scalar<C>(xi, cw.xc);
-              switch (keep_[i]) {
+              switch (keep_now_[i]) {
                 case CotangentKeep::anchor: {
+                  const Eigen::Map<const Matrix<C>> a =
+                      anchored_[i]
+                          ? Eigen::Map<const Matrix<C>>(cw.anchors[i].data(), out_rows, batch_)
+                          : Eigen::Map<const Matrix<C>>(cw.pool[slot_of_[i]].data(), out_rows, batch_);
                   auto ja = h.next(l.in_features(), batch_);
-                  moonwalk::vjp_into(lc, xc, cw.anchors[i], ja);
+                  moonwalk::vjp_into(lc, xc, a, ja);
                   swept = std::max(swept, detail::rel_max_err(h.current(), ja));
                   ++st.counts.vjp;
-                  h.assign(cw.anchors[i]);
+                  h.assign(a);
                   store_.drop(i, SavedStore::anchor);
+                  if (slot_of_[i] != none) {
+                    cw.busy[slot_of_[i]] = 0;
+                    slot_of_[i] = none;
+                    --slots_held;
+                  }
                   break;
                 }
                 case CotangentKeep::none:
@@ -407,10 +526,18 @@ class PlanRun {
       }
     }
     if (detail::accounted(role_[0])) store_.drop(0, SavedStore::activation);
+    trim_pool(cw, slots_peak);  // (before working_bytes: what the step held at most)
     st.error_estimate = std::max(drift, swept);
     st.working_bytes = storage_bytes() + thread_scratch_bytes();
     if (!input_gradient_) out.h0.resize(0, 0);
+    for (std::size_t i = 0; i < n; ++i)
+      if (keep_now_[i] == CotangentKeep::anchor) st.anchor_layers.push_back(i);
+    if (policy) st.predicted_error = planner.worst() * unit;
     store_.report_to(st);
+    outcome.finite = std::isfinite(out.loss);
+    outcome.estimate = st.error_estimate;
+    if (!drifts_.empty()) outcome.drift = drift;
+    return outcome;
   }
 
  private:
@@ -533,13 +660,16 @@ class PlanRun {
   /// What a run keeps in the cotangents' scalar type C.
   template <class C>
   struct Carried {
-    detail::Buffer<C> h[2];          ///< the cotangents, alternating
-    std::vector<Matrix<C>> anchors;  ///< layer i's anchor h_{i+1}
-    detail::Buffer<C> xc;            ///< x_i converted to C (C ≠ S)
-    detail::Workspace residuals;     ///< layer i's residual r_i (of the layer in C) in slot i
+    detail::Buffer<C> h[2];               ///< the cotangents, alternating
+    std::vector<Matrix<C>> anchors;       ///< layer i's anchor h_{i+1}
+    detail::Buffer<C> xc;                 ///< x_i converted to C (C ≠ S)
+    detail::Workspace residuals;          ///< layer i's residual r_i (of the layer in C) in slot i
+    std::vector<detail::Buffer<C>> pool;  ///< the policy's anchors (PlanRun::slot_of_)
+    std::vector<char> busy;               ///< per pool buffer: an anchor is in it
     [[nodiscard]] std::size_t bytes() const {
       std::size_t b = h[0].storage_bytes() + h[1].storage_bytes() + xc.storage_bytes() + residuals.bytes();
       for (const Matrix<C>& a : anchors) b += static_cast<std::size_t>(a.size()) * sizeof(C);
+      for (const detail::Buffer<C>& a : pool) b += a.storage_bytes();
       return b;
     }
     void clear() {
@@ -548,8 +678,32 @@ class PlanRun {
       xc = detail::Buffer<C>();
       residuals.clear();
       for (Matrix<C>& a : anchors) a = Matrix<C>();
+      pool.clear();
+      busy.clear();
     }
   };
+
+  /// A free pool buffer for the policy's anchor of layer i (rows × batch).
+  template <class C>
+  Eigen::Map<Matrix<C>> take_anchor(Carried<C>& cw, std::size_t i, Index rows) {
+    std::size_t k = 0;
+    while (k < cw.pool.size() && cw.busy[k]) ++k;
+    if (k == cw.pool.size()) {  // (more anchors held at once than in any step since the last trim)
+      cw.pool.emplace_back();
+      cw.busy.push_back(0);
+    }
+    cw.busy[k] = 1;
+    slot_of_[i] = k;
+    return cw.pool[k].view(rows, batch_);
+  }
+  /// Keeps as many pool buffers as the step held at once.
+  template <class C>
+  static void trim_pool(Carried<C>& cw, std::size_t used) {
+    if (cw.pool.size() > used) {
+      cw.pool.resize(used);
+      cw.busy.resize(used);
+    }
+  }
   template <class C>
   Carried<C>& carried() {
     if constexpr (std::is_same_v<C, S>)
@@ -588,13 +742,16 @@ class PlanRun {
   std::vector<std::size_t> top_;      ///< a rebuilt x_i: the x_top its stretch of inverses began from
   std::vector<CheckedDrift> drifts_;  ///< the last run's checks
   Matrix<S> g_;
-  Carried<S> same_;                   ///< cotangents, anchors and residuals in S
-  Carried<double> wide_;              ///< the same in double (a float network's double cotangents)
-  detail::CastLayers<double> casts_;  ///< layers cast to double, for a run in double
-  detail::Buffer<S> h_s_;             ///< columns of h converted to S for ∂ℓ/∂θ (C ≠ S)
-  std::vector<char> bits_held_;       ///< per layer: its residual is kept now
-  std::vector<CotangentKeep> keep_;   ///< per layer: what its cotangent step keeps
-  std::vector<char> anchored_;        ///< per layer: its cotangent step keeps an anchor
+  Carried<S> same_;                      ///< cotangents, anchors and residuals in S
+  Carried<double> wide_;                 ///< the same in double (a float network's double cotangents)
+  detail::CastLayers<double> casts_;     ///< layers cast to double, for a run in double
+  detail::Buffer<S> h_s_;                ///< columns of h converted to S for ∂ℓ/∂θ (C ≠ S)
+  std::vector<char> bits_held_;          ///< per layer: its residual is kept now
+  std::vector<CotangentKeep> keep_;      ///< per layer: what its cotangent step keeps
+  std::vector<CotangentKeep> keep_now_;  ///< the same in this run (the policy's anchors added)
+  std::vector<std::size_t> slot_of_;     ///< per layer: the pool buffer of its policy anchor (none)
+  std::size_t backprop_bytes_ = 0;       ///< what backprop keeps: the layers' inputs
+  std::vector<char> anchored_;           ///< per layer: its cotangent step keeps an anchor
   SavedStore store_;
   detail::LayerNames names_;
 };
