@@ -48,8 +48,14 @@ std::vector<const void*> storage(const Backprop& s) {
   p.push_back(ws.get<detail::Buffer<float>>(Backprop::next_cotangent_slot).data());
   return p;
 }
+/// Mixed Moonwalk's attempts are its plan, run by the bound executor.
 template <class C>
 std::vector<const void*> storage(const MixedMoonwalk& s) {
+  return s.workspace->buffers.get<detail::BoundMoonwalk<float>>(detail::kBoundPlan).run.storage<C>();
+}
+/// Attempts that rebuild inputs by inversion run mixed Moonwalk's own passes.
+template <class C>
+std::vector<const void*> rebuilt_storage(const MixedMoonwalk& s) {
   auto& ws = s.workspace->buffers;
   constexpr std::size_t c = detail::precision_offset<C>;
   return {ws.get<detail::Buffer<float>>(detail::kXEven).data(),
@@ -226,7 +232,7 @@ TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors a
     // their residuals' conversion buffers after the activations are given back.
     MixedMoonwalk rebuild{};
     rebuild.rebuild_inputs = true;
-    check_released(rebuild, net, 64, [](const MixedMoonwalk& s) { return storage<float>(s); });
+    check_released(rebuild, net, 64, [](const MixedMoonwalk& s) { return rebuilt_storage<float>(s); });
     const GradientResult<float> rb = step(rebuild, net, 64),
                                 bp = step(Backprop{.input_gradient = true}, net, 64);
     CHECK(rb.stats.within_tolerance);
@@ -246,19 +252,19 @@ TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors a
     check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
     big.rebuild_inputs =
         true;  // the rebuilt inputs' conversion to double, after the activations are given back
-    check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
+    check_released(big, net, 64, [](const MixedMoonwalk& s) { return rebuilt_storage<double>(s); });
   }
-  SECTION("explicit anchors: the anchor buffers come back to the pool") {
+  SECTION("explicit anchors: bound with the plan, kept for the next step") {
     Network<float> net = mlp(6, 16, 0.5F, Init::orthogonal, 9);
     MixedMoonwalk m{};
     m.anchors.every = 2;
     const GradientResult<float> r = step(m, net, 8);
     REQUIRE(r.stats.anchor_layers.size() >= 3);
-    // Every anchor of the step is back in the pool, ready for the next.
-    const std::size_t c = detail::precision_offset<float>;
-    if (r.stats.precision == "float")
-      CHECK(m.workspace->buffers.get<std::vector<Matrix<float>>>(detail::kAnchors + c).size() ==
-            r.stats.anchor_layers.size());
+    // The bound plan's cotangent steps keep the anchors `every` asks for.
+    const auto& bound = m.workspace->buffers.get<detail::BoundMoonwalk<float>>(detail::kBoundPlan);
+    CHECK(check_plan(bound.run.plan(), ChainCosts{}).anchors >= 5);
+    CHECK(bound.keep[1] == CotangentKeep::anchor);
+    CHECK(bound.keep[2] == CotangentKeep::none);
     check_reuse(m, net, 8, [](const MixedMoonwalk& s) { return storage<float>(s); });
   }
 }
@@ -289,7 +295,8 @@ TEST_CASE("Workspace: mixed Moonwalk keeps a float network's double casts across
   REQUIRE(step(m, net, 8).stats.precision == "double");
   // (The second Linear: without h_0 the first layer is never crossed, so never cast.)
   auto first_linear = [&] {
-    const auto& casts = m.workspace->buffers.get<detail::CastLayers<double>>(detail::kCasts);
+    const auto& casts =
+        m.workspace->buffers.get<detail::BoundMoonwalk<float>>(detail::kBoundPlan).run.double_casts();
     CHECK(casts.held(0) == nullptr);
     const auto* l = std::any_cast<AnyLayer<double>>(casts.held(2));
     return l ? l->target<Linear<double>>() : nullptr;

@@ -23,7 +23,9 @@
 // its sweep step makes h_{i+1} in a temporary: plans with fragments
 // allocate on every step, a few small blocks and one cotangent. What
 // a layer derives for its inverse or vijp (a Linear's factorisation) lives
-// only through the step that uses it.
+// only through the step that uses it, unless the run keeps it
+// (keep_derived: where parameters outweigh activations, the casts and
+// factorisations stay for the next step, refreshed in place).
 //
 // Moonwalk's steps (plan/plan.hpp) carry the cotangents in the network's
 // precision or, for a float network, in double (run<double>: each layer cast
@@ -175,6 +177,30 @@ class PlanRun {
     return same_.bytes() + wide_.bytes() + casts_.storage_bytes() + h_s_.storage_bytes() +
            static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S);
   }
+  /// Keep what the layers derive from their weights (their casts to double,
+  /// a Linear's factorisation) from run to run, refreshed in place by each
+  /// (detail::keep_across_steps: where parameters outweigh activations);
+  /// false (the default): each is freed once the step's last user of it is done.
+  void keep_derived(bool keep) { keep_derived_ = keep; }
+
+  /// Frees the buffers of cotangents carried in C (their anchors and
+  /// residuals; for C = double, the layers' casts too): a caller that ends
+  /// its steps in the other precision gives them back.
+  template <class C>
+  void release_carried() {
+    carried<C>().clear();
+    if constexpr (!std::is_same_v<C, S>) casts_.clear();
+  }
+  /// The storage of the buffers a run writes (the arena, the cotangents in
+  /// C): a warm run on the same shapes writes into the same storage.
+  template <class C = S>
+  [[nodiscard]] std::vector<const void*> storage() const {
+    const Carried<C>& cw = carried<C>();
+    return {arena_.data(), cw.h[0].data(), cw.h[1].data()};
+  }
+  /// The layers cast to double by the last run in double (kept with keep_derived).
+  [[nodiscard]] const detail::CastLayers<double>& double_casts() const { return casts_; }
+
   /// Frees the buffers (the layout stays; the next run allocates them again).
   void release() {
     same_.clear();
@@ -214,7 +240,7 @@ class PlanRun {
                                         detail::scalar_name<S>(), ", not in double"));
     Carried<C>& cw = carried<C>();
     allocate(cw);
-    casts_.restart(net.size(), false);
+    casts_.restart(net.size(), keep_derived_);
     // Layer i in C: itself, or its cast (made once per step).
     auto in_c = [&](std::size_t i, const auto& l) -> decltype(auto) {
       if constexpr (std::is_same_v<C, S>)
@@ -303,6 +329,7 @@ class PlanRun {
               drop_residual(i);
               store_.hold(i, SavedStore::residual, names_(i, l), nbytes(r), residual_kind(r));
               bits_held_[i] = 1;
+              casts_.release(i);  // (the residual waits for cotangent(i), not the cast: made again there)
             }
             moonwalk::forward_into(l, value(i),
                                    Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i + 1], batch_));
@@ -414,6 +441,7 @@ class PlanRun {
             moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch_));
             h.flip();
             ++st.counts.vjp;
+            if (!keep_derived_) moonwalk::release_derived(lc);  // (derived again by the sweep)
           });
           if (gave_up) {  // (the gradient is incomplete: the caller recomputes it in double)
             outcome.gave_up_for_double = true;
@@ -430,10 +458,10 @@ class PlanRun {
         }
         case PlanOp::sweep:
           net.visit(i, [&](auto& l) {
-            decltype(auto) lc = in_c(i, l);
-            using Lyr = std::remove_cvref_t<decltype(lc)>;
             const CRef<S> xi = value(i);
-            if (hc == i) {  // h_{i+1} from h_i across layer i
+            if (hc == i) {  // h_{i+1} from h_i across layer i (else: only ∂ℓ/∂θ_i, read in S)
+              decltype(auto) lc = in_c(i, l);
+              using Lyr = std::remove_cvref_t<decltype(lc)>;
               const Index out_rows = l.out_features();
               const CRef<C> xc = detail::in_scalar<C>(xi, cw.xc);
               switch (keep_now_[i]) {
@@ -459,7 +487,8 @@ class PlanRun {
                   if constexpr (Submersive<Lyr>) {
                     moonwalk::vijp_into(lc, xc, h.current(), h.next(out_rows, batch_));
                     h.flip();
-                    moonwalk::release_derived(lc);  // (its factorisation: this step's alone)
+                    if (!keep_derived_)
+                      moonwalk::release_derived(lc);  // (its factorisation: this step's alone)
                   } else {
                     throw ScheduleError(detail::cat("plan (", plan_.origin, "): sweep(", i, "): layer ", i,
                                                     " (", l.name(), ") has no vijp"));
@@ -711,6 +740,13 @@ class PlanRun {
     else
       return wide_;
   }
+  template <class C>
+  const Carried<C>& carried() const {
+    if constexpr (std::is_same_v<C, S>)
+      return same_;
+    else
+      return wide_;
+  }
 
   /// Gives the arena and the cotangent buffers (in C) their sizes (nothing when they have them).
   void allocate() { allocate(same_); }
@@ -751,6 +787,7 @@ class PlanRun {
   std::vector<CotangentKeep> keep_now_;  ///< the same in this run (the policy's anchors added)
   std::vector<std::size_t> slot_of_;     ///< per layer: the pool buffer of its policy anchor (none)
   std::size_t backprop_bytes_ = 0;       ///< what backprop keeps: the layers' inputs
+  bool keep_derived_ = false;            ///< keep_derived()
   std::vector<char> anchored_;           ///< per layer: its cotangent step keeps an anchor
   SavedStore store_;
   detail::LayerNames names_;

@@ -7,10 +7,23 @@
 
 #include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/fidelity/retry.hpp"
+#include "moonwalk/plan/executor.hpp"
 #include "moonwalk/schedules/backprop.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
 
 namespace moonwalk {
+
+namespace detail {
+/// Mixed Moonwalk's plan (moonwalk_plan) bound to the last step's shapes and
+/// sweep modes, with its buffers; in the workspace at kBoundPlan.
+template <class S>
+struct BoundMoonwalk {
+  PlanRun<S> run;
+  std::vector<Index> rows;
+  std::vector<CotangentKeep> keep;  ///< the bound plan's
+  std::vector<CotangentKeep> now;   ///< this step's
+};
+}  // namespace detail
 
 /// Reverse pass: x_i = f_i(x_{i−1}) keeping only each layer's residual (bit
 /// masks for piecewise-linear activations, nothing for Linear, σ' for smooth
@@ -42,6 +55,11 @@ namespace moonwalk {
 /// layer keeps no residual and costs no input-vjp and no vijp (on an MLP whose
 /// first layer is its widest, as on Fashion-MNIST's 784 → 256, most of the
 /// step). With it, both passes run to h_0 and the result holds h_0 (GradientResult::h0).
+///
+/// Without `rebuild_inputs` an attempt is Moonwalk's plan (moonwalk_plan:
+/// every layer's residual, cotangent steps keeping the anchors of `anchors`
+/// and the fragments and anchors the layers' sweep modes need) run by the
+/// executor (plan/executor.hpp), which places the policy's anchors.
 struct MixedMoonwalk {
   Anchors anchors{};
   Fidelity fidelity{};
@@ -103,7 +121,16 @@ struct MixedMoonwalk {
     for (;;) {
       const AttemptSettings& a = retry.settings();
       AttemptOutcome outcome;
-      if constexpr (detail::double_possible<N>) {
+      if (!a.rebuild_inputs) {
+        if constexpr (detail::double_possible<N>) {
+          if (a.in_double)
+            outcome = planned_attempt<double>(net, *ws, keep, x0, loss, target, a, out);
+          else
+            outcome = planned_attempt<S>(net, *ws, keep, x0, loss, target, a, out);
+        } else {
+          outcome = planned_attempt<S>(net, *ws, keep, x0, loss, target, a, out);
+        }
+      } else if constexpr (detail::double_possible<N>) {
         if (a.in_double)
           outcome = attempt<double>(net, cast_double, *ws, keep, x0, loss, target, a, out);
         else
@@ -131,6 +158,7 @@ struct MixedMoonwalk {
       }
       if (outcome.gave_up_for_double) {  // the discarded attempt's buffers and factorisations
         detail::release_cotangent_buffers<S>(*ws, net.size());
+        ws->get<detail::BoundMoonwalk<S>>(detail::kBoundPlan).run.template release_carried<S>();
         if (!keep) detail::release_derived(net);
       }
     }
@@ -144,13 +172,18 @@ struct MixedMoonwalk {
       // Nothing parameter-sized outlives the step: the next step's weights
       // are new in training, and refactorising costs little next to the
       // activation-sized products of this regime.
-      ws->clear_except({detail::kNames, detail::kStore, detail::kPlan});
+      ws->clear_except({detail::kNames, detail::kStore, detail::kPlan, detail::kBoundPlan});
+      ws->get<detail::BoundMoonwalk<S>>(detail::kBoundPlan).run.release();
       detail::release_derived(net);
     } else if constexpr (!std::is_same_v<S, double>) {
-      if (use_double)
+      auto& bound = ws->get<detail::BoundMoonwalk<S>>(detail::kBoundPlan).run;
+      if (use_double) {
         detail::release_cotangent_buffers<S>(*ws, net.size());
-      else
+        bound.template release_carried<S>();
+      } else {
         detail::release_cotangent_buffers<double>(*ws, net.size());
+        bound.template release_carried<double>();
+      }
     }
     detail::flat_gradient_into(net, out);  // (after the workspace is given back)
     if (!std::isfinite(out.loss)) detail::no_gradient(net, x0.cols(), out, input_gradient);
@@ -165,9 +198,59 @@ struct MixedMoonwalk {
 
  private:
   /// One gradient with cotangents in C (`settings.in_double` says which was
-  /// asked for), written into `out`, and how it ended (fidelity/retry.hpp):
-  /// `settings.anchor_scale` multiplies the calibration constant,
-  /// `settings.rebuild_inputs` rebuilds invertible layers' inputs, and with
+  /// asked for), written into `out`, and how it ended: Moonwalk's plan run by
+  /// the executor, with the policy's anchors for the tolerance
+  /// (`settings.anchor_scale` multiplies the calibration constant) and, with
+  /// `settings.may_give_up_for_double`, the early escalation (fidelity/policy.hpp).
+  template <class C, Net N, class L>
+  AttemptOutcome planned_attempt(N& net, detail::Workspace& ws, bool keep,
+                                 const CRef<typename N::scalar_type>& x0, const L& loss,
+                                 const typename L::target_type& target, const AttemptSettings& settings,
+                                 GradientResult<typename N::scalar_type>& out) const {
+    using S = typename N::scalar_type;
+    Stats& st = out.stats;
+    st.restart();
+    st.schedule = name();
+    st.precision = detail::scalar_name<C>();
+    const std::size_t n = net.size();
+    // How the sweep crosses each layer: an anchor where `anchors` asks or the
+    // layer has neither vijp nor fragment, a fragment where it has one.
+    detail::StepPlan& step = ws.get<detail::StepPlan>(detail::kPlan);
+    detail::sweep_modes_into(net, step.modes);
+    anchors.mask_into(n, step.anchored);
+    auto& b = ws.get<detail::BoundMoonwalk<S>>(detail::kBoundPlan);
+    b.now.resize(n);
+    std::size_t forced = 0;  // anchors the sweep modes force (of crossed layers)
+    for (std::size_t i = 0; i < n; ++i) {
+      const SweepMode m = step.modes[i];
+      b.now[i] = step.anchored[i] || m == SweepMode::anchor ? CotangentKeep::anchor
+                 : m == SweepMode::fragment                 ? CotangentKeep::fragment
+                                                            : CotangentKeep::none;
+      forced += m == SweepMode::anchor && (i > 0 || input_gradient);
+    }
+    value_rows_into(net, b.rows);
+    if (!b.run.bound_to(b.rows, x0.cols(), input_gradient) || b.now != b.keep) {
+      b.keep = b.now;
+      b.run.bind(moonwalk_plan(b.keep, n, input_gradient), b.rows, x0.cols(), input_gradient);
+    }
+    b.run.keep_derived(keep);
+    zero_gradients(net);
+    const RunFidelity rf{
+        .budget = fidelity.tolerance_anchors ? fidelity.margin * fidelity.target<S>() : 0,
+        .calibration = fidelity.calibration * settings.anchor_scale,
+        .may_give_up_for_double = settings.may_give_up_for_double,
+    };
+    const AttemptOutcome outcome = b.run.template run<C>(net, x0, loss, target, out, rf);
+    if (outcome.gave_up_for_double) return outcome;
+    st.figures["anchors"] = static_cast<double>(st.anchor_layers.size());
+    st.figures["fallback_anchors"] = static_cast<double>(forced);
+    return outcome;
+  }
+
+  /// One gradient with cotangents in C, with invertible layers' inputs
+  /// rebuilt by inversion (`settings.rebuild_inputs`), written into `out`,
+  /// and how it ended (fidelity/retry.hpp): `settings.anchor_scale`
+  /// multiplies the calibration constant, and with
   /// `settings.may_give_up_for_double` the reverse pass stops as soon as
   /// double cotangents would clearly anchor for less (fidelity/policy.hpp).
   template <class C, Net N, class L>

@@ -144,6 +144,7 @@ enum WorkspaceSlot : std::size_t {
   kStore = 14,        ///< SavedStore: the accounts of what is kept between the passes
   kPlan = 15,         ///< StepPlan
   kHeldAnchors = 16,  ///< std::vector<Matrix<C>>: layer i's anchor at [i]; + 1 for C = double
+  kBoundPlan = 18,    ///< MixedMoonwalk's bound plan (BoundMoonwalk<S>, schedules/mixed.hpp)
   kLayers = 24        ///< residual of layer i in C: kLayers + 2 i + (C is double)
 };
 /// Columns of h converted to S at a time for the sweep's weight-vjp.
