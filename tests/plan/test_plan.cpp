@@ -896,7 +896,9 @@ TEMPLATE_TEST_CASE("The executor runs Moonwalk's plans: backprop's gradient up t
           CHECK(out.stats.error_estimate < tol);
           CHECK(out.stats.counts.forward == run.plan().forward_steps());
           CHECK(out.stats.counts.vjp_params == net.size());
-          CHECK(out.stats.working_bytes == run.storage_bytes() + thread_scratch_bytes());
+          // (the largest storage of the run: its arena and residuals are given back mid-run)
+          CHECK(out.stats.working_bytes >= run.storage_bytes() + thread_scratch_bytes());
+          if (top == 0) CHECK(out.stats.working_bytes == run.storage_bytes() + thread_scratch_bytes());
         }
         if (top == 0) CHECK(out.gradient == ref.gradient);  // (backprop's plan: its arithmetic)
         swept += f.sweep_steps;

@@ -24,8 +24,12 @@
 // allocate on every step, a few small blocks and one cotangent. What
 // a layer derives for its inverse or vijp (a Linear's factorisation) lives
 // only through the step that uses it, unless the run keeps it
-// (keep_derived: where parameters outweigh activations, the casts and
-// factorisations stay for the next step, refreshed in place).
+// (keep_across_runs: where parameters outweigh activations, the casts and
+// factorisations stay for the next step, refreshed in place). Without
+// keep_across_runs the arena is also given back while no value lives in it
+// (Moonwalk's reverse pass, whose anchors are then the step's peak) and
+// taken again by the next forward step, and each residual once its
+// cotangent step has read it.
 //
 // Moonwalk's steps (plan/plan.hpp) carry the cotangents in the network's
 // precision or, for a float network, in double (run<double>: each layer cast
@@ -178,10 +182,12 @@ class PlanRun {
            static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S);
   }
   /// Keep what the layers derive from their weights (their casts to double,
-  /// a Linear's factorisation) from run to run, refreshed in place by each
-  /// (detail::keep_across_steps: where parameters outweigh activations);
-  /// false (the default): each is freed once the step's last user of it is done.
-  void keep_derived(bool keep) { keep_derived_ = keep; }
+  /// a Linear's factorisation) from run to run, refreshed in place by each,
+  /// and the arena throughout (detail::keep_across_steps: where parameters
+  /// outweigh activations). False (the default): each derived object is
+  /// freed once the step's last user of it is done, and the arena while no
+  /// value lives in it.
+  void keep_across_runs(bool keep) { keep_across_runs_ = keep; }
 
   /// Frees the buffers of cotangents carried in C (their anchors and
   /// residuals; for C = double, the layers' casts too): a caller that ends
@@ -198,7 +204,7 @@ class PlanRun {
     const Carried<C>& cw = carried<C>();
     return {arena_.data(), cw.h[0].data(), cw.h[1].data()};
   }
-  /// The layers cast to double by the last run in double (kept with keep_derived).
+  /// The layers cast to double by the last run in double (kept with keep_across_runs).
   [[nodiscard]] const detail::CastLayers<double>& double_casts() const { return casts_; }
 
   /// Frees the buffers (the layout stays; the next run allocates them again).
@@ -240,7 +246,7 @@ class PlanRun {
                                         detail::scalar_name<S>(), ", not in double"));
     Carried<C>& cw = carried<C>();
     allocate(cw);
-    casts_.restart(net.size(), keep_derived_);
+    casts_.restart(net.size(), keep_across_runs_);
     // Layer i in C: itself, or its cast (made once per step).
     auto in_c = [&](std::size_t i, const auto& l) -> decltype(auto) {
       if constexpr (std::is_same_v<C, S>)
@@ -289,6 +295,7 @@ class PlanRun {
     std::fill(slot_of_.begin(), slot_of_.end(), none);
     std::fill(cw.busy.begin(), cw.busy.end(), 0);
     std::size_t slots_held = 0, slots_peak = 0;
+    std::size_t held_most = 0;  // storage before a buffer is given back mid-run (without keep_across_runs)
     if (policy) {
       st.amplification.resize(n);
       for (std::size_t i = 0; i < n; ++i)
@@ -319,6 +326,7 @@ class PlanRun {
       const std::size_t i = s.layer;
       switch (s.op) {
         case PlanOp::forward: {
+          take_arena();
           const std::size_t o = offset_of_[k];
           const bool check = at_[i + 1] != none && role_[i + 1] == ValueRole::rebuilt;
           net.visit(i, [&](const auto& l) {
@@ -348,6 +356,7 @@ class PlanRun {
           break;
         }
         case PlanOp::inverse: {
+          take_arena();
           const std::size_t o = offset_of_[k];
           if constexpr (std::is_same_v<C, S>)
             net.visit(i, [&](const auto& l) {
@@ -386,6 +395,11 @@ class PlanRun {
           free_value(n);
           break;
         case PlanOp::cotangent: {
+          if (!keep_across_runs_ && arena_.size() > 0 &&
+              std::all_of(at_.begin() + 1, at_.end(), [](std::size_t o) { return o == none; })) {
+            held_most = std::max(held_most, storage_bytes());
+            arena_ = Vector<S>();  // (no value lives in it: given back until the next forward step)
+          }
           if (!reverse_begun) {  // what is kept now, in C and in double (masks keep their size)
             reverse_begun = true;
             residual_bytes = store_.current_bytes();
@@ -441,7 +455,7 @@ class PlanRun {
             moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch_));
             h.flip();
             ++st.counts.vjp;
-            if (!keep_derived_) moonwalk::release_derived(lc);  // (derived again by the sweep)
+            if (!keep_across_runs_) moonwalk::release_derived(lc);  // (derived again by the sweep)
           });
           if (gave_up) {  // (the gradient is incomplete: the caller recomputes it in double)
             outcome.gave_up_for_double = true;
@@ -452,6 +466,10 @@ class PlanRun {
             return outcome;
           }
           drop_residual(i);
+          if (!keep_across_runs_) {  // (r_i's last reader: no dead residual in the sweep)
+            held_most = std::max(held_most, storage_bytes());
+            cw.residuals.release(i);
+          }
           casts_.release(i);  // (cast again by the sweep: not held between the passes)
           reached(i);
           break;
@@ -487,7 +505,7 @@ class PlanRun {
                   if constexpr (Submersive<Lyr>) {
                     moonwalk::vijp_into(lc, xc, h.current(), h.next(out_rows, batch_));
                     h.flip();
-                    if (!keep_derived_)
+                    if (!keep_across_runs_)
                       moonwalk::release_derived(lc);  // (its factorisation: this step's alone)
                   } else {
                     throw ScheduleError(detail::cat("plan (", plan_.origin, "): sweep(", i, "): layer ", i,
@@ -555,9 +573,9 @@ class PlanRun {
       }
     }
     if (detail::accounted(role_[0])) store_.drop(0, SavedStore::activation);
-    trim_pool(cw, slots_peak);  // (before working_bytes: what the step held at most)
+    trim_pool(cw, slots_peak);  // (the pool: as many buffers as the step held at once)
     st.error_estimate = std::max(drift, swept);
-    st.working_bytes = storage_bytes() + thread_scratch_bytes();
+    st.working_bytes = std::max(held_most, storage_bytes()) + thread_scratch_bytes();
     if (!input_gradient_) out.h0.resize(0, 0);
     for (std::size_t i = 0; i < n; ++i)
       if (keep_now_[i] == CotangentKeep::anchor) st.anchor_layers.push_back(i);
@@ -725,6 +743,11 @@ class PlanRun {
     slot_of_[i] = k;
     return cw.pool[k].view(rows, batch_);
   }
+  /// The arena at its size (given back by a reverse pass without keep_across_runs).
+  void take_arena() {
+    if (static_cast<std::size_t>(arena_.size()) != arena_size_)
+      detail::safe_resize(arena_, static_cast<Index>(arena_size_));
+  }
   /// Keeps as many pool buffers as the step held at once.
   template <class C>
   static void trim_pool(Carried<C>& cw, std::size_t used) {
@@ -787,7 +810,7 @@ class PlanRun {
   std::vector<CotangentKeep> keep_now_;  ///< the same in this run (the policy's anchors added)
   std::vector<std::size_t> slot_of_;     ///< per layer: the pool buffer of its policy anchor (none)
   std::size_t backprop_bytes_ = 0;       ///< what backprop keeps: the layers' inputs
-  bool keep_derived_ = false;            ///< keep_derived()
+  bool keep_across_runs_ = false;        ///< keep_across_runs()
   std::vector<char> anchored_;           ///< per layer: its cotangent step keeps an anchor
   SavedStore store_;
   detail::LayerNames names_;

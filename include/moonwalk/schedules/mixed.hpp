@@ -233,7 +233,7 @@ struct MixedMoonwalk {
       b.keep = b.now;
       b.run.bind(moonwalk_plan(b.keep, n, input_gradient), b.rows, x0.cols(), input_gradient);
     }
-    b.run.keep_derived(keep);
+    b.run.keep_across_runs(keep);
     zero_gradients(net);
     const RunFidelity rf{
         .budget = fidelity.tolerance_anchors ? fidelity.margin * fidelity.target<S>() : 0,
