@@ -293,10 +293,17 @@ TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
   };
   const ChainCosts plain{
       .value_bytes = bytes, .forward = {}, .backward = {}, .loss = 0, .inverse = {}, .branch_bytes = {}};
-  // No check: x_1 is rebuilt by inverse(1) and read by backward(1).
+  // inverse(0) right before backward(1) frees x_1: a check at x_0, x̂_0 beside the caller's x_0.
   Plan q = p;
   q.steps.insert(q.steps.end() - 2, PlanStep{PlanOp::inverse, 0, ValueRole::rebuilt});
-  refused(q, plain, "inverse(0) writes x_0, which is held");
+  const PlanFigures fq = check_plan(q, plain);
+  CHECK(fq.checks == 2);
+  CHECK(fq.inverse_steps == L);
+  CHECK(fq.peak_held_bytes == 20);  // x_1 and x̂_0 (x_0 is the caller's)
+  q = p;
+  q.steps.insert(q.steps.end() - 1, PlanStep{PlanOp::inverse, 0, ValueRole::rebuilt});
+  refused(q, plain, "inverse(0) reads x_1, which is not held");
+  // No check: x_1 is rebuilt by inverse(1) and read by backward(1).
   q = p;
   q.steps.erase(q.steps.end() - 3);  // the check
   refused(q, plain, "backward(1) reads x_1, rebuilt by inversion, and no inverse below it leads to a check");
@@ -825,7 +832,7 @@ TEST_CASE("Moonwalk's plans: residuals, cotangent steps and the sweep, checked a
   refused(p, "but layer 2 is crossed by fragment");
   p = good;
   p.steps[at(PlanOp::forward, 2)].residual = false;
-  refused(p, "cotangent(2) reads layer 2's residual, which is not kept");
+  refused(p, "cotangent(2) reads layer 2's residual or x_2, and neither is held");
   p = good;
   p.steps.erase(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::cotangent, 0)));
   refused(p, "layer 0's residual, kept by a forward step, is read by no step");  // (sweep(0): ∂ℓ/∂θ_0 only)
@@ -1097,4 +1104,127 @@ TEST_CASE("The executor gives up for double where float anchors would cost more 
   const AttemptOutcome d = run.run<double>(net, x, MSE<float>{}, t, od, f);
   CHECK_FALSE(d.gave_up_for_double);
   CHECK(od.stats.anchor_layers.size() < out.stats.anchor_layers.size());
+}
+
+TEST_CASE("Moonwalk's plans with inputs rebuilt by inversion: checked, and backprop's gradient when run",
+          "[plan][executor][moonwalk][revnet]") {
+  // Every combination of rebuilt and branch flags on short chains: the
+  // generator's plans pass check_plan, keep no residual and no value where a
+  // rebuilt input serves, and check x_0 when the first layer is rebuilt.
+  for (std::size_t L = 1; L <= 5; ++L)
+    for (unsigned mask = 0; mask < (1U << L); ++mask)
+      for (unsigned bits = 0; bits < (1U << L); ++bits) {
+        if ((bits & ~mask) != 0) continue;  // (branch bits only on rebuilt layers)
+        std::vector<bool> rebuilt(L), branches(L);
+        for (std::size_t i = 0; i < L; ++i) {
+          rebuilt[i] = (mask >> i & 1U) != 0;
+          branches[i] = (bits >> i & 1U) != 0;
+        }
+        const std::vector<CotangentKeep> keep(L, CotangentKeep::none);
+        for (std::size_t top = 1; top <= L; ++top)
+          for (const bool h0 : {false, true}) {
+            const Plan p = moonwalk_plan(keep, top, h0, rebuilt, branches);
+            INFO("L " << L << " rebuilt " << mask << " branches " << bits << " top " << top << " h_0 " << h0
+                      << "\n"
+                      << plan_text(p));
+            std::vector<std::size_t> bytes(L + 1, 100);
+            ChainCosts c{.value_bytes = bytes,
+                         .forward = {},
+                         .backward = {},
+                         .loss = 0,
+                         .inverse = {},
+                         .branch_bytes = {}};
+            c.residual_bytes.assign(L, 1);
+            const PlanFigures f = check_plan(p, c);
+            CHECK(f.checks == (rebuilt[0] ? 1U : 0U));
+            std::size_t residuals = 0;
+            for (const PlanStep& st : p.steps) residuals += st.op == PlanOp::forward && st.residual;
+            std::size_t expected = 0;
+            for (std::size_t i = h0 ? 0 : 1; i < top; ++i) expected += !rebuilt[i] || branches[i];
+            CHECK(residuals == expected);
+            // Inversion holds at most two values beyond those the forward pass kept
+            // (a stretch's rebuilt source and the input rebuilt from it, or x̂_0 for the check).
+            std::size_t kept = 0;
+            for (std::size_t k = 0; k < L; ++k) kept += p.steps[k].output != ValueRole::temporary;
+            CHECK(f.peak_held_bytes <= (kept + 2) * 100 + L);
+          }
+      }
+
+  // On random RevNets (couplings, padding, tanh and LeakyReLU between them),
+  // run by the executor: backprop's gradient, the inverses counted, the
+  // check at x_0 measured, and no coupling input kept.
+  for (std::uint64_t seed = 1; seed <= 25; ++seed) {
+    using S = double;
+    const std::string spec = moonwalk_test::random_revnet_spec(seed);
+    Network<S> net = parse_network<S>(spec, seed);
+    INFO(spec);
+    const Index B = 1 + static_cast<Index>(seed % 7);
+    const Matrix<S> x = gaussian<S>(net.in_features(), B, seed + 1);
+    const Matrix<S> t = gaussian<S>(net.out_features(), B, seed + 2);
+    const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+    const std::size_t n = net.size();
+    std::vector<bool> rebuilt(n), branches(n);
+    std::vector<CotangentKeep> keep;
+    for (std::size_t i = 0; i < n; ++i)
+      net.visit(i, [&](const auto& l) {
+        rebuilt[i] = can_invert(l);
+        branches[i] = rebuilt[i] && keeps_branches(l);
+      });
+    for (const SweepMode m : detail::sweep_modes(net))
+      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
+                     : m == SweepMode::fragment ? CotangentKeep::fragment
+                                                : CotangentKeep::anchor);
+    REQUIRE(rebuilt[0]);  // (pad)
+    for (const bool h0 : {false, true}) {
+      PlanRun<S> run;
+      run.bind(moonwalk_plan(keep, n, h0, rebuilt, branches), value_rows(net), B, h0);
+      INFO("h_0 " << h0 << "\n" << plan_text(run.plan()));
+      GradientResult<S> out;
+      for (int step = 0; step < 2; ++step) {
+        out.stats.restart();
+        zero_gradients(net);
+        const AttemptOutcome o = run.run(net, x, MSE<S>{}, t, out);
+        gradients_into(net, out.gradient);
+        CHECK(detail::rel_max_err(out.gradient, ref.gradient) < 1e-9);
+        if (h0) CHECK(detail::rel_max_err(out.h0, ref.h0) < 1e-9);
+        CHECK(out.stats.counts.inverse == run.plan().inverse_steps());
+        CHECK(out.stats.counts.inverse >= 1);
+        REQUIRE(o.drift.has_value());
+        CHECK(*o.drift < 1e-10);
+        REQUIRE_FALSE(run.checked_drifts().empty());
+        CHECK(run.checked_drifts().back().layer == 0);
+        CHECK(out.stats.error_estimate < 1e-9);
+        CHECK(out.stats.bytes_of("activation") == 0);  // (no coupling input kept: each is rebuilt)
+      }
+    }
+  }
+  // A float network's rebuilt plan runs with double cotangents (its inverses in float).
+  {
+    Network<float> net = parse_network<float>(moonwalk_test::random_revnet_spec(4), 4);
+    Network<double> wide = parse_network<double>(moonwalk_test::random_revnet_spec(4), 4);
+    const Matrix<float> x = gaussian<float>(net.in_features(), 5, 5);
+    const Matrix<float> t = gaussian<float>(net.out_features(), 5, 6);
+    const auto ref = gradient(Backprop{}, wide, Matrix<double>(x.cast<double>()), MSE<double>{},
+                              Matrix<double>(t.cast<double>()));
+    const std::size_t n = net.size();
+    std::vector<bool> rebuilt(n), branches(n);
+    for (std::size_t i = 0; i < n; ++i)
+      net.visit(i, [&](const auto& l) {
+        rebuilt[i] = can_invert(l);
+        branches[i] = rebuilt[i] && keeps_branches(l);
+      });
+    std::vector<CotangentKeep> keep;
+    for (const SweepMode m : detail::sweep_modes(net))
+      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
+                     : m == SweepMode::fragment ? CotangentKeep::fragment
+                                                : CotangentKeep::anchor);
+    PlanRun<float> run;
+    run.bind(moonwalk_plan(keep, n, false, rebuilt, branches), value_rows(net), 5, false);
+    GradientResult<float> out;
+    zero_gradients(net);
+    (void)run.run<double>(net, x, MSE<float>{}, t, out);
+    gradients_into(net, out.gradient);
+    CHECK(out.stats.counts.inverse >= 1);
+    CHECK(detail::rel_max_err(out.gradient.cast<double>(), ref.gradient) < 1e-4);
+  }
 }

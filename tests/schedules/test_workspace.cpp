@@ -53,16 +53,6 @@ template <class C>
 std::vector<const void*> storage(const MixedMoonwalk& s) {
   return s.workspace->buffers.get<detail::BoundMoonwalk<float>>(detail::kBoundPlan).run.storage<C>();
 }
-/// Attempts that rebuild inputs by inversion run mixed Moonwalk's own passes.
-template <class C>
-std::vector<const void*> rebuilt_storage(const MixedMoonwalk& s) {
-  auto& ws = s.workspace->buffers;
-  constexpr std::size_t c = detail::precision_offset<C>;
-  return {ws.get<detail::Buffer<float>>(detail::kXEven).data(),
-          ws.get<detail::Buffer<float>>(detail::kXOdd).data(),
-          ws.get<detail::Buffer<C>>(detail::kH + c).data(),
-          ws.get<detail::Buffer<C>>(detail::kHNext + c).data()};
-}
 
 /// Runs `s` on batch b twice, then b/2, then b again, then b with its
 /// workspace taken by someone else: every batch-b step equals the first
@@ -232,7 +222,7 @@ TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors a
     // their residuals' conversion buffers after the activations are given back.
     MixedMoonwalk rebuild{};
     rebuild.rebuild_inputs = true;
-    check_released(rebuild, net, 64, [](const MixedMoonwalk& s) { return rebuilt_storage<float>(s); });
+    check_released(rebuild, net, 64, [](const MixedMoonwalk& s) { return storage<float>(s); });
     const GradientResult<float> rb = step(rebuild, net, 64),
                                 bp = step(Backprop{.input_gradient = true}, net, 64);
     CHECK(rb.stats.within_tolerance);
@@ -252,7 +242,7 @@ TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors a
     check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
     big.rebuild_inputs =
         true;  // the rebuilt inputs' conversion to double, after the activations are given back
-    check_released(big, net, 64, [](const MixedMoonwalk& s) { return rebuilt_storage<double>(s); });
+    check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
   }
   SECTION("explicit anchors: bound with the plan, kept for the next step") {
     Network<float> net = mlp(6, 16, 0.5F, Init::orthogonal, 9);

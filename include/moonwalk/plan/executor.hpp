@@ -227,8 +227,8 @@ class PlanRun {
   ///
   /// Moonwalk's steps carry the cotangents in C: S, or double for a float
   /// network (each layer then cast once per step, its residual, anchors and
-  /// fragments in double, x in S; ∂ℓ/∂θ read in S). A plan with backward or
-  /// inverse steps runs in S only.
+  /// fragments in double, x in S, inverse steps too; ∂ℓ/∂θ read in S). A
+  /// plan with backward steps runs in S only.
   ///
   /// `fidelity` (RunFidelity): the policy's anchors, placed at run time,
   /// with Stats::amplification (one row per layer: γ_i and κ_i of the
@@ -241,8 +241,8 @@ class PlanRun {
                      GradientResult<S>& out, const RunFidelity& fidelity = {}) {
     static_assert(std::is_same_v<C, S> || std::is_same_v<C, double>, "cotangents in S or in double");
     if constexpr (!std::is_same_v<C, S>)
-      if (plan_.count(PlanOp::backward) + plan_.count(PlanOp::inverse) > 0)
-        throw ScheduleError(detail::cat("plan (", plan_.origin, "): backward and inverse steps run in ",
+      if (plan_.count(PlanOp::backward) > 0)
+        throw ScheduleError(detail::cat("plan (", plan_.origin, "): backward steps run in ",
                                         detail::scalar_name<S>(), ", not in double"));
     Carried<C>& cw = carried<C>();
     allocate(cw);
@@ -358,27 +358,33 @@ class PlanRun {
         case PlanOp::inverse: {
           take_arena();
           const std::size_t o = offset_of_[k];
-          if constexpr (std::is_same_v<C, S>)
-            net.visit(i, [&](const auto& l) {
-              using Lyr = std::remove_cvref_t<decltype(l)>;
-              if constexpr (Invertible<Lyr>) {
-                if (can_invert(l)) {
-                  moonwalk::inverse_into(l, value(i + 1),
-                                         Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i], batch_));
-                  // What the layer derived from its weights for the inverse (a
-                  // Linear's QR) is freed at once: kept until the weights change,
-                  // every inverted layer's would be live together, outside the
-                  // plan's working set (64 MiB at depth 64, width 256); no later
-                  // step of this plan reads it, and the next step's weights are new.
-                  moonwalk::release_derived(l);
-                  return;
-                }
+          net.visit(i, [&](const auto& l) {
+            using Lyr = std::remove_cvref_t<decltype(l)>;
+            if constexpr (Invertible<Lyr>) {
+              if (can_invert(l)) {
+                moonwalk::inverse_into(l, value(i + 1),
+                                       Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i], batch_));
+                // What the layer derived from its weights for the inverse (a
+                // Linear's QR) is freed at once: kept until the weights change,
+                // every inverted layer's would be live together, outside the
+                // plan's working set (64 MiB at depth 64, width 256); no later
+                // step of this plan reads it, and the next step's weights are new.
+                if (!keep_across_runs_) moonwalk::release_derived(l);
+                return;
               }
-              throw ScheduleError(detail::cat("plan (", plan_.origin, "): inverse(", i, "): layer ", i, " (",
-                                              l.name(), ") has no inverse"));
-            });
+            }
+            throw ScheduleError(detail::cat("plan (", plan_.origin, "): inverse(", i, "): layer ", i, " (",
+                                            l.name(), ") has no inverse"));
+          });
           ++st.counts.inverse;
           top_[i] = role_[i + 1] == ValueRole::rebuilt ? top_[i + 1] : i + 1;
+          if (i == 0) {  // the check at x_0: the rebuilt x̂_0 against the caller's, then dropped
+            const double d =
+                detail::rel_max_err(Eigen::Map<const Matrix<S>>(arena_.data() + o, rows_[0], batch_), x0);
+            drift = std::max(drift, d);
+            drifts_.push_back({0, top_[0], d});
+            break;
+          }
           at_[i] = o;
           role_[i] = ValueRole::rebuilt;
           break;
@@ -411,7 +417,10 @@ class PlanRun {
           net.visit(i, [&](const auto& l) {
             decltype(auto) lc = in_c(i, l);
             using Lyr = std::remove_cvref_t<decltype(lc)>;
-            const auto& r = cw.residuals.template get<residual_t<Lyr>>(i);
+            auto& r = cw.residuals.template get<residual_t<Lyr>>(i);
+            // r_i from the held x_i (rebuilt by inversion, or x_0): made and read
+            // here, not kept between the passes (not in the store's accounts).
+            if (!bits_held_[i]) moonwalk::save_residual_into(lc, detail::in_scalar<C>(value(i), cw.xc), r);
             CotangentKeep keep = s.keep;
             const auto h_size = static_cast<std::size_t>(rows_[i + 1] * batch_);
             if (policy) {
@@ -466,7 +475,8 @@ class PlanRun {
             return outcome;
           }
           drop_residual(i);
-          if (!keep_across_runs_) {  // (r_i's last reader: no dead residual in the sweep)
+          if (i > 0 && at_[i] != none) free_value(i);  // (a rebuilt x_i, or the top of a rebuilt stretch)
+          if (!keep_across_runs_) {                    // (r_i's last reader: no dead residual in the sweep)
             held_most = std::max(held_most, storage_bytes());
             cw.residuals.release(i);
           }
@@ -641,6 +651,7 @@ class PlanRun {
         const std::size_t o = place(k, size, live);  // (a check: beside the rebuilt x_j, still live)
         if (o == none) return false;
         offset_of_[k] = o;
+        if (st.op == PlanOp::inverse && j == 0) continue;  // (the check at x_0: dropped at once)
         live.offset[j] = o;
         live.size[j] = size;
         role[j] = st.output;
@@ -648,7 +659,7 @@ class PlanRun {
           release(st.layer);
       } else if (st.op == PlanOp::sweep) {
         if (role[st.layer] != ValueRole::temporary) release(st.layer);
-      } else if (st.op != PlanOp::cotangent) {
+      } else {  // (loss, backward, and cotangent: which frees a held x_i)
         release(st.layer);
       }
     }

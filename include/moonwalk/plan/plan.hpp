@@ -10,15 +10,17 @@
 //                role is `temporary`.
 //   loss         ℓ and h_L from x_L (held; freed after).
 //   backward(i)  as above, from x_i (held; freed after) and h_{i+1}.
-//   inverse(i)   x_i = f_i⁻¹(x_{i+1}), right before backward(i+1) (or the
-//                loss) frees x_{i+1}: x_i is held, `rebuilt`.
+//   inverse(i)   x_i = f_i⁻¹(x_{i+1}), right before backward(i+1) or
+//                cotangent(i+1) (or the loss) frees x_{i+1}: x_i is held,
+//                `rebuilt`. inverse(0) rebuilds the caller's x_0 beside it:
+//                a check of the stretch above (x̂_0 against x_0), then dropped.
 //
 // A rebuilt value carries the inversion's rounding drift, so a plan must
 // check every stretch it rebuilds: a rebuilt x_{i+1} is either inverted
 // further (it is the source of inverse(i)) or replaced by forward(i) from a
 // held exact x_i — a forward step onto a held rebuilt value is that check:
 // the executor measures max|x̂ − x| / max|x| and keeps the exact value.
-// Nothing else reads a rebuilt value but its backward step. A layer whose
+// Nothing else reads a rebuilt value but its backward or cotangent step. A layer whose
 // backward step reads a rebuilt input and whose derivative is piecewise
 // constant (keeps_branches: LeakyReLU) reads its branch bits instead, kept
 // as its residual by the forward step that made its input's successor: a rebuilt
@@ -31,7 +33,10 @@
 //   cotangent(i) h_i = J_iᵀ h_{i+1} from r_i alone (freed after), no ∂ℓ/∂θ_i,
 //                keeping of h_{i+1} what the sweep needs to recover it
 //                across layer i: nothing (vijp), its fragment φ_i (the part
-//                J_iᵀ erases), or h_{i+1} itself (an anchor);
+//                J_iᵀ erases), or h_{i+1} itself (an anchor). Without a kept
+//                r_i it reads a held x_i (rebuilt by inversion, or x_0) and
+//                derives r_i from it; a held x_i is freed after (i ≥ 1), and
+//                must be read so or be the source of a held rebuilt x_{i−1};
 //   sweep(i)     once the cotangents are down to h_i: h_{i+1} = vijp(x_i, h_i)
 //                (with φ_i, or the anchor, which checks the swept h_i against
 //                J_iᵀ h_{i+1}), then g_i += J_{θ,i}ᵀ h_{i+1}; from x_i (held;
@@ -45,7 +50,9 @@
 // h is the anchor of the sweep's last step. So one plan may reverse its top
 // layers by backward steps and its bottom ones by Moonwalk (moonwalk_plan).
 // A residual is kept only for a step that reads it: cotangent(i), or
-// backward(i) from a rebuilt x_i.
+// backward(i) from a rebuilt x_i. A rebuilt value that a cotangent step
+// reads needs no check of its own: its drift changes h_i, which the sweep,
+// recomputing x_i exactly, checks at the next anchor or at x_L.
 //
 // Which values are held when is the whole difference between backprop (every
 // input kept), checkpointing (some kept, the rest recomputed from them),
@@ -339,7 +346,7 @@ struct LayerPlan {
   InputFate input = InputFate::kept;
   std::size_t forwards = 0;  ///< forward(i) steps, checks of x_{i+1} included
   std::size_t inverses = 0;  ///< inverse(i) steps: x_i rebuilt
-  bool checked = false;      ///< a forward step checked a rebuilt x_i
+  bool checked = false;      ///< a forward step checked a rebuilt x_i (layer 0: inverse(0) checked at x_0)
   bool residual = false;     ///< a forward step kept layer i's residual r_i
   bool crossed = false;      ///< a cotangent step crossed layer i (and a sweep step again)
   /// How the sweep crosses layer i (with `crossed`).
@@ -367,14 +374,15 @@ inline bool accounted(ValueRole r) { return r == ValueRole::activation || r == V
 
 /// Checks that `p` is a gradient of its chain — every forward step reads a
 /// held value that is not rebuilt and writes one not held (or checks a
-/// rebuilt one), every inverse step runs right before the backward step (or
-/// loss) that frees its source, of a layer with an inverse, the loss comes
+/// rebuilt one), every inverse step runs right before the backward or
+/// cotangent step (or loss) that frees its source, of a layer with an
+/// inverse (inverse(0): a check at x_0), the loss comes
 /// once from a held x_L before any backward step, the backward and
 /// cotangent steps run L−1, …, down from h_L, a backward step from a held
 /// input, a rebuilt input only where the stretch it belongs to is checked
 /// below it and, for a layer with branch bits, with its bits kept, a
-/// cotangent step from its layer's residual keeping what `c` says the sweep
-/// can cross it by; the sweep steps run up from the bottom of the cotangent
+/// cotangent step from its layer's residual or a held x_i keeping what `c`
+/// says the sweep can cross it by; the sweep steps run up from the bottom of the cotangent
 /// steps, each from a held input, and end checked (a second loss at x_L, or
 /// an anchor at their last layer); every layer's gradient is read exactly
 /// once, every residual kept is read, and nothing but x_0 is held at the
@@ -411,7 +419,7 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
   f.peak_kept_bytes = kept;
   f.peak_checkpoints = checkpoints;
   std::size_t cotangent = n + 1;  // h_c is the current cotangent; n + 1: none yet
-  bool sweeping = false, checked_end = false;
+  bool sweeping = false, checked_end = false, x0_checked = false;
   bool last_anchor = false, any_cross = false;  // the last crossing was by an anchor; any crossing
   std::vector<std::size_t> made(n + 1, 0);      // forward steps that made x_i (checks excluded)
   std::vector<char> was_checkpoint(n + 1, 0), was_accounted(n + 1, 0);
@@ -479,7 +487,8 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         if (role[i] == ValueRole::rebuilt)
           detail::bad_plan(p, k,
                            detail::cat("forward(", i, ") reads x_", i,
-                                       ", rebuilt by inversion (only its backward step and checks read it)"));
+                                       ", rebuilt by inversion (only its backward or cotangent step, "
+                                       "inverses and checks read it)"));
         const bool check = held[i + 1] && role[i + 1] == ValueRole::rebuilt;
         if (held[i + 1] && !check)
           detail::bad_plan(p, k, detail::cat("forward(", i, ") writes x_", i + 1, ", which is held"));
@@ -546,25 +555,32 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
           detail::bad_plan(p, k, detail::cat("inverse(", i, "): layer ", i, " has no inverse"));
         if (!held[i + 1])
           detail::bad_plan(p, k, detail::cat("inverse(", i, ") reads x_", i + 1, ", which is not held"));
-        if (held[i]) detail::bad_plan(p, k, detail::cat("inverse(", i, ") writes x_", i, ", which is held"));
+        if (held[i] && i > 0)
+          detail::bad_plan(p, k, detail::cat("inverse(", i, ") writes x_", i, ", which is held"));
         const bool next = i + 1 == n ? cotangent == n + 1 : cotangent == i + 2;
         if (!next)
           detail::bad_plan(
               p, k,
               detail::cat("inverse(", i, ") runs right before ",
-                          i + 1 == n ? std::string("the loss") : detail::cat("backward(", i + 1, ")"),
+                          i + 1 == n ? std::string("the loss")
+                                     : detail::cat("backward(", i + 1, ") or cotangent(", i + 1, ")"),
                           ", which frees its source x_", i + 1));
+        ++f.inverse_steps;
+        f.seconds += seconds(c.inverse, i);
+        if (rows) (*rows)[i].seconds += seconds(c.inverse, i);
+        if (i == 0) {  // the check at x_0: x̂_0 beside the caller's x_0, dropped at once
+          x0_checked = true;
+          peaks(bytes(0));
+          ++f.checks;
+          if (rows) (*rows)[0].checked = true;
+          break;
+        }
         held[i] = 1;
         role[i] = ValueRole::rebuilt;
         now += bytes(i);
         values += bytes(i);
         peaks();
-        ++f.inverse_steps;
-        f.seconds += seconds(c.inverse, i);
-        if (rows) {
-          ++(*rows)[i].inverses;
-          (*rows)[i].seconds += seconds(c.inverse, i);
-        }
+        if (rows) ++(*rows)[i].inverses;
         break;
       }
       case PlanOp::loss:
@@ -613,18 +629,22 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         if (i + 1 != cotangent)
           detail::bad_plan(
               p, k, detail::cat("cotangent(", i, ") needs h_", i + 1, "; the cotangent is h_", cotangent));
-        if (!res[i])
-          detail::bad_plan(
-              p, k, detail::cat("cotangent(", i, ") reads layer ", i, "'s residual, which is not kept"));
+        if (!res[i] && !held[i])
+          detail::bad_plan(p, k,
+                           detail::cat("cotangent(", i, ") reads layer ", i, "'s residual or x_", i,
+                                       ", and neither is held"));
         if (!c.can_cross(i, s.keep))
           detail::bad_plan(
               p, k,
               detail::cat("cotangent(", i, ") keeps ", to_string(s.keep), " for the sweep, but layer ", i,
                           " is crossed by ", to_string(c.crossing[i]),
                           s.keep == CotangentKeep::none ? " (no vijp)" : ""));
-        if (held[i] && i > 0)
-          detail::bad_plan(
-              p, k, detail::cat("cotangent(", i, ") while x_", i, " is held (its backward step reads it)"));
+        if (held[i] && i > 0 && res[i] && !(held[i - 1] && role[i - 1] == ValueRole::rebuilt) &&
+            !(i == 1 && x0_checked))
+          detail::bad_plan(p, k,
+                           detail::cat("cotangent(", i, ") while x_", i,
+                                       " is held for nothing (the residual is kept, and no rebuilt x_", i - 1,
+                                       " was made from it, nor x_0 checked)"));
         keep[i] = s.keep;
         keep_bytes[i] = s.keep == CotangentKeep::anchor     ? bytes(i + 1)
                         : s.keep == CotangentKeep::fragment ? c.fragment(i)
@@ -633,8 +653,10 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         kept += keep_bytes[i];
         crossed[i] = 1;
         f.anchors += s.keep == CotangentKeep::anchor;
-        peaks();  // (r_i is read while h_{i+1} is kept)
+        peaks(res[i] ? 0
+                     : c.residual(i));  // (r_i is read while h_{i+1} is kept; derived from x_i: made here)
         free_residual(k, i, true);
+        if (held[i] && i > 0) free_value(i);
         ++f.cotangent_steps;
         f.seconds += seconds(c.cotangent, i);
         if (rows) {
@@ -884,10 +906,30 @@ inline Plan revbackprop_plan(const std::vector<bool>& invertible, const std::vec
 /// layer top−1 is anchored when top < L (the anchor checks the sweep against
 /// the backward steps' h_top), and at top = L the sweep ends with the check
 /// at x_L.
+inline Plan moonwalk_plan(const std::vector<CotangentKeep>& keep, std::size_t top, bool input_gradient,
+                          const std::vector<bool>& rebuilt, const std::vector<bool>& branches);
 inline Plan moonwalk_plan(const std::vector<CotangentKeep>& keep, std::size_t top, bool input_gradient) {
+  return moonwalk_plan(keep, top, input_gradient, {}, {});
+}
+
+/// moonwalk_plan with inputs rebuilt by inversion: a Moonwalk layer i with
+/// `rebuilt[i]` keeps no residual in the forward pass, unless
+/// `branches[i]` (its branch bits: a piecewise-linear layer's derivative is
+/// read from them, not from a rebuilt input); its input x_i is rebuilt,
+/// x_i = f_i⁻¹(x_{i+1}), where a step reads it: its own cotangent step
+/// (no residual kept) or the inverse below it. A stretch of rebuilt inputs
+/// is inverted down from the value above it, kept from the forward pass (a
+/// checkpoint; x_top or x_L where the stretch reaches them); with
+/// `rebuilt[0]`, inverse(0) ends the lowest stretch with a check at x_0 (the
+/// drift of the whole stretch). Empty lists: nothing rebuilt.
+inline Plan moonwalk_plan(const std::vector<CotangentKeep>& keep, std::size_t top, bool input_gradient,
+                          const std::vector<bool>& rebuilt, const std::vector<bool>& branches) {
   const std::size_t n = keep.size();
   if (n == 0) throw ScheduleError("moonwalk plan: a chain of no layers");
   if (top > n) throw ScheduleError(detail::cat("moonwalk plan: top layer ", top, " of ", n, " layers"));
+  if ((!rebuilt.empty() && rebuilt.size() != n) || (!branches.empty() && branches.size() != n))
+    throw ScheduleError(detail::cat("moonwalk plan: ", rebuilt.size(), " rebuilt and ", branches.size(),
+                                    " branch flags for ", n, " layers"));
   if (top == 0) {
     Plan p = backprop_plan(n);
     p.origin = "moonwalk";
@@ -895,17 +937,38 @@ inline Plan moonwalk_plan(const std::vector<CotangentKeep>& keep, std::size_t to
   }
   Plan p{.layers = n, .input_role = ValueRole::temporary, .steps = {}, .origin = "moonwalk"};
   const std::size_t s = input_gradient ? 0 : 1;  // the reverse pass ends at h_s
+  auto rebuild = [&](std::size_t i) { return i < top && !rebuilt.empty() && rebuilt[i]; };
+  // residual(i): forward(i) keeps r_i; needed(i): x_i is rebuilt (read by
+  // cotangent(i), or the source of inverse(i − 1), or checked at x_0).
+  auto residual = [&](std::size_t i) {
+    return i < top && i >= s && (!rebuild(i) || (!branches.empty() && branches[i]));
+  };
+  std::vector<char> needed(n, 0);
+  for (std::size_t i = 0; i < top; ++i)
+    needed[i] = rebuild(i) && (i == 0 || (i >= s && !residual(i)) || needed[i - 1]);
   for (std::size_t i = 0; i < n; ++i) {
-    const ValueRole out = i + 1 == n     ? ValueRole::operand
-                          : i + 1 >= top ? ValueRole::activation
-                                         : ValueRole::temporary;
-    p.steps.push_back({PlanOp::forward, i, out, i < top && i >= s, CotangentKeep::none});
+    const ValueRole out = i + 1 == n                    ? ValueRole::operand
+                          : i + 1 >= top                ? ValueRole::activation
+                          : needed[i] && !needed[i + 1] ? ValueRole::checkpoint  // (a stretch's top)
+                                                        : ValueRole::temporary;
+    p.steps.push_back({PlanOp::forward, i, out, residual(i), CotangentKeep::none});
   }
+  // inverse(j − 1) right before the step that frees x_j.
+  auto inverse_below = [&](std::size_t j) {
+    if (j >= 1 && j - 1 < top && needed[j - 1])
+      p.steps.push_back({PlanOp::inverse, j - 1, ValueRole::rebuilt});
+  };
+  if (top == n) inverse_below(n);
   p.steps.push_back({PlanOp::loss, n});
-  for (std::size_t j = n; j-- > top;) p.steps.push_back({PlanOp::backward, j});
-  for (std::size_t j = top; j-- > s;)
+  for (std::size_t j = n; j-- > top;) {
+    if (j == top) inverse_below(top);
+    p.steps.push_back({PlanOp::backward, j});
+  }
+  for (std::size_t j = top; j-- > s;) {
+    inverse_below(j);
     p.steps.push_back({PlanOp::cotangent, j, ValueRole::temporary, false,
                        j + 1 == top && top < n ? CotangentKeep::anchor : keep[j]});
+  }
   for (std::size_t i = 0; i < top; ++i) {
     p.steps.push_back({PlanOp::sweep, i});
     if (i + 1 < top || top == n)

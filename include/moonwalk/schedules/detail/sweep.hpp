@@ -60,13 +60,11 @@ std::vector<SweepMode> sweep_modes(const N& net) {
   return m;
 }
 
-/// A step's per-layer plan, kept in the workspace: how the sweep crosses each
-/// layer, the layers anchored by the schedule's Anchors, and the layers whose
-/// input is rebuilt by inversion, of which those that keep their branch bits
-/// from the forward pass all the same (keeps_branches).
+/// A step's per-layer choices, kept in the workspace: how the sweep crosses
+/// each layer, and the layers anchored by the schedule's Anchors.
 struct StepPlan {
   std::vector<SweepMode> modes;
-  std::vector<bool> anchored, rebuilt, branches_kept;
+  std::vector<bool> anchored;
 };
 
 template <class L>
@@ -125,10 +123,11 @@ CRef<C> in_scalar(const Eigen::MatrixBase<D>& x, Buffer<C>& buf) {
   }
 }
 
-/// Workspace slots (schedules/detail/workspace.hpp) of the Moonwalk sweep and
-/// of the mixed reverse pass: buffers in the network's S, and buffers in the
-/// cotangents' C at `kind + precision_offset<C>` (a float and a double attempt
-/// keep separate ones); per-layer residuals from kLayers on.
+/// Workspace slots (schedules/detail/workspace.hpp) of the forward sweep
+/// (pure-forward Moonwalk's) and of mixed Moonwalk's bookkeeping and bound
+/// plan: buffers in the network's S, and buffers in the cotangents' C at
+/// `kind + precision_offset<C>` (a float and a double attempt keep separate
+/// ones); per-layer residuals from kLayers on.
 enum WorkspaceSlot : std::size_t {
   kXEven,       ///< Buffer<S>: the activations alternate between kXEven and kXOdd
   kXOdd,        ///< Buffer<S>
@@ -139,7 +138,6 @@ enum WorkspaceSlot : std::size_t {
   kHNext,       ///< Buffer<C>
   kAnchors,     ///< std::vector<Matrix<C>>: pool of spare anchor buffers
   kSlotsPerScalar = 4,
-  kCasts = 12,        ///< CastLayers<double>: a float network's layers in double, kept across steps
   kNames = 13,        ///< LayerNames: the names the report lists
   kStore = 14,        ///< SavedStore: the accounts of what is kept between the passes
   kPlan = 15,         ///< StepPlan
@@ -249,17 +247,6 @@ class CastLayers {
   std::vector<std::size_t> bytes_;  // storage of cast_[i]
   bool persistent_ = false;
 };
-
-/// Frees the buffers of cotangents in C and the residuals of C-typed layers
-/// (a step that ended in the other precision keeps only its own).
-template <class C>
-void release_cotangent_buffers(Workspace& ws, std::size_t layers) {
-  for (const std::size_t k : {kXc, kH, kHNext, kAnchors}) ws.release(k + precision_offset<C>);
-  ws.release(held_anchors_slot<C>);
-  for (std::size_t i = 0; i < layers; ++i) ws.release(residual_slot<C>(i));
-  // (The casts' list stays, emptied: a step in float then sizes nothing.)
-  if constexpr (std::is_same_v<C, double>) ws.get<CastLayers<double>>(kCasts).clear();
-}
 
 /// Frees what every layer of `net` derived from its weights (factorisations:
 /// moonwalk::release_derived), for a step whose buffers do not outlive it.
