@@ -218,8 +218,13 @@ TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors a
     check_reuse(m, net, 8, [](const MixedMoonwalk& s) { return storage<float>(s); });
     check_released(MixedMoonwalk{.input_gradient = true}, net, 64,
                    [](const MixedMoonwalk& s) { return storage<float>(s); });
-    // Inputs rebuilt by inversion (square Linear and LeakyReLU invert) read
-    // their residuals' conversion buffers after the activations are given back.
+    // Inputs rebuilt by inversion (square Linears, LeakyReLU): the same bound buffers, step after step.
+    MixedMoonwalk rebuild_kept{};
+    rebuild_kept.rebuild_inputs = true;
+    REQUIRE(step(rebuild_kept, net, 8).stats.counts.inverse > 0);
+    check_reuse(rebuild_kept, net, 8, [](const MixedMoonwalk& s) { return storage<float>(s); });
+    // Inputs rebuilt by inversion (square Linear and LeakyReLU invert): the
+    // bound plan's buffers are given back with the step all the same.
     MixedMoonwalk rebuild{};
     rebuild.rebuild_inputs = true;
     check_released(rebuild, net, 64, [](const MixedMoonwalk& s) { return storage<float>(s); });
@@ -240,8 +245,8 @@ TEST_CASE("Workspace: mixed Moonwalk reuses its buffers, residuals and anchors a
     MixedMoonwalk big = m;
     big.workspace = detail::new_workspace();
     check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
-    big.rebuild_inputs =
-        true;  // the rebuilt inputs' conversion to double, after the activations are given back
+    big.rebuild_inputs = true;  // inverse steps in a double attempt: the inputs rebuilt in float, the
+                                // residuals derived in double
     check_released(big, net, 64, [](const MixedMoonwalk& s) { return storage<double>(s); });
   }
   SECTION("explicit anchors: bound with the plan, kept for the next step") {

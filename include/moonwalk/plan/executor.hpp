@@ -33,9 +33,12 @@
 //
 // Moonwalk's steps (plan/plan.hpp) carry the cotangents in the network's
 // precision or, for a float network, in double (run<double>: each layer cast
-// once per step, its residual, anchors and fragments in double), with the
-// anchors and fragments the plan names; the sweep's checks (each anchor, and
-// h_L against ∂ℓ/∂x_L) enter Stats::error_estimate.
+// for the steps that read it, its residual, anchors and fragments in
+// double), with the anchors and fragments the plan names; the sweep's checks
+// (each anchor, and h_L against ∂ℓ/∂x_L) enter Stats::error_estimate. A
+// cotangent step whose layer kept no residual derives it from the held x_i
+// (rebuilt by inversion); inverse(0) beside the caller's x_0 measures the
+// rebuilt stretch's drift (input_drift()).
 //
 // The fidelity policy's anchors (fidelity/policy.hpp) are placed at run
 // time: with RunFidelity::budget, each cotangent step measures its layer's
@@ -160,6 +163,12 @@ class PlanRun {
   [[nodiscard]] const Plan& plan() const { return plan_; }
   /// What the last run's checks measured, one entry per check, in plan order.
   [[nodiscard]] const std::vector<CheckedDrift>& checked_drifts() const { return drifts_; }
+  /// What the last run's check at x_0 measured (inverse(0) beside the
+  /// caller's x_0: max|x̂_0 − x_0| / max|x_0|), or −1 when it made none. A
+  /// diagnostic of the rebuilt stretch above it, not of the gradient (whose
+  /// cotangent steps read the rebuilt values, and the sweep checks those):
+  /// it is not in Stats::error_estimate, only in AttemptOutcome::drift.
+  [[nodiscard]] double input_drift() const { return input_drift_; }
 
   /// Bytes of the values' arena (what the layout needs, allocated or not).
   [[nodiscard]] std::size_t value_bytes() const { return arena_size_ * sizeof(S); }
@@ -226,8 +235,9 @@ class PlanRun {
   /// of the swept h_L against ∂ℓ/∂x_L.
   ///
   /// Moonwalk's steps carry the cotangents in C: S, or double for a float
-  /// network (each layer then cast once per step, its residual, anchors and
-  /// fragments in double, x in S, inverse steps too; ∂ℓ/∂θ read in S). A
+  /// network (each layer then cast for the steps that use it — kept from run
+  /// to run with keep_across_runs —, its residual, anchors and fragments in
+  /// double, x in S, inverse steps too; ∂ℓ/∂θ read in S). A
   /// plan with backward steps runs in S only.
   ///
   /// `fidelity` (RunFidelity): the policy's anchors, placed at run time,
@@ -247,7 +257,8 @@ class PlanRun {
     Carried<C>& cw = carried<C>();
     allocate(cw);
     casts_.restart(net.size(), keep_across_runs_);
-    // Layer i in C: itself, or its cast (made once per step).
+    // Layer i in C: itself, or its cast (made where a step needs it; released after, but with
+    // keep_across_runs).
     auto in_c = [&](std::size_t i, const auto& l) -> decltype(auto) {
       if constexpr (std::is_same_v<C, S>)
         return (l);
@@ -281,6 +292,7 @@ class PlanRun {
     std::fill(bits_held_.begin(), bits_held_.end(), 0);
     double drift = 0, swept = 0;
     drifts_.clear();
+    input_drift_ = -1;
     AttemptOutcome outcome;
     // The policy's anchors (fidelity/policy.hpp): the prediction (P) in C and
     // in double, and what the anchors and residuals cost in each.
@@ -365,7 +377,7 @@ class PlanRun {
                 moonwalk::inverse_into(l, value(i + 1),
                                        Eigen::Map<Matrix<S>>(arena_.data() + o, rows_[i], batch_));
                 // What the layer derived from its weights for the inverse (a
-                // Linear's QR) is freed at once: kept until the weights change,
+                // Linear's QR) is freed at once (but with keep_across_runs): kept until the weights change,
                 // every inverted layer's would be live together, outside the
                 // plan's working set (64 MiB at depth 64, width 256); no later
                 // step of this plan reads it, and the next step's weights are new.
@@ -379,10 +391,9 @@ class PlanRun {
           ++st.counts.inverse;
           top_[i] = role_[i + 1] == ValueRole::rebuilt ? top_[i + 1] : i + 1;
           if (i == 0) {  // the check at x_0: the rebuilt x̂_0 against the caller's, then dropped
-            const double d =
-                detail::rel_max_err(Eigen::Map<const Matrix<S>>(arena_.data() + o, rows_[0], batch_), x0);
-            drift = std::max(drift, d);
-            drifts_.push_back({0, top_[0], d});
+            input_drift_ = std::max(
+                input_drift_,
+                detail::rel_max_err(Eigen::Map<const Matrix<S>>(arena_.data() + o, rows_[0], batch_), x0));
             break;
           }
           at_[i] = o;
@@ -395,6 +406,15 @@ class PlanRun {
             swept = std::max(swept, detail::rel_max_err(h.current(), g_.template cast<C>()));
           } else {
             out.loss = detail::loss_into<L, S>(loss, value(n), target, g_);
+            if (policy && !std::isfinite(out.loss)) {
+              // No gradient to recover (the caller reports it): NaN residuals
+              // would anchor every layer the policy crosses.
+              outcome.finite = false;
+              out.h0.resize(0, 0);
+              st.working_bytes = std::max(held_most, storage_bytes()) + thread_scratch_bytes();
+              store_.report_to(st);
+              return outcome;
+            }
             h.assign(g_.template cast<C>());
             hc = n;
           }
@@ -403,7 +423,7 @@ class PlanRun {
         case PlanOp::cotangent: {
           if (!keep_across_runs_ && arena_.size() > 0 &&
               std::all_of(at_.begin() + 1, at_.end(), [](std::size_t o) { return o == none; })) {
-            held_most = std::max(held_most, storage_bytes());
+            held_most = std::max(held_most, storage_bytes() + store_.owned_bytes());
             arena_ = Vector<S>();  // (no value lives in it: given back until the next forward step)
           }
           if (!reverse_begun) {  // what is kept now, in C and in double (masks keep their size)
@@ -470,6 +490,8 @@ class PlanRun {
             outcome.gave_up_for_double = true;
             outcome.finite = std::isfinite(out.loss);
             out.h0.resize(0, 0);
+            st.working_bytes =
+                std::max(held_most, storage_bytes() + store_.owned_bytes()) + thread_scratch_bytes();
             trim_pool(cw, slots_peak);
             store_.report_to(st);
             return outcome;
@@ -477,7 +499,7 @@ class PlanRun {
           drop_residual(i);
           if (i > 0 && at_[i] != none) free_value(i);  // (a rebuilt x_i, or the top of a rebuilt stretch)
           if (!keep_across_runs_) {                    // (r_i's last reader: no dead residual in the sweep)
-            held_most = std::max(held_most, storage_bytes());
+            held_most = std::max(held_most, storage_bytes() + store_.owned_bytes());
             cw.residuals.release(i);
           }
           casts_.release(i);  // (cast again by the sweep: not held between the passes)
@@ -593,7 +615,7 @@ class PlanRun {
     store_.report_to(st);
     outcome.finite = std::isfinite(out.loss);
     outcome.estimate = st.error_estimate;
-    if (!drifts_.empty()) outcome.drift = drift;
+    if (!drifts_.empty() || input_drift_ >= 0) outcome.drift = std::max(drift, input_drift_);
     return outcome;
   }
 
@@ -811,6 +833,7 @@ class PlanRun {
   std::vector<ValueRole> role_;
   std::vector<std::size_t> top_;      ///< a rebuilt x_i: the x_top its stretch of inverses began from
   std::vector<CheckedDrift> drifts_;  ///< the last run's checks
+  double input_drift_ = -1;           ///< input_drift()
   Matrix<S> g_;
   Carried<S> same_;                      ///< cotangents, anchors and residuals in S
   Carried<double> wide_;                 ///< the same in double (a float network's double cotangents)

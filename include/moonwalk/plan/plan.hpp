@@ -81,7 +81,8 @@ enum class ValueRole : std::uint8_t {
   operand,     ///< read next by its own layer's backward step (the last layer's: after the forward to x_L)
   activation,  ///< kept for its layer's backward step after one forward step from it
   checkpoint,  ///< forward steps recompute other values from it more than once
-  rebuilt,     ///< made by inverse(i) from x_{i+1}, read by backward(i) (and inverse(i−1) or a check)
+  rebuilt,  ///< made by inverse(i) from x_{i+1}, read by backward(i) or cotangent(i) (and inverse(i−1) or a
+            ///< check)
 };
 
 [[nodiscard]] inline const char* to_string(ValueRole r) {

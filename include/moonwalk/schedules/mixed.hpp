@@ -228,7 +228,7 @@ struct MixedMoonwalk {
       b.rebuilt = b.rebuilt_now;
       b.branches = b.branches_now;
       b.run.bind(moonwalk_plan(b.keep, n, input_gradient, b.rebuilt, b.branches), b.rows, x0.cols(),
-                 input_gradient);
+                 input_gradient, /*allocate=*/false);  // (the run sizes what its precision needs)
     }
     b.run.keep_across_runs(keep);
     zero_gradients(net);
