@@ -966,28 +966,14 @@ TEST_CASE("The executor carries a float network's cotangents in double", "[plan]
   CHECK(runs == 40);
 }
 
-namespace {
-/// depth × (Linear w → w, LeakyReLU(slope)), then Linear w → 4.
-template <class S>
-Network<S> leaky_mlp(int depth, Index w, double slope, Init init, std::uint64_t seed) {
-  Network<S> net;
-  for (int i = 0; i < depth; ++i) {
-    net.add(Linear<S>(w, w, {.seed = seed + static_cast<std::uint64_t>(i), .init = init}));
-    net.add(LeakyReLU<S>(w, static_cast<S>(slope)));
-  }
-  net.add(Linear<S>(w, 4, {.seed = seed + 1000, .init = init}));
-  return net;
-}
-}  // namespace
-
 TEST_CASE(
     "The executor places the fidelity policy's anchors where mixed Moonwalk does, and holds the tolerance",
     "[plan][executor][moonwalk][fidelity]") {
   // Orthogonal Linears with LeakyReLU(0.1): the unguarded float sweep fails
   // at depth 16 (docs/design.md §5).
   const int depth = 16;
-  Network<float> net = leaky_mlp<float>(depth, 24, 0.1, Init::orthogonal, 40);
-  Network<double> twin = leaky_mlp<double>(depth, 24, 0.1, Init::orthogonal, 40);
+  Network<float> net = moonwalk_test::leaky_mlp<float>(depth, 24, 0.1, Init::orthogonal, 40);
+  Network<double> twin = moonwalk_test::leaky_mlp<double>(depth, 24, 0.1, Init::orthogonal, 40);
   const Index batch = 16;
   const Matrix<float> x = moonwalk_test::random_batch<float>(24, batch, 5);
   const Matrix<float> t = moonwalk_test::random_batch<float>(4, batch, 6);
@@ -1083,7 +1069,7 @@ TEST_CASE(
 TEST_CASE("The executor gives up for double where float anchors would cost more than double's",
           "[plan][executor][moonwalk][fidelity]") {
   // Gaussian Linears with LeakyReLU(0.1): float anchors almost every layer.
-  Network<float> net = leaky_mlp<float>(12, 24, 0.1, Init::gaussian, 70);
+  Network<float> net = moonwalk_test::leaky_mlp<float>(12, 24, 0.1, Init::gaussian, 70);
   const Index batch = 16;
   const Matrix<float> x = moonwalk_test::random_batch<float>(24, batch, 9);
   const Matrix<float> t = moonwalk_test::random_batch<float>(4, batch, 10);

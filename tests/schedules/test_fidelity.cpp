@@ -12,18 +12,6 @@ using moonwalk_test::max_rel_err_per_tensor;
 
 namespace {
 
-/// depth × (Linear(w→w), LeakyReLU(slope)) then Linear(w→4), in S.
-template <class S>
-Network<S> mlp(int depth, Index w, double slope, Init init, std::uint64_t seed) {
-  Network<S> net;
-  for (int i = 0; i < depth; ++i) {
-    net.add(Linear<S>(w, w, {.seed = seed + static_cast<std::uint64_t>(i), .init = init}));
-    net.add(LeakyReLU<S>(w, static_cast<S>(slope)));
-  }
-  net.add(Linear<S>(w, 4, {.seed = seed + 1000, .init = init}));
-  return net;
-}
-
 /// A gradient of `net` (float) with its true error against double backprop.
 struct Checked {
   GradientResult<float> r;
@@ -75,8 +63,8 @@ TEST_CASE("Default policy holds the float tolerance on deep MLPs where the ungua
   // 4e+3 at depth 16 unguarded.
   for (const double slope : {0.1, 0.3}) {
     const int depth = slope < 0.2 ? 16 : 32;
-    Network<float> net = mlp<float>(depth, 24, slope, Init::orthogonal, 40);
-    Network<double> twin = mlp<double>(depth, 24, slope, Init::orthogonal, 40);
+    Network<float> net = moonwalk_test::leaky_mlp<float>(depth, 24, slope, Init::orthogonal, 40);
+    Network<double> twin = moonwalk_test::leaky_mlp<double>(depth, 24, slope, Init::orthogonal, 40);
     const Checked none = check_float(MixedMoonwalk{.fidelity = Fidelity::none()}, net, twin, 16, 5);
     const Checked held = check_float(MixedMoonwalk{.input_gradient = true}, net, twin, 16, 5);
     const Stats& st = held.r.stats;
@@ -104,8 +92,8 @@ TEST_CASE("Default policy holds the float tolerance on deep MLPs where the ungua
 
 TEST_CASE("Gaussian initialisation: the policy escalates (anchors, double cotangents) and holds",
           "[fidelity][schedules]") {
-  Network<float> net = mlp<float>(12, 24, 0.1, Init::gaussian, 70);
-  Network<double> twin = mlp<double>(12, 24, 0.1, Init::gaussian, 70);
+  Network<float> net = moonwalk_test::leaky_mlp<float>(12, 24, 0.1, Init::gaussian, 70);
+  Network<double> twin = moonwalk_test::leaky_mlp<double>(12, 24, 0.1, Init::gaussian, 70);
   const Checked none = check_float(MixedMoonwalk{.fidelity = Fidelity::none()}, net, twin, 16, 9);
   const Checked held = check_float(MixedMoonwalk{.input_gradient = true}, net, twin, 16, 9);
   const Checked dbl = check_float(MixedMoonwalk{.fidelity = Fidelity::double_cotangents()}, net, twin, 16, 9);
@@ -124,8 +112,8 @@ TEST_CASE("Gaussian initialisation: the policy escalates (anchors, double cotang
 TEST_CASE(
     "Precision memory: a step on an escalated shape starts in double, and probes float ever more rarely",
     "[fidelity][schedules]") {
-  Network<float> net = mlp<float>(12, 24, 0.1, Init::gaussian, 70);
-  Network<double> twin = mlp<double>(12, 24, 0.1, Init::gaussian, 70);
+  Network<float> net = moonwalk_test::leaky_mlp<float>(12, 24, 0.1, Init::gaussian, 70);
+  Network<double> twin = moonwalk_test::leaky_mlp<double>(12, 24, 0.1, Init::gaussian, 70);
   const MixedMoonwalk mixed{};
   const Checked first = check_float(mixed, net, twin, 16, 9);
   INFO("first: precision " << first.r.stats.precision << " fallbacks " << first.r.stats.fallbacks);
@@ -180,8 +168,8 @@ TEST_CASE(
   CHECK(by_name().r.stats.figures.count("precision_remembered") == 1);
 
   // A shape that holds the tolerance in float is never remembered.
-  Network<float> easy = mlp<float>(2, 8, 0.5, Init::orthogonal, 3);
-  Network<double> easy_twin = mlp<double>(2, 8, 0.5, Init::orthogonal, 3);
+  Network<float> easy = moonwalk_test::leaky_mlp<float>(2, 8, 0.5, Init::orthogonal, 3);
+  Network<double> easy_twin = moonwalk_test::leaky_mlp<double>(2, 8, 0.5, Init::orthogonal, 3);
   const MixedMoonwalk fresh{};
   for (int k = 0; k < 2; ++k) {
     const Checked c = check_float(fresh, easy, easy_twin, 8, 4);
@@ -195,8 +183,8 @@ TEST_CASE("Verification: an under-predicting model is caught and the step recomp
   // Calibration c = 1e-30 makes the planner place no anchors at all; the
   // a-posteriori estimate then exceeds the tolerance and the step must be
   // recomputed (denser anchors, double cotangents or backprop) until it holds.
-  Network<float> net = mlp<float>(16, 24, 0.1, Init::orthogonal, 40);
-  Network<double> twin = mlp<double>(16, 24, 0.1, Init::orthogonal, 40);
+  Network<float> net = moonwalk_test::leaky_mlp<float>(16, 24, 0.1, Init::orthogonal, 40);
+  Network<double> twin = moonwalk_test::leaky_mlp<double>(16, 24, 0.1, Init::orthogonal, 40);
   Fidelity blind;
   blind.calibration = 1e-30;
   const Checked c = check_float(MixedMoonwalk{.fidelity = blind}, net, twin, 16, 5);
@@ -217,8 +205,8 @@ TEST_CASE("Verification: an under-predicting model is caught and the step recomp
 }
 
 TEST_CASE("Pure-forward escalates to double cotangents and flags what it cannot hold", "[fidelity][pure]") {
-  Network<float> net = mlp<float>(10, 12, 0.1, Init::orthogonal, 11);
-  Network<double> twin = mlp<double>(10, 12, 0.1, Init::orthogonal, 11);
+  Network<float> net = moonwalk_test::leaky_mlp<float>(10, 12, 0.1, Init::orthogonal, 11);
+  Network<double> twin = moonwalk_test::leaky_mlp<double>(10, 12, 0.1, Init::orthogonal, 11);
   const Checked none = check_float(PureMoonwalk{.fidelity = Fidelity::none()}, net, twin, 8, 3);
   const Checked held = check_float(PureMoonwalk{}, net, twin, 8, 3);
   INFO("unguarded err " << none.err << " est " << none.r.stats.error_estimate << "; policy err " << held.err
@@ -231,8 +219,8 @@ TEST_CASE("Pure-forward escalates to double cotangents and flags what it cannot 
   CHECK(held.err <= 1e-4);
 
   // Too deep even for double: returned, and flagged.
-  Network<float> deep = mlp<float>(40, 12, 0.1, Init::orthogonal, 12);
-  Network<double> deep_twin = mlp<double>(40, 12, 0.1, Init::orthogonal, 12);
+  Network<float> deep = moonwalk_test::leaky_mlp<float>(40, 12, 0.1, Init::orthogonal, 12);
+  Network<double> deep_twin = moonwalk_test::leaky_mlp<double>(40, 12, 0.1, Init::orthogonal, 12);
   const Checked lost = check_float(PureMoonwalk{}, deep, deep_twin, 8, 3);
   INFO("depth 40: err " << lost.err << " est " << lost.r.stats.error_estimate);
   CHECK(lost.r.stats.precision == "double");
@@ -254,7 +242,7 @@ TEST_CASE("Double cotangents through a static Sequential (layers cast at compile
 }
 
 TEST_CASE("The saved-residual report carries the fidelity figures", "[fidelity][report]") {
-  Network<double> net = mlp<double>(3, 6, 0.3, Init::orthogonal, 2);
+  Network<double> net = moonwalk_test::leaky_mlp<double>(3, 6, 0.3, Init::orthogonal, 2);
   const Matrix<double> x = gaussian<double>(6, 4, 1), t = gaussian<double>(4, 4, 2);
   const auto r = gradient(MixedMoonwalk{.input_gradient = true}, net, x, MSE<double>{}, t);
   const std::string json = report_json(r.stats);

@@ -8,6 +8,20 @@
 
 namespace moonwalk_test {
 
+/// depth × (Linear(w→w), LeakyReLU(slope)) then Linear(w→4), in S: the deep
+/// MLPs of the fidelity policy's tests (docs/design.md §5).
+template <class S>
+moonwalk::Network<S> leaky_mlp(int depth, moonwalk::Index w, double slope, moonwalk::Init init,
+                               std::uint64_t seed) {
+  moonwalk::Network<S> net;
+  for (int i = 0; i < depth; ++i) {
+    net.add(moonwalk::Linear<S>(w, w, {.seed = seed + static_cast<std::uint64_t>(i), .init = init}));
+    net.add(moonwalk::LeakyReLU<S>(w, static_cast<S>(slope)));
+  }
+  net.add(moonwalk::Linear<S>(w, 4, {.seed = seed + 1000, .init = init}));
+  return net;
+}
+
 /// A random chain: 1–8 Linear layers (contracting, square or expanding,
 /// default initialisation), each followed by a random activation (or none),
 /// input width 2–16, output 1–5, batch 1–33, loss mse or xent. The same seed
