@@ -966,6 +966,143 @@ TEST_CASE("The executor carries a float network's cotangents in double", "[plan]
   CHECK(runs == 40);
 }
 
+TEST_CASE("Pure-forward Moonwalk's plans: tangents steps, checked, and backprop's gradient when run",
+          "[plan][executor][moonwalk]") {
+  // Every pattern of kept layers (vijp, fragment, anchor) for L ≤ 6.
+  for (std::size_t L = 1; L <= 6; ++L) {
+    std::size_t patterns = 1;
+    for (std::size_t i = 0; i < L; ++i) patterns *= 3;
+    for (std::size_t code = 0; code < patterns; ++code) {
+      std::vector<CotangentKeep> keep(L);
+      std::size_t kept = 0;
+      for (std::size_t i = 0, v = code; i < L; ++i, v /= 3) {
+        keep[i] = static_cast<CotangentKeep>(v % 3);
+        kept += keep[i] != CotangentKeep::none;
+      }
+      const Plan p = pure_moonwalk_plan(keep);
+      INFO(plan_text(p));
+      ChainCosts c;
+      c.value_bytes.assign(L + 1, 100);
+      c.forward.assign(L, 1);
+      c.backward.assign(L, 2);
+      c.residual_bytes.assign(L, 3);
+      c.fragment_bytes.assign(L, 7);
+      c.crossing = keep;  // (each layer crossable only as the plan keeps it)
+      std::vector<LayerPlan> rows;
+      const PlanFigures f = plan_rows(p, c, rows);
+      CHECK(p.count(PlanOp::backward) == 0);  // no reverse pass
+      CHECK(f.sweep_steps == L);
+      CHECK(f.cotangent_steps == kept);
+      // A tangents step per kept layer whose h_{j+1} no cotangent step made,
+      // and h_0's unless one did: none when every layer is kept.
+      CHECK(f.tangent_steps <= kept + 1);
+      CHECK((f.tangent_steps == 0) == (kept == L));
+      CHECK((p.steps.back().op == PlanOp::loss && p.steps.back().layer == L));
+      for (const LayerPlan& r : rows) {
+        CHECK(r.crossed);
+        CHECK(r.keep == keep[r.layer]);
+        CHECK(r.input == (r.layer == 0 ? InputFate::kept : InputFate::swept));
+      }
+      // Two values at once at most (a forward step's input and output), and
+      // what is kept for the sweep: every fragment and anchor, a residual while its tangents run.
+      std::size_t keeps = 0;
+      for (const CotangentKeep k : keep)
+        keeps += k == CotangentKeep::anchor ? 100 : k == CotangentKeep::fragment ? 7 : 0;
+      CHECK(f.peak_held_bytes <= 200 + keeps + 3);
+      CHECK(f.peak_kept_bytes <= keeps + 3);
+    }
+  }
+  // Refusals name the step and why.
+  ChainCosts c;
+  c.crossing = {CotangentKeep::none, CotangentKeep::fragment, CotangentKeep::none, CotangentKeep::none};
+  const Plan good = pure_moonwalk_plan(c.crossing);
+  REQUIRE_NOTHROW(check_plan(good, c));
+  REQUIRE(good.count(PlanOp::tangents) == 2);  // h_2 (for layer 1's fragment), then h_0
+  auto refused = [&](Plan p, const char* why) {
+    p.origin = "test";
+    INFO(plan_text(p));
+    CHECK_THROWS_WITH(check_plan(p, c), Catch::Contains("plan (test, 4 layers)") && Catch::Contains(why));
+  };
+  auto at = [&](PlanOp op, std::size_t layer) {
+    return static_cast<std::size_t>(
+        std::find_if(good.steps.begin(), good.steps.end(),
+                     [&](const PlanStep& st) { return st.op == op && st.layer == layer; }) -
+        good.steps.begin());
+  };
+  Plan p = good;
+  p.steps.erase(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::cotangent, 1)));
+  refused(p, "tangents(0) leaves layer 1 to the sweep's vijp, but it is crossed by fragment");
+  p = good;
+  p.steps.insert(p.steps.begin(), PlanStep{PlanOp::tangents, 0});
+  refused(p, "tangents(0) before the loss");
+  p = good;
+  p.steps.insert(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::tangents, 0)) + 1,
+                 PlanStep{PlanOp::tangents, 0});
+  refused(p, "tangents(0) makes h_0, but the cotangent is h_0 already");
+  p = good;
+  p.steps[at(PlanOp::tangents, 2)].layer = 3;
+  refused(p, "tangents(3) reads x_3, which is not held");
+  p = good;
+  p.steps.insert(p.steps.begin() + static_cast<std::ptrdiff_t>(at(PlanOp::sweep, 0)) + 1,
+                 PlanStep{PlanOp::tangents, 0});
+  refused(p, "tangents(0) after the sweep began");
+  CHECK_THROWS_AS(pure_moonwalk_plan({}), ScheduleError);
+
+  // Run: the gradient and h_0 of backprop, the jvp passes the plan says, and
+  // a warm run in the same storage. Layers with neither vijp nor fragment
+  // are anchored: their h_{i+1} comes from tangents too.
+  std::size_t tangents = 0, anchors = 0, fragments = 0;
+  for (std::uint64_t seed = 3001; seed < 3021; ++seed) {
+    const RandomArch a(seed);
+    std::string desc;
+    Network<double> net = a.build<double>(&desc);
+    INFO(desc);
+    const Matrix<double> x = moonwalk_test::random_batch<double>(a.in, a.batch, seed + 1);
+    const Matrix<double> t = moonwalk_test::random_batch<double>(a.out, a.batch, seed + 2);
+    const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<double>{}, t);
+    std::vector<CotangentKeep> keep;
+    for (const SweepMode m : detail::sweep_modes(net))
+      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
+                     : m == SweepMode::fragment ? CotangentKeep::fragment
+                                                : CotangentKeep::anchor);
+    if (seed % 2 == 0) keep[seed % keep.size()] = CotangentKeep::anchor;  // (any layer can be anchored)
+    anchors += static_cast<std::size_t>(std::count(keep.begin(), keep.end(), CotangentKeep::anchor));
+    PlanRun<double> run;
+    run.bind(pure_moonwalk_plan(keep), value_rows(net), a.batch, true);
+    run.keep_across_runs(true);  // (else the arena is given back mid-run: taken again, it may move)
+    INFO(plan_text(run.plan()));
+    const std::vector<Index> rows = value_rows(net);
+    std::size_t jvps = 0, tail_forwards = 0;
+    for (const PlanStep& st : run.plan().steps)
+      if (st.op == PlanOp::tangents) {
+        jvps += static_cast<std::size_t>(rows[st.layer]) * (net.size() - st.layer);
+        tail_forwards += static_cast<std::size_t>(rows[st.layer]) * (net.size() - st.layer - 1);
+        ++tangents;
+      }
+    GradientResult<double> out;
+    std::vector<const void*> storage;
+    for (int step = 0; step < 2; ++step) {
+      out.stats.restart();
+      zero_gradients(net);
+      run.run(net, x, MSE<double>{}, t, out);
+      gradients_into(net, out.gradient);
+      CHECK(out.loss == ref.loss);
+      CHECK(detail::rel_max_err(out.gradient, ref.gradient) < 1e-9);
+      CHECK(detail::rel_max_err(out.h0, ref.h0) < 1e-9);
+      CHECK(out.stats.error_estimate < 1e-9);
+      CHECK(out.stats.counts.jvp == jvps);
+      CHECK(out.stats.counts.forward == run.plan().forward_steps() + tail_forwards);
+      CHECK(out.stats.counts.vjp_params == net.size());
+      if (step == 0) storage = run.storage();
+      if (step == 1) CHECK(run.storage() == storage);
+    }
+    fragments += out.stats.bytes_of("fragment") > 0;
+  }
+  CHECK(tangents > 20);
+  CHECK(anchors > 0);
+  CHECK(fragments > 0);
+}
+
 TEST_CASE(
     "The executor places the fidelity policy's anchors where mixed Moonwalk does, and holds the tolerance",
     "[plan][executor][moonwalk][fidelity]") {

@@ -40,6 +40,10 @@
 // (rebuilt by inversion); inverse(0) beside the caller's x_0 measures the
 // rebuilt stretch's drift (input_drift()).
 //
+// A tangents step (pure-forward Moonwalk's h_i) carries its tangents and
+// recomputed inputs in two buffers each of the widest tail value, kept with
+// the others; each layer's jvp makes one temporary.
+//
 // The fidelity policy's anchors (fidelity/policy.hpp) are placed at run
 // time: with RunFidelity::budget, each cotangent step measures its layer's
 // typical amplification γ_i and anchors h_{i+1} where the error model (P)
@@ -110,12 +114,13 @@ class PlanRun {
       bytes[i] = static_cast<std::size_t>(rows[i] * batch) * sizeof(S);
     check_plan(plan, bytes);
     const bool to_h0 = std::any_of(plan.steps.begin(), plan.steps.end(), [](const PlanStep& st) {
-      return st.op == PlanOp::cotangent && st.layer == 0;
+      return (st.op == PlanOp::cotangent || st.op == PlanOp::tangents) && st.layer == 0;
     });
     if (input_gradient && plan.swept_layers() > 0 && !to_h0)
       throw ScheduleError(
           detail::cat("plan (", plan.origin, "): h_0 asked for, but its cotangent steps stop at h_1"));
     plan_ = std::move(plan);
+    forward_mode_ = plan_.count(PlanOp::tangents) > 0;
     rows_ = std::move(rows);
     batch_ = batch;
     backprop_bytes_ = 0;  // what backprop keeps: every layer's input
@@ -188,6 +193,7 @@ class PlanRun {
   /// Bytes allocated now (workspace accounting: storage_bytes()).
   [[nodiscard]] std::size_t storage_bytes() const {
     return same_.bytes() + wide_.bytes() + casts_.storage_bytes() + h_s_.storage_bytes() +
+           tx_[0].storage_bytes() + tx_[1].storage_bytes() +
            static_cast<std::size_t>(g_.size() + arena_.size()) * sizeof(S);
   }
   /// Keep what the layers derive from their weights (their casts to double,
@@ -222,6 +228,8 @@ class PlanRun {
     wide_.clear();
     casts_.clear();
     h_s_ = detail::Buffer<S>();
+    tx_[0] = detail::Buffer<S>();
+    tx_[1] = detail::Buffer<S>();
     arena_ = Vector<S>();
     g_ = Matrix<S>();
   }
@@ -406,9 +414,10 @@ class PlanRun {
             swept = std::max(swept, detail::rel_max_err(h.current(), g_.template cast<C>()));
           } else {
             out.loss = detail::loss_into<L, S>(loss, value(n), target, g_);
-            if (policy && !std::isfinite(out.loss)) {
+            if ((policy || forward_mode_) && !std::isfinite(out.loss)) {
               // No gradient to recover (the caller reports it): NaN residuals
-              // would anchor every layer the policy crosses.
+              // would anchor every layer the policy crosses, and tangents
+              // steps would spread NaN at n_i passes each.
               outcome.finite = false;
               out.h0.resize(0, 0);
               st.working_bytes = std::max(held_most, storage_bytes()) + thread_scratch_bytes();
@@ -434,6 +443,8 @@ class PlanRun {
                                      (store_.bytes_put("derivative") + store_.bytes_put("activation"));
           }
           bool gave_up = false;
+          // h_i is not made when tangents(·) follow: they replace it.
+          const bool replaced = k + 1 < plan_.steps.size() && plan_.steps[k + 1].op == PlanOp::tangents;
           net.visit(i, [&](const auto& l) {
             decltype(auto) lc = in_c(i, l);
             using Lyr = std::remove_cvref_t<decltype(lc)>;
@@ -481,9 +492,11 @@ class PlanRun {
                 throw ScheduleError(detail::cat("plan (", plan_.origin, "): cotangent(", i, "): layer ", i,
                                                 " (", l.name(), ") keeps no fragment"));
             }
-            moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch_));
-            h.flip();
-            ++st.counts.vjp;
+            if (!replaced) {
+              moonwalk::vjp_residual_into(lc, r, h.current(), h.next(l.in_features(), batch_));
+              h.flip();
+              ++st.counts.vjp;
+            }
             if (!keep_across_runs_) moonwalk::release_derived(lc);  // (derived again by the sweep)
           });
           if (gave_up) {  // (the gradient is incomplete: the caller recomputes it in double)
@@ -503,6 +516,40 @@ class PlanRun {
             cw.residuals.release(i);
           }
           casts_.release(i);  // (cast again by the sweep: not held between the passes)
+          reached(i);
+          break;
+        }
+        case PlanOp::tangents: {
+          // h_i[k, b] = ⟨h_L[:, b], t_L[:, b]⟩, t carried from e_k (every
+          // column) through layers i … L−1 by jvps, x recomputed alongside.
+          const Index n_i = rows_[i];
+          auto hi = h.next(n_i, batch_);
+          const CRef<C> gl = detail::in_scalar<C>(g_, cw.gl);
+          for (Index f = 0; f < n_i; ++f) {
+            detail::PingPong<C> t(cw.t[0], cw.t[1]);
+            detail::PingPong<S> x(tx_[0], tx_[1]);
+            auto e = t.next(n_i, batch_);
+            e.setZero();
+            e.row(f).setOnes();
+            t.flip();
+            for (std::size_t j = i; j < n; ++j)
+              net.visit(j, [&](const auto& l) {
+                const CRef<S> xj = j == i ? value(i) : CRef<S>(x.current());
+                t.next(l.out_features(), batch_) =
+                    in_c(j, l).jvp(detail::in_scalar<C>(xj, cw.xc), t.current());
+                t.flip();
+                ++st.counts.jvp;
+                if (j + 1 < n) {
+                  moonwalk::forward_into(l, xj, x.next(l.out_features(), batch_));
+                  x.flip();
+                  ++st.counts.forward;
+                }
+              });
+            hi.row(f) = gl.cwiseProduct(t.current()).colwise().sum();
+          }
+          h.flip();
+          for (std::size_t j = i; j < n; ++j) casts_.release(j);
+          if (i > 0) free_value(i);
           reached(i);
           break;
         }
@@ -743,11 +790,14 @@ class PlanRun {
     detail::Buffer<C> h[2];               ///< the cotangents, alternating
     std::vector<Matrix<C>> anchors;       ///< layer i's anchor h_{i+1}
     detail::Buffer<C> xc;                 ///< x_i converted to C (C ≠ S)
+    detail::Buffer<C> t[2];               ///< tangents(i)'s tangent, alternating
+    detail::Buffer<C> gl;                 ///< ∂ℓ/∂x_L converted to C (tangents, C ≠ S)
     detail::Workspace residuals;          ///< layer i's residual r_i (of the layer in C) in slot i
     std::vector<detail::Buffer<C>> pool;  ///< the policy's anchors (PlanRun::slot_of_)
     std::vector<char> busy;               ///< per pool buffer: an anchor is in it
     [[nodiscard]] std::size_t bytes() const {
-      std::size_t b = h[0].storage_bytes() + h[1].storage_bytes() + xc.storage_bytes() + residuals.bytes();
+      std::size_t b = h[0].storage_bytes() + h[1].storage_bytes() + xc.storage_bytes() +
+                      t[0].storage_bytes() + t[1].storage_bytes() + gl.storage_bytes() + residuals.bytes();
       for (const Matrix<C>& a : anchors) b += static_cast<std::size_t>(a.size()) * sizeof(C);
       for (const detail::Buffer<C>& a : pool) b += a.storage_bytes();
       return b;
@@ -756,6 +806,9 @@ class PlanRun {
       h[0] = detail::Buffer<C>();
       h[1] = detail::Buffer<C>();
       xc = detail::Buffer<C>();
+      t[0] = detail::Buffer<C>();
+      t[1] = detail::Buffer<C>();
+      gl = detail::Buffer<C>();
       residuals.clear();
       for (Matrix<C>& a : anchors) a = Matrix<C>();
       pool.clear();
@@ -839,12 +892,14 @@ class PlanRun {
   Carried<double> wide_;                 ///< the same in double (a float network's double cotangents)
   detail::CastLayers<double> casts_;     ///< layers cast to double, for a run in double
   detail::Buffer<S> h_s_;                ///< columns of h converted to S for ∂ℓ/∂θ (C ≠ S)
+  detail::Buffer<S> tx_[2];              ///< tangents(i)'s recomputed inputs, alternating
   std::vector<char> bits_held_;          ///< per layer: its residual is kept now
   std::vector<CotangentKeep> keep_;      ///< per layer: what its cotangent step keeps
   std::vector<CotangentKeep> keep_now_;  ///< the same in this run (the policy's anchors added)
   std::vector<std::size_t> slot_of_;     ///< per layer: the pool buffer of its policy anchor (none)
   std::size_t backprop_bytes_ = 0;       ///< what backprop keeps: the layers' inputs
   bool keep_across_runs_ = false;        ///< keep_across_runs()
+  bool forward_mode_ = false;            ///< the plan has tangents steps
   std::vector<char> anchored_;           ///< per layer: its cotangent step keeps an anchor
   SavedStore store_;
   detail::LayerNames names_;

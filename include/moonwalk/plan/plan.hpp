@@ -26,7 +26,7 @@
 // as its residual by the forward step that made its input's successor: a rebuilt
 // ±1e-17 where the forward pass had an exact 0 picks the other derivative.
 //
-// Moonwalk's moves (docs/design.md §1) are three more steps. forward(i) may
+// Moonwalk's moves (docs/design.md §1) are four more steps. forward(i) may
 // keep layer i's vijp residual r_i (bit masks of a LeakyReLU, σ′ of a smooth
 // activation, nothing for a Linear) in place of x_i; then
 //
@@ -37,6 +37,17 @@
 //                r_i it reads a held x_i (rebuilt by inversion, or x_0) and
 //                derives r_i from it; a held x_i is freed after (i ≥ 1), and
 //                must be read so or be the source of a held rebuilt x_{i−1};
+//   tangents(i)  h_i = ∂ℓ/∂x_i by forward mode, from a held x_i (freed
+//                after, i ≥ 1) and the loss's h_L: for each feature k of x_i
+//                the unit tangent e_k (in every column) is carried through
+//                layers i … L−1 by jvps, their inputs recomputed alongside,
+//                and h_i[k, b] = ⟨h_L[:, b], t_L[:, b]⟩ (n_i passes of the
+//                tail). It may jump the cotangent down from any h_c, c > i;
+//                the layers i … c−1 it passes are crossed by the sweep by
+//                vijp. A cotangent step right before it makes no h (the
+//                tangents replace it): it only keeps its fragment or anchor.
+//                Pure-forward Moonwalk's plans (pure_moonwalk_plan) are made
+//                of these, with no reverse pass;
 //   sweep(i)     once the cotangents are down to h_i: h_{i+1} = vijp(x_i, h_i)
 //                (with φ_i, or the anchor, which checks the swept h_i against
 //                J_iᵀ h_{i+1}), then g_i += J_{θ,i}ᵀ h_{i+1}; from x_i (held;
@@ -101,7 +112,7 @@ enum class ValueRole : std::uint8_t {
   return "?";
 }
 
-enum class PlanOp : std::uint8_t { forward, loss, backward, inverse, cotangent, sweep };
+enum class PlanOp : std::uint8_t { forward, loss, backward, inverse, cotangent, tangents, sweep };
 
 /// What cotangent(i) keeps of h_{i+1} for sweep(i) to recover it across layer i.
 enum class CotangentKeep : std::uint8_t {
@@ -310,6 +321,7 @@ struct PlanFigures {
   std::size_t inverse_steps = 0;
   std::size_t checks = 0;  ///< forward steps onto a rebuilt value
   std::size_t cotangent_steps = 0;
+  std::size_t tangent_steps = 0;  ///< h_i by forward mode (tangents(i))
   std::size_t sweep_steps = 0;
   std::size_t anchors = 0;  ///< cotangent steps that keep h_{i+1} itself
   double seconds = 0;
@@ -669,6 +681,33 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         cotangent = i;
         break;
       }
+      case PlanOp::tangents: {
+        if (i >= n) detail::bad_plan(p, k, detail::cat("tangents(", i, ") past the last layer"));
+        if (cotangent == n + 1) detail::bad_plan(p, k, detail::cat("tangents(", i, ") before the loss"));
+        if (sweeping) detail::bad_plan(p, k, detail::cat("tangents(", i, ") after the sweep began"));
+        if (i >= cotangent)
+          detail::bad_plan(p, k,
+                           detail::cat("tangents(", i, ") makes h_", i, ", but the cotangent is h_",
+                                       cotangent, " already"));
+        if (!held[i])
+          detail::bad_plan(p, k, detail::cat("tangents(", i, ") reads x_", i, ", which is not held"));
+        if (role[i] == ValueRole::rebuilt)
+          detail::bad_plan(p, k, detail::cat("tangents(", i, ") reads x_", i, ", rebuilt by inversion"));
+        for (std::size_t l = i; l < cotangent && l < n; ++l) {  // (left to the sweep's vijp)
+          if (!c.can_cross(l, CotangentKeep::none))
+            detail::bad_plan(
+                p, k,
+                detail::cat("tangents(", i, ") leaves layer ", l,
+                            " to the sweep's vijp, but it is crossed by ", to_string(c.crossing[l])));
+          keep[l] = CotangentKeep::none;
+          crossed[l] = 1;
+          if (rows) (*rows)[l].crossed = true;
+        }
+        if (held[i] && i > 0) free_value(i);
+        ++f.tangent_steps;
+        cotangent = i;
+        break;
+      }
       case PlanOp::sweep: {
         if (i >= n) detail::bad_plan(p, k, detail::cat("sweep(", i, ") past the last layer"));
         if (cotangent == n + 1) detail::bad_plan(p, k, detail::cat("sweep(", i, ") before the loss"));
@@ -982,6 +1021,47 @@ inline Plan moonwalk_plan(const std::vector<CotangentKeep>& keep, std::size_t to
   return p;
 }
 
+/// Pure-forward Moonwalk: no reverse pass. The forward pass gives the loss
+/// and h_L, keeping nothing; h_0 comes from tangents(0) (n_0 forward-mode
+/// passes), and the sweep walks up from it, recomputing the inputs. A layer j
+/// whose sweep step needs more than its vijp (`keep[j]`: a fragment, or an
+/// anchor) has it kept by cotangent(j) from h_{j+1}, which tangents(j+1)
+/// makes from x_{j+1}, recomputed from x_0 with r_j kept on the way — or,
+/// when layer j+1's cotangent step has just made h_{j+1}, from x_j,
+/// recomputed (or x_0), with r_j derived from it. These layers are taken from
+/// the top down, each one's tangents jumping the cotangent below the last.
+inline Plan pure_moonwalk_plan(const std::vector<CotangentKeep>& keep) {
+  const std::size_t n = keep.size();
+  if (n == 0) throw ScheduleError("pure moonwalk plan: a chain of no layers");
+  Plan p{.layers = n, .input_role = ValueRole::temporary, .steps = {}, .origin = "pure"};
+  auto advance = [&](std::size_t to, ValueRole last, bool residual_of_last) {  // x_0 → x_to
+    for (std::size_t i = 0; i < to; ++i)
+      p.steps.push_back({PlanOp::forward, i, i + 1 == to ? last : ValueRole::temporary,
+                         residual_of_last && i + 1 == to, CotangentKeep::none});
+  };
+  advance(n, ValueRole::operand, false);
+  p.steps.push_back({PlanOp::loss, n});
+  std::size_t c = n;  // the cotangent is h_c
+  for (std::size_t j = n; j-- > 0;) {
+    if (keep[j] == CotangentKeep::none) continue;
+    if (j + 1 < c) {  // h_{j+1} by tangents from x_{j+1}, r_j kept on the way
+      advance(j + 1, ValueRole::operand, true);
+      p.steps.push_back({PlanOp::tangents, j + 1});
+    } else {  // h_{j+1} made by cotangent(j + 1): r_j from x_j
+      advance(j, ValueRole::operand, false);
+    }
+    p.steps.push_back({PlanOp::cotangent, j, ValueRole::temporary, false, keep[j]});
+    c = j;
+  }
+  if (c > 0) p.steps.push_back({PlanOp::tangents, 0});
+  for (std::size_t i = 0; i < n; ++i) {
+    p.steps.push_back({PlanOp::sweep, i});
+    p.steps.push_back({PlanOp::forward, i, i + 1 == n ? ValueRole::operand : ValueRole::temporary});
+  }
+  p.steps.push_back({PlanOp::loss, n});
+  return p;
+}
+
 /// The plan as text, one step per line ("forward 3 -> x_4 checkpoint",
 /// "inverse 2 -> x_2 rebuilt", "loss", "backward 3"), for reports and failing tests.
 inline std::string plan_text(const Plan& p) {
@@ -996,6 +1076,9 @@ inline std::string plan_text(const Plan& p) {
         break;
       case PlanOp::cotangent:
         s << "  cotangent " << st.layer << " -> h_" << st.layer << " keeping " << to_string(st.keep) << '\n';
+        break;
+      case PlanOp::tangents:
+        s << "  tangents " << st.layer << " -> h_" << st.layer << '\n';
         break;
       case PlanOp::sweep:
         s << "  sweep " << st.layer << '\n';

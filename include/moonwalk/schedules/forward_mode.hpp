@@ -3,7 +3,6 @@
 
 #include "moonwalk/core/ops.hpp"
 #include "moonwalk/schedules/gradient.hpp"
-#include "moonwalk/schedules/pure.hpp"
 
 namespace moonwalk {
 
@@ -20,6 +19,33 @@ void add_to_gradients(Lyr& l, const Vector<typename Lyr::scalar_type>& g) {
     Eigen::Map<Vector<S>>(b.data(), n) += g.segment(o, n);
     o += n;
   }
+}
+
+/// ∂ℓ/∂x_0 by forward mode (plan/plan.hpp's tangents(0)): for each feature
+/// k, carry t = e_k (every column) through the layers with jvps, their inputs
+/// recomputed alongside; then ∂ℓ/∂x_0[k, b] = ⟨g_L[:, b], t_L[:, b]⟩.
+template <Net N>
+Matrix<typename N::scalar_type> input_gradient_by_jvps(N& net, const CRef<typename N::scalar_type>& x0,
+                                                       const Matrix<typename N::scalar_type>& gL, Stats& st) {
+  using S = typename N::scalar_type;
+  const Index n = x0.rows(), B = x0.cols();
+  Matrix<S> h(n, B);
+  for (Index k = 0; k < n; ++k) {
+    Matrix<S> x = x0;
+    Matrix<S> t = Matrix<S>::Zero(n, B);
+    t.row(k).setOnes();
+    for (std::size_t i = 0; i < net.size(); ++i)
+      net.visit(i, [&](const auto& l) {
+        t = l.jvp(x, t);
+        ++st.counts.jvp;
+        if (i + 1 < net.size()) {
+          x = l.forward(x);
+          ++st.counts.forward;
+        }
+      });
+    h.row(k) = gL.cwiseProduct(t).colwise().sum();
+  }
+  return h;
 }
 
 }  // namespace detail
@@ -86,8 +112,7 @@ struct NaiveForward {
       net.visit(i, [&](auto& l) { detail::add_to_gradients(l, g); });
     }
 
-    detail::CastLayers<S> same(0);  // (no cast: cotangents in S)
-    out.h0 = detail::cotangent_by_jvps<S>(net, same, 0, Matrix<S>(x0), gL, st);
+    out.h0 = detail::input_gradient_by_jvps(net, x0, gL, st);
     out.gradient = get_gradients(net);
     store.report_to(st);
     return out;

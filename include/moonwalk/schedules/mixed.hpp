@@ -15,16 +15,19 @@ namespace moonwalk {
 
 namespace detail {
 /// Mixed Moonwalk's plan (moonwalk_plan) bound to the last step's shapes and
-/// sweep modes, with its buffers; in the workspace at kBoundPlan.
+/// sweep modes, with its buffers: the workspace's one slot, kBoundPlan.
 template <class S>
 struct BoundMoonwalk {
   PlanRun<S> run;
   std::vector<Index> rows;
+  std::vector<SweepMode> modes;         ///< this step's: how the sweep can cross each layer
+  std::vector<bool> anchored;           ///< this step's: the layers MixedMoonwalk::anchors names
   std::vector<CotangentKeep> keep;      ///< the bound plan's
   std::vector<bool> rebuilt, branches;  ///< the bound plan's (moonwalk_plan)
   std::vector<CotangentKeep> now;       ///< this step's
   std::vector<bool> rebuilt_now, branches_now;
 };
+inline constexpr std::size_t kBoundPlan = 0;
 }  // namespace detail
 
 /// Reverse pass: x_i = f_i(x_{i−1}) keeping only each layer's residual (bit
@@ -158,7 +161,6 @@ struct MixedMoonwalk {
       // Nothing parameter-sized outlives the step: the next step's weights
       // are new in training, and refactorising costs little next to the
       // activation-sized products of this regime.
-      ws->clear_except({detail::kNames, detail::kStore, detail::kPlan, detail::kBoundPlan});
       ws->get<detail::BoundMoonwalk<S>>(detail::kBoundPlan).run.release();
       detail::release_derived(net);
     } else if constexpr (!std::is_same_v<S, double>) {
@@ -199,17 +201,16 @@ struct MixedMoonwalk {
     const std::size_t n = net.size();
     // How the sweep crosses each layer: an anchor where `anchors` asks or the
     // layer has neither vijp nor fragment, a fragment where it has one.
-    detail::StepPlan& step = ws.get<detail::StepPlan>(detail::kPlan);
-    detail::sweep_modes_into(net, step.modes);
-    anchors.mask_into(n, step.anchored);
     auto& b = ws.get<detail::BoundMoonwalk<S>>(detail::kBoundPlan);
+    detail::sweep_modes_into(net, b.modes);
+    anchors.mask_into(n, b.anchored);
     b.now.resize(n);
     std::size_t forced = 0;  // anchors the sweep modes force (of crossed layers)
     for (std::size_t i = 0; i < n; ++i) {
-      const SweepMode m = step.modes[i];
-      b.now[i] = step.anchored[i] || m == SweepMode::anchor ? CotangentKeep::anchor
-                 : m == SweepMode::fragment                 ? CotangentKeep::fragment
-                                                            : CotangentKeep::none;
+      const SweepMode m = b.modes[i];
+      b.now[i] = b.anchored[i] || m == SweepMode::anchor ? CotangentKeep::anchor
+                 : m == SweepMode::fragment              ? CotangentKeep::fragment
+                                                         : CotangentKeep::none;
       forced += m == SweepMode::anchor && (i > 0 || input_gradient);
     }
     // Which layers' inputs are rebuilt by inversion, and of those which keep their branch bits.

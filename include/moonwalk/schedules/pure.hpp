@@ -6,6 +6,7 @@
 
 #include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/fidelity/retry.hpp"
+#include "moonwalk/plan/executor.hpp"
 #include "moonwalk/schedules/detail/sweep.hpp"
 
 namespace moonwalk {
@@ -13,41 +14,13 @@ namespace moonwalk {
 namespace detail {
 template <class L>
 struct sweep_capable : std::bool_constant<SweepCapable<L>> {};
-
-/// Directional derivatives of ℓ along unit tangents at x_start (the input of
-/// layer `start`): for each feature k, carry t = e_k (every column) through
-/// layers start..L−1 with jvps (in scalar type C; layers cast when C differs),
-/// then ∂ℓ/∂x_start[k, b] = ⟨g_L[:, b], t_L[:, b]⟩.
-template <class C, Net N>
-Matrix<C> cotangent_by_jvps(N& net, CastLayers<C>& casts, std::size_t start,
-                            const Matrix<typename N::scalar_type>& x_start,
-                            const Matrix<typename N::scalar_type>& gL, Stats& st) {
-  using S = typename N::scalar_type;
-  const Index n = x_start.rows(), B = x_start.cols();
-  const Matrix<C> gLc = in_scalar<C>(gL);
-  Matrix<C> h(n, B);
-  for (Index k = 0; k < n; ++k) {
-    Matrix<S> x = x_start;
-    Matrix<C> t = Matrix<C>::Zero(n, B);
-    t.row(k).setOnes();
-    for (std::size_t i = start; i < net.size(); ++i)
-      net.visit(i, [&](const auto& l) {
-        t = casts(i, l).jvp(in_scalar<C>(x), t);
-        ++st.counts.jvp;
-        if (i + 1 < net.size()) {
-          x = l.forward(x);
-          ++st.counts.forward;
-        }
-      });
-    h.row(k) = gLc.cwiseProduct(t).colwise().sum();
-  }
-  return h;
-}
 }  // namespace detail
 
-/// No reverse pass. h_0 = ∂ℓ/∂x_0 by n_0 forward-mode jvps (one per input
-/// feature, all batch columns together); at each fragmental layer i, h_i by
-/// n_i jvps of the tail, of which only the fragment is kept. Then the sweep.
+/// No reverse pass. h_0 = ∂ℓ/∂x_0 by n_0 forward-mode jvp passes (one per
+/// input feature, all batch columns together); at each fragmental layer i,
+/// h_{i+1} by n_{i+1} jvp passes of the tail, of which only the fragment is
+/// kept. Then the sweep. The plan is pure_moonwalk_plan (plan/plan.hpp), run
+/// by the executor (plan/executor.hpp).
 /// Every layer must be submersive or fragmental (there is nothing to anchor
 /// from): a compile-time error for Sequential, ScheduleError for Network; and
 /// no layer may couple the samples of its batch (core/step.hpp; ScheduleError).
@@ -96,7 +69,7 @@ struct PureMoonwalk {
     const bool can_double = detail::double_possible<N> && detail::castable_to_double(net);
     if (use_double && !can_double && !std::is_same_v<S, double>)
       throw ScheduleError("pure: double cotangents asked for, but a layer offers no cast<double>()");
-    std::size_t peak = 0;
+    std::size_t peak = 0, working = 0;
     // The precision the last step on this shape ended in (Fidelity::memory).
     const bool remember =
         fidelity.memory && fidelity.precision == Precision::automatic && can_double && fidelity.verify;
@@ -113,18 +86,28 @@ struct PureMoonwalk {
         .start_in_double = use_double,
         .moves = {.densify_anchors = false, .keep_inputs = false, .backprop = false},
     });
+    // The plan, bound once for the step's attempts (its buffers are not kept
+    // across steps: the tail jvps dominate pure Moonwalk's cost).
+    std::vector<CotangentKeep> keep(modes.size(), CotangentKeep::none);
+    for (std::size_t i = 0; i < modes.size(); ++i)
+      if (modes[i] == SweepMode::fragment) keep[i] = CotangentKeep::fragment;
+    PlanRun<S> plan;
+    plan.bind(pure_moonwalk_plan(keep), value_rows(net), x0.cols(), /*input_gradient=*/true,
+              /*allocate=*/false);
     GradientResult<S> out;
     for (;;) {
       if constexpr (detail::double_possible<N>)
-        out = retry.settings().in_double ? attempt<double>(net, x0, modes, loss, target)
-                                         : attempt<S>(net, x0, modes, loss, target);
+        out = retry.settings().in_double ? attempt<double>(net, plan, x0, loss, target)
+                                         : attempt<S>(net, plan, x0, loss, target);
       else
-        out = attempt<S>(net, x0, modes, loss, target);
+        out = attempt<S>(net, plan, x0, loss, target);
       peak = std::max(peak, out.stats.residual_bytes);
+      working = std::max(working, out.stats.working_bytes);
       // (A non-finite loss is no rounding double cotangents could repair.)
       if (retry.after({.finite = std::isfinite(out.loss), .estimate = out.stats.error_estimate}) ==
           Retry::accept)
         break;
+      if (!std::is_same_v<S, double> && retry.settings().in_double) plan.template release_carried<S>();
     }
     use_double = retry.settings().in_double;
     const std::size_t fallbacks = retry.fallbacks();
@@ -134,63 +117,26 @@ struct PureMoonwalk {
     out.stats.within_tolerance = out.stats.error_estimate <= tol;
     out.stats.fallbacks = fallbacks;
     out.stats.residual_bytes = peak;
+    out.stats.working_bytes = working;
     return out;
   }
 
  private:
+  /// One gradient with cotangents in C: the bound plan run by the executor.
   template <class C, Net N, class L>
-  GradientResult<typename N::scalar_type> attempt(N& net, const CRef<typename N::scalar_type>& x0,
-                                                  const std::vector<SweepMode>& modes, const L& loss,
+  GradientResult<typename N::scalar_type> attempt(N& net, PlanRun<typename N::scalar_type>& plan,
+                                                  const CRef<typename N::scalar_type>& x0, const L& loss,
                                                   const typename L::target_type& target) const {
-    using S = typename N::scalar_type;
-    GradientResult<S> out;
-    Stats& st = out.stats;
-    st.schedule = name();
-    st.precision = detail::scalar_name<C>();
-    SavedStore store(net.size());
-    detail::CastLayers<C> casts(net.size());
+    GradientResult<typename N::scalar_type> out;
+    out.stats.schedule = name();
+    out.stats.precision = detail::scalar_name<C>();
     zero_gradients(net);
-
-    // x_L and g_L = ∂ℓ/∂x_L (nothing kept).
-    const Matrix<S> gL = detail::output_cotangent(net, x0, loss, target, out);
-    if (!std::isfinite(out.loss)) {  // (no gradient to recover: run stops)
+    (void)plan.template run<C>(net, x0, loss, target, out);
+    if (!std::isfinite(out.loss)) {  // (no gradient to recover: the run stopped)
       detail::no_gradient(net, x0.cols(), out);
       return out;
     }
-    Matrix<S> x;
-
-    // Fragments: h_i at each fragmental layer by tail jvps; keep only φ_i.
-    x = x0;
-    detail::for_each_layer(net, [&](std::size_t i, auto& l) {
-      Matrix<S> y = l.forward(x);
-      ++st.counts.forward;
-      if (modes[i] == SweepMode::fragment) {
-        decltype(auto) lc = casts(i, l);
-        using Lc = std::remove_cvref_t<decltype(lc)>;
-        if constexpr (Fragmental<Lc>) {
-          const Matrix<C> hi = i + 1 < net.size() ? detail::cotangent_by_jvps<C>(net, casts, i + 1, y, gL, st)
-                                                  : detail::in_scalar<C>(gL);
-          store.put(i, SavedStore::fragment, l.name(),
-                    lc.save_fragment(moonwalk::save_residual(lc, detail::in_scalar<C>(x)), hi));
-        }
-      }
-      x = std::move(y);
-    });
-    x.resize(0, 0);
-
-    Matrix<C> h0 = detail::cotangent_by_jvps<C>(net, casts, 0, Matrix<S>(x0), gL, st);
-    if constexpr (std::is_same_v<C, S>)
-      out.h0 = h0;
-    else
-      out.h0 = h0.template cast<S>();
-    detail::Workspace ws;  // (pure Moonwalk's tail jvps dominate its cost: buffers are not kept across steps)
-    detail::PingPong<C> h = detail::cotangent_buffers<C>(ws);
-    h.assign(h0);
-    st.error_estimate = detail::forward_sweep<C>(net, casts, /*casts_in_ws=*/false, ws, false, x0, h,
-                                                 /*from_h1=*/false, store, modes, loss, target, st);
-    st.working_bytes = 0;  // (the sweep's figure would leave out the jvp phase: not accounted here)
     out.gradient = get_gradients(net);
-    store.report_to(st);
     return out;
   }
 };

@@ -1,4 +1,4 @@
-// Moonwalk — the forward sweep shared by the Moonwalk schedules.
+// Moonwalk — what the Moonwalk schedules share: anchors, sweep modes, casts to double.
 #pragma once
 
 #include <algorithm>
@@ -60,13 +60,6 @@ std::vector<SweepMode> sweep_modes(const N& net) {
   return m;
 }
 
-/// A step's per-layer choices, kept in the workspace: how the sweep crosses
-/// each layer, and the layers anchored by the schedule's Anchors.
-struct StepPlan {
-  std::vector<SweepMode> modes;
-  std::vector<bool> anchored;
-};
-
 template <class L>
 struct castable_double : std::bool_constant<CastableTo<L, double>> {};
 
@@ -123,49 +116,8 @@ CRef<C> in_scalar(const Eigen::MatrixBase<D>& x, Buffer<C>& buf) {
   }
 }
 
-/// Workspace slots (schedules/detail/workspace.hpp) of the forward sweep
-/// (pure-forward Moonwalk's) and of mixed Moonwalk's bookkeeping and bound
-/// plan: buffers in the network's S, and buffers in the cotangents' C at
-/// `kind + precision_offset<C>` (a float and a double attempt keep separate
-/// ones); per-layer residuals from kLayers on.
-enum WorkspaceSlot : std::size_t {
-  kXEven,       ///< Buffer<S>: the activations alternate between kXEven and kXOdd
-  kXOdd,        ///< Buffer<S>
-  kLossGrad,    ///< Matrix<S>: ∂ℓ/∂x_L
-  kCotangentS,  ///< Buffer<S>: columns of h_i converted for the weight-vjp (C ≠ S)
-  kXc,          ///< Buffer<C>: x_i converted (C ≠ S)
-  kH,           ///< Buffer<C>: the cotangents alternate between kH and kHNext
-  kHNext,       ///< Buffer<C>
-  kAnchors,     ///< std::vector<Matrix<C>>: pool of spare anchor buffers
-  kSlotsPerScalar = 4,
-  kNames = 13,        ///< LayerNames: the names the report lists
-  kStore = 14,        ///< SavedStore: the accounts of what is kept between the passes
-  kPlan = 15,         ///< StepPlan
-  kHeldAnchors = 16,  ///< std::vector<Matrix<C>>: layer i's anchor at [i]; + 1 for C = double
-  kBoundPlan = 18,    ///< MixedMoonwalk's bound plan (BoundMoonwalk<S>, schedules/mixed.hpp)
-  kLayers = 24        ///< residual of layer i in C: kLayers + 2 i + (C is double)
-};
 /// Columns of h converted to S at a time for the sweep's weight-vjp.
 inline constexpr Index kConvertColumns = 1024;
-
-template <class C>
-constexpr std::size_t precision_offset = std::is_same_v<C, double> ? kSlotsPerScalar : 0;
-template <class C>
-constexpr std::size_t held_anchors_slot = kHeldAnchors + (std::is_same_v<C, double> ? 1 : 0);
-template <class C>
-constexpr std::size_t residual_slot(std::size_t i) {
-  return kLayers + 2 * i + (std::is_same_v<C, double> ? 1 : 0);
-}
-
-/// The activations' and the cotangents' alternating buffers in `ws`.
-template <class S>
-PingPong<S> activation_buffers(Workspace& ws) {
-  return {ws.get<Buffer<S>>(kXEven), ws.get<Buffer<S>>(kXOdd)};
-}
-template <class C>
-PingPong<C> cotangent_buffers(Workspace& ws) {
-  return {ws.get<Buffer<C>>(kH + precision_offset<C>), ws.get<Buffer<C>>(kHNext + precision_offset<C>)};
-}
 
 /// A network's layers carried in scalar type C, each cast once and kept for a
 /// whole gradient: the reverse pass, the sweep and every attempt of a schedule
@@ -276,122 +228,10 @@ std::uint64_t shape_key(N& net, Index batch, std::uint64_t variant) {
   return h == 0 ? 1 : h;
 }
 
-/// The step's working set as the engine accounts it (Stats::working_bytes):
-/// the workspace's buffers, the values the store owns, casts held outside the
-/// workspace (`casts`, when not one of its slots), `extra` bytes of locals and
-/// this thread's product scratch. Raises st.working_bytes to it.
-template <class C>
-void note_working_bytes(Stats& st, const Workspace& ws, const SavedStore& store, const CastLayers<C>* casts,
-                        std::size_t extra = 0) {
-  const std::size_t b = ws.bytes() + store.owned_bytes() + (casts ? casts->storage_bytes() : 0) + extra +
-                        moonwalk::thread_scratch_bytes();
-  st.working_bytes = std::max(st.working_bytes, b);
-}
-
 /// Name of a scalar type, for the stats.
 template <class C>
 const char* scalar_name() {
   return std::is_same_v<C, float> ? "float" : "double";
-}
-
-/// The forward sweep (docs/design.md §1), with cotangents carried in scalar type C
-/// (the network's S, or double for a float network: each layer is then cast,
-/// once, by `casts`, while x stays in S). From x_0 and h_0, for i = 1..L
-///   x_i = f_i(x_{i−1});
-///   h_i = vijp(x_{i−1}, h_{i−1})            (submersive)
-///       = vijp_with_fragment(…, φ_i)         (fragmental, φ_i from the store)
-///       = anchor a_i                          (anchored: the swept h_{i−1} is
-///                                              checked against J_iᵀ a_i, the
-///                                              value it should have)
-///   g_i += J_{θ,i}ᵀ h_i;  drop x_{i−1}.
-/// Ends with the a-posteriori check: h_L against ∂ℓ/∂x_L computed from x_L.
-/// Returns the largest relative mismatch seen (the error estimate). `h`
-/// holds h_0 on entry (h_1 with `from_h1`: the first layer is then not
-/// crossed, only its ∂ℓ/∂θ read) and h_L on return; every buffer is a slot of `ws`.
-/// With `keep` false the step's buffers will not outlive it (workspace.hpp):
-/// an anchor's buffer is freed as soon as the sweep has read it, and a
-/// layer's factorisation as soon as the sweep has crossed it.
-template <class C, Net N, class L>
-double forward_sweep(N& net, CastLayers<C>& casts, bool casts_in_ws, Workspace& ws, bool keep,
-                     const CRef<typename N::scalar_type>& x0, PingPong<C>& h, bool from_h1, SavedStore& store,
-                     const std::vector<SweepMode>& modes, const L& loss,
-                     const typename L::target_type& target, Stats& st) {
-  using S = typename N::scalar_type;
-  constexpr std::size_t c = precision_offset<C>;
-  const Index batch = x0.cols();
-  PingPong<S> x = activation_buffers<S>(ws);
-  Buffer<C>& xbuf = ws.get<Buffer<C>>(kXc + c);
-  Buffer<S>& h_s = ws.get<Buffer<S>>(kCotangentS);
-  double estimate = 0;
-  // Layer i's input: x_0 itself for the first layer (no copy), else the last output.
-  const auto input = [&](std::size_t i) { return i == 0 ? CRef<S>(x0) : CRef<S>(x.current()); };
-  // h_{i+1} from h_i across layer i, whose input is xi.
-  const auto cross = [&](std::size_t i, auto& l, const CRef<S>& xi) {
-    decltype(auto) lc = casts(i, l);
-    using Lc = std::remove_cvref_t<decltype(lc)>;
-    const CRef<C> xc = in_scalar<C>(xi, xbuf);
-    const Index out = l.out_features();
-    if (store.has(i, SavedStore::anchor)) {
-      Matrix<C>& a = ws.get<std::vector<Matrix<C>>>(held_anchors_slot<C>).at(i);
-      auto ja = h.next(l.in_features(), batch);
-      moonwalk::vjp_into(lc, xc, a, ja);
-      estimate = std::max(estimate, rel_max_err(h.current(), ja));
-      ++st.counts.vjp;
-      h.assign(a);
-      store.drop(i, SavedStore::anchor);
-      if (keep)
-        ws.recycle(kAnchors + c, std::move(a));  // (a spare for the next anchor)
-      else
-        a.resize(0, 0);  // (freed as soon as consumed)
-    } else if (modes[i] == SweepMode::vijp) {
-      if constexpr (Submersive<Lc>) {
-        moonwalk::vijp_into(lc, xc, h.current(), h.next(out, batch));
-        h.flip();
-      }
-      ++st.counts.vijp;
-    } else {
-      if constexpr (Fragmental<Lc>) {
-        auto f = store.take<typename Lc::fragment_type>(i, SavedStore::fragment);
-        h.next(out, batch) = lc.vijp_with_fragment(xc, h.current(), f);
-        h.flip();
-      }
-      ++st.counts.vijp;
-    }
-  };
-  for_each_layer(net, [&](std::size_t i, auto& l) {
-    const CRef<S> xi = input(i);
-    moonwalk::forward_into(l, xi, x.next(l.out_features(), batch));
-    ++st.counts.forward;
-    const Index out = l.out_features();
-    if (i > 0 || !from_h1) cross(i, l, xi);
-    if constexpr (std::is_same_v<C, S>) {
-      moonwalk::accumulate_vjp_params(l, xi, h.current());
-    } else if (l.num_params() > 0) {
-      // g += J_θᵀ h, a sum over samples: h converted to S a block of columns
-      // at a time (no batch-sized copy), unless the layer's samples interact
-      // (BatchNorm in training: its J_θ needs the whole batch).
-      const Index block = moonwalk::couples_batch(l) ? batch : kConvertColumns;
-      for (Index c0 = 0; c0 < batch; c0 += block) {
-        const Index n = std::min(block, batch - c0);
-        auto hs = h_s.view(out, n);
-        hs = h.current().middleCols(c0, n).template cast<S>();
-        moonwalk::accumulate_vjp_params(l, xi.middleCols(c0, n), hs);
-      }
-    }
-    ++st.counts.vjp_params;
-    gradient_ready(i);
-    note_working_bytes(st, ws, store, casts_in_ws ? nullptr : &casts);
-    x.flip();
-    casts.release(i);  // the sweep is its last user
-    // ... and of what the layer derived from its weights: held to the step's
-    // end, a width-256 Linear's factorisation and right inverse are 512 KiB,
-    // more than the activation it stands for at batch 512.
-    if (!keep) moonwalk::release_derived(l);
-  });
-  Matrix<S>& gL = ws.get<Matrix<S>>(kLossGrad);
-  (void)loss_into<L, S>(loss, x.current(), target, gL);
-  estimate = std::max(estimate, rel_max_err(h.current(), gL.template cast<C>()));
-  return estimate;
 }
 
 }  // namespace detail
