@@ -307,6 +307,12 @@ TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
   q = p;
   q.steps.erase(q.steps.end() - 3);  // the check
   refused(q, plain, "backward(1) reads x_1, rebuilt by inversion, and no inverse below it leads to a check");
+  // ... but the check at x_0 checks it: inverse(0) right before backward(1).
+  q = p;
+  q.steps[q.steps.size() - 3] = PlanStep{PlanOp::inverse, 0, ValueRole::rebuilt};
+  const PlanFigures f0 = check_plan(q, plain);
+  CHECK(f0.checks == 1);
+  CHECK(f0.inverse_steps == L);
   // An inverse not right before the backward step that frees its source.
   q = p;
   q.steps.insert(q.steps.begin() + L + 1,
@@ -321,6 +327,12 @@ TEST_CASE("check_plan: inverse steps, checks and branch bits", "[plan]") {
   c.inverse[2] = 1.0;
   c.branch_bytes = {0, 0, 4, 0};
   refused(p, c, "backward(2) reads x_2, rebuilt by inversion, without layer 2's branch bits");
+  // So do Moonwalk's cotangent steps (a LeakyReLU's rebuilt ±1e-17 for an exact 0).
+  const std::vector<CotangentKeep> none(L, CotangentKeep::none);
+  refused(moonwalk_plan(none, L, false, std::vector<bool>(L, true), std::vector<bool>(L, false)), c,
+          "cotangent(2) reads x_2, rebuilt by inversion, without layer 2's branch bits");
+  CHECK_NOTHROW(
+      check_plan(moonwalk_plan(none, L, false, std::vector<bool>(L, true), {false, false, true, false}), c));
   q = p;
   q.steps[2].residual = true;
   const PlanFigures fb = check_plan(q, c);

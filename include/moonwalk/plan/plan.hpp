@@ -389,19 +389,21 @@ inline bool accounted(ValueRole r) { return r == ValueRole::activation || r == V
 /// held value that is not rebuilt and writes one not held (or checks a
 /// rebuilt one), every inverse step runs right before the backward or
 /// cotangent step (or loss) that frees its source, of a layer with an
-/// inverse (inverse(0): a check at x_0), the loss comes
-/// once from a held x_L before any backward step, the backward and
-/// cotangent steps run L−1, …, down from h_L, a backward step from a held
-/// input, a rebuilt input only where the stretch it belongs to is checked
-/// below it and, for a layer with branch bits, with its bits kept, a
-/// cotangent step from its layer's residual or a held x_i keeping what `c`
-/// says the sweep can cross it by; the sweep steps run up from the bottom of the cotangent
-/// steps, each from a held input, and end checked (a second loss at x_L, or
-/// an anchor at their last layer); every layer's gradient is read exactly
-/// once, every residual kept is read, and nothing but x_0 is held at the
-/// end — and returns its figures on `c`, whose lists may be empty (no
-/// bytes, no time, every layer invertible, no branch bits, every crossing
-/// allowed). Throws ScheduleError naming the first wrong step.
+/// inverse (inverse(0): a check at x_0), the loss comes once from a held
+/// x_L before any backward step, the backward and cotangent steps run L−1,
+/// …, down from h_L (a tangents step may jump down, from a held exact x_i),
+/// a backward step from a held input, a rebuilt input only where the
+/// stretch it belongs to is checked below it (by a forward step, or
+/// inverse(0) at x_0) and, for a layer with branch bits, with its bits
+/// kept, a cotangent step from its layer's residual or a held x_i (rebuilt:
+/// with its branch bits, as backward steps) keeping what `c` says the
+/// sweep can cross it by; the sweep steps run up from the bottom of the
+/// cotangent steps, each from a held input, and end checked (a second loss
+/// at x_L, or an anchor at their last layer); every layer's gradient is
+/// read exactly once, every residual kept is read, and nothing but x_0 is
+/// held at the end — and returns its figures on `c`, whose lists may be
+/// empty (no bytes, no time, every layer invertible, no branch bits, every
+/// crossing allowed). Throws ScheduleError naming the first wrong step.
 inline PlanFigures check_plan(const Plan& p, const ChainCosts& c) { return detail::walk_plan(p, c, nullptr); }
 
 /// check_plan, and one row per layer (LayerPlan) in `rows`.
@@ -618,7 +620,7 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
         if (!held[i])
           detail::bad_plan(p, k, detail::cat("backward(", i, ") reads x_", i, ", which is not held"));
         if (role[i] == ValueRole::rebuilt) {
-          if (i == 0 || !held[i - 1] || role[i - 1] != ValueRole::rebuilt)
+          if (!(i == 1 && x0_checked) && (i == 0 || !held[i - 1] || role[i - 1] != ValueRole::rebuilt))
             detail::bad_plan(p, k,
                              detail::cat("backward(", i, ") reads x_", i,
                                          ", rebuilt by inversion, and no inverse below it leads to a check"));
@@ -646,6 +648,10 @@ inline PlanFigures walk_plan(const Plan& p, const ChainCosts& c, std::vector<Lay
           detail::bad_plan(p, k,
                            detail::cat("cotangent(", i, ") reads layer ", i, "'s residual or x_", i,
                                        ", and neither is held"));
+        if (!res[i] && role[i] == ValueRole::rebuilt && c.branches(i) > 0)
+          detail::bad_plan(p, k,
+                           detail::cat("cotangent(", i, ") reads x_", i,
+                                       ", rebuilt by inversion, without layer ", i, "'s branch bits"));
         if (!c.can_cross(i, s.keep))
           detail::bad_plan(
               p, k,
