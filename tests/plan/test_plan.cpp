@@ -930,6 +930,44 @@ TEMPLATE_TEST_CASE("The executor runs Moonwalk's plans: backprop's gradient up t
   CHECK(anchors > 30);
 }
 
+TEST_CASE("chain_costs states Moonwalk's sizes: the kept bytes check_plan predicts are the executor's",
+          "[plan][executor][moonwalk][costs]") {
+  std::size_t fragments = 0, residuals = 0;
+  for (std::uint64_t seed = 3001; seed < 3031; ++seed) {
+    const RandomArch a(seed);
+    std::string desc;
+    Network<double> net = a.build<double>(&desc);
+    INFO(desc);
+    const Matrix<double> x = moonwalk_test::random_batch<double>(a.in, a.batch, seed + 1);
+    const Matrix<double> t = moonwalk_test::random_batch<double>(a.out, a.batch, seed + 2);
+    const ChainCosts c = chain_costs(net, x, Calibration::estimate);
+    REQUIRE_NOTHROW(c.check());
+    const std::vector<SweepMode> modes = detail::sweep_modes(net);
+    for (std::size_t i = 0; i < net.size(); ++i) {
+      CHECK(c.crossing[i] == (modes[i] == SweepMode::vijp       ? CotangentKeep::none
+                              : modes[i] == SweepMode::fragment ? CotangentKeep::fragment
+                                                                : CotangentKeep::anchor));
+      if (modes[i] != SweepMode::fragment) CHECK(c.fragment_bytes[i] == 0);  // (a ReLU's: its zeros')
+      CHECK(c.cotangent[i] == c.forward[i]);
+      CHECK(c.sweep[i] == 2 * c.forward[i]);
+    }
+    for (const bool h0 : {false, true}) {
+      PlanRun<double> run;
+      run.bind(moonwalk_plan(c.crossing, net.size(), h0), value_rows(net), a.batch, h0);
+      const PlanFigures f = check_plan(run.plan(), c);
+      INFO("h_0 " << h0 << "\n" << plan_text(run.plan()));
+      GradientResult<double> out;
+      zero_gradients(net);
+      run.run(net, x, MSE<double>{}, t, out);
+      CHECK(out.stats.residual_bytes == f.peak_kept_bytes);
+      fragments += out.stats.bytes_of("fragment") > 0;
+      residuals += out.stats.bytes_of("mask") > 0 || out.stats.bytes_of("derivative") > 0;
+    }
+  }
+  CHECK(fragments > 5);
+  CHECK(residuals > 20);
+}
+
 TEST_CASE("The executor carries a float network's cotangents in double", "[plan][executor][moonwalk]") {
   std::size_t runs = 0;
   for (std::uint64_t seed = 3001; seed < 3021; ++seed) {

@@ -138,7 +138,7 @@ TEST_CASE("planned: the layer-cost file is written once, read back, and can be t
   auto net = parse_network<S>("in:12,linear:20,tanh,linear:20,tanh,linear:20,tanh,linear:3", 4);
   const Matrix<S> x = gaussian<S>(12, 16, 1), t = gaussian<S>(3, 16, 2);
   const auto ref = gradient(Backprop{}, net, x, MSE<S>{}, t);
-  const std::filesystem::path file = dir.dir / "layer-costs-v3.tsv";
+  const std::filesystem::path file = dir.dir / "layer-costs-v4.tsv";
 
   const auto r = gradient(Planned{}, net, x, MSE<S>{}, t);  // Calibration::cached
   CHECK(r.gradient == ref.gradient);
@@ -192,6 +192,24 @@ TEST_CASE("planned: the layer-cost file is written once, read back, and can be t
   const ChainCosts e = chain_costs(net, x, Calibration::estimate);
   CHECK(e.forward[0] > e.forward[1]);  // a 12→20 Linear over a 20-wide tanh
   CHECK(e.backward[0] == 2 * e.forward[0]);
+  // Moonwalk's moves: how the sweep crosses each layer, what it keeps, and
+  // the times of its cotangent and sweep steps.
+  for (std::size_t i = 0; i < net.size(); ++i) {
+    INFO("layer " << i);
+    CHECK(m.cotangent[i] > 0);
+    CHECK(m.sweep[i] > 0);
+    CHECK(e.cotangent[i] == e.forward[i]);
+    CHECK(e.sweep[i] == 2 * e.forward[i]);
+  }
+  CHECK(m.crossing == e.crossing);
+  CHECK(m.residual_bytes == e.residual_bytes);
+  CHECK(e.crossing[0] == CotangentKeep::fragment);    // 12 → 20: J_iᵀ erases 8 directions
+  CHECK(e.crossing[2] == CotangentKeep::none);        // 20 → 20
+  CHECK(e.crossing[6] == CotangentKeep::none);        // 20 → 3
+  CHECK(e.residual_bytes[0] == 0);                    // a Linear's vjp needs nothing but W
+  CHECK(e.residual_bytes[1] == 20 * 16 * sizeof(S));  // tanh: σ′
+  CHECK(e.fragment_bytes[0] > 0);
+  CHECK(e.fragment_bytes[2] == 0);
   // Inverses: timed where the layer has one (tanh; the square Linear), +∞ where not.
   CHECK_FALSE(m.invertible(0));
   CHECK(m.invertible(1));

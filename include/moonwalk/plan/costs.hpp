@@ -4,9 +4,14 @@
 // the bytes of every value x_i (rows_i × batch × sizeof(S)) and the seconds
 // of each layer's forward step x_{i+1} = f_i(x_i), backward step
 // (g_i += J_{θ,i}ᵀ h, h ← J_iᵀ h) and inverse step x_i = f_i⁻¹(x_{i+1})
-// (+∞ where the layer has none), and of the loss; and the bytes of the
+// (+∞ where the layer has none), and of the loss; the bytes of the
 // branch bits of each layer that keeps them (keeps_branches: one bit per
-// input element, in 64-bit words).
+// input element, in 64-bit words); and Moonwalk's moves: how the sweep
+// crosses each layer (vijp, fragment or anchor), the bytes of its vijp
+// residual r_i and of its fragment φ_i (made from x0's values), and the
+// seconds of its cotangent step (h_i = J_iᵀ h_{i+1} from r_i) and sweep step
+// (h_{i+1} recovered across it — a vijp with the factorisation it derives,
+// a fragment's, or an anchor's vjp — and g_i += J_{θ,i}ᵀ h_{i+1}).
 //
 //   Calibration::cached    timed on this machine once per layer (by its name,
 //                          which carries its widths), batch and scalar type,
@@ -14,14 +19,15 @@
 //                          directory and read back by later runs.
 //   Calibration::measure   timed now (the file neither read nor written).
 //   Calibration::estimate  no timing: forward ∝ (parameters + in + out) ·
-//                          batch, backward and inverse twice that;
-//                          deterministic.
+//                          batch, backward, inverse and sweep twice that,
+//                          cotangent once; deterministic.
 //
 // The file: ${MOONWALK_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/moonwalk}/
-// layer-costs-v3.tsv, one line per (machine, build, scalar, batch, layer):
-// tab-separated key fields, then forward, backward and inverse seconds
-// ("inf": no inverse). (The name's version moves when what a timing means
-// does: v3 times inverses through inverse_into.) It is
+// layer-costs-v4.tsv, one line per (machine, build, scalar, batch, layer):
+// tab-separated key fields, then forward, backward, inverse ("inf": no
+// inverse), cotangent and sweep seconds. (The name's version moves when what
+// a timing means does: v3 timed inverses through inverse_into, v4 adds
+// Moonwalk's steps.) It is
 // rewritten whole (a temporary file renamed over it, so a reader never sees
 // half of it); lines it cannot read are dropped. MOONWALK_COST_CACHE=0
 // turns it off (cached then measures every time). A cache that cannot be
@@ -90,7 +96,7 @@ inline std::filesystem::path cost_cache_file() {
   } else {
     return {};
   }
-  return dir / "layer-costs-v3.tsv";
+  return dir / "layer-costs-v4.tsv";
 }
 
 /// This machine and build, as the cost file keys them: the CPU's model name,
@@ -116,9 +122,10 @@ inline const std::string& machine_key() {
 /// One layer's timed steps, in seconds (inverse: +∞ where it has none).
 struct LayerSeconds {
   double forward = 0, backward = 0, inverse = std::numeric_limits<double>::infinity();
+  double cotangent = 0, sweep = 0;
 };
 
-/// The cost file as a map from its key (every field but the last three,
+/// The cost file as a map from its key (every field but the last five,
 /// tab-joined) to the layer's seconds; unreadable lines are skipped.
 using CostTable = std::map<std::string, LayerSeconds>;
 
@@ -127,9 +134,9 @@ inline CostTable read_cost_file(const std::filesystem::path& file) {
   std::ifstream in(file);
   for (std::string line; std::getline(in, line);) {
     std::size_t cut = line.size();
-    double v[3];
+    double v[5];
     bool ok = true;
-    for (int f = 2; f >= 0 && ok; --f) {
+    for (int f = 4; f >= 0 && ok; --f) {
       const auto tab = cut == 0 ? std::string::npos : line.rfind('\t', cut - 1);
       if (tab == std::string::npos || tab == 0) {
         ok = false;
@@ -141,7 +148,7 @@ inline CostTable read_cost_file(const std::filesystem::path& file) {
       ok = end != field.c_str() && !*end && v[f] >= 0 && (f == 2 || std::isfinite(v[f]));
       cut = tab;
     }
-    if (ok) t[line.substr(0, cut)] = {v[0], v[1], v[2]};
+    if (ok) t[line.substr(0, cut)] = {v[0], v[1], v[2], v[3], v[4]};
   }
   return t;
 }
@@ -162,9 +169,10 @@ inline bool write_cost_file(const std::filesystem::path& file, const CostTable& 
     for (const auto& [k, v] : t) {
       out << k << '\t' << v.forward << '\t' << v.backward << '\t';
       if (std::isfinite(v.inverse))
-        out << v.inverse << '\n';
+        out << v.inverse;
       else
-        out << "inf\n";
+        out << "inf";
+      out << '\t' << v.cotangent << '\t' << v.sweep << '\n';
     }
     out.close();
     if (!out) {
@@ -177,6 +185,43 @@ inline bool write_cost_file(const std::filesystem::path& file, const CostTable& 
   std::error_code ignored;
   std::filesystem::remove(tmp, ignored);
   return false;
+}
+
+/// Moonwalk's sizes on `c`: each layer's crossing (sweep_mode), and the
+/// bytes of its residual r_i = save_residual(x_i) and, where the sweep
+/// crosses it by a fragment, of φ_i = save_fragment(r_i, h) for a cotangent
+/// h of its output's shape (its size is set by r_i), on x0 carried through the
+/// chain in two buffers mapped outside the heap (core/mapped.hpp).
+template <Net N>
+void moonwalk_sizes(N& net, const CRef<typename N::scalar_type>& x0, ChainCosts& c) {
+  using S = typename N::scalar_type;
+  const std::size_t L = net.size();
+  const Index batch = x0.cols();
+  c.crossing.assign(L, CotangentKeep::none);
+  c.residual_bytes.assign(L, 0);
+  c.fragment_bytes.assign(L, 0);
+  Index widest = 0;
+  for (std::size_t i = 0; i < L; ++i)
+    net.visit(i, [&](const auto& l) { widest = std::max(widest, l.out_features()); });
+  MappedArray<S> xb[2];
+  for (auto& b : xb) b.resize(static_cast<std::size_t>(widest * batch));
+  for (std::size_t i = 0; i < L; ++i)
+    net.visit(i, [&](const auto& l) {
+      using Lyr = std::remove_cvref_t<decltype(l)>;
+      const CRef<S> x =
+          i == 0 ? CRef<S>(x0)
+                 : CRef<S>(Eigen::Map<const Matrix<S>>(xb[(i + 1) % 2].data(), l.in_features(), batch));
+      Eigen::Map<Matrix<S>> y(xb[i % 2].data(), l.out_features(), batch);
+      moonwalk::forward_into(l, x, y);
+      const SweepMode m = sweep_mode(l);
+      c.crossing[i] = m == SweepMode::vijp       ? CotangentKeep::none
+                      : m == SweepMode::fragment ? CotangentKeep::fragment
+                                                 : CotangentKeep::anchor;
+      const residual_t<Lyr> r = moonwalk::save_residual(l, x);
+      c.residual_bytes[i] = nbytes(r);
+      if constexpr (Fragmental<Lyr>)
+        if (m == SweepMode::fragment) c.fragment_bytes[i] = nbytes(l.save_fragment(r, Matrix<S>(y)));
+    });
 }
 
 /// The least of `reps` timings of f(), in seconds.
@@ -212,6 +257,9 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
   c.backward.assign(net.size(), 0);
   c.inverse.assign(net.size(), std::numeric_limits<double>::infinity());
   c.branch_bytes.assign(net.size(), 0);
+  c.cotangent.assign(net.size(), 0);
+  c.sweep.assign(net.size(), 0);
+  detail::moonwalk_sizes(net, x0, c);
   std::vector<char> invertible(net.size(), 0);
   for (std::size_t i = 0; i < net.size(); ++i)
     net.visit(i, [&](const auto& l) {
@@ -226,6 +274,8 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
             1e-9 * static_cast<double>((l.num_params() + l.in_features() + l.out_features()) * batch);
         c.backward[i] = 2 * c.forward[i];
         if (invertible[i]) c.inverse[i] = 2 * c.forward[i];
+        c.cotangent[i] = c.forward[i];
+        c.sweep[i] = 2 * c.forward[i];
       });
     return c;
   }
@@ -250,14 +300,16 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
         c.forward[i] = it->second.forward;
         c.backward[i] = it->second.backward;
         if (invertible[i]) c.inverse[i] = it->second.inverse;
+        c.cotangent[i] = it->second.cotangent;
+        c.sweep[i] = it->second.sweep;
       } else {
         last_missing = i;
       }
     });
   if (last_missing == net.size()) return c;  // (every layer known: nothing run, nothing allocated)
   // Up to the last layer to time: x_i (x_0 the caller's) and x_{i+1}
-  // alternate between two buffers; h and J_iᵀ h between two more.
-  detail::Buffer<S> xb[2], hb[2];
+  // alternate between two buffers; h, J_iᵀ h and the sweep's h_{i+1} take three more.
+  detail::Buffer<S> xb[2], hb[3];
   for (std::size_t i = 0; i <= last_missing; ++i)
     net.visit(i, [&](auto& l) {
       const CRef<S> x = i == 0 ? CRef<S>(x0) : CRef<S>(xb[(i + 1) % 2].view(l.in_features(), batch));
@@ -286,13 +338,49 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
             moonwalk::inverse_into(l, CRef<S>(y), xr);
           });
         }
-      table[keys[i]] = {c.forward[i], c.backward[i], c.inverse[i]};
+      // Moonwalk's steps: the cotangent step from r_i; the sweep step as
+      // the layer's crossing makes it (a vijp derives its factorisation
+      // anew, as each training step does).
+      residual_t<Lyr> r;
+      moonwalk::save_residual_into(l, x, r);
+      c.cotangent[i] = detail::least_seconds(3, [&] { moonwalk::vjp_residual_into(l, r, hc, hin); });
+      const CRef<S> hx = hin;
+      auto hy = hb[2].view(l.out_features(), batch);
+      switch (c.crossing[i]) {
+        case CotangentKeep::none:
+          if constexpr (Submersive<Lyr>)
+            c.sweep[i] = detail::least_seconds(3, [&] {
+              moonwalk::release_derived(l);
+              moonwalk::vijp_into(l, x, hx, hy);
+              moonwalk::accumulate_vjp_params(l, x, hc);
+            });
+          break;
+        case CotangentKeep::fragment:
+          if constexpr (Fragmental<Lyr>) {
+            const auto f = l.save_fragment(r, Matrix<S>(hc));
+            c.sweep[i] = detail::least_seconds(3, [&] {
+              hy = l.vijp_with_fragment(x, hx, f);
+              moonwalk::accumulate_vjp_params(l, x, hc);
+            });
+          }
+          break;
+        case CotangentKeep::anchor:
+          c.sweep[i] = detail::least_seconds(3, [&] {
+            moonwalk::vjp_into(l, x, hc, hb[2].view(l.in_features(), batch));
+            moonwalk::accumulate_vjp_params(l, x, hc);
+          });
+          break;
+      }
+      moonwalk::release_derived(l);
+      table[keys[i]] = {c.forward[i], c.backward[i], c.inverse[i], c.cotangent[i], c.sweep[i]};
     });
   for (std::size_t i = 0; i <= last_missing; ++i) {  // (a layer whose twin was timed above it)
     const detail::LayerSeconds& t = table.at(keys[i]);
     c.forward[i] = t.forward;
     c.backward[i] = t.backward;
     if (invertible[i]) c.inverse[i] = t.inverse;
+    c.cotangent[i] = t.cotangent;
+    c.sweep[i] = t.sweep;
   }
   if (!file.empty()) (void)detail::write_cost_file(file, table);
   return c;
