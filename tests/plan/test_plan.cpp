@@ -563,6 +563,124 @@ TEST_CASE("The plan report: per-layer fates, bytes and times that add up to the 
                     Catch::Contains("2 layer names for 3 layers"));
 }
 
+namespace {
+
+/// The Moonwalk-rooted plans of every top t (layers 0 … t−1 by Moonwalk,
+/// the program's best plan of layers t … L−1 within what is left above
+/// them), each checked on `c`: the least time of those that fit `budget`
+/// (+∞: none), by brute force over t.
+double best_moonwalk_root(const ChainCosts& c, std::size_t budget, const MoonwalkMove& mw) {
+  const std::size_t L = c.layers(), s0 = mw.input_gradient ? 0 : 1;
+  double best = std::numeric_limits<double>::infinity();
+  for (std::size_t t = s0 + 1; t <= L; ++t) {
+    // The keeps: the layers' crossings, the anchor at t − 1, the policy's anchors walking down.
+    std::vector<CotangentKeep> keep(L, CotangentKeep::none);
+    detail::AnchorPlanner anchors(mw.anchor_budget);
+    for (std::size_t j = t; j-- > s0;) {
+      keep[j] = j + 1 == t && t < L  ? CotangentKeep::anchor
+                : c.crossing.empty() ? CotangentKeep::none
+                                     : c.crossing[j];
+      if (keep[j] == CotangentKeep::anchor)
+        anchors.restart();
+      else if (anchors.place(c.sweep_gamma.empty() ? 1.0 : c.sweep_gamma[j]))
+        keep[j] = CotangentKeep::anchor;
+    }
+    std::size_t residuals = 0;
+    for (std::size_t j = s0; j < t; ++j) residuals += c.residual(j);
+    Plan p{.layers = L, .input_role = ValueRole::temporary, .steps = {}, .origin = "brute force"};
+    for (std::size_t i = 0; i < t; ++i)
+      p.steps.push_back({PlanOp::forward, i,
+                         i + 1 < t ? ValueRole::temporary
+                         : t < L   ? ValueRole::checkpoint
+                                   : ValueRole::operand,
+                         i >= s0, CotangentKeep::none});
+    if (t < L) {
+      ChainCosts above;  // layers t … L−1, x_t its input
+      above.value_bytes.assign(c.value_bytes.begin() + static_cast<std::ptrdiff_t>(t), c.value_bytes.end());
+      above.forward.assign(c.forward.begin() + static_cast<std::ptrdiff_t>(t), c.forward.end());
+      above.backward.assign(c.backward.begin() + static_cast<std::ptrdiff_t>(t), c.backward.end());
+      above.loss = c.loss;
+      if (budget < c.value_bytes[t] + residuals) continue;
+      const std::size_t free = budget - c.value_bytes[t] - residuals;
+      if (free < least_held_bytes(above)) continue;
+      for (PlanStep st : plan_within(above, free).steps) {
+        st.layer += t;
+        p.steps.push_back(st);
+      }
+    } else {
+      p.steps.push_back({PlanOp::loss, L});
+    }
+    for (std::size_t j = t; j-- > s0;)
+      p.steps.push_back({PlanOp::cotangent, j, ValueRole::temporary, false, keep[j]});
+    for (std::size_t i = 0; i < t; ++i) {
+      p.steps.push_back({PlanOp::sweep, i});
+      if (i + 1 < t || t == L)
+        p.steps.push_back({PlanOp::forward, i,
+                           i + 1 == L || (i + 2 == t && t < L) ? ValueRole::operand : ValueRole::temporary});
+    }
+    if (t == L) p.steps.push_back({PlanOp::loss, L});
+    const PlanFigures f = check_plan(p, c);
+    if (f.peak_held_bytes <= budget) best = std::min(best, f.seconds);
+  }
+  return best;
+}
+
+}  // namespace
+
+TEST_CASE("The planner reverses the bottom of the chain by Moonwalk where that is fastest in the budget",
+          "[plan][planner][moonwalk]") {
+  const std::size_t L = 12;
+  ChainCosts c;
+  c.value_bytes.assign(L + 1, 10);
+  c.forward.assign(L, 1);
+  c.backward.assign(L, 2);
+  c.loss = 0.5;
+  c.residual_bytes.assign(L, 1);
+  c.fragment_bytes.assign(L, 0);
+  c.crossing.assign(L, CotangentKeep::none);
+  c.cotangent.assign(L, 0.5);
+  c.sweep.assign(L, 1);
+  std::size_t chosen = 0, declined = 0;
+  for (int variant = 0; variant < 4; ++variant) {
+    MoonwalkMove mw{.enabled = true, .input_gradient = variant % 2 == 1, .anchor_budget = 0};
+    if (variant >= 2) {  // anchors: by the error model, and where a layer needs a fragment or an anchor
+      c.sweep_gamma.assign(L, 2.0);
+      c.sweep_gamma[5] = 0.5;
+      mw.anchor_budget = 7;
+      c.crossing[3] = CotangentKeep::fragment;
+      c.fragment_bytes[3] = 3;
+      c.crossing[6] = CotangentKeep::anchor;
+    }
+    for (std::size_t budget = least_held_bytes(c); budget <= 100; ++budget) {
+      INFO("variant " << variant << ", budget " << budget);
+      const Plan with = plan_within(c, budget, 1u << 20, mw);
+      const Plan without = plan_within(c, budget);
+      INFO(plan_text(with));
+      const PlanFigures f = check_plan(with, c), g = check_plan(without, c);
+      CHECK(f.peak_held_bytes <= budget);
+      CHECK(f.seconds <= g.seconds + 1e-9);
+      // The least of the program's plan and every Moonwalk-rooted plan.
+      const double best = std::min(g.seconds, best_moonwalk_root(c, budget, mw));
+      CHECK(f.seconds == Approx(best).epsilon(1e-6));
+      if (with.count(PlanOp::cotangent) > 0 || with.count(PlanOp::sweep) > 0) {
+        ++chosen;
+        CHECK(f.seconds < g.seconds);
+        CHECK(with.count(PlanOp::backward) + with.count(PlanOp::sweep) == L);
+      } else {
+        ++declined;
+        CHECK(with.steps == without.steps);
+      }
+    }
+    // Unlimited: backprop, where Moonwalk's steps cost more than its backward steps.
+    ChainCosts slow = c;
+    slow.sweep.assign(L, 2);
+    CHECK(plan_within(slow, 1000, 1u << 20, mw).steps == plan_within(slow, 1000).steps);
+    CHECK(plan_within(slow, 1000).steps == backprop_plan(L).steps);
+  }
+  CHECK(chosen > 10);
+  CHECK(declined > 10);
+}
+
 TEST_CASE("The planner on longer chains: within budget, never slower than binomial checkpointing",
           "[plan][planner]") {
   // Equal sizes and times: the planner's forward steps at c slots' memory

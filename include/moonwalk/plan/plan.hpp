@@ -226,6 +226,10 @@ struct ChainCosts {
   std::vector<CotangentKeep> crossing{};
   std::vector<double> cotangent{};
   std::vector<double> sweep{};
+  /// The typical amplification γ_i of the sweep across layer i
+  /// (core/amplification.hpp; empty: 1 each), for the anchors the planner
+  /// places where the error model (P) would pass its budget (plan_within).
+  std::vector<double> sweep_gamma{};
 
   /// γ of layer i's inverse step (1 where none is given; NaN or < 0: +∞).
   [[nodiscard]] double gamma(std::size_t i) const {
@@ -297,6 +301,7 @@ struct ChainCosts {
     sized(crossing.size(), "crossings");
     sized(cotangent.size(), "cotangent times");
     sized(sweep.size(), "sweep times");
+    sized(sweep_gamma.size(), "sweep amplifications");
     auto ok = [](double t) { return std::isfinite(t) && t >= 0; };
     auto ok_at = [&](const std::vector<double>& t, std::size_t i) { return i >= t.size() || ok(t[i]); };
     for (std::size_t i = 0; i < n; ++i)

@@ -37,6 +37,24 @@
 // of them (exact), else a multiple of g that cuts the budget into at most M
 // units and wastes the fewest bytes rounding (sizes rounded up, so a plan
 // that fits in units fits in bytes).
+//
+// Moonwalk (MoonwalkMove) adds, at the root, the plan that reverses the
+// bottom layers 0 … t−1 by Moonwalk (moonwalk_plan): the advance to x_t
+// keeps their residuals R_t, the program reverses t … L−1 from x_t in what
+// is left, C(t, L+1, m − s_t − R_t), cotangent steps carry h_t down to h_s
+// (s = 0 with the input gradient, else 1) keeping the fragments and anchors
+// the sweep needs — an anchor where a layer has neither vijp nor fragment,
+// at layer t−1 (h_t: the sweep's check, for t < L) and where the error
+// model (P) of fidelity/policy.hpp, walking down from t−1 with the layers'
+// γ (ChainCosts::sweep_gamma), would pass the move's anchor budget — and
+// the sweep climbs back, recomputing x_1 … x_{t−1}:
+//
+//   Σ_{j<t} f_j + C(t, L+1, m − s_t − R_t) + Σ_{s≤j<t} (cotangent_j)
+//     + Σ_{j<t} sweep_j + Σ_{j<t−1} f_j          (t = L: + ℓ + f_{L−1} + ℓ)
+//
+// where the advance, the cotangent steps and the sweep fit in m. Its
+// cotangents cannot carry on below t once swept, so Moonwalk takes the
+// bottom of the chain only.
 #pragma once
 
 #include <algorithm>
@@ -49,6 +67,7 @@
 #include <vector>
 
 #include "moonwalk/core/mapped.hpp"
+#include "moonwalk/fidelity/policy.hpp"
 #include "moonwalk/plan/plan.hpp"
 
 namespace moonwalk {
@@ -68,13 +87,28 @@ inline std::size_t least_held_bytes(const ChainCosts& c) {
 inline constexpr std::size_t kPlannerEntryBytes =
     sizeof(float) + sizeof(std::uint16_t) + sizeof(std::uint8_t);
 
+/// Moonwalk's move for the planner (the top of this file).
+struct MoonwalkMove {
+  /// Plans may reverse the bottom of the chain by Moonwalk (c's cotangent
+  /// and sweep times, residual and fragment sizes and crossings apply).
+  bool enabled = false;
+  /// The cotangent steps go down to h_0 (layer 0 keeps its residual), else to h_1.
+  bool input_gradient = false;
+  /// The anchors' budget: the largest Σ Π γ a swept segment may reach
+  /// (fidelity/policy.hpp's AnchorPlanner: margin · tolerance / (c · u));
+  /// 0: anchors only where the layers need them.
+  double anchor_budget = 0;
+};
+
 /// The plan of least predicted time (check_plan with c's times) whose held
 /// values (x_0 excluded) never take more than `held_budget` bytes, found by
 /// the dynamic program above with about max(table_entries, 9 · (L+1)(L+2)/2)
 /// entries of kPlannerEntryBytes (up to 16 times more when rounding to the
 /// coarser unit leaves no plan, before the plan holding nothing but x_0).
-/// Throws ScheduleError when held_budget < least_held_bytes(c).
-inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_t table_entries = 1u << 20) {
+/// Throws ScheduleError when held_budget < least_held_bytes(c). With `mw`
+/// enabled, the plan may reverse the bottom of the chain by Moonwalk.
+inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_t table_entries = 1u << 20,
+                        const MoonwalkMove& mw = {}) {
   c.check();
   const std::size_t L = c.layers();
   const std::size_t least = least_held_bytes(c);
@@ -111,8 +145,10 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   for (std::size_t j = L; j-- > 0;) rebuildable[j] = c.invertible(j) ? rebuildable[j + 1] : j;
   for (std::size_t i = 0; i < L; ++i)
     if (c.branches(i) > 0) g = std::gcd(g, c.branches(i));
+  if (mw.enabled)  // (what Moonwalk keeps, in the same units)
+    for (std::size_t i = 0; i < L; ++i) g = std::gcd(std::gcd(g, c.residual(i)), c.fragment(i));
 
-  std::size_t units = 0;
+  std::size_t units = 0, unit_bytes = 1;
   std::vector<std::size_t> s(n + 1), bsum(n + 1, 0);  // bsum[k]: Σ_{j<k} branch bits (units)
   // (the table: mapped on its own, so that its pages go back to the kernel
   // when planning ends and leave no hole in the heap the step allocates from)
@@ -140,6 +176,8 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
         std::size_t w = budget % u;
         for (std::size_t i = 0; i <= L; ++i) w += up(c.value_bytes[i]);
         for (std::size_t i = 0; i < L; ++i) w += up(c.branches(i));
+        if (mw.enabled)
+          for (std::size_t i = 0; i < L; ++i) w += up(c.residual(i)) + up(c.fragment(i));
         return w;
       };
       std::size_t least_waste = waste(unit);
@@ -153,6 +191,7 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
       consider(std::bit_ceil(k0));
     }
     units = budget / unit;
+    unit_bytes = unit;
     for (std::size_t i = 0; i <= L; ++i) s[i] = (c.value_bytes[i] + unit - 1) / unit;
     for (std::size_t i = 0; i < L; ++i) bsum[i + 1] = bsum[i] + (c.branches(i) + unit - 1) / unit;
     bsum[n] = bsum[L];
@@ -218,8 +257,114 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   for (int finer = 0; !found && finer < 2 && M < 4096; ++finer)
     found = solve(M = std::min<std::size_t>(4 * M, 4096));
 
+  // Moonwalk at the root (the top of this file): the best top t, its keeps
+  // and what its residuals leave the program above.
+  std::size_t mw_top = 0, mw_free = 0;
+  double mw_seconds = std::numeric_limits<double>::infinity();
+  std::vector<CotangentKeep> mw_keep(L, CotangentKeep::none), keep(L, CotangentKeep::none);
+  const std::size_t s0 = mw.input_gradient ? 0 : 1;
+  if (mw.enabled) {
+    auto up = [&](std::size_t bytes) { return (bytes + unit_bytes - 1) / unit_bytes; };
+    auto seconds = [](const std::vector<double>& t, std::size_t i) { return i < t.size() ? t[i] : 0.0; };
+    std::vector<std::size_t> kept(L, 0);  // units cotangent(j) keeps
+    for (std::size_t t = s0 + 1; t <= L; ++t) {
+      detail::AnchorPlanner anchors(mw.anchor_budget);
+      for (std::size_t j = t; j-- > s0;) {  // (as the executor walks down: plan/executor.hpp)
+        CotangentKeep k = j + 1 == t && t < L     ? CotangentKeep::anchor
+                          : j < c.crossing.size() ? c.crossing[j]
+                                                  : CotangentKeep::none;
+        if (k == CotangentKeep::anchor)
+          anchors.restart();
+        else if (anchors.place(j < c.sweep_gamma.size() ? c.sweep_gamma[j] : 1.0))
+          k = CotangentKeep::anchor;
+        keep[j] = k;
+        kept[j] = k == CotangentKeep::anchor     ? s[j + 1]
+                  : k == CotangentKeep::fragment ? up(c.fragment(j))
+                                                 : 0;
+      }
+      std::size_t r = 0, peak = 0;  // the advance: x_i, x_{i+1} and the residuals so far
+      for (std::size_t i = 0; i < t; ++i) {
+        if (i >= s0) r += up(c.residual(i));
+        peak = std::max(peak, (i > 0 ? s[i] : 0) + s[i + 1] + r);
+      }
+      if (peak > units) continue;
+      const std::size_t free = units - s[t] - r;  // (the advance's last step held x_t and r)
+      const double above = t < L ? static_cast<double>(cost[at(t, n, free)]) : c.loss;
+      if (!std::isfinite(above)) continue;
+      std::size_t k = 0;  // cotangent(j): r_s … r_j and the keeps of j … t−1
+      for (std::size_t j = t; j-- > s0;) {
+        k += kept[j];
+        peak = std::max(peak, r + k);
+        r -= up(c.residual(j));
+      }
+      for (std::size_t i = 0; i < t; ++i) {  // sweep(i) frees its keep; forward(i): x_i, x_{i+1}
+        if (i >= s0) k -= kept[i];
+        if (i + 1 < t || t == L) peak = std::max(peak, (i > 0 ? s[i] : 0) + s[i + 1] + k);
+      }
+      if (peak > units) continue;
+      double time = fsum[t] + above + (t == L ? fsum[L] + c.loss : fsum[t - 1]);
+      for (std::size_t j = 0; j < t; ++j)
+        time += (j >= s0 ? seconds(c.cotangent, j) : 0) + seconds(c.sweep, j);
+      if (time < mw_seconds) {
+        mw_seconds = time;
+        mw_top = t;
+        mw_free = free;
+        mw_keep = keep;
+      }
+    }
+  }
+  const bool moonwalk = mw_top > 0 && !(found && static_cast<double>(cost[at(0, n, units)]) <= mw_seconds);
+
   Plan p{.layers = L, .input_role = ValueRole::checkpoint, .steps = {}, .origin = "planner"};
-  if (!found) {
+  // The program's plan of segment [a, b) in m units.
+  auto emit = [&](auto& self, std::size_t a, std::size_t b, std::size_t m) -> void {
+    if (b == a + 1) {
+      p.steps.push_back(a == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, a});
+      return;
+    }
+    const std::size_t k = split[at(a, b, m)];
+    if (!rebuilt[at(a, b, m)]) {
+      for (std::size_t j = a; j < k; ++j)
+        p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary});
+      self(self, k, b, m - s[k]);
+      self(self, a, k, m);
+      return;
+    }
+    for (std::size_t j = a; j < k; ++j)
+      p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary,
+                         j >= a + 2 && c.branches(j) > 0});
+    self(self, k, b, m - s[k] - (bsum[k] - bsum[a + 2]));
+    p.steps.pop_back();  // (backward(k), or the loss: it follows inverse(k − 1))
+    for (std::size_t j = k; j >= a + 2; --j) {
+      p.steps.push_back({PlanOp::inverse, j - 1, ValueRole::rebuilt});
+      p.steps.push_back(j == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, j});
+    }
+    p.steps.push_back({PlanOp::forward, a, ValueRole::operand});  // the check
+    p.steps.push_back({PlanOp::backward, a + 1});
+    p.steps.push_back({PlanOp::backward, a});
+  };
+  if (moonwalk) {
+    const std::size_t t = mw_top;
+    for (std::size_t i = 0; i < t; ++i)
+      p.steps.push_back({PlanOp::forward, i,
+                         i + 1 < t ? ValueRole::temporary
+                         : t < L   ? ValueRole::checkpoint
+                                   : ValueRole::operand,
+                         i >= s0, CotangentKeep::none});
+    if (t < L)
+      emit(emit, t, n, mw_free);
+    else
+      p.steps.push_back({PlanOp::loss, L});
+    for (std::size_t j = t; j-- > s0;)
+      p.steps.push_back({PlanOp::cotangent, j, ValueRole::temporary, false, mw_keep[j]});
+    for (std::size_t i = 0; i < t; ++i) {
+      p.steps.push_back({PlanOp::sweep, i});
+      if (i + 1 < t || t == L)
+        p.steps.push_back({PlanOp::forward, i,
+                           i + 1 == L || (i + 2 == t && t < L) ? ValueRole::operand : ValueRole::temporary});
+    }
+    if (t == L) p.steps.push_back({PlanOp::loss, L});
+  } else if (!found) {
     // Rounding to units lost the tightest plans: hold nothing but x_0.
     for (std::size_t j = L + 1; j-- > 0;) {
       for (std::size_t i = 0; i < j; ++i)
@@ -227,32 +372,6 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
       p.steps.push_back(j == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, j});
     }
   } else {
-    auto emit = [&](auto& self, std::size_t a, std::size_t b, std::size_t m) -> void {
-      if (b == a + 1) {
-        p.steps.push_back(a == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, a});
-        return;
-      }
-      const std::size_t k = split[at(a, b, m)];
-      if (!rebuilt[at(a, b, m)]) {
-        for (std::size_t j = a; j < k; ++j)
-          p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary});
-        self(self, k, b, m - s[k]);
-        self(self, a, k, m);
-        return;
-      }
-      for (std::size_t j = a; j < k; ++j)
-        p.steps.push_back({PlanOp::forward, j, j + 1 == k ? ValueRole::checkpoint : ValueRole::temporary,
-                           j >= a + 2 && c.branches(j) > 0});
-      self(self, k, b, m - s[k] - (bsum[k] - bsum[a + 2]));
-      p.steps.pop_back();  // (backward(k), or the loss: it follows inverse(k − 1))
-      for (std::size_t j = k; j >= a + 2; --j) {
-        p.steps.push_back({PlanOp::inverse, j - 1, ValueRole::rebuilt});
-        p.steps.push_back(j == L ? PlanStep{PlanOp::loss, L} : PlanStep{PlanOp::backward, j});
-      }
-      p.steps.push_back({PlanOp::forward, a, ValueRole::operand});  // the check
-      p.steps.push_back({PlanOp::backward, a + 1});
-      p.steps.push_back({PlanOp::backward, a});
-    };
     emit(emit, 0, n, units);
   }
   // Roles for the report: a held value from which no forward step runs is an
@@ -278,7 +397,9 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
       settle(st.layer);
     }
   }
-  p.input_role = uses[0] <= 1 ? ValueRole::activation : ValueRole::checkpoint;
+  p.input_role = moonwalk       ? ValueRole::temporary  // (nothing of x_0 is kept: the caller's)
+                 : uses[0] <= 1 ? ValueRole::activation
+                                : ValueRole::checkpoint;
   // (x_L: created by the last forward to it, read by the loss: an operand.)
   for (auto& st : p.steps)
     if (st.op == PlanOp::forward && st.layer + 1 == L) st.output = ValueRole::operand;
