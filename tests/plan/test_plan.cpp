@@ -567,8 +567,9 @@ namespace {
 
 /// The Moonwalk-rooted plans of every top t (layers 0 … t−1 by Moonwalk,
 /// the program's best plan of layers t … L−1 within what is left above
-/// them), each checked on `c`: the least time of those that fit `budget`
-/// (+∞: none), by brute force over t.
+/// them), each checked on `c`: the least time of those whose values, with
+/// every residual and keep beside them, fit `budget` (+∞: none), by brute
+/// force over t.
 double best_moonwalk_root(const ChainCosts& c, std::size_t budget, const MoonwalkMove& mw) {
   const std::size_t L = c.layers(), s0 = mw.input_gradient ? 0 : 1;
   double best = std::numeric_limits<double>::infinity();
@@ -585,8 +586,12 @@ double best_moonwalk_root(const ChainCosts& c, std::size_t budget, const Moonwal
       else if (anchors.place(c.sweep_gamma.empty() ? 1.0 : c.sweep_gamma[j]))
         keep[j] = CotangentKeep::anchor;
     }
-    std::size_t residuals = 0;
-    for (std::size_t j = s0; j < t; ++j) residuals += c.residual(j);
+    // Residuals and keeps, counted through the run (as the executor holds their buffers).
+    std::size_t held = 0;
+    for (std::size_t j = s0; j < t; ++j)
+      held += c.residual(j) + (keep[j] == CotangentKeep::anchor     ? c.value_bytes[j + 1]
+                               : keep[j] == CotangentKeep::fragment ? c.fragment(j)
+                                                                    : 0);
     Plan p{.layers = L, .input_role = ValueRole::temporary, .steps = {}, .origin = "brute force"};
     for (std::size_t i = 0; i < t; ++i)
       p.steps.push_back({PlanOp::forward, i,
@@ -600,8 +605,8 @@ double best_moonwalk_root(const ChainCosts& c, std::size_t budget, const Moonwal
       above.forward.assign(c.forward.begin() + static_cast<std::ptrdiff_t>(t), c.forward.end());
       above.backward.assign(c.backward.begin() + static_cast<std::ptrdiff_t>(t), c.backward.end());
       above.loss = c.loss;
-      if (budget < c.value_bytes[t] + residuals) continue;
-      const std::size_t free = budget - c.value_bytes[t] - residuals;
+      if (budget < c.value_bytes[t] + held) continue;
+      const std::size_t free = budget - c.value_bytes[t] - held;
       if (free < least_held_bytes(above)) continue;
       for (PlanStep st : plan_within(above, free).steps) {
         st.layer += t;
@@ -620,7 +625,7 @@ double best_moonwalk_root(const ChainCosts& c, std::size_t budget, const Moonwal
     }
     if (t == L) p.steps.push_back({PlanOp::loss, L});
     const PlanFigures f = check_plan(p, c);
-    if (f.peak_held_bytes <= budget) best = std::min(best, f.seconds);
+    if (f.peak_value_bytes + held <= budget) best = std::min(best, f.seconds);
   }
   return best;
 }

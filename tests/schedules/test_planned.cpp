@@ -64,15 +64,19 @@ TEMPLATE_TEST_CASE(
     const Matrix<S> t = moonwalk_test::random_batch<S>(a.out, a.batch, seed + 2);
     const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
     const auto [full, least_values] = budget_range(net, a.batch, true);
-    const Planned tightest{.calibration = Calibration::estimate, .input_gradient = true, .invert = false};
+    const Planned tightest{
+        .calibration = Calibration::estimate, .input_gradient = true, .invert = false, .moonwalk = false};
     const std::size_t least = tightest.smallest_budget(net, x);
     CHECK(least >= least_values);
     CHECK(least <= full);
     for (const std::size_t budget :
          {std::size_t{0}, full, (full + least) / 2, least + (full - least) / 8, least}) {
       INFO("budget " << budget << " (backprop's plan " << full << ", least " << least << ")");
-      const Planned p{
-          .budget = budget, .calibration = Calibration::estimate, .input_gradient = true, .invert = false};
+      const Planned p{.budget = budget,
+                      .calibration = Calibration::estimate,
+                      .input_gradient = true,
+                      .invert = false,
+                      .moonwalk = false};
       const auto r = gradient(p, net, x, MSE<S>{}, t);
       CHECK(r.gradient == ref.gradient);
       CHECK(r.h0 == ref.h0);
@@ -87,8 +91,11 @@ TEMPLATE_TEST_CASE(
       if (budget > 0) CHECK(predicted <= static_cast<double>(budget));
       if (budget == 0 || budget == full) CHECK(r.stats.figures.at("recomputed_forwards") == 0);
     }
-    const Planned below{
-        .budget = least - 1, .calibration = Calibration::estimate, .input_gradient = true, .invert = false};
+    const Planned below{.budget = least - 1,
+                        .calibration = Calibration::estimate,
+                        .input_gradient = true,
+                        .invert = false,
+                        .moonwalk = false};
     CHECK_THROWS_WITH(gradient(below, net, x, MSE<S>{}, t),
                       Catch::Contains("planned: no plan") &&
                           Catch::Contains(detail::cat("the smallest budget is ", least, " bytes")));
@@ -119,9 +126,11 @@ TEST_CASE(
   const PlanFigures fb = check_plan(binomial_plan(L, 4), costs.value_bytes, costs.forward, costs.backward);
   const auto [full, least] = budget_range(net, B, false);
   const std::size_t fixed = least - 2 * 16 * B * sizeof(S);
-  const auto planned = gradient(
-      Planned{.budget = fixed + fb.peak_held_bytes, .calibration = Calibration::estimate, .invert = false},
-      net, x, MSE<S>{}, t);
+  const auto planned = gradient(Planned{.budget = fixed + fb.peak_held_bytes,
+                                        .calibration = Calibration::estimate,
+                                        .invert = false,
+                                        .moonwalk = false},
+                                net, x, MSE<S>{}, t);
   CHECK(planned.gradient == bin.gradient);
   CHECK(planned.stats.figures.at("predicted_seconds") <= fb.seconds * (1 + 1e-6));
   CHECK(planned.stats.figures.at("recomputed_forwards") > 0);
@@ -243,6 +252,61 @@ TEST_CASE("planned by name, with its budget; the plan is made once per shape",
   const Matrix<S> x2 = gaussian<S>(8, 9, 3), t2 = gaussian<S>(2, 9, 4);
   with_schedule(c, net.size(), [&](const auto& s) { gradient_into(s, net, x2, MSE<S>{}, t2, r); });
   CHECK(r.gradient == gradient(Backprop{}, net, x2, MSE<S>{}, t2).gradient);
+}
+
+TEST_CASE("planned reverses the bottom of the chain by Moonwalk where that is fastest in the budget",
+          "[schedules][planned][moonwalk]") {
+  // 24 orthogonal Linear + LeakyReLU(0.5) pairs in double: a LeakyReLU keeps
+  // one bit per element, a Linear nothing, and γ stays small (few anchors).
+  using S = double;
+  std::string spec = "in:32";
+  for (int i = 0; i < 24; ++i) spec += ",linear:32,leaky_relu:0.5";
+  spec += ",linear:4";
+  auto net = parse_network<S>(spec, 7);
+  const Index B = 64;
+  const Matrix<S> x = gaussian<S>(32, B, 1), t = gaussian<S>(4, B, 2);
+  for (const bool h0 : {false, true})
+    for (const bool invert : {false, true}) {  // (these layers invert: the planner may prefer that)
+      INFO("h_0 " << h0 << ", invert " << invert);
+      const auto ref = gradient(Backprop{.input_gradient = h0}, net, x, MSE<S>{}, t);
+      const Planned probe{.calibration = Calibration::estimate, .input_gradient = h0, .moonwalk = false};
+      const std::size_t least = probe.smallest_budget(net, x), value = 32 * B * sizeof(S);
+      std::size_t swept = 0;
+      for (const std::size_t budget :
+           {least + value / 2, least + value, least + 3 * value, least + 8 * value}) {
+        INFO("budget " << budget << " (least " << least << ")");
+        const Planned with{
+            .budget = budget, .calibration = Calibration::estimate, .input_gradient = h0, .invert = invert};
+        Planned without = with;
+        without.moonwalk = false;
+        without.workspace = detail::new_workspace();
+        const auto r = gradient(with, net, x, MSE<S>{}, t);
+        const std::size_t scratch = thread_scratch_bytes();  // (as r's step left it)
+        const auto k = gradient(without, net, x, MSE<S>{}, t);
+        INFO(plan_text(with.plan(net, x)));
+        CHECK(r.stats.figures.at("predicted_seconds") <= k.stats.figures.at("predicted_seconds"));
+        CHECK(r.stats.within_tolerance);
+        CHECK(r.stats.fallbacks == 0);
+        CHECK(detail::rel_max_err(r.gradient, ref.gradient) < 1e-10);
+        if (h0) CHECK(detail::rel_max_err(r.h0, ref.h0) < 1e-10);
+        const double predicted = r.stats.figures.at("predicted_working_bytes");
+        INFO("working " << r.stats.working_bytes << ", scratch " << scratch);
+        REQUIRE(r.stats.working_bytes >= scratch);
+        const double measured = static_cast<double>(r.stats.working_bytes - scratch);
+        CHECK(predicted <= static_cast<double>(budget));
+        CHECK(std::abs(measured - predicted) <= 0.1 * predicted);
+        if (r.stats.figures.count("moonwalk_layers") > 0) {
+          ++swept;
+          CHECK(r.stats.figures.at("predicted_seconds") < k.stats.figures.at("predicted_seconds"));
+          CHECK(r.stats.error_estimate > 0);  // (the sweep's checks)
+          CHECK(r.stats.error_estimate < 1e-10);
+          CHECK(r.stats.counts.vijp > 0);
+        } else if (r.stats.figures.at("inverses") == 0) {
+          CHECK(r.gradient == ref.gradient);
+        }
+      }
+      if (!invert) CHECK(swept > 0);
+    }
 }
 
 TEST_CASE("planned: a budget that failed fails again; a smaller batch stays within the budget",

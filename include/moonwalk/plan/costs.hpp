@@ -54,6 +54,7 @@
 #include <system_error>
 #include <vector>
 
+#include "moonwalk/core/amplification.hpp"
 #include "moonwalk/core/dense.hpp"
 #include "moonwalk/core/mapped.hpp"
 #include "moonwalk/core/ops.hpp"
@@ -187,7 +188,8 @@ inline bool write_cost_file(const std::filesystem::path& file, const CostTable& 
   return false;
 }
 
-/// Moonwalk's sizes on `c`: each layer's crossing (sweep_mode), and the
+/// Moonwalk's sizes on `c`: each layer's crossing (sweep_mode), its typical
+/// amplification γ_i on x0's values (core/amplification.hpp), and the
 /// bytes of its residual r_i = save_residual(x_i) and, where the sweep
 /// crosses it by a fragment, of φ_i = save_fragment(r_i, h) for a cotangent
 /// h of its output's shape (its size is set by r_i), on x0 carried through the
@@ -200,6 +202,7 @@ void moonwalk_sizes(N& net, const CRef<typename N::scalar_type>& x0, ChainCosts&
   c.crossing.assign(L, CotangentKeep::none);
   c.residual_bytes.assign(L, 0);
   c.fragment_bytes.assign(L, 0);
+  c.sweep_gamma.assign(L, 1);
   Index widest = 0;
   for (std::size_t i = 0; i < L; ++i)
     net.visit(i, [&](const auto& l) { widest = std::max(widest, l.out_features()); });
@@ -219,6 +222,7 @@ void moonwalk_sizes(N& net, const CRef<typename N::scalar_type>& x0, ChainCosts&
                                                  : CotangentKeep::anchor;
       const residual_t<Lyr> r = moonwalk::save_residual(l, x);
       c.residual_bytes[i] = nbytes(r);
+      c.sweep_gamma[i] = moonwalk::amplification(l, r).typical;
       if constexpr (Fragmental<Lyr>)
         if (m == SweepMode::fragment) c.fragment_bytes[i] = nbytes(l.save_fragment(r, Matrix<S>(y)));
     });

@@ -40,8 +40,10 @@
 //
 // Moonwalk (MoonwalkMove) adds, at the root, the plan that reverses the
 // bottom layers 0 … t−1 by Moonwalk (moonwalk_plan): the advance to x_t
-// keeps their residuals R_t, the program reverses t … L−1 from x_t in what
-// is left, C(t, L+1, m − s_t − R_t), cotangent steps carry h_t down to h_s
+// keeps their residuals, the program reverses t … L−1 from x_t in what is
+// left, C(t, L+1, m − s_t − R_t − K_t) (R_t the residuals' bytes, K_t the
+// keeps', both counted from the start: the executor holds their buffers
+// through the run), cotangent steps carry h_t down to h_s
 // (s = 0 with the input gradient, else 1) keeping the fragments and anchors
 // the sweep needs — an anchor where a layer has neither vijp nor fragment,
 // at layer t−1 (h_t: the sweep's check, for t < L) and where the error
@@ -145,8 +147,6 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   for (std::size_t j = L; j-- > 0;) rebuildable[j] = c.invertible(j) ? rebuildable[j + 1] : j;
   for (std::size_t i = 0; i < L; ++i)
     if (c.branches(i) > 0) g = std::gcd(g, c.branches(i));
-  if (mw.enabled)  // (what Moonwalk keeps, in the same units)
-    for (std::size_t i = 0; i < L; ++i) g = std::gcd(std::gcd(g, c.residual(i)), c.fragment(i));
 
   std::size_t units = 0, unit_bytes = 1;
   std::vector<std::size_t> s(n + 1), bsum(n + 1, 0);  // bsum[k]: Σ_{j<k} branch bits (units)
@@ -176,8 +176,6 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
         std::size_t w = budget % u;
         for (std::size_t i = 0; i <= L; ++i) w += up(c.value_bytes[i]);
         for (std::size_t i = 0; i < L; ++i) w += up(c.branches(i));
-        if (mw.enabled)
-          for (std::size_t i = 0; i < L; ++i) w += up(c.residual(i)) + up(c.fragment(i));
         return w;
       };
       std::size_t least_waste = waste(unit);
@@ -264,9 +262,11 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
   std::vector<CotangentKeep> mw_keep(L, CotangentKeep::none), keep(L, CotangentKeep::none);
   const std::size_t s0 = mw.input_gradient ? 0 : 1;
   if (mw.enabled) {
-    auto up = [&](std::size_t bytes) { return (bytes + unit_bytes - 1) / unit_bytes; };
+    // (Moonwalk's own bytes are counted exactly; the program above gets
+    // the units its values fit in what they leave.)
+    auto bytes = [&](std::size_t i) { return c.value_bytes[i]; };
     auto seconds = [](const std::vector<double>& t, std::size_t i) { return i < t.size() ? t[i] : 0.0; };
-    std::vector<std::size_t> kept(L, 0);  // units cotangent(j) keeps
+    std::vector<std::size_t> kept(L, 0);  // bytes cotangent(j) keeps
     for (std::size_t t = s0 + 1; t <= L; ++t) {
       detail::AnchorPlanner anchors(mw.anchor_budget);
       for (std::size_t j = t; j-- > s0;) {  // (as the executor walks down: plan/executor.hpp)
@@ -278,30 +278,21 @@ inline Plan plan_within(const ChainCosts& c, std::size_t held_budget, std::size_
         else if (anchors.place(j < c.sweep_gamma.size() ? c.sweep_gamma[j] : 1.0))
           k = CotangentKeep::anchor;
         keep[j] = k;
-        kept[j] = k == CotangentKeep::anchor     ? s[j + 1]
-                  : k == CotangentKeep::fragment ? up(c.fragment(j))
+        kept[j] = k == CotangentKeep::anchor     ? bytes(j + 1)
+                  : k == CotangentKeep::fragment ? c.fragment(j)
                                                  : 0;
       }
-      std::size_t r = 0, peak = 0;  // the advance: x_i, x_{i+1} and the residuals so far
-      for (std::size_t i = 0; i < t; ++i) {
-        if (i >= s0) r += up(c.residual(i));
-        peak = std::max(peak, (i > 0 ? s[i] : 0) + s[i + 1] + r);
-      }
-      if (peak > units) continue;
-      const std::size_t free = units - s[t] - r;  // (the advance's last step held x_t and r)
+      // The executor holds every residual and anchor buffer of the run at
+      // once (plan/executor.hpp, working_bytes()): they are counted beside
+      // the values throughout, and the values peak in the advance, the
+      // program above (x_t and what it leaves) and the sweep.
+      std::size_t held = 0, values = 0;
+      for (std::size_t j = s0; j < t; ++j) held += c.residual(j) + kept[j];
+      for (std::size_t i = 0; i < t; ++i) values = std::max(values, (i > 0 ? bytes(i) : 0) + bytes(i + 1));
+      if (values + held > held_budget) continue;
+      const std::size_t free = std::min(units, (held_budget - bytes(t) - held) / unit_bytes);
       const double above = t < L ? static_cast<double>(cost[at(t, n, free)]) : c.loss;
       if (!std::isfinite(above)) continue;
-      std::size_t k = 0;  // cotangent(j): r_s … r_j and the keeps of j … t−1
-      for (std::size_t j = t; j-- > s0;) {
-        k += kept[j];
-        peak = std::max(peak, r + k);
-        r -= up(c.residual(j));
-      }
-      for (std::size_t i = 0; i < t; ++i) {  // sweep(i) frees its keep; forward(i): x_i, x_{i+1}
-        if (i >= s0) k -= kept[i];
-        if (i + 1 < t || t == L) peak = std::max(peak, (i > 0 ? s[i] : 0) + s[i + 1] + k);
-      }
-      if (peak > units) continue;
       double time = fsum[t] + above + (t == L ? fsum[L] + c.loss : fsum[t - 1]);
       for (std::size_t j = 0; j < t; ++j)
         time += (j >= s0 ? seconds(c.cotangent, j) : 0) + seconds(c.sweep, j);

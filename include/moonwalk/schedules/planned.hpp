@@ -18,11 +18,12 @@
 
 namespace moonwalk {
 
-/// Backprop through the plan of least predicted time whose working set fits
+/// The gradient by the plan of least predicted time whose working set fits
 /// `budget` bytes (plan/planner.hpp): which layer inputs it keeps, which it
 /// recomputes from checkpoints, and where the checkpoints go, chosen for
-/// this network's layer sizes and timed costs (plan/costs.hpp). The result
-/// is reference backprop's, bit for bit: recomputation repeats its arithmetic.
+/// this network's layer sizes and timed costs (plan/costs.hpp). A plan that
+/// only stores and recomputes gives reference backprop's result, bit for
+/// bit: recomputation repeats its arithmetic.
 ///
 /// The budget bounds the step's working set as Stats::working_bytes counts
 /// it: the values the plan holds (x_0 excluded: the caller's), the two
@@ -53,6 +54,16 @@ namespace moonwalk {
 /// backprop's by the drift; plans without inverse steps repeat backprop's
 /// arithmetic.
 ///
+/// With `moonwalk`, a plan may reverse the bottom layers of the chain by
+/// Moonwalk (their residuals kept, cotangent steps, then the sweep), with
+/// anchors where the layers need them and where the fidelity policy's error
+/// model (fidelity/policy.hpp, Fidelity's default margin and calibration),
+/// fed with each layer's amplification on the step's batch, places them
+/// for `tolerance`; the sweep's checks are the step's error estimate
+/// ("moonwalk_layers": the layers swept). A Moonwalk plan whose estimate
+/// passes the tolerance is replaced, as a drifted one is, by the best plan
+/// without inversion or Moonwalk.
+///
 /// The plan is made on the first step on a shape (the costs timed then, or
 /// read from the cost file) and bound once: later steps on that shape reuse
 /// it. Making it takes memory the budget does not cover, for that step only:
@@ -71,6 +82,8 @@ struct Planned {
   bool input_gradient = false;
   /// Plans may rebuild values by inversion (struct comment).
   bool invert = true;
+  /// Plans may reverse the bottom of the chain by Moonwalk (struct comment).
+  bool moonwalk = true;
   /// The largest drift a rebuilt stretch may carry (0: default_target<S>()).
   double tolerance = 0;
   /// The drift model's constant c: a stretch is planned where c times its
@@ -100,8 +113,8 @@ struct Planned {
     const Index batch = x0.cols();
     value_rows_into(net, b.rows);
     if (!b.bound || !b.run.bound_to(b.rows, batch, input_gradient) || b.budget != budget ||
-        b.calibration != calibration || b.invert != invert || b.tolerance != tolerance ||
-        b.drift_calibration != drift_calibration)
+        b.calibration != calibration || b.invert != invert || b.moonwalk != moonwalk ||
+        b.tolerance != tolerance || b.drift_calibration != drift_calibration)
       bind(net, x0, b);
     const double tol = tolerance > 0 ? tolerance : default_target<S>();
     out.stats.restart();
@@ -124,11 +137,13 @@ struct Planned {
       drift = out.stats.error_estimate;
       ++fallbacks;
     };
-    while (ran == &b.run && b.predicted.inverse_steps > 0 && !(drift <= tol) && std::isfinite(out.loss)) {
+    while (ran == &b.run && (b.predicted.inverse_steps > 0 || b.predicted.sweep_steps > 0) &&
+           !(drift <= tol) && std::isfinite(out.loss)) {
       // The drifted plan's buffers go first: planning (its table) and the
       // next plan's buffers must not stack on them.
       b.run.release();
-      if (fallbacks < kRecalibrations && recalibrate(net, x0, b, tol)) {
+      // (A sweep over the tolerance is not the drift model's to calibrate.)
+      if (b.predicted.sweep_steps == 0 && fallbacks < kRecalibrations && recalibrate(net, x0, b, tol)) {
         again(b.run);  // shorter stretches, or none
         continue;
       }
@@ -139,7 +154,7 @@ struct Planned {
         exact.inverse.clear();
         exact.branch_bytes.clear();
         try {
-          b.exact_figures = layout(net, exact, batch, b.exact);
+          b.exact_figures = layout(net, exact, batch, b.exact, MoonwalkMove{});
           b.has_exact = true;
         } catch (const ScheduleError&) {
           b.has_exact = false;
@@ -153,6 +168,7 @@ struct Planned {
     const bool inverts = ran == &b.run && b.predicted.inverse_steps > 0;
     Stats& st = out.stats;
     const PlanFigures& predicted = ran == &b.run ? b.predicted : b.exact_figures;
+    if (predicted.sweep_steps > 0) st.figures["moonwalk_layers"] = static_cast<double>(predicted.sweep_steps);
     st.figures["budget"] = static_cast<double>(budget);
     st.figures["predicted_working_bytes"] = static_cast<double>(ran->working_bytes());
     st.figures["predicted_seconds"] = predicted.seconds;
@@ -226,7 +242,7 @@ struct Planned {
     std::vector<Index> rows;
     std::size_t budget = 0;
     Calibration calibration = Calibration::cached;
-    bool invert = true;
+    bool invert = true, moonwalk = true;
     double tolerance = 0, drift_calibration = 0;  ///< the drift budget's inputs (bind)
     ChainCosts costs;
     PlanFigures predicted;
@@ -269,7 +285,7 @@ struct Planned {
     b.calibrated = next;
     b.costs.drift_budget = tol / (b.calibrated * u);
     try {
-      b.predicted = layout(net, b.costs, x0.cols(), b.run);
+      b.predicted = layout(net, b.costs, x0.cols(), b.run, moonwalk_move<S>());
     } catch (const ScheduleError&) {
       return false;
     }
@@ -293,7 +309,7 @@ struct Planned {
       b.costs.inverse.clear();
       b.costs.branch_bytes.clear();
     }
-    b.predicted = layout(net, b.costs, x0.cols(), b.run);
+    b.predicted = layout(net, b.costs, x0.cols(), b.run, moonwalk_move<S>());
     if (b.predicted.inverse_steps > 0) {
       // Stretches are rebuilt only where their predicted drift holds the
       // tolerance (plan.hpp, ChainCosts): c · u · D ≤ tolerance, D measured
@@ -303,14 +319,26 @@ struct Planned {
       b.run.release();
       b.costs.measured = stretch_drifts(net, x0, tol / b.calibrated);
       b.costs.drift_budget = tol / (b.calibrated * unit_roundoff<S>());
-      b.predicted = layout(net, b.costs, x0.cols(), b.run);
+      b.predicted = layout(net, b.costs, x0.cols(), b.run, moonwalk_move<S>());
     }
     b.budget = budget;
     b.calibration = calibration;
     b.invert = invert;
+    b.moonwalk = moonwalk;
     b.tolerance = tolerance;
     b.drift_calibration = drift_calibration;
     b.bound = true;
+  }
+
+  /// The planner's Moonwalk move: with `moonwalk`, anchors where the
+  /// fidelity policy's (P) passes margin · tolerance / (c · u).
+  template <class S>
+  [[nodiscard]] MoonwalkMove moonwalk_move() const {
+    const Fidelity f;
+    const double tol = tolerance > 0 ? tolerance : default_target<S>();
+    return {.enabled = moonwalk,
+            .input_gradient = input_gradient,
+            .anchor_budget = f.margin * tol / (f.calibration * unit_roundoff<S>())};
   }
 
   /// Binds `run` to the fastest plan on `costs` within the budget (layout
@@ -319,13 +347,15 @@ struct Planned {
   /// values of other widths) overshoots, plans again with that much less,
   /// down to the tightest plan.
   template <Net N, class S>
-  PlanFigures layout(N& net, const ChainCosts& costs, Index batch, PlanRun<S>& run) const {
+  PlanFigures layout(N& net, const ChainCosts& costs, Index batch, PlanRun<S>& run,
+                     const MoonwalkMove& mw) const {
     std::vector<Index> rows = value_rows(net);
     const std::size_t least = least_held_bytes(costs);
     std::size_t total = 0;
     for (std::size_t i = 1; i < costs.value_bytes.size(); ++i) total += costs.value_bytes[i];
     auto bind_within = [&](std::size_t held) {
-      run.bind(plan_within(costs, held, table_entries()), rows, batch, input_gradient, false);
+      run.bind(plan_within(costs, held, table_entries(), mw), rows, batch, input_gradient, false,
+               costs.residual_bytes);
       return run.working_bytes();
     };
     if (budget == 0) {
