@@ -39,6 +39,7 @@
 //   --plan-budget BYTES  planned only: the planner's working-set budget, not enforced
 //                     (overrides what --budget gives it)
 //   --no-invert       planned only: plans keep to storing and recomputing (Planned::invert)
+//   --no-moonwalk     planned only: plans reverse no layer by Moonwalk (Planned::moonwalk)
 //   --plan-report     planned only: after the JSON line, the plan's report on stderr (per
 //                     layer: its input kept, checkpoint, recomputed or rebuilt, bytes kept,
 //                     bytes held at its backward step, predicted time; plan/report.hpp)
@@ -61,7 +62,8 @@
 //    the peak, not of the baseline), "slots" (binomial: the held inputs it ran with, --slots or
 //    its default; null for other schedules), "every" (checkpoint: the segment length it ran with,
 //    --every or its default, at most L; null for other schedules), "predicted_working_bytes"
-//    (planned: its plan's working set, which --budget also bounds; null for other schedules)},
+//    (planned: its plan's working set, which --budget also bounds; null for other schedules),
+//    "moonwalk_layers" (planned: the layers its plan reverses by Moonwalk; null for others)},
 //    and with --budget also
 //    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
 //    "steps_completed" (steps that finished; the figures above are over those)
@@ -130,6 +132,7 @@ struct Options {
   std::string loss = "xent";
   bool rebuild_inputs = false;
   bool invert = true;           // planned: plans may rebuild by inversion
+  bool moonwalk = true;         // planned: plans may reverse the bottom layers by Moonwalk
   bool plan_report = false;     // planned: print the plan's report after the run
   std::size_t budget = 0;       // bytes; 0: no budget
   std::size_t plan_budget = 0;  // planned: bytes of its working set; 0: from --budget
@@ -156,6 +159,7 @@ const char* kUsage =
     "  --plan-budget BYTES  planned: the working set the planner may plan for (not enforced;\n"
     "                    default: --budget less the gradient's bytes, else unlimited)\n"
     "  --no-invert       planned: plans store and recompute, never rebuild by inversion\n"
+    "  --no-moonwalk     planned: plans reverse no layer by Moonwalk\n"
     "  --plan-report     planned: the plan's per-layer report on stderr after the run\n"
     "  --slots K         binomial: layer inputs held at once, K >= 1 (default round(sqrt(L)))\n"
     "  --every K         checkpoint: segment length in layers, K >= 1 (default round(sqrt(L)))\n"
@@ -199,6 +203,10 @@ Options parse_options(int argc, char** argv) {
     }
     if (a == "--no-invert") {
       o.invert = false;
+      continue;
+    }
+    if (a == "--no-moonwalk") {
+      o.moonwalk = false;
       continue;
     }
     if (a.rfind("--", 0) != 0) throw UsageError(cat("unexpected argument '", a, "'"));
@@ -268,6 +276,8 @@ Options parse_options(int argc, char** argv) {
         cat("--plan-report: only --schedule planned has a plan (schedule is '", o.schedule, "')"));
   if (!o.invert && o.schedule != "planned")
     throw UsageError(cat("--no-invert: only --schedule planned reads it (schedule is '", o.schedule, "')"));
+  if (!o.moonwalk && o.schedule != "planned")
+    throw UsageError(cat("--no-moonwalk: only --schedule planned reads it (schedule is '", o.schedule, "')"));
   if (net_given && shape_given) throw UsageError("--net: give either --net or --depth/--width, not both");
   if (!net_given) {
     o.spec = cat("in:", o.width);
@@ -373,7 +383,8 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
                                         .slots = o.slots,
                                         .seed = o.seed,
                                         .budget = plan_budget,
-                                        .invert = o.invert};
+                                        .invert = o.invert,
+                                        .moonwalk = o.moonwalk};
   std::vector<double> seconds;
   std::vector<std::uint64_t> allocations;  // heap allocations per step (gradient and update)
   std::vector<std::uint64_t> alloc_bytes;  // and the bytes they asked for
@@ -381,6 +392,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   double error_estimate = 0;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   double slots_used = nan, every_used = nan;  // as the schedule reports them (stats.figures)
+  double moonwalk_layers = nan;               // planned: the layers its plan sweeps
   double predicted_working = nan;             // planned: the plan's predicted working bytes
   bool within_tolerance = true;
   bool out_of_memory = false;
@@ -434,6 +446,9 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
         every_used = r.stats.figures["every"];
       if (r.stats.figures.contains("predicted_working_bytes"))
         predicted_working = r.stats.figures["predicted_working_bytes"];
+      if (o.schedule == "planned")
+        moonwalk_layers =
+            r.stats.figures.contains("moonwalk_layers") ? r.stats.figures["moonwalk_layers"] : 0;
     }
   } catch (const std::bad_alloc&) {
     if (o.budget == 0) throw;
@@ -470,11 +485,13 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
             << "\",\"threads\":" << Eigen::nbThreads() << ",\"loss\":\"" << o.loss << "\",\"seed\":" << o.seed
             << ",\"rebuild_inputs\":" << (o.rebuild_inputs ? "true" : "false")
             << ",\"invert\":" << (o.invert ? "true" : "false")
+            << ",\"moonwalk\":" << (o.moonwalk ? "true" : "false")
             << ",\"allocations_per_step\":" << json_number(allocs_per_step)
             << ",\"allocated_bytes_per_step\":" << json_number(alloc_bytes_per_step)
             << ",\"scratch_bytes\":" << moonwalk::thread_scratch_bytes()
             << ",\"slots\":" << json_number(slots_used) << ",\"every\":" << json_number(every_used)
-            << ",\"predicted_working_bytes\":" << json_number(predicted_working);
+            << ",\"predicted_working_bytes\":" << json_number(predicted_working)
+            << ",\"moonwalk_layers\":" << json_number(moonwalk_layers);
   if (o.budget > 0)
     std::cout << ",\"budget_bytes\":" << o.budget
               << ",\"out_of_memory\":" << (out_of_memory ? "true" : "false")
@@ -483,7 +500,7 @@ int run(const Options& o, Network<S>& net, const Matrix<S>& x, const Loss& loss,
   // (After the figures: making the report times layers and allocates.)
   if (o.plan_report)
     std::cerr << moonwalk::plan_report_text(
-        moonwalk::Planned{.budget = plan_budget, .invert = o.invert}.report(net, x));
+        moonwalk::Planned{.budget = plan_budget, .invert = o.invert, .moonwalk = o.moonwalk}.report(net, x));
   return out_of_memory ? 3 : 0;
 }
 

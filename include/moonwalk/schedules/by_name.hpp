@@ -54,7 +54,8 @@ struct ScheduleChoice {
   std::uint64_t seed = 0;         ///< projforward
   std::size_t budget = 0;         ///< planned: bytes of a step's working set (0: unlimited)
   Calibration calibration = Calibration::cached;  ///< planned: where layer costs come from
-  bool invert = true;  ///< planned: plans may rebuild values by inversion (Planned::invert)
+  bool invert = true;    ///< planned: plans may rebuild values by inversion (Planned::invert)
+  bool moonwalk = true;  ///< planned: plans may reverse the bottom layers by Moonwalk (Planned::moonwalk)
   /// backprop, mixed, checkpoint, binomial, revbackprop, planned: also return h_0 =
   /// ∂ℓ/∂x_0 (GradientResult::h0; the others always do).
   bool input_gradient = false;
@@ -120,6 +121,7 @@ decltype(auto) with_schedule(const ScheduleChoice& c, std::size_t layers, F&& f)
               .calibration = c.calibration,
               .input_gradient = c.input_gradient,
               .invert = c.invert,
+              .moonwalk = c.moonwalk,
               .workspace = c.workspace};
     return f(p);
   }
