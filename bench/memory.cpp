@@ -63,7 +63,7 @@
 //    its default; null for other schedules), "every" (checkpoint: the segment length it ran with,
 //    --every or its default, at most L; null for other schedules), "predicted_working_bytes"
 //    (planned: its plan's working set, which --budget also bounds; null for other schedules),
-//    "moonwalk_layers" (planned: the layers its plan reverses by Moonwalk; null for others)},
+//    "moonwalk_layers" (planned: the layers its plan's Moonwalk sweep reads; null for others)},
 //    and with --budget also
 //    "budget_bytes", "out_of_memory" (true: a step ran out of the budget) and
 //    "steps_completed" (steps that finished; the figures above are over those)

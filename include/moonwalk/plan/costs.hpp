@@ -193,7 +193,9 @@ inline bool write_cost_file(const std::filesystem::path& file, const CostTable& 
 /// bytes of its residual r_i = save_residual(x_i) and, where the sweep
 /// crosses it by a fragment, of φ_i = save_fragment(r_i, h) for a cotangent
 /// h of its output's shape (its size is set by r_i), on x0 carried through the
-/// chain in two buffers mapped outside the heap (core/mapped.hpp).
+/// chain in two buffers mapped outside the heap (core/mapped.hpp). A layer
+/// whose fragment cannot be made there (RankError: a rank-deficient map) is
+/// crossed by an anchor.
 template <Net N>
 void moonwalk_sizes(N& net, const CRef<typename N::scalar_type>& x0, ChainCosts& c) {
   using S = typename N::scalar_type;
@@ -223,8 +225,14 @@ void moonwalk_sizes(N& net, const CRef<typename N::scalar_type>& x0, ChainCosts&
       const residual_t<Lyr> r = moonwalk::save_residual(l, x);
       c.residual_bytes[i] = nbytes(r);
       c.sweep_gamma[i] = moonwalk::amplification(l, r).typical;
-      if constexpr (Fragmental<Lyr>)
-        if (m == SweepMode::fragment) c.fragment_bytes[i] = nbytes(l.save_fragment(r, Matrix<S>(y)));
+      try {
+        if constexpr (Fragmental<Lyr>)
+          if (m == SweepMode::fragment) c.fragment_bytes[i] = nbytes(l.save_fragment(r, Matrix<S>(y)));
+      } catch (const RankError&) {  // (a rank-deficient map: the sweep crosses it by an anchor)
+        c.crossing[i] = CotangentKeep::anchor;
+        c.fragment_bytes[i] = 0;
+      }
+      moonwalk::release_derived(l);  // (a factorisation the probe made: the step derives its own)
     });
 }
 
@@ -310,7 +318,7 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
         last_missing = i;
       }
     });
-  if (last_missing == net.size()) return c;  // (every layer known: nothing run, nothing allocated)
+  if (last_missing == net.size()) return c;  // (every layer known: nothing timed)
   // Up to the last layer to time: x_i (x_0 the caller's) and x_{i+1}
   // alternate between two buffers; h, J_iᵀ h and the sweep's h_{i+1} take three more.
   detail::Buffer<S> xb[2], hb[3];
@@ -350,30 +358,39 @@ ChainCosts chain_costs(N& net, const CRef<typename N::scalar_type>& x0, Calibrat
       c.cotangent[i] = detail::least_seconds(3, [&] { moonwalk::vjp_residual_into(l, r, hc, hin); });
       const CRef<S> hx = hin;
       auto hy = hb[2].view(l.out_features(), batch);
-      switch (c.crossing[i]) {
-        case CotangentKeep::none:
-          if constexpr (Submersive<Lyr>)
-            c.sweep[i] = detail::least_seconds(3, [&] {
-              moonwalk::release_derived(l);
-              moonwalk::vijp_into(l, x, hx, hy);
-              moonwalk::accumulate_vjp_params(l, x, hc);
-            });
-          break;
-        case CotangentKeep::fragment:
-          if constexpr (Fragmental<Lyr>) {
-            const auto f = l.save_fragment(r, Matrix<S>(hc));
-            c.sweep[i] = detail::least_seconds(3, [&] {
-              hy = l.vijp_with_fragment(x, hx, f);
-              moonwalk::accumulate_vjp_params(l, x, hc);
-            });
-          }
-          break;
-        case CotangentKeep::anchor:
-          c.sweep[i] = detail::least_seconds(3, [&] {
-            moonwalk::vjp_into(l, x, hc, hb[2].view(l.in_features(), batch));
-            moonwalk::accumulate_vjp_params(l, x, hc);
-          });
-          break;
+      auto anchor_seconds = [&] {
+        return detail::least_seconds(3, [&] {
+          moonwalk::vjp_into(l, x, hc, hb[2].view(l.in_features(), batch));
+          moonwalk::accumulate_vjp_params(l, x, hc);
+        });
+      };
+      try {
+        switch (c.crossing[i]) {
+          case CotangentKeep::none:
+            if constexpr (Submersive<Lyr>)
+              c.sweep[i] = detail::least_seconds(3, [&] {
+                moonwalk::release_derived(l);
+                moonwalk::vijp_into(l, x, hx, hy);
+                moonwalk::accumulate_vjp_params(l, x, hc);
+              });
+            break;
+          case CotangentKeep::fragment:
+            if constexpr (Fragmental<Lyr>) {
+              const auto f = l.save_fragment(r, Matrix<S>(hc));
+              c.sweep[i] = detail::least_seconds(3, [&] {
+                hy = l.vijp_with_fragment(x, hx, f);
+                moonwalk::accumulate_vjp_params(l, x, hc);
+              });
+            }
+            break;
+          case CotangentKeep::anchor:
+            c.sweep[i] = anchor_seconds();
+            break;
+        }
+      } catch (const RankError&) {  // (a vijp that cannot run here: the sweep crosses the layer by an anchor)
+        c.crossing[i] = CotangentKeep::anchor;
+        c.fragment_bytes[i] = 0;
+        c.sweep[i] = anchor_seconds();
       }
       moonwalk::release_derived(l);
       table[keys[i]] = {c.forward[i], c.backward[i], c.inverse[i], c.cotangent[i], c.sweep[i]};

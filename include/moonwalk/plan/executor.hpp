@@ -172,14 +172,16 @@ class PlanRun {
   /// caller's x_0: max|x̂_0 − x_0| / max|x_0|), or −1 when it made none. A
   /// diagnostic of the rebuilt stretch above it, not of the gradient (whose
   /// cotangent steps read the rebuilt values, and the sweep checks those):
-  /// it is not in Stats::error_estimate, only in AttemptOutcome::drift.
+  /// it is not in Stats::error_estimate, only in AttemptOutcome::drift —
+  /// but where backward(1) reads the rebuilt x_1 (no sweep checks that).
   [[nodiscard]] double input_drift() const { return input_drift_; }
 
   /// Bytes of the values' arena (what the layout needs, allocated or not).
   [[nodiscard]] std::size_t value_bytes() const { return arena_size_ * sizeof(S); }
   /// Bytes of a step's working set: the value buffers, the residuals
   /// (branch bits) and anchors, two cotangent buffers of the widest
-  /// cotangent and ∂ℓ/∂x_L (fragments, a few numbers per channel, not counted).
+  /// cotangent and ∂ℓ/∂x_L (fragments, a few numbers per channel, and a
+  /// tangents step's buffers, not counted).
   [[nodiscard]] std::size_t working_bytes() const {
     return value_bytes() + bits_bytes_ + cotangent_bytes(rows_, batch_, reaches_h0_);
   }
@@ -399,9 +401,12 @@ class PlanRun {
           ++st.counts.inverse;
           top_[i] = role_[i + 1] == ValueRole::rebuilt ? top_[i + 1] : i + 1;
           if (i == 0) {  // the check at x_0: the rebuilt x̂_0 against the caller's, then dropped
-            input_drift_ = std::max(
-                input_drift_,
-                detail::rel_max_err(Eigen::Map<const Matrix<S>>(arena_.data() + o, rows_[0], batch_), x0));
+            const double d =
+                detail::rel_max_err(Eigen::Map<const Matrix<S>>(arena_.data() + o, rows_[0], batch_), x0);
+            input_drift_ = std::max(input_drift_, d);
+            // Read by backward(1), the rebuilt x_1 has no sweep to check it: this is its check.
+            if (k + 1 < plan_.steps.size() && plan_.steps[k + 1].op == PlanOp::backward)
+              drift = std::max(drift, d);
             break;
           }
           at_[i] = o;
@@ -443,8 +448,11 @@ class PlanRun {
                                      (store_.bytes_put("derivative") + store_.bytes_put("activation"));
           }
           bool gave_up = false;
-          // h_i is not made when tangents(·) follow: they replace it.
-          const bool replaced = k + 1 < plan_.steps.size() && plan_.steps[k + 1].op == PlanOp::tangents;
+          // h_i is not made when a tangents step follows (after forward steps, which leave h alone): it
+          // replaces it.
+          std::size_t next = k + 1;
+          while (next < plan_.steps.size() && plan_.steps[next].op == PlanOp::forward) ++next;
+          const bool replaced = next < plan_.steps.size() && plan_.steps[next].op == PlanOp::tangents;
           net.visit(i, [&](const auto& l) {
             decltype(auto) lc = in_c(i, l);
             using Lyr = std::remove_cvref_t<decltype(lc)>;
@@ -548,6 +556,7 @@ class PlanRun {
             hi.row(f) = gl.cwiseProduct(t.current()).colwise().sum();
           }
           h.flip();
+          held_most = std::max(held_most, storage_bytes() + store_.owned_bytes());  // (the tail's casts)
           for (std::size_t j = i; j < n; ++j) casts_.release(j);
           if (i > 0) free_value(i);
           reached(i);

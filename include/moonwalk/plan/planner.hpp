@@ -51,10 +51,12 @@
 // γ (ChainCosts::sweep_gamma), would pass the move's anchor budget — and
 // the sweep climbs back, recomputing x_1 … x_{t−1}:
 //
-//   Σ_{j<t} f_j + C(t, L+1, m − s_t − R_t) + Σ_{s≤j<t} (cotangent_j)
-//     + Σ_{j<t} sweep_j + Σ_{j<t−1} f_j          (t = L: + ℓ + f_{L−1} + ℓ)
+//   Σ_{j<t} f_j + C(t, L+1, m − s_t − R_t − K_t) + Σ_{s≤j<t} cotangent_j
+//     + Σ_{j<t} sweep_j + Σ_{j<t−1} f_j
 //
-// where the advance, the cotangent steps and the sweep fit in m. Its
+// (t = L: C(L, L+1, ·) = ℓ, and the sweep also makes x_L for its check, a
+// second ℓ: + f_{L−1} + ℓ), where the values of the advance and the sweep
+// fit in m beside R_t and K_t. Its
 // cotangents cannot carry on below t once swept, so Moonwalk takes the
 // bottom of the chain only.
 #pragma once

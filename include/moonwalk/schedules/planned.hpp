@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <limits>
 #include <memory>
 #include <vector>
 
@@ -125,8 +126,16 @@ struct Planned {
     // this shape run the plan made with the drift model calibrated on it, or
     // the plan without inversion (until the next bind).
     PlanRun<S>* ran = b.drifted ? &b.exact : &b.run;
-    ran->run(net, x0, loss, target, out);
-    double drift = out.stats.error_estimate;
+    // A Moonwalk sweep's vijp may meet a singular Jacobian (RankError: a
+    // saturated σ′, a rank-deficient W): the plan without Moonwalk takes the step.
+    bool singular = false;
+    try {
+      ran->run(net, x0, loss, target, out);
+    } catch (const RankError&) {
+      if (ran != &b.run || b.predicted.sweep_steps == 0) throw;
+      singular = true;
+    }
+    double drift = singular ? std::numeric_limits<double>::infinity() : out.stats.error_estimate;
     std::size_t fallbacks = 0, working = out.stats.working_bytes;
     auto again = [&](PlanRun<S>& run) {
       out.stats.restart();
@@ -138,7 +147,7 @@ struct Planned {
       ++fallbacks;
     };
     while (ran == &b.run && (b.predicted.inverse_steps > 0 || b.predicted.sweep_steps > 0) &&
-           !(drift <= tol) && std::isfinite(out.loss)) {
+           !(drift <= tol) && (singular || std::isfinite(out.loss))) {
       // The drifted plan's buffers go first: planning (its table) and the
       // next plan's buffers must not stack on them.
       b.run.release();
@@ -160,7 +169,13 @@ struct Planned {
           b.has_exact = false;
         }
       }
-      if (!b.has_exact) break;
+      if (!b.has_exact) {
+        if (singular)
+          throw ScheduleError(detail::cat(name(),
+                                          ": the plan's Moonwalk sweep met a singular Jacobian, and no plan "
+                                          "without Moonwalk fits the budget"));
+        break;
+      }
       ran = &b.exact;
       b.drifted = true;
       again(b.exact);
