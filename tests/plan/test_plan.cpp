@@ -853,6 +853,28 @@ TEST_CASE("The executor runs plans that invert: backprop's gradient up to the dr
   CHECK(inverting > 20);
 }
 
+TEST_CASE("A rebuilt x_1 checked at x_0 and read by backward(1): the check is the step's estimate",
+          "[plan][executor]") {
+  using S = double;
+  auto net = parse_network<S>(
+      "in:8,coupling:additive:4:tanh:0.5,coupling:additive:4:tanh:0.5,coupling:additive:4:tanh:0.5", 3);
+  const Matrix<S> x = gaussian<S>(8, 5, 1), t = gaussian<S>(8, 5, 2);
+  const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
+  Plan p = rebuild_all_plan(net.size());
+  p.steps[p.steps.size() - 3] = PlanStep{PlanOp::inverse, 0, ValueRole::rebuilt};  // (the check at x_1)
+  INFO(plan_text(p));
+  PlanRun<S> run;
+  run.bind(p, value_rows(net), 5, true);
+  GradientResult<S> out;
+  zero_gradients(net);
+  run.run(net, x, MSE<S>{}, t, out);
+  gradients_into(net, out.gradient);
+  REQUIRE(run.input_drift() > 0);
+  CHECK(out.stats.error_estimate == run.input_drift());
+  CHECK(detail::rel_max_err(out.gradient, ref.gradient) < 1e-12);
+  CHECK(detail::rel_max_err(out.h0, ref.h0) < 1e-12);
+}
+
 TEST_CASE("A plan that inverts a LeakyReLU's input reads its branch bits, not the rebuilt input's",
           "[plan][executor][trust]") {
   using S = double;
