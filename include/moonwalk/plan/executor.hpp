@@ -41,8 +41,10 @@
 // rebuilt stretch's drift (input_drift()).
 //
 // A tangents step (pure-forward Moonwalk's h_i) carries its tangents and
-// recomputed inputs in two buffers each of the widest tail value, kept with
-// the others; each layer's jvp makes one temporary.
+// recomputed inputs in two buffers each of the widest tail value (given
+// back after the plan's last tangents step, but with keep_across_runs, as
+// is the arena while no value lives in it); each layer's jvp makes one
+// temporary.
 //
 // The fidelity policy's anchors (fidelity/policy.hpp) are placed at run
 // time: with RunFidelity::budget, each cotangent step measures its layer's
@@ -121,6 +123,9 @@ class PlanRun {
           detail::cat("plan (", plan.origin, "): h_0 asked for, but its cotangent steps stop at h_1"));
     plan_ = std::move(plan);
     forward_mode_ = plan_.count(PlanOp::tangents) > 0;
+    last_tangents_ = none;
+    for (std::size_t k = 0; k < plan_.steps.size(); ++k)
+      if (plan_.steps[k].op == PlanOp::tangents) last_tangents_ = k;
     rows_ = std::move(rows);
     batch_ = batch;
     backprop_bytes_ = 0;  // what backprop keeps: every layer's input
@@ -318,6 +323,15 @@ class PlanRun {
     std::fill(cw.busy.begin(), cw.busy.end(), 0);
     std::size_t slots_held = 0, slots_peak = 0;
     std::size_t held_most = 0;  // storage before a buffer is given back mid-run (without keep_across_runs)
+    // Without keep_across_runs: the arena is given back while no value lives in it (until the next forward
+    // step).
+    auto give_back_arena = [&] {
+      if (!keep_across_runs_ && arena_.size() > 0 &&
+          std::all_of(at_.begin() + 1, at_.end(), [](std::size_t o) { return o == none; })) {
+        held_most = std::max(held_most, storage_bytes() + store_.owned_bytes());
+        arena_ = Vector<S>();
+      }
+    };
     if (policy) {
       st.amplification.resize(n);
       for (std::size_t i = 0; i < n; ++i)
@@ -435,11 +449,7 @@ class PlanRun {
           free_value(n);
           break;
         case PlanOp::cotangent: {
-          if (!keep_across_runs_ && arena_.size() > 0 &&
-              std::all_of(at_.begin() + 1, at_.end(), [](std::size_t o) { return o == none; })) {
-            held_most = std::max(held_most, storage_bytes() + store_.owned_bytes());
-            arena_ = Vector<S>();  // (no value lives in it: given back until the next forward step)
-          }
+          give_back_arena();
           if (!reverse_begun) {  // what is kept now, in C and in double (masks keep their size)
             reverse_begun = true;
             residual_bytes = store_.current_bytes();
@@ -530,6 +540,7 @@ class PlanRun {
         case PlanOp::tangents: {
           // h_i[k, b] = ⟨h_L[:, b], t_L[:, b]⟩, t carried from e_k (every
           // column) through layers i … L−1 by jvps, x recomputed alongside.
+          give_back_arena();
           const Index n_i = rows_[i];
           auto hi = h.next(n_i, batch_);
           const CRef<C> gl = detail::in_scalar<C>(g_, cw.gl);
@@ -558,6 +569,13 @@ class PlanRun {
           h.flip();
           held_most = std::max(held_most, storage_bytes() + store_.owned_bytes());  // (the tail's casts)
           for (std::size_t j = i; j < n; ++j) casts_.release(j);
+          if (!keep_across_runs_ && k == last_tangents_) {  // (the sweep needs none of their buffers)
+            tx_[0] = detail::Buffer<S>();
+            tx_[1] = detail::Buffer<S>();
+            cw.t[0] = detail::Buffer<C>();
+            cw.t[1] = detail::Buffer<C>();
+            cw.gl = detail::Buffer<C>();
+          }
           if (i > 0) free_value(i);
           reached(i);
           break;
@@ -909,6 +927,7 @@ class PlanRun {
   std::size_t backprop_bytes_ = 0;       ///< what backprop keeps: the layers' inputs
   bool keep_across_runs_ = false;        ///< keep_across_runs()
   bool forward_mode_ = false;            ///< the plan has tangents steps
+  std::size_t last_tangents_ = none;     ///< the plan's last tangents step
   std::vector<char> anchored_;           ///< per layer: its cotangent step keeps an anchor
   SavedStore store_;
   detail::LayerNames names_;
