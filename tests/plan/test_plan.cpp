@@ -186,6 +186,17 @@ PlanFigures figures(const Plan& p, const ChainCosts& c) { return check_plan(p, c
 
 /// RevBackprop's plan: forward keeping nothing, then x_{i−1} rebuilt by
 /// inversion right before each backward step, checked at x_1 from x_0.
+/// How the sweep crosses each layer of `net` (its sweep mode), as a cotangent step keeps it.
+template <class N>
+std::vector<CotangentKeep> crossings(N& net) {
+  std::vector<CotangentKeep> keep;
+  for (const SweepMode m : detail::sweep_modes(net))
+    keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
+                   : m == SweepMode::fragment ? CotangentKeep::fragment
+                                              : CotangentKeep::anchor);
+  return keep;
+}
+
 Plan rebuild_all_plan(std::size_t L) {
   Plan p{.layers = L, .input_role = ValueRole::checkpoint, .steps = {}, .origin = "rebuild"};
   for (std::size_t i = 0; i < L; ++i)
@@ -1036,11 +1047,7 @@ TEMPLATE_TEST_CASE("The executor runs Moonwalk's plans: backprop's gradient up t
     const Matrix<S> x = moonwalk_test::random_batch<S>(a.in, a.batch, seed + 1);
     const Matrix<S> t = moonwalk_test::random_batch<S>(a.out, a.batch, seed + 2);
     const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
-    std::vector<CotangentKeep> keep;
-    for (const SweepMode m : detail::sweep_modes(net))
-      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
-                     : m == SweepMode::fragment ? CotangentKeep::fragment
-                                                : CotangentKeep::anchor);
+    std::vector<CotangentKeep> keep = crossings(net);
     for (std::size_t top = 0; top <= net.size(); ++top)
       for (const bool h0 : {false, true}) {
         PlanRun<S> run;
@@ -1087,12 +1094,10 @@ TEST_CASE("chain_costs states Moonwalk's sizes: the kept bytes check_plan predic
     const Matrix<double> t = moonwalk_test::random_batch<double>(a.out, a.batch, seed + 2);
     const ChainCosts c = chain_costs(net, x, Calibration::estimate);
     REQUIRE_NOTHROW(c.check());
-    const std::vector<SweepMode> modes = detail::sweep_modes(net);
+    const std::vector<CotangentKeep> crossing = crossings(net);
+    CHECK(c.crossing == crossing);
     for (std::size_t i = 0; i < net.size(); ++i) {
-      CHECK(c.crossing[i] == (modes[i] == SweepMode::vijp       ? CotangentKeep::none
-                              : modes[i] == SweepMode::fragment ? CotangentKeep::fragment
-                                                                : CotangentKeep::anchor));
-      if (modes[i] != SweepMode::fragment) CHECK(c.fragment_bytes[i] == 0);  // (a ReLU's: its zeros')
+      if (crossing[i] != CotangentKeep::fragment) CHECK(c.fragment_bytes[i] == 0);  // (a ReLU's: its zeros')
       CHECK(c.cotangent[i] == c.forward[i]);
       CHECK(c.sweep[i] == 2 * c.forward[i]);
     }
@@ -1126,11 +1131,7 @@ TEST_CASE("The executor carries a float network's cotangents in double", "[plan]
     // The reference: backprop on the same network in double, the same float inputs.
     const auto ref = gradient(Backprop{.input_gradient = true}, wide, Matrix<double>(x.cast<double>()),
                               MSE<double>{}, Matrix<double>(t.cast<double>()));
-    std::vector<CotangentKeep> keep;
-    for (const SweepMode m : detail::sweep_modes(net))
-      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
-                     : m == SweepMode::fragment ? CotangentKeep::fragment
-                                                : CotangentKeep::anchor);
+    std::vector<CotangentKeep> keep = crossings(net);
     for (const bool h0 : {false, true}) {
       PlanRun<float> run;
       run.bind(moonwalk_plan(keep, net.size(), h0), value_rows(net), a.batch, h0);
@@ -1255,11 +1256,7 @@ TEST_CASE("Pure-forward Moonwalk's plans: tangents steps, checked, and backprop'
     const Matrix<double> x = moonwalk_test::random_batch<double>(a.in, a.batch, seed + 1);
     const Matrix<double> t = moonwalk_test::random_batch<double>(a.out, a.batch, seed + 2);
     const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<double>{}, t);
-    std::vector<CotangentKeep> keep;
-    for (const SweepMode m : detail::sweep_modes(net))
-      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
-                     : m == SweepMode::fragment ? CotangentKeep::fragment
-                                                : CotangentKeep::anchor);
+    std::vector<CotangentKeep> keep = crossings(net);
     if (seed % 2 == 0) keep[seed % keep.size()] = CotangentKeep::anchor;  // (any layer can be anchored)
     anchors += static_cast<std::size_t>(std::count(keep.begin(), keep.end(), CotangentKeep::anchor));
     PlanRun<double> run;
@@ -1492,16 +1489,12 @@ TEST_CASE("Moonwalk's plans with inputs rebuilt by inversion: checked, and backp
     const auto ref = gradient(Backprop{.input_gradient = true}, net, x, MSE<S>{}, t);
     const std::size_t n = net.size();
     std::vector<bool> rebuilt(n), branches(n);
-    std::vector<CotangentKeep> keep;
     for (std::size_t i = 0; i < n; ++i)
       net.visit(i, [&](const auto& l) {
         rebuilt[i] = can_invert(l);
         branches[i] = rebuilt[i] && keeps_branches(l);
       });
-    for (const SweepMode m : detail::sweep_modes(net))
-      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
-                     : m == SweepMode::fragment ? CotangentKeep::fragment
-                                                : CotangentKeep::anchor);
+    const std::vector<CotangentKeep> keep = crossings(net);
     REQUIRE(rebuilt[0]);  // (pad)
     for (const bool h0 : {false, true}) {
       PlanRun<S> run;
@@ -1549,11 +1542,7 @@ TEST_CASE("Moonwalk's plans with inputs rebuilt by inversion: checked, and backp
         rebuilt[i] = can_invert(l);
         branches[i] = rebuilt[i] && keeps_branches(l);
       });
-    std::vector<CotangentKeep> keep;
-    for (const SweepMode m : detail::sweep_modes(net))
-      keep.push_back(m == SweepMode::vijp       ? CotangentKeep::none
-                     : m == SweepMode::fragment ? CotangentKeep::fragment
-                                                : CotangentKeep::anchor);
+    std::vector<CotangentKeep> keep = crossings(net);
     PlanRun<float> run;
     run.bind(moonwalk_plan(keep, n, false, rebuilt, branches), value_rows(net), 5, false);
     GradientResult<float> out;
