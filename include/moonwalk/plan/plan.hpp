@@ -153,8 +153,8 @@ struct Plan {
   std::size_t layers = 0;
   ValueRole input_role = ValueRole::activation;  ///< x_0's role (the report's)
   std::vector<PlanStep> steps;
-  std::string
-      origin;  ///< what made it: "backprop", "every-k", "binomial", "revbackprop", "moonwalk", "pure", "planner"
+  std::string origin;  ///< what made it: "backprop", "every-k", "binomial", "revbackprop", "moonwalk",
+                       ///< "pure", "planner"
 
   [[nodiscard]] std::size_t forward_steps() const { return count(PlanOp::forward); }
   /// Layers reversed by Moonwalk (cotangent steps) and swept.
